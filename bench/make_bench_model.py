@@ -1,0 +1,87 @@
+"""Write the benchmark model: a Qwen2.5-0.5B-shaped Qwen2ForCausalLM with random bf16 weights.
+
+Only the shapes matter for decode speed, so the weights are random (fixed seed) and the
+vocabulary is the real 32768-token SentencePiece tokenizer shipped in mistral_common, which
+keeps the LM head and embedding sizes realistic. The directory is cached under bench/.cache/.
+
+    python bench/make_bench_model.py [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_DIR = REPO_ROOT / "bench" / ".cache" / "qwen2.5-0.5b-shape-sp32k"
+SEED = 1234
+# The weights file is moved into place last, so its presence means the directory is complete.
+COMPLETE_MARKER = "model.safetensors"
+
+
+def qwen25_05b_config():
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=32768,  # the SentencePiece tokenizer's size, not Qwen's 151936
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        # transformers' default; keeps random activations and logits in a sane range
+        initializer_range=0.02,
+        bos_token_id=1,
+        eos_token_id=2,
+        dtype="bfloat16",
+    )
+
+
+def _write_model(tmp: Path) -> None:
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from engine.tokenizer import build_sentencepiece_tokenizer_dir
+
+    build_sentencepiece_tokenizer_dir(tmp)
+    torch.manual_seed(SEED)
+    model = Qwen2ForCausalLM(qwen25_05b_config()).to(torch.bfloat16)
+    model.save_pretrained(str(tmp))
+
+
+def build_bench_model(out_dir: str | os.PathLike[str] = DEFAULT_MODEL_DIR) -> str:
+    """Write the model to out_dir unless it is already complete; return the directory."""
+    out = Path(out_dir)
+    if (out / COMPLETE_MARKER).is_file():
+        return str(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out.parent))
+    try:
+        _write_model(tmp)
+        out.mkdir(exist_ok=True)
+        names = sorted(os.listdir(tmp), key=lambda name: name == COMPLETE_MARKER)
+        for name in names:
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(DEFAULT_MODEL_DIR), help="model directory")
+    args = parser.parse_args()
+    print(build_bench_model(args.out))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO_ROOT))  # engine/ when run as a script
+    main()

@@ -1,0 +1,124 @@
+"""Continuous batching with chunked prefill over a paged KV cache.
+
+Every step: running sequences that decode get one token each first (decode latency never waits
+for someone's long prompt), then the remaining token budget goes to prompts, in arrival order,
+in chunks. A sequence joins the running set as soon as blocks and a batch slot are free. When the
+cache runs out, the newest running sequence is preempted (its blocks freed, recomputed later).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from engine.kv_cache import BlockAllocator
+from engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSequence:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the end of the known tokens, so a next token is drawn."""
+        return self.seq.num_computed + self.num_new_tokens == len(self.seq.token_ids)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    block_size: int
+    max_num_seqs: int
+    max_batched_tokens: int
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator) -> None:
+        self.config = config
+        self.allocator = allocator
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def schedule(self) -> list[ScheduledSequence]:
+        budget = self.config.max_batched_tokens
+        scheduled: list[ScheduledSequence] = []
+        # Decodes first, oldest first; a sequence whose prefill is unfinished continues with
+        # what is left of the budget.
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted while making room for an older one
+                continue
+            want = min(seq.num_uncomputed, budget)
+            if want <= 0:
+                continue
+            if not self._reserve(seq, want, scheduled):
+                continue
+            scheduled.append(ScheduledSequence(seq, want))
+            budget -= want
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            want = min(seq.num_uncomputed, budget)
+            if not self._try_grow(seq, seq.num_computed + want):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            if not seq.first_scheduled_time:
+                seq.first_scheduled_time = time.monotonic()
+            self.running.append(seq)
+            scheduled.append(ScheduledSequence(seq, want))
+            budget -= want
+        return scheduled
+
+    def finish(self, seq: Sequence) -> None:
+        """Release a finished or aborted sequence's blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.allocator.free_all(seq.block_table)
+        seq.block_table = []
+        seq.status = SequenceStatus.FINISHED
+
+    def _reserve(self, seq: Sequence, want: int, scheduled: list[ScheduledSequence]) -> bool:
+        """Grow seq's blocks for `want` more tokens, preempting the newest others if needed."""
+        while not self._try_grow(seq, seq.num_computed + want):
+            victim = self._newest_running(exclude=seq, scheduled=scheduled)
+            if victim is None:
+                self._preempt(seq)
+                return False
+            self._preempt(victim)
+        return True
+
+    def _newest_running(
+        self, exclude: Sequence, scheduled: list[ScheduledSequence]
+    ) -> Sequence | None:
+        taken = {id(s.seq) for s in scheduled}
+        for seq in reversed(self.running):
+            if seq is not exclude and id(seq) not in taken:
+                return seq
+        return None
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Drop seq's cache; it goes back to the front of the queue and recomputes its tokens."""
+        self.running.remove(seq)
+        self.allocator.free_all(seq.block_table)
+        seq.block_table = []
+        seq.num_computed = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def _try_grow(self, seq: Sequence, num_tokens: int) -> bool:
+        needed = -(-num_tokens // self.config.block_size) - len(seq.block_table)
+        if needed > self.allocator.num_free:
+            return False
+        for _ in range(needed):
+            seq.block_table.append(self.allocator.allocate())
+        return True

@@ -1,0 +1,57 @@
+"""A request's state inside the engine: its tokens, KV blocks, and where its prefill stands."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.stopping import StopStringMatcher
+from engine.types import FinishReason, Request, TokenLogprob
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    request: Request
+    token_ids: list[int]
+    detokenizer: IncrementalDetokenizer
+    stop_matcher: StopStringMatcher | None
+    generator: torch.Generator | None
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    first_scheduled_time: float = 0.0
+    first_token_time: float = 0.0
+    # What the next RequestOutput reports (reset after each emission).
+    pending_token_ids: list[int] = field(default_factory=list)
+    pending_text: list[str] = field(default_factory=list)
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED

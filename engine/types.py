@@ -1,0 +1,120 @@
+"""Messages between the engine and its callers: plain dataclasses, no tensors, no grpc."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class EngineError(Exception):
+    """Base of the engine's errors; `kind` tells the server which status code to answer."""
+
+    kind = "internal"
+
+
+class InvalidRequest(EngineError):
+    kind = "invalid_argument"
+
+
+class QueueFull(EngineError):
+    kind = "resource_exhausted"
+
+
+class UnsupportedModel(EngineError):
+    kind = "failed_precondition"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> None:
+        checks = [
+            (self.temperature >= 0.0, "temperature must be >= 0"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            (0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
+            (self.repetition_penalty > 0.0, "repetition_penalty must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidRequest(message)
+
+
+@dataclass(frozen=True)
+class StoppingCriteria:
+    max_new_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InvalidRequest("max_new_tokens must be >= 1")
+        if any(s == "" for s in self.stop):
+            raise InvalidRequest("stop strings must not be empty")
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    logprobs: bool = False
+    top_logprobs: int = 0  # number of alternatives per token, 0..20
+
+    def validate(self) -> None:
+        if not 0 <= self.top_logprobs <= 20:
+            raise InvalidRequest("top_logprobs must be in [0, 20]")
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stopping: StoppingCriteria = field(default_factory=StoppingCriteria)
+    output: OutputOptions = field(default_factory=OutputOptions)
+    arrival_time: float = 0.0
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"  # max_new_tokens or the model's context length
+    EOS = "eos"  # the model's end-of-sequence token
+    STOP_TOKEN = "stop_token"  # one of stop_token_ids
+    STOP_STRING = "stop_string"  # one of the stop strings (not included in the text)
+    ABORTED = "aborted"  # cancelled by the client or the server
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), best first
+
+
+@dataclass
+class RequestOutput:
+    """One streamed increment of a request; the last one has `finish_reason` set."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    # Timestamps (time.monotonic) for metrics; filled on the final output.
+    arrival_time: float = 0.0
+    first_scheduled_time: float = 0.0
+    first_token_time: float = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

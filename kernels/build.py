@@ -1,0 +1,70 @@
+"""Compile C kernel sources once per machine into a shared-library cache.
+
+A library is named by a hash of its source, compiler and flags, so editing either rebuilds it
+and concurrent processes that race to build the same library each write a private temporary
+file and atomically rename it into place (the loser's rename just replaces identical bytes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+CSRC_DIR = Path(__file__).parent / "csrc"
+
+
+class BuildError(RuntimeError):
+    """The compiler is missing or rejected the source."""
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels live: $TANDEM_CACHE/kernels, else ~/.cache/tandem/kernels."""
+    root = os.environ.get("TANDEM_CACHE")
+    base = Path(root) if root else Path.home() / ".cache" / "tandem"
+    return base / "kernels"
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags the kernel reports in /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def build_shared_library(source: Path, flags: Sequence[str], compiler: str = "gcc") -> Path:
+    """Return the path of `source` compiled with `flags` into a shared library, building it
+    into the cache on first use. Raises BuildError if the compiler is missing or fails."""
+    compiler_path = shutil.which(compiler)
+    if compiler_path is None:
+        raise BuildError(f"C compiler {compiler!r} not found on PATH")
+    target = cache_dir() / f"{source.stem}-{_build_digest(source, compiler_path, flags)}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".so")
+    os.close(fd)
+    try:
+        command = [compiler_path, *flags, "-shared", "-fPIC", "-o", partial, str(source)]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise BuildError(f"{' '.join(command)} failed:\n{result.stderr}")
+        os.replace(partial, target)
+    finally:
+        Path(partial).unlink(missing_ok=True)
+    return target
+
+
+def _build_digest(source: Path, compiler_path: str, flags: Sequence[str]) -> str:
+    digest = hashlib.sha256(source.read_bytes())
+    digest.update("\0".join([compiler_path, *flags]).encode())
+    return digest.hexdigest()[:16]

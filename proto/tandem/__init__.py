@@ -1,0 +1,1 @@
+"""Generated gRPC code for Tandem's public API (package `tandem.v1`)."""

@@ -1,0 +1,168 @@
+"""`tandem serve`: the grpc.aio server's life: bind, load and warm up, serve, drain, stop.
+
+Health (grpc.health.v1) answers from the moment the port is bound: NOT_SERVING while models
+load and warm up (both run in an executor so the event loop keeps answering), SERVING after,
+NOT_SERVING again once SIGTERM or SIGINT starts the drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from tandem.v1 import tandem_pb2 as pb
+from tandem.v1 import tandem_pb2_grpc as pb_grpc
+
+from engine.types import EngineError
+from server.config import ModelSpec, ServerConfig
+from server.engines import default_model_spec, load_engine
+from server.metrics import Metrics
+from server.servicer import GenerationServicer, RegistryServicer, ServingState
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = tuple(service.full_name for service in pb.DESCRIPTOR.services_by_name.values())
+# Health answers for the whole server ("") and for each service.
+_HEALTH_SERVICES = ("", *SERVICE_NAMES)
+# After the drain (or its timeout and the aborts it sends), how long streams get to send
+# their final message before the server cancels them.
+_STOP_GRACE_S = 2.0
+
+
+class StartupError(Exception):
+    """A model that cannot be served (missing files, unsupported architecture): a user error."""
+
+
+async def serve(config: ServerConfig) -> None:
+    state = ServingState()
+    metrics = Metrics(lambda: state.engines)
+    health = health_aio.HealthServicer()
+    server = _build_server(state, metrics, health)
+    port = server.add_insecure_port(_address(config.host, config.port))
+    for service in _HEALTH_SERVICES:
+        await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.start()
+    address = _address(config.host, port)
+    log.info("listening on %s (health NOT_SERVING until the models are warmed up)", address)
+    stop_requested = _stop_on_signals()
+    try:
+        if config.metrics_port is not None:
+            metrics_port = metrics.serve_http(config.host, config.metrics_port)
+            log.info("metrics on http://%s/metrics", _address(config.host, metrics_port))
+        if await _start_models(state, config, stop_requested):
+            # Ready first: a client that sees SERVING must not be refused as "loading".
+            state.ready = True
+            for service in _HEALTH_SERVICES:
+                await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            log.info("serving on %s", address)
+            await stop_requested.wait()
+        await _drain(state, health, config.drain_timeout_s)
+    finally:
+        await server.stop(_STOP_GRACE_S)
+        for engine in state.engines.values():
+            engine.shutdown()
+        metrics.stop_http()
+        log.info("stopped")
+
+
+def _build_server(
+    state: ServingState, metrics: Metrics, health: health_aio.HealthServicer
+) -> grpc.aio.Server:
+    # Without this, Linux lets a second server bind the same port and silently share it.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_GenerationServicer_to_server(GenerationServicer(state, metrics), server)
+    pb_grpc.add_RegistryServicer_to_server(RegistryServicer(state), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (
+            *SERVICE_NAMES,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    return server
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _request_stop, stop_requested, sig)
+    return stop_requested
+
+
+def _request_stop(stop_requested: asyncio.Event, sig: signal.Signals) -> None:
+    if not stop_requested.is_set():
+        log.info("received %s: draining", sig.name)
+    stop_requested.set()
+
+
+async def _start_models(
+    state: ServingState, config: ServerConfig, stop_requested: asyncio.Event
+) -> bool:
+    """Load and warm up every model; False when a stop signal came first."""
+    startup = asyncio.ensure_future(_load_and_warm_up(state, config))
+    stop_wait = asyncio.ensure_future(stop_requested.wait())
+    await asyncio.wait((startup, stop_wait), return_when=asyncio.FIRST_COMPLETED)
+    stop_wait.cancel()
+    if startup.done():
+        startup.result()  # a model that fails to load stops the server with its error
+        return True
+    startup.cancel()
+    return False
+
+
+async def _load_and_warm_up(state: ServingState, config: ServerConfig) -> None:
+    loop = asyncio.get_running_loop()
+    specs: tuple[ModelSpec, ...] = config.models or (
+        await loop.run_in_executor(None, default_model_spec),
+    )
+    for spec in specs:
+        log.info("loading model %s from %s", spec.model_id, spec.path)
+        started = time.monotonic()
+        try:
+            engine = await loop.run_in_executor(None, load_engine, spec, config.engine)
+        except (OSError, EngineError) as error:
+            raise StartupError(
+                f"cannot load model {spec.model_id} from {spec.path}: {error}"
+            ) from None
+        engine.start()
+        state.engines[spec.model_id] = engine
+        limits = engine.limits
+        log.info(
+            "loaded %s in %.1f s (max prompt %d tokens, max new %d tokens)",
+            spec.model_id,
+            time.monotonic() - started,
+            limits.max_prompt_tokens,
+            limits.max_new_tokens,
+        )
+    for model_id, engine in state.engines.items():
+        started = time.monotonic()
+        if config.warmup_delay_s:
+            log.info("delaying warm-up of %s by %.1f s", model_id, config.warmup_delay_s)
+            await asyncio.sleep(config.warmup_delay_s)
+        await loop.run_in_executor(None, engine.warmup)
+        log.info("warmed up %s in %.1f s", model_id, time.monotonic() - started)
+
+
+async def _drain(state: ServingState, health: health_aio.HealthServicer, timeout: float) -> None:
+    """Refuse new requests and let running streams finish, aborting them after `timeout`."""
+    state.draining = True
+    await health.enter_graceful_shutdown()
+    if state.num_running:
+        log.info("waiting up to %.0f s for %d running requests", timeout, state.num_running)
+    if not await state.wait_idle(timeout):
+        log.warning("drain timeout: aborting %d running requests", state.num_running)
+        state.abort_all()
+        await state.wait_idle(_STOP_GRACE_S)

@@ -1,0 +1,217 @@
+"""The `tandem` command: `serve`, `prepare`, and the clients `generate`, `tokenize`, `models`.
+
+The client commands never import the engine (or torch), so they start instantly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+import grpc
+from tandem.v1 import tandem_pb2 as pb
+
+from server import client
+from server.config import (
+    WARMUP_DELAY_ENV,
+    EngineOptions,
+    ServerConfig,
+    parse_model_spec,
+    warmup_delay_from_env,
+)
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.command(args)
+    except grpc.RpcError as error:
+        print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    _add_serve(commands)
+    prepare = commands.add_parser("prepare", help="build the built-in default model if missing")
+    prepare.set_defaults(command=_prepare)
+    _add_generate(commands)
+    tokenize = commands.add_parser("tokenize", help="print the token ids of a text")
+    tokenize.add_argument("text")
+    tokenize.add_argument("--model", default="", help="model id (optional with one model)")
+    tokenize.add_argument("--address", default=DEFAULT_ADDRESS)
+    tokenize.set_defaults(command=_tokenize)
+    models = commands.add_parser("models", help="list the served models")
+    models.add_argument("--address", default=DEFAULT_ADDRESS)
+    models.set_defaults(command=_models)
+    return parser
+
+
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="serve models over gRPC",
+        epilog=f"{WARMUP_DELAY_ENV}=SECONDS delays each warm-up (tests use it to observe "
+        "health NOT_SERVING).",
+    )
+    serve.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="model directory; its id is the directory's name unless NAME= is given; repeat "
+        "for several models; none serves the built-in default model",
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0: any free)")
+    serve.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long running streams may take to finish",
+    )
+    serve.add_argument("--max-prompt-tokens", type=int)
+    serve.add_argument("--max-new-tokens", type=int)
+    serve.add_argument("--max-queue", type=int, help="requests waiting beyond the running batch")
+    serve.add_argument("--max-num-seqs", type=int, help="sequences in one batch")
+    serve.add_argument("--max-batched-tokens", type=int, help="tokens per step (prefill chunk)")
+    serve.add_argument("--kv-cache-mb", type=int, help="KV cache size per model")
+    serve.add_argument("--block-size", type=int, help="tokens per KV cache block")
+    serve.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), help="default: the checkpoint's"
+    )
+    serve.add_argument("--log-level", default="INFO")
+    serve.set_defaults(command=_serve)
+
+
+def _add_generate(commands: argparse._SubParsersAction) -> None:
+    generate = commands.add_parser("generate", help="stream a completion to the terminal")
+    generate.add_argument("prompt")
+    generate.add_argument("--model", default="", help="model id (optional with one model)")
+    generate.add_argument("--address", default=DEFAULT_ADDRESS)
+    generate.add_argument("--request-id", default="")
+    generate.add_argument("--max-new-tokens", type=int)
+    generate.add_argument("--temperature", type=float)
+    generate.add_argument("--top-p", type=float)
+    generate.add_argument("--top-k", type=int)
+    generate.add_argument("--min-p", type=float)
+    generate.add_argument("--repetition-penalty", type=float)
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--stop", action="extend", nargs="+", default=[], metavar="STR")
+    generate.add_argument("--stop-token-id", action="extend", nargs="+", type=int, default=[])
+    generate.add_argument("--ignore-eos", action="store_true", default=None)
+    generate.add_argument(
+        "--logprobs",
+        type=int,
+        metavar="N",
+        help="print each token's logprob and its N best alternatives",
+    )
+    generate.set_defaults(command=_generate)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = ServerConfig(
+            models=tuple(parse_model_spec(value) for value in args.model),
+            host=args.host,
+            port=args.port,
+            metrics_port=args.metrics_port,
+            drain_timeout_s=args.drain_timeout,
+            engine=EngineOptions(
+                kv_cache_mb=args.kv_cache_mb,
+                max_prompt_tokens=args.max_prompt_tokens,
+                max_new_tokens=args.max_new_tokens,
+                max_queue=args.max_queue,
+                max_num_seqs=args.max_num_seqs,
+                max_batched_tokens=args.max_batched_tokens,
+                block_size=args.block_size,
+                dtype=args.dtype,
+            ),
+            warmup_delay_s=warmup_delay_from_env(),
+        )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    ids = [spec.model_id for spec in config.models]
+    if len(set(ids)) != len(ids):
+        print(f"error: model ids must be unique, got {', '.join(ids)}", file=sys.stderr)
+        return 2
+    # Imported here: it loads the engine (and torch), which the client commands never need.
+    from server.app import StartupError, serve
+
+    log = logging.getLogger("tandem")
+    try:
+        asyncio.run(serve(config))
+    except StartupError as error:
+        log.error("%s", error)
+        return 1
+    except Exception:
+        log.exception("the server failed")
+        return 1
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from server.engines import default_model_spec
+
+    print(default_model_spec().path)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    request = pb.GenerateRequest(
+        request_id=args.request_id,
+        model=args.model,
+        text=args.prompt,
+        sampling=pb.SamplingParams(
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+            seed=args.seed,
+        ),
+        stopping=pb.StoppingCriteria(
+            max_new_tokens=args.max_new_tokens,
+            stop=args.stop,
+            stop_token_ids=args.stop_token_id,
+            ignore_eos=args.ignore_eos,
+        ),
+        output=pb.OutputOptions(
+            logprobs=args.logprobs is not None, top_logprobs=args.logprobs or None
+        ),
+    )
+    client.stream_generate(args.address, request)
+    return 0
+
+
+def _tokenize(args: argparse.Namespace) -> int:
+    print(" ".join(map(str, client.tokenize(args.address, args.model, args.text))))
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    for model in client.list_models(args.address):
+        print(
+            f"{model.id}\tvocab_size={model.vocab_size}\t"
+            f"max_prompt_tokens={model.max_prompt_tokens}\tmax_new_tokens={model.max_new_tokens}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

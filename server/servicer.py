@@ -1,0 +1,292 @@
+"""The gRPC servicers of tandem.v1 (Generation and Registry) on top of the loaded engines."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from tandem.v1 import tandem_pb2 as pb
+from tandem.v1 import tandem_pb2_grpc as pb_grpc
+
+from engine.types import EngineError, FinishReason, Request, RequestOutput
+from server.mapping import (
+    RequestRejected,
+    engine_request,
+    prompt_of,
+    reject_unsupported,
+    responses,
+    status_for,
+)
+
+if TYPE_CHECKING:
+    from engine.async_engine import AsyncEngine
+    from server.metrics import Metrics, RequestMetrics
+
+log = logging.getLogger(__name__)
+
+_Handler = Callable[..., Awaitable[Any]]
+
+
+class RunningRequest:
+    """One Generate stream in flight.
+
+    A small task forwards the engine's outputs into a queue that the RPC handler drains, so
+    Abort can end the stream by cancelling that task (the engine then aborts the request and
+    frees its KV blocks) and telling the handler, which sends the final message.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        # Engine outputs, an engine error, or _ABORTED.
+        self.outputs: asyncio.Queue[object] = asyncio.Queue()
+        self._forwarder: asyncio.Task[None] | None = None
+
+    def start(self, request: Request) -> None:
+        self._forwarder = asyncio.create_task(self._forward(request))
+
+    async def _forward(self, request: Request) -> None:
+        try:
+            async for output in self.engine.generate(request):
+                self.outputs.put_nowait(output)
+        except Exception as error:  # raised again in the handler, which maps it to a status
+            self.outputs.put_nowait(error)
+
+    def abort(self) -> None:
+        self.stop()
+        self.outputs.put_nowait(_ABORTED)
+
+    def stop(self) -> None:
+        if self._forwarder is not None:
+            self._forwarder.cancel()
+
+
+_ABORTED = object()
+
+
+class ServingState:
+    """What the servicers share: loaded engines, readiness, draining, and running requests."""
+
+    def __init__(self) -> None:
+        self.engines: dict[str, AsyncEngine] = {}
+        self.ready = False
+        self.draining = False
+        self._running: dict[str, RunningRequest] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def check_accepting(self) -> None:
+        if self.draining:
+            raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        if not self.ready:
+            raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "the models are still loading")
+
+    def resolve(self, model: str) -> AsyncEngine:
+        """The engine of `model`; an empty name means the only model served."""
+        served = ", ".join(self.engines) or "none yet"
+        if not model:
+            if len(self.engines) == 1:
+                return next(iter(self.engines.values()))
+            raise RequestRejected(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"model is required when several models are served ({served})",
+            )
+        engine = self.engines.get(model)
+        if engine is None:
+            raise RequestRejected(
+                grpc.StatusCode.NOT_FOUND, f"model {model!r} is not served; served: {served}"
+            )
+        return engine
+
+    @contextmanager
+    def track(self, request_id: str, engine: AsyncEngine) -> Iterator[RunningRequest]:
+        """Registers a running request under its id, unique across all models."""
+        if request_id in self._running:
+            raise RequestRejected(
+                grpc.StatusCode.ALREADY_EXISTS, f"request id {request_id!r} is already running"
+            )
+        running = self._running[request_id] = RunningRequest(engine)
+        self._idle.clear()
+        try:
+            yield running
+        finally:
+            running.stop()
+            del self._running[request_id]
+            if not self._running:
+                self._idle.set()
+
+    def abort(self, request_id: str) -> bool:
+        running = self._running.get(request_id)
+        if running is None:
+            return False
+        running.abort()
+        return True
+
+    def abort_all(self) -> None:
+        for running in self._running.values():
+            running.abort()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True when no request is running (any more) within `timeout` seconds."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+def _translate_errors(handler: _Handler) -> _Handler:
+    """Turn refusals and engine errors into status codes; anything else is INTERNAL."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await handler(self, request, context)
+        except RequestRejected as rejected:
+            await context.abort(rejected.code, rejected.message)
+        except EngineError as error:
+            if status_for(error) == grpc.StatusCode.INTERNAL:
+                log.error("engine error in %s: %s", handler.__name__, error)
+            await context.abort(status_for(error), str(error))
+        except Exception as error:  # a bug must fail one request, not the server
+            log.exception("unexpected error in %s", handler.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {error}")
+
+    return wrapper
+
+
+class GenerationServicer(pb_grpc.GenerationServicer):
+    def __init__(self, state: ServingState, metrics: Metrics) -> None:
+        self._state = state
+        self._metrics = metrics
+
+    @_translate_errors
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        self._state.check_accepting()
+        engine = self._state.resolve(request.model)
+        reject_unsupported(request, engine.model_id)
+        request_id = request.request_id or uuid.uuid4().hex
+        with self._state.track(request_id, engine) as running:
+            prompt_token_ids = await _prompt_token_ids(engine, prompt_of(request))
+            engine_req = engine_request(
+                request_id, request, prompt_token_ids, engine.limits.max_new_tokens
+            )
+            running.start(engine_req)
+            await _stream(running, engine_req, context, self._metrics.for_request(engine.model_id))
+
+    @_translate_errors
+    async def Tokenize(
+        self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TokenizeResponse:
+        self._state.check_accepting()
+        engine = self._state.resolve(request.model)
+        return pb.TokenizeResponse(token_ids=await _prompt_token_ids(engine, request.text))
+
+    @_translate_errors
+    async def Abort(
+        self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AbortResponse:
+        if not self._state.abort(request.request_id):
+            raise RequestRejected(
+                grpc.StatusCode.NOT_FOUND, f"no running request has id {request.request_id!r}"
+            )
+        return pb.AbortResponse()
+
+
+async def _stream(
+    running: RunningRequest,
+    request: Request,
+    context: grpc.aio.ServicerContext,
+    observer: RequestMetrics,
+) -> None:
+    """Write one delta per engine step, then the final message.
+
+    Written with context.write rather than yield so that a client cancel or deadline always
+    lands in this coroutine; leaving `track` then stops the engine request.
+    """
+    completion_tokens = 0
+    while True:
+        item = await running.outputs.get()
+        if isinstance(item, Exception):
+            raise item
+        output = item if isinstance(item, RequestOutput) else _aborted(request, completion_tokens)
+        completion_tokens += len(output.token_ids)
+        observer.observe(output)
+        for message in responses(request.request_id, output):
+            await context.write(message)
+        if output.finished:
+            return
+
+
+def _aborted(request: Request, completion_tokens: int) -> RequestOutput:
+    return RequestOutput(
+        request_id=request.request_id,
+        token_ids=[],
+        text="",
+        finish_reason=FinishReason.ABORTED,
+        prompt_tokens=len(request.prompt_token_ids),
+        completion_tokens=completion_tokens,
+        arrival_time=request.arrival_time,
+    )
+
+
+async def _prompt_token_ids(engine: AsyncEngine, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, list):
+        return prompt
+    # Off the event loop: a long prompt takes milliseconds to encode.
+    return await asyncio.to_thread(engine.tokenizer.encode, prompt)
+
+
+class RegistryServicer(pb_grpc.RegistryServicer):
+    def __init__(self, state: ServingState) -> None:
+        self._state = state
+
+    @_translate_errors
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(
+            models=[
+                pb.ModelInfo(
+                    id=model_id,
+                    vocab_size=engine.tokenizer.vocab_size,
+                    max_prompt_tokens=engine.limits.max_prompt_tokens,
+                    max_new_tokens=engine.limits.max_new_tokens,
+                )
+                for model_id, engine in self._state.engines.items()
+            ]
+        )
+
+    @_translate_errors
+    async def LoadAdapter(self, request: pb.LoadAdapterRequest, context: Any) -> None:
+        _not_yet("LoadAdapter", "LoRA adapters")
+
+    @_translate_errors
+    async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context: Any) -> None:
+        _not_yet("UnloadAdapter", "LoRA adapters")
+
+    @_translate_errors
+    async def LoadExpert(self, request: pb.LoadExpertRequest, context: Any) -> None:
+        _not_yet("LoadExpert", "small experts")
+
+    @_translate_errors
+    async def UnloadExpert(self, request: pb.UnloadExpertRequest, context: Any) -> None:
+        _not_yet("UnloadExpert", "small experts")
+
+
+def _not_yet(method: str, feature: str) -> None:
+    raise RequestRejected(
+        grpc.StatusCode.UNIMPLEMENTED,
+        f"{method} is not implemented yet: this server does not support {feature}",
+    )

@@ -1,0 +1,212 @@
+"""kernels.cpu_linear against a float64 reference, plus batch invariance and the fallbacks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from kernels import cpu_linear
+from kernels.build import BuildError, build_shared_library, cpu_flags
+from kernels.cpu_linear import MAX_ROWS, kernel_available, linear, uses_fast_path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DTYPES = [torch.bfloat16, torch.float32]
+# (N, K): K below, at and between multiples of the 32-lane (bf16) and 16-lane (fp32) chunks,
+# N odd and not a multiple of the 1, 2 or 4 weight rows a block holds.
+SHAPES = [(1, 1), (7, 5), (33, 77), (64, 896), (130, 1000), (5, 4864)]
+
+
+@pytest.fixture(autouse=True)
+def _fast_kernels() -> None:
+    for dtype in DTYPES:
+        needed = cpu_linear._REQUIRED_CPU_FLAGS[dtype]
+        if not needed <= cpu_flags():
+            pytest.skip(f"this CPU lacks {sorted(needed - cpu_flags())}: no fast {dtype} kernel")
+        assert kernel_available(dtype), f"the {dtype} kernel failed to build or load"
+
+
+def make(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=generator).to(dtype)
+
+
+def assert_close_to_reference(
+    out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> None:
+    """Bound: fp32 accumulation error over K terms plus the final rounding to out's dtype."""
+    x64, w64 = x.double(), weight.double()
+    reference = x64 @ w64.T + (0.0 if bias is None else bias.double())
+    magnitude = x64.abs() @ w64.abs().T + (0.0 if bias is None else bias.double().abs())
+    k = weight.shape[1]
+    unit_roundoff = 2.0**-8 if out.dtype == torch.bfloat16 else 2.0**-24
+    bound = (k + 1) * 2.0**-24 * magnitude + unit_roundoff * reference.abs() + 1e-30
+    error = (out.double() - reference).abs()
+    assert out.dtype == x.dtype
+    assert out.shape == reference.shape
+    assert torch.all(error <= bound), f"max error / bound = {(error / bound).max().item():.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matches_reference_for_every_batch_size(
+    dtype: torch.dtype, shape: tuple[int, int], with_bias: bool
+) -> None:
+    n, k = shape
+    weight = make((n, k), dtype, seed=1)
+    bias = make((n,), dtype, seed=2) if with_bias else None
+    for m in range(1, MAX_ROWS + 1):
+        x = make((m, k), dtype, seed=3 + m)
+        assert uses_fast_path(x, weight, bias)
+        assert_close_to_reference(linear(x, weight, bias), x, weight, bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_invariance_is_bit_exact(dtype: torch.dtype) -> None:
+    # Large enough (600 KB in bf16) that both threads share the work.
+    weight = make((301, 1000), dtype, seed=4)
+    bias = make((301,), dtype, seed=5)
+    batch = make((MAX_ROWS, 1000), dtype, seed=6)
+    alone = torch.cat([linear(batch[r : r + 1], weight, bias) for r in range(MAX_ROWS)])
+    for m in range(2, MAX_ROWS + 1):
+        assert torch.equal(linear(batch[:m], weight, bias), alone[:m]), f"batch of {m}"
+    # Same rows in another order and next to other rows.
+    order = torch.randperm(MAX_ROWS, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(linear(batch[order], weight, bias), alone[order])
+
+
+def test_result_does_not_depend_on_thread_count() -> None:
+    weight = make((4096, 896), torch.bfloat16, seed=8)
+    x = make((3, 896), torch.bfloat16, seed=9)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = linear(x, weight)
+        torch.set_num_threads(2)
+        double = linear(x, weight)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single, double)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_leading_dimensions_are_kept(dtype: torch.dtype) -> None:
+    weight = make((50, 70), dtype, seed=10)
+    bias = make((50,), dtype, seed=11)
+    x3 = make((2, 3, 70), dtype, seed=12)
+    out3 = linear(x3, weight, bias)
+    assert out3.shape == (2, 3, 50)
+    assert_close_to_reference(out3, x3, weight, bias)
+    x1 = x3[0, 0]
+    out1 = linear(x1, weight, bias)
+    assert out1.shape == (50,)
+    assert torch.equal(out1, out3[0, 0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_contiguous_inputs(dtype: torch.dtype) -> None:
+    weight = make((40, 96), dtype, seed=13)
+    wide = make((6, 300), dtype, seed=14)
+    views = {
+        "rows 300 apart": wide[:, :96],
+        "elements 3 apart": wide[:, ::3][:, :96],
+        "column-major": wide[:, :96].T.contiguous().T,
+    }
+    for name, x in views.items():
+        assert not x.is_contiguous(), name
+        out = linear(x, weight)
+        assert torch.equal(out, linear(x.contiguous(), weight)), name
+        assert_close_to_reference(out, x, weight, None)
+
+
+@pytest.mark.parametrize("m", [MAX_ROWS + 1, 64])
+def test_large_batches_fall_back_to_torch(m: int) -> None:
+    weight = make((48, 64), torch.bfloat16, seed=15)
+    bias = make((48,), torch.bfloat16, seed=16)
+    x = make((m, 64), torch.bfloat16, seed=17)
+    assert not uses_fast_path(x, weight, bias)
+    assert torch.equal(linear(x, weight, bias), F.linear(x, weight, bias))
+
+
+def test_other_dtypes_and_mismatches_behave_like_torch() -> None:
+    weight = make((8, 24), torch.float16, seed=18)
+    x = make((2, 24), torch.float16, seed=19)
+    assert not uses_fast_path(x, weight)
+    assert torch.equal(linear(x, weight), F.linear(x, weight))
+    with pytest.raises(RuntimeError):
+        linear(x.float(), weight.bfloat16())
+    with pytest.raises(RuntimeError):
+        linear(make((2, 23), torch.bfloat16, seed=20), weight.bfloat16())
+
+
+def test_autograd_falls_back_and_backpropagates() -> None:
+    weight = make((8, 24), torch.float32, seed=21).requires_grad_()
+    x = make((2, 24), torch.float32, seed=22)
+    assert not uses_fast_path(x, weight)
+    linear(x, weight).sum().backward()
+    assert torch.allclose(weight.grad, x.sum(0).expand(8, 24))
+    with torch.no_grad():
+        assert uses_fast_path(x, weight)
+
+
+def test_shares_torchs_openmp_runtime() -> None:
+    # Two OpenMP runtimes would mean two thread pools spinning against each other on 2 cores.
+    linear(make((1, 8), torch.bfloat16, seed=23), make((4, 8), torch.bfloat16, seed=24))
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    runtimes = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line}
+    assert len(runtimes) == 1, runtimes
+
+
+def test_build_cache_is_keyed_by_source_and_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TANDEM_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "answer.c"
+    source.write_text("int answer(void) { return 42; }\n")
+    first = build_shared_library(source, ["-O1"])
+    assert first.parent == tmp_path / "cache" / "kernels"
+    assert build_shared_library(source, ["-O1"]) == first
+    assert build_shared_library(source, ["-O2"]) != first
+    source.write_text("int answer(void) { return 43; }\n")
+    assert build_shared_library(source, ["-O1"]) != first
+    # Only finished libraries are left behind, no temporary files.
+    assert sorted(p.suffix for p in first.parent.iterdir()) == [".so"] * 3
+    assert not any(p.name.startswith(".") for p in first.parent.iterdir())
+    source.write_text("int answer(void) { return }\n")
+    with pytest.raises(BuildError):
+        build_shared_library(source, ["-O1"])
+
+
+def test_without_a_compiler_warns_once_and_uses_torch(tmp_path: Path) -> None:
+    script = (
+        "import warnings, torch\n"
+        "from torch.nn import functional as F\n"
+        "from kernels.cpu_linear import linear, kernel_available\n"
+        "x, w = torch.randn(2, 40).bfloat16(), torch.randn(6, 40).bfloat16()\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    assert torch.equal(linear(x, w), F.linear(x, w))\n"
+        "    assert torch.equal(linear(x, w), F.linear(x, w))\n"
+        "assert not kernel_available(torch.bfloat16)\n"
+        "print(len(caught), caught[0].message)\n"
+    )
+    env = {**os.environ, "PATH": str(tmp_path), "TANDEM_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    count, message = result.stdout.strip().split(" ", 1)
+    assert count == "1"
+    assert "not found" in message

@@ -1,0 +1,73 @@
+"""Start-up and shutdown of their own server processes: health during warm-up, SIGTERM drain."""
+
+from __future__ import annotations
+
+import signal
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+from tandem.v1 import tandem_pb2 as pb
+
+from server.config import WARMUP_DELAY_ENV
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICES = ("", "tandem.v1.Generation", "tandem.v1.Registry")
+
+
+def _assert_unavailable(server) -> None:
+    with pytest.raises(grpc.RpcError) as error:
+        server.generate(text="Hi", stopping=pb.StoppingCriteria(max_new_tokens=2))
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_health_is_not_serving_until_warm_up_finishes(server_factory) -> None:
+    server = server_factory(env={WARMUP_DELAY_ENV: "3"})
+    server.wait_for_log("delaying warm-up")
+    assert [server.health(service) for service in SERVICES] == [NOT_SERVING] * 3
+    _assert_unavailable(server)
+    server.wait_until_serving()
+    assert "warmed up" in server.log()
+    assert [server.health(service) for service in SERVICES] == [SERVING] * 3
+    _, final = server.generate(text="Hi", stopping=pb.StoppingCriteria(max_new_tokens=2))
+    assert final.usage.completion_tokens >= 1
+    assert server.stop() == 0
+
+
+def test_sigterm_drains_a_running_stream_then_exits_zero(server_factory) -> None:
+    server = server_factory()
+    server.wait_until_serving()
+    stream = server.generation.Generate(
+        pb.GenerateRequest(
+            text="Go", stopping=pb.StoppingCriteria(max_new_tokens=1000, ignore_eos=True)
+        ),
+        timeout=120,
+    )
+    first = next(stream)
+    server.process.send_signal(signal.SIGTERM)
+    server.wait_for_log("received SIGTERM")
+    assert server.health() == NOT_SERVING
+    _assert_unavailable(server)
+    rest = list(stream)
+    assert rest[-1].final.finish_reason == pb.FINISH_REASON_LENGTH
+    assert sum(len(r.delta.token_ids) for r in [first, *rest[:-1]]) == 1000
+    assert server.process.wait(timeout=30) == 0
+    assert "stopped" in server.log()
+
+
+def test_drain_timeout_aborts_running_streams(server_factory) -> None:
+    server = server_factory("--drain-timeout", "0.5", "--max-new-tokens", "2000")
+    server.wait_until_serving()
+    stream = server.generation.Generate(
+        pb.GenerateRequest(
+            text="Go", stopping=pb.StoppingCriteria(max_new_tokens=2000, ignore_eos=True)
+        ),
+        timeout=120,
+    )
+    next(stream)
+    server.process.send_signal(signal.SIGTERM)
+    final = list(stream)[-1].final
+    assert final.finish_reason == pb.FINISH_REASON_ABORTED
+    assert 0 < final.usage.completion_tokens < 2000
+    assert server.process.wait(timeout=30) == 0

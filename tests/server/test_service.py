@@ -1,0 +1,77 @@
+"""Health, reflection, ListModels and the Prometheus metrics of the shared server."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from google.protobuf.descriptor_pool import DescriptorPool
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+from tandem.v1 import tandem_pb2 as pb
+
+
+def test_health_is_serving_overall_and_per_service(server) -> None:
+    for service in ("", "tandem.v1.Generation", "tandem.v1.Registry"):
+        assert server.health(service) == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as error:
+        server.health("tandem.v1.Nothing")
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_lists_and_describes_the_services(server) -> None:
+    database = ProtoReflectionDescriptorDatabase(server.channel)
+    services = set(database.get_services())
+    assert {"tandem.v1.Generation", "tandem.v1.Registry", "grpc.health.v1.Health"} <= services
+    pool = DescriptorPool(database)
+    generation = pool.FindServiceByName("tandem.v1.Generation")
+    assert {m.name for m in generation.methods} == {"Generate", "Tokenize", "Abort"}
+    registry = pool.FindServiceByName("tandem.v1.Registry")
+    assert {m.name for m in registry.methods} == {
+        "ListModels", "LoadAdapter", "UnloadAdapter", "LoadExpert", "UnloadExpert",
+    }  # fmt: skip
+
+
+def test_list_models_lists_both_served_models(server) -> None:
+    models = server.registry.ListModels(pb.ListModelsRequest()).models
+    assert [model.id for model in models] == ["tiny-llama", "second"]
+    for model in models:
+        assert model.vocab_size == 32768
+        assert model.max_prompt_tokens == 64
+        assert model.max_new_tokens == 1500
+    # Both answer, each on its own engine.
+    for model in models:
+        _, final = server.generate(
+            model=model.id, text="Hi", stopping=pb.StoppingCriteria(max_new_tokens=2)
+        )
+        assert final.usage.completion_tokens >= 1
+
+
+def test_metrics_count_a_finished_request(server) -> None:
+    label = {"model_name": "second"}
+    before = server.metrics()
+
+    def increase(name: str, **extra: str) -> float:
+        key = (name, frozenset({**label, **extra}.items()))
+        return server.metrics().get(key, 0.0) - before.get(key, 0.0)
+
+    _, final = server.generate(
+        model="second",
+        token_ids=[1, 22557, 2294],
+        stopping=pb.StoppingCriteria(max_new_tokens=8, ignore_eos=True),
+    )
+    assert final.usage.completion_tokens == 8
+    assert increase("tandem:prompt_tokens_total") == 3
+    assert increase("tandem:generation_tokens_total") == 8
+    assert increase("tandem:request_success_total", finished_reason="length") == 1
+    for histogram in (
+        "tandem:time_to_first_token_seconds",
+        "tandem:e2e_request_latency_seconds",
+        "tandem:request_queue_time_seconds",
+    ):
+        assert increase(f"{histogram}_count") == 1
+        assert increase(f"{histogram}_sum") > 0
+    assert increase("tandem:inter_token_latency_seconds_count") == 7
+    assert server.metric("tandem:kv_cache_usage_perc", **label) == 0
+    assert server.metric("tandem:num_requests_running", **label) == 0

@@ -1,0 +1,48 @@
+"""The generated gRPC code is fresh, and server/ stays tensor-free outside server/engines.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.config import parse_model_spec
+from server.gen_proto import PROTO_ROOT, generate
+
+GENERATED = ("tandem_pb2.py", "tandem_pb2_grpc.py", "tandem_pb2.pyi")
+
+
+def test_generated_code_matches_the_proto(tmp_path: Path) -> None:
+    generate(tmp_path)
+    for name in GENERATED:
+        fresh = (tmp_path / "tandem" / "v1" / name).read_bytes()
+        committed = (PROTO_ROOT / "tandem" / "v1" / name).read_bytes()
+        assert fresh == committed, f"{name} is stale: run `make proto`"
+
+
+def test_client_and_servicer_modules_do_not_import_torch() -> None:
+    code = (
+        "import sys, server.cli, server.client, server.servicer, server.metrics, server.mapping; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    "value, model_id, path",
+    [
+        ("/models/llama-3-8b", "llama-3-8b", "/models/llama-3-8b"),
+        ("/models/llama-3-8b/", "llama-3-8b", "/models/llama-3-8b/"),
+        ("big=/models/llama-3-8b", "big", "/models/llama-3-8b"),
+        # An `=` inside a path is part of the path, not a name.
+        ("/models/lr=1e-4", "lr=1e-4", "/models/lr=1e-4"),
+    ],
+)
+def test_model_spec(value: str, model_id: str, path: str) -> None:
+    spec = parse_model_spec(value)
+    assert (spec.model_id, spec.path) == (model_id, path)
