@@ -14,6 +14,7 @@ the top, so bench/vllm_side.py can share its workload and measurement code from 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -184,7 +185,7 @@ def worker_tandem_engine(args: argparse.Namespace) -> dict:
     engine = LLMEngine.from_dir(args.model, EngineConfig(dtype="bfloat16"))
     load_s = time.perf_counter() - start
     progress(f"tandem engine: loaded in {load_s:.1f} s")
-    ids = iter(range(1 << 62))
+    ids = itertools.count()
 
     def generate(prompts: list[list[int]], max_new_tokens: int) -> list[int]:
         requests = [
@@ -497,59 +498,63 @@ def weight_bytes(model_dir: str) -> int:
     return total
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a and b else None
+def _speedups(first: dict, other: dict) -> dict[str, float]:
+    """`first` against `other`, above 1 where `first` is better (for TTFT: other / first)."""
+    return {
+        "decode_tok_s_b1": first["decode_tok_s_b1"] / other["decode_tok_s_b1"],
+        "throughput_tok_s_batch": first["throughput_tok_s_batch"] / other["throughput_tok_s_batch"],
+        "ttft_s": other["ttft_s"] / first["ttft_s"],
+    }
 
 
 def compute_ratios(systems: dict[str, dict], bound_tok_s: float | None) -> dict[str, dict]:
     """Tandem engine against each peer and the bandwidth bound; gRPC against the engine."""
-    metrics = ["decode_tok_s_b1", "throughput_tok_s_batch"]
-    engine = systems.get("tandem_engine", {})
-    ratios: dict[str, dict] = {}
-    for peer in ("vllm", "hf"):
-        if peer in systems:
-            ratios[f"tandem_engine/{peer}"] = {
-                m: _ratio(engine.get(m), systems[peer].get(m)) for m in metrics
-            } | {"ttft_s": _ratio(systems[peer].get("ttft_s"), engine.get("ttft_s"))}
+    engine = systems.get("tandem_engine")
+    if engine is None:
+        return {}
+    ratios = {
+        f"tandem_engine/{peer}": _speedups(engine, systems[peer])
+        for peer in ("vllm", "hf")
+        if peer in systems
+    }
     if bound_tok_s:
-        ratios["tandem_engine/bound"] = {
-            "decode_tok_s_b1": _ratio(engine.get("decode_tok_s_b1"), bound_tok_s)
-        }
+        ratios["tandem_engine/bound"] = {"decode_tok_s_b1": engine["decode_tok_s_b1"] / bound_tok_s}
     if "tandem_grpc" in systems:
-        grpc_side = systems["tandem_grpc"]
-        ratios["tandem_grpc/tandem_engine"] = {
-            m: _ratio(grpc_side.get(m), engine.get(m)) for m in metrics
-        } | {"ttft_s": _ratio(engine.get("ttft_s"), grpc_side.get("ttft_s"))}
+        ratios["tandem_grpc/tandem_engine"] = _speedups(systems["tandem_grpc"], engine)
     return ratios
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+_COLUMNS = ["decode_tok_s_b1", "throughput_tok_s_batch", "ttft_s"]
+
+
+def _row(label: str, cells: list[str]) -> str:
+    return f"{label:<28}" + "".join(f"{cell:>14}" for cell in cells)
 
 
 def print_table(report: dict) -> None:
-    batch = report["workload"]["batch_size"]
-    header = f"{'system':<18}{'decode b1':>12}{f'b{batch} tok/s':>12}{'TTFT':>10}{'peak RSS':>11}"
-    lines = ["", header, f"{'':<18}{'tok/s':>12}{'':>12}{'ms':>10}{'MiB':>11}"]
+    workload = report["workload"]
+    lines = [
+        "",
+        _row("", ["decode b1", f"batch {workload['batch_size']}", "TTFT", "peak RSS"]),
+        _row("", ["tok/s", "tok/s", f"ms, {workload['ttft_prompt_len']} tok", "MiB"]),
+    ]
     bound = report["machine"].get("bound_tok_s_b1")
     if bound:
-        lines.append(f"{'bandwidth bound':<18}{bound:>12.1f}")
+        lines.append(_row("bandwidth bound", [f"{bound:.1f}"]))
     for key, label in SYSTEMS:
         m = report["systems"].get(key)
         if m is None:
             continue
         if "error" in m:
-            lines.append(f"{label:<18}  failed: {m['error']}")
+            lines.append(f"{label:<28}failed: {m['error']}")
             continue
-        lines.append(
-            f"{label:<18}{m['decode_tok_s_b1']:>12.1f}{m['throughput_tok_s_batch']:>12.1f}"
-            f"{m['ttft_s'] * 1000:>10.0f}{m['peak_rss_bytes'] / 2**20:>11.0f}"
-        )
-    lines.append("")
-    lines.append("ratios (above 1 = the first system is better; TTFT ratio = other / first)")
+        cells = [m["decode_tok_s_b1"], m["throughput_tok_s_batch"], m["ttft_s"] * 1000]
+        cells.append(m["peak_rss_bytes"] / 2**20)
+        lines.append(_row(label, [f"{c:.1f}" for c in cells[:2]] + [f"{c:.0f}" for c in cells[2:]]))
+    if report["ratios"]:
+        lines += ["", "ratios, above 1 where the first system is better (TTFT: other / first)"]
     for name, values in report["ratios"].items():
-        cells = "  ".join(f"{m} {_fmt(v, '.2f')}" for m, v in values.items())
-        lines.append(f"  {name:<28}{cells}")
+        lines.append(_row(name, [f"{values[c]:.2f}" if c in values else "" for c in _COLUMNS]))
     print("\n".join(lines), flush=True)
 
 
@@ -628,8 +633,9 @@ def _run_system(key: str, opts: argparse.Namespace) -> dict:
 
 def run_all(opts: argparse.Namespace) -> dict:
     _prepare_model(opts)
-    opts.run_dir = CACHE_DIR / "runs"
-    opts.run_dir.mkdir(parents=True, exist_ok=True)
+    # one directory per run: logs and worker results of concurrent runs stay apart
+    opts.run_dir = CACHE_DIR / "runs" / time.strftime(f"%Y%m%d-%H%M%S-{os.getpid()}")
+    opts.run_dir.mkdir(parents=True)
     workload = Workload.build(
         vocab_size=_vocab_size(opts.model),
         prompt_len=opts.prompt_len,

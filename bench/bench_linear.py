@@ -3,8 +3,9 @@
 Prints, for the Qwen2.5-0.5B weight shapes and a few batch sizes, the weight bytes streamed per
 second by each, next to this machine's streaming read bandwidth measured in the same run, then
 a batch-1 decode estimate for the whole model and the per-call overhead on a tiny matrix.
-Every timing is the best of several interleaved rounds (the machine is shared); nothing is
-asserted.
+Every call is timed on its own and a figure is the median over all calls of several
+interleaved rounds: on a shared machine the median shrugs off the calls that lost their core.
+Nothing is asserted.
 
     python bench/bench_linear.py [--batch 1 4 8 16] [--rounds 5] [--dtype bf16]
 """
@@ -12,6 +13,7 @@ asserted.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,12 +58,12 @@ class Measurement:
 def stream_read_gbps(rounds: int) -> float:
     """Bandwidth of torch.sum over a 512 MB fp32 tensor: what a read-only stream reaches."""
     data = torch.ones(128 * 2**20, dtype=torch.float32)
-    best = float("inf")
+    times = []
     for _ in range(rounds):
         start = time.perf_counter()
         data.sum()
-        best = min(best, time.perf_counter() - start)
-    return data.numel() * data.element_size() / best / 1e9
+        times.append(time.perf_counter() - start)
+    return data.numel() * data.element_size() / statistics.median(times) / 1e9
 
 
 def weight_copies(shape: tuple[int, int], dtype: torch.dtype) -> list[Tensor]:
@@ -70,23 +72,26 @@ def weight_copies(shape: tuple[int, int], dtype: torch.dtype) -> list[Tensor]:
     return [first] + [first.clone() for _ in range(copies - 1)]
 
 
-def time_per_call(fn: LinearFn, x: Tensor, weights: list[Tensor]) -> float:
-    start = time.perf_counter()
+def call_times(fn: LinearFn, x: Tensor, weights: list[Tensor]) -> list[float]:
+    times = []
     for weight in weights:
+        start = time.perf_counter()
         fn(x, weight)
-    return (time.perf_counter() - start) / len(weights)
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def measure_shape(
     name: str, weights: list[Tensor], batch: int, implementations: dict[str, LinearFn], rounds: int
 ) -> Measurement:
     x = torch.randn(batch, weights[0].shape[1]).to(weights[0].dtype)
-    best = dict.fromkeys(implementations, float("inf"))
+    times: dict[str, list[float]] = {label: [] for label in implementations}
     for _ in range(rounds):
         for label, fn in implementations.items():
-            best[label] = min(best[label], time_per_call(fn, x, weights))
+            times[label] += call_times(fn, x, weights)
     weight_bytes = weights[0].numel() * weights[0].element_size()
-    return Measurement(name, batch, weight_bytes, best)
+    medians = {label: statistics.median(samples) for label, samples in times.items()}
+    return Measurement(name, batch, weight_bytes, medians)
 
 
 def call_overhead_us(fn: LinearFn, dtype: torch.dtype, calls: int = 20000) -> float:

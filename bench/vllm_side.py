@@ -53,7 +53,14 @@ def run(args: argparse.Namespace) -> dict:
         return [len(out.outputs[0].token_ids) for out in outputs]
 
     metrics = measure(generate, workload, "vllm")
-    return {**metrics, "load_s": load_s, "vllm_version": vllm.__version__}
+    # vLLM's default ("auto") pins its worker to all cores but one, kept for its scheduler
+    threads_bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")
+    return {
+        **metrics,
+        "load_s": load_s,
+        "vllm_version": vllm.__version__,
+        "threads_bind": threads_bind,
+    }
 
 
 if __name__ == "__main__":  # vLLM spawns worker processes that re-import this module

@@ -171,7 +171,9 @@ class AsyncEngine:
             if done is not None:
                 warmups[payload.request_id] = done
         elif kind == "abort":
-            self.engine.abort(payload)
+            out = self.engine.abort(payload)
+            if out is not None:
+                self._deliver([out], warmups)
 
     def _deliver(self, outputs: list[RequestOutput], warmups: dict[str, threading.Event]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}

@@ -31,7 +31,9 @@ class AttentionMetadata:
     context_slots: list[torch.Tensor]  # per sequence [context_len]
     decode_only: bool
     # Layers may differ in sliding window (Qwen2), so the decode gather is cached per window.
-    _decode_gathers: dict[int | None, DecodeGather] = field(default_factory=dict)
+    _decode_gathers: dict[int | None, DecodeGather] = field(
+        default_factory=dict, init=False, repr=False
+    )
 
     @classmethod
     def from_batch(cls, batch: ForwardBatch) -> AttentionMetadata:

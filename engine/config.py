@@ -87,7 +87,7 @@ class ModelConfig:
         num_heads = raw["num_attention_heads"]
         num_layers = raw["num_hidden_layers"]
         rope_theta, rope_scaling = _rope(raw)
-        attention_bias = bool(raw.get("attention_bias", False))
+        qkv_bias, o_bias = _attention_biases(raw, architecture)
         return cls(
             architecture=architecture,
             vocab_size=raw["vocab_size"],
@@ -102,8 +102,8 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=raw.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            qkv_bias=architecture == "Qwen2ForCausalLM" or attention_bias,
-            o_bias=attention_bias,
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
             qk_norm=architecture == "Qwen3ForCausalLM",
             sliding_windows=_sliding_windows(raw, architecture, num_layers),
             dtype=_dtype(raw),
@@ -131,13 +131,23 @@ def _check_unsupported_options(raw: dict[str, Any]) -> None:
         raise UnsupportedModel("mlp_bias is not supported; supported: MLP without bias")
     if raw.get("quantization_config"):
         raise UnsupportedModel("quantized checkpoints are not supported; supported: bf16/fp16/fp32")
-    if raw.get("pretraining_tp", 1) not in (None, 1):
-        raise UnsupportedModel("pretraining_tp > 1 is not supported; supported: pretraining_tp 1")
+
+
+def _attention_biases(raw: dict[str, Any], architecture: str) -> tuple[bool, bool]:
+    """(q/k/v bias, o bias) as the transformers modeling code of each architecture builds them."""
+    if architecture == "Qwen2ForCausalLM":
+        return True, False
+    if architecture == "MistralForCausalLM":
+        return False, False
+    attention_bias = bool(raw.get("attention_bias", False))
+    return attention_bias, attention_bias
 
 
 def _rope(raw: dict[str, Any]) -> tuple[float, RopeScaling]:
     """transformers >= 5 writes `rope_parameters`; older checkpoints use rope_theta/rope_scaling."""
     params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    if any(isinstance(value, dict) for value in params.values()):
+        raise UnsupportedModel("per-layer-type rope parameters are not supported")
     theta = float(params.get("rope_theta") or raw.get("rope_theta") or _DEFAULT_ROPE_THETA)
     rope_type = params.get("rope_type") or params.get("type") or "default"
     partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))

@@ -5,8 +5,8 @@ syncs to find which rows need work), never modifies its input, and leaves rows w
 off bit-for-bit untouched: a row's result depends only on that row.
 
 Order (Hugging Face's): repetition penalty -> temperature -> top-k -> top-p -> min-p. Top-p
-looks at the distribution renormalized after top-k; min-p compares to the most likely token,
-which every filter keeps, so its place in the order does not matter.
+measures mass in the distribution renormalized after top-k (and before min-p); min-p compares
+each token to the most likely one, a ratio that no renormalization changes.
 
 Sampling uses the exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) i.i.d. is a draw from p
 (E_i / p_i ~ Exp(rate p_i), and the smallest of independent exponentials is index i with
@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from itertools import chain
 
 import torch
 
 from engine.types import SamplingParams, TokenLogprob
+
+# Candidates searched for the top-p nucleus before falling back to a full sort of the row.
+_NUCLEUS_CANDIDATES = 1024
 
 
 def apply_repetition_penalty(
@@ -33,12 +37,9 @@ def apply_repetition_penalty(
     if not rows:
         return logits
     device = logits.device
-    row_index = torch.cat([torch.full((len(token_ids[r]),), r, dtype=torch.long) for r in rows]).to(
-        device
-    )
-    token_index = torch.cat([torch.as_tensor(token_ids[r], dtype=torch.long) for r in rows]).to(
-        device
-    )
+    lengths = torch.tensor([len(token_ids[r]) for r in rows])
+    row_index = torch.tensor(rows).repeat_interleave(lengths).to(device)
+    token_index = torch.tensor(list(chain.from_iterable(token_ids[r] for r in rows))).to(device)
     penalty = torch.tensor(penalties, dtype=logits.dtype, device=device)[row_index]
     seen = logits[row_index, token_index]
     out = logits.clone()
@@ -66,10 +67,11 @@ def apply_top_k(logits: torch.Tensor, top_k: Sequence[int]) -> torch.Tensor:
     if not any(enabled):
         return logits
     rows = _rows(enabled, logits.device)
-    ks = torch.tensor([k for k, on in zip(top_k, enabled, strict=True) if on], device=rows.device)
+    k_list = [k for k, on in zip(top_k, enabled, strict=True) if on]
+    ks = torch.tensor(k_list, device=logits.device)
     selected = logits[rows]
     # One partial top-k at the largest k serves every row; no full sort.
-    largest = selected.topk(int(ks.max()), dim=-1).values
+    largest = selected.topk(max(k_list), dim=-1).values
     kth = largest.gather(-1, (ks - 1)[:, None])
     out = logits.clone()
     out[rows] = selected.masked_fill(selected < kth, -math.inf)
@@ -91,13 +93,28 @@ def apply_top_p(logits: torch.Tensor, top_p: Sequence[float]) -> torch.Tensor:
         dtype=logits.dtype,
         device=logits.device,
     )
-    sorted_logits, order = logits[rows].sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    mass_above = probs.cumsum(dim=-1) - probs
-    sorted_logits = sorted_logits.masked_fill(mass_above >= ps[:, None], -math.inf)
+    selected = logits[rows]
+    probs = selected.softmax(dim=-1)
+    # A language model's nucleus is usually small: look for it among the top candidates and
+    # sort the whole row only where they do not reach top_p (a full sort of 131k is slow).
+    top_probs, top_ids = probs.topk(min(_NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)
+    keep = torch.zeros_like(selected, dtype=torch.bool)
+    keep.scatter_(-1, top_ids, _nucleus(top_probs, ps))
+    uncovered = (top_probs.sum(dim=-1) < ps).nonzero().squeeze(-1)
+    if uncovered.numel():
+        sorted_probs, order = probs[uncovered].sort(dim=-1, descending=True)
+        keep[uncovered] = torch.zeros_like(order, dtype=torch.bool).scatter_(
+            -1, order, _nucleus(sorted_probs, ps[uncovered])
+        )
     out = logits.clone()
-    out[rows] = sorted_logits.scatter(-1, order, sorted_logits)
+    out[rows] = selected.masked_fill(~keep, -math.inf)
     return out
+
+
+def _nucleus(sorted_probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Which of the descending probabilities are kept: those with less than top_p above them."""
+    mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs
+    return mass_above < top_p[:, None]
 
 
 def apply_min_p(logits: torch.Tensor, min_p: Sequence[float]) -> torch.Tensor:
@@ -132,18 +149,19 @@ def _exponential_noise(
     engine_generator: torch.Generator | None,
     device: torch.device,
 ) -> torch.Tensor:
-    noise = torch.empty(shape, device=device)
+    """Exp(1) noise as -log(U): torch's CPU exponential_ is several times slower than this."""
+    uniform = torch.empty(shape, device=device)
     shared = [i for i, g in enumerate(generators) if g is None]
     if shared:
         # Rows without their own generator share one batched draw from the engine's RNG.
-        noise[shared] = torch.empty((len(shared), shape[1]), device=device).exponential_(
+        uniform[shared] = torch.empty((len(shared), shape[1]), device=device).uniform_(
             generator=engine_generator
         )
     for i, generator in enumerate(generators):
         if generator is not None:
-            noise[i].exponential_(generator=generator)
-    # Exp(1) can round to 0.0; 0/0 would be NaN and argmax would pick a masked token.
-    return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+            uniform[i].uniform_(generator=generator)
+    # U = 0 would give infinite noise, so a row with one allowed token could score all zeros.
+    return uniform.clamp_(min=torch.finfo(uniform.dtype).tiny).log_().neg_()
 
 
 def sample(
@@ -165,12 +183,16 @@ def sample(
         if prior_token_ids is None:
             raise ValueError("repetition_penalty needs prior_token_ids")
         logits = apply_repetition_penalty(logits, prior_token_ids, penalties)
-    tokens = logits.argmax(dim=-1)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
-    if not sampled:
-        return tokens
+    if len(sampled) < len(params):
+        tokens = logits.argmax(dim=-1)  # greedy rows; sampled rows are overwritten below
+        if not sampled:
+            return tokens
+        rows = logits[torch.tensor(sampled, device=logits.device)]
+    else:
+        tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
+        rows = logits
     chosen = [params[i] for i in sampled]
-    rows = logits[torch.tensor(sampled, device=logits.device)]
     rows = apply_temperature(rows, [p.temperature for p in chosen])
     rows = apply_top_k(rows, [p.top_k for p in chosen])
     rows = apply_top_p(rows, [p.top_p for p in chosen])

@@ -74,17 +74,18 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if kernel is None or not _fast_path_applies(x, weight, bias):
         return F.linear(x, weight, bias)
     n, k = weight.shape
-    rows = x.reshape(-1, k)
+    rows = x if x.dim() == 2 else x.reshape(-1, k)
     if rows.stride(1) != 1:
         rows = rows.contiguous()
-    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
+    m = rows.shape[0]
+    out = torch.empty((m, n) if x.dim() == 2 else (*x.shape[:-1], n), dtype=x.dtype)
     kernel(
         rows.data_ptr(),
         rows.stride(0),
         weight.data_ptr(),
         None if bias is None else bias.data_ptr(),
         out.data_ptr(),
-        rows.shape[0],
+        m,
         n,
         k,
         torch.get_num_threads(),

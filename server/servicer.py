@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import uuid
@@ -210,23 +211,51 @@ async def _stream(
     context: grpc.aio.ServicerContext,
     observer: RequestMetrics,
 ) -> None:
-    """Write one delta per engine step, then the final message.
+    """Write one delta per engine step (or fewer, see _next_output), then the final message.
 
     Written with context.write rather than yield so that a client cancel or deadline always
     lands in this coroutine; leaving `track` then stops the engine request.
     """
-    completion_tokens = 0
+    sent_tokens = 0
     while True:
-        item = await running.outputs.get()
-        if isinstance(item, Exception):
-            raise item
-        output = item if isinstance(item, RequestOutput) else _aborted(request, completion_tokens)
-        completion_tokens += len(output.token_ids)
+        output = await _next_output(running, request, sent_tokens)
+        sent_tokens += len(output.token_ids)
         observer.observe(output)
         for message in responses(request.request_id, output):
             await context.write(message)
         if output.finished:
             return
+
+
+async def _next_output(
+    running: RunningRequest, request: Request, sent_tokens: int
+) -> RequestOutput:
+    """The next engine output, merged with those queued up behind it.
+
+    Outputs queue up only when the client or the network is slower than the engine; sending
+    them as one delta lets the stream catch up instead of falling further behind.
+    """
+    outputs: list[RequestOutput] = []
+    item = await running.outputs.get()
+    while True:
+        if isinstance(item, Exception):
+            raise item
+        if not isinstance(item, RequestOutput):  # _ABORTED
+            item = _aborted(request, sent_tokens + sum(len(o.token_ids) for o in outputs))
+        outputs.append(item)
+        if item.finished or running.outputs.empty():
+            break
+        item = running.outputs.get_nowait()
+    return outputs[0] if len(outputs) == 1 else _concatenated(outputs)
+
+
+def _concatenated(outputs: list[RequestOutput]) -> RequestOutput:
+    return dataclasses.replace(
+        outputs[-1],  # counts, finish reason and timestamps are the latest
+        token_ids=[token for output in outputs for token in output.token_ids],
+        text="".join(output.text for output in outputs),
+        logprobs=[entry for output in outputs for entry in output.logprobs],
+    )
 
 
 def _aborted(request: Request, completion_tokens: int) -> RequestOutput:

@@ -22,12 +22,6 @@
 #define EXPORT __attribute__((visibility("default")))
 #define INLINE static inline __attribute__((always_inline))
 
-// Bytes ahead of the current load to prefetch into L1; the hardware prefetcher alone leaves
-// too few DRAM requests in flight for two cores to reach the machine's bandwidth.
-#ifndef PREFETCH_BYTES
-#define PREFETCH_BYTES 1024
-#endif
-
 // Below this many weight bytes, waking the second thread costs more than it saves.
 #ifndef PARALLEL_MIN_BYTES
 #define PARALLEL_MIN_BYTES (256 * 1024)
@@ -40,6 +34,8 @@ typedef __m512bh vec_t;
 typedef __mmask32 lane_mask_t;
 #define LANES 32
 
+// Masked loads cost an extra uop on the ports the dot products need: the hot loop avoids them.
+INLINE vec_t load_full(const elem_t *p) { return (vec_t)_mm512_loadu_si512(p); }
 INLINE vec_t load_lanes(lane_mask_t mask, const elem_t *p) {
     return (vec_t)_mm512_maskz_loadu_epi16(mask, p);
 }
@@ -54,13 +50,12 @@ INLINE float to_f32(elem_t value) {
     return result;
 }
 
-// Round to nearest even, as torch does when it narrows fp32 to bf16.
+// Round to nearest even, as torch does when it narrows fp32 to bf16. No NaN special case:
+// every NaN here comes from bf16 operands or is the default NaN, so its payload lies in the top
+// 16 bits and the rounding increment cannot carry it into an infinity.
 INLINE elem_t from_f32(float value) {
     uint32_t bits;
     memcpy(&bits, &value, sizeof(bits));
-    if ((bits & 0x7fffffffu) > 0x7f800000u) {
-        return (elem_t)((bits >> 16) | 0x40u);
-    }
     bits += 0x7fffu + ((bits >> 16) & 1u);
     return (elem_t)(bits >> 16);
 }
@@ -72,7 +67,10 @@ typedef __m512 vec_t;
 typedef __mmask16 lane_mask_t;
 #define LANES 16
 
-INLINE vec_t load_lanes(lane_mask_t mask, const elem_t *p) { return _mm512_maskz_loadu_ps(mask, p); }
+INLINE vec_t load_full(const elem_t *p) { return _mm512_loadu_ps(p); }
+INLINE vec_t load_lanes(lane_mask_t mask, const elem_t *p) {
+    return _mm512_maskz_loadu_ps(mask, p);
+}
 INLINE __m512 multiply_add(__m512 acc, vec_t w, vec_t x) { return _mm512_fmadd_ps(w, x, acc); }
 INLINE float to_f32(elem_t value) { return value; }
 INLINE elem_t from_f32(float value) { return value; }
@@ -81,16 +79,31 @@ INLINE elem_t from_f32(float value) { return value; }
 #error "define TANDEM_BF16 or TANDEM_F32"
 #endif
 
-// The K loop runs one body for the final partial chunk too, with a narrower mask: masked-off
-// lanes load as zero and add exact zeros. One body keeps the code (and compile time) small.
-INLINE lane_mask_t chunk_mask(int64_t left) {
-    return left >= LANES ? (lane_mask_t)~0ull : (lane_mask_t)((1ull << left) - 1);
-}
-
 // The last block of a matrix may have fewer valid rows than the block size; its missing rows
 // repeat the last valid one, so every block runs the same code and a repeated row just writes
 // the same value twice.
 INLINE int64_t clamp_row(int r, int valid) { return r < valid ? r : valid - 1; }
+
+// The end of a block, shared by every M (kept out of line: it runs once per block, and one copy
+// instead of sixteen keeps compile time down): the partial last chunk of K with masked loads
+// (masked-off lanes are zeros, adding exact zeros), the horizontal sum, the bias, the store.
+static void finish_block(const __m512 *partial, const elem_t *const *row, const elem_t *x,
+                         const elem_t *bias, elem_t *out, int64_t k, int64_t kk, int64_t ldx,
+                         int64_t ldo, int m, int rows, int valid) {
+    const lane_mask_t tail = (lane_mask_t)((1ull << (k - kk)) - 1);
+    for (int r = 0; r < rows; r++) {
+        const int64_t n = clamp_row(r, valid);
+        const float b = bias ? to_f32(bias[n]) : 0.0f;
+        for (int i = 0; i < m; i++) {
+            __m512 acc = partial[r * MAX_M + i];
+            if (kk < k) {
+                const vec_t wv = load_lanes(tail, row[r] + kk);
+                acc = multiply_add(acc, wv, load_lanes(tail, x + i * ldx + kk));
+            }
+            out[i * ldo + n] = from_f32(_mm512_reduce_add_ps(acc) + b);
+        }
+    }
+}
 
 // One block: `rows` weight rows (a compile-time count) times `m` input rows.
 INLINE void dot_block(const elem_t *restrict w, const elem_t *restrict x, const elem_t *bias,
@@ -104,28 +117,24 @@ INLINE void dot_block(const elem_t *restrict w, const elem_t *restrict x, const 
 #pragma GCC unroll 16
         for (int i = 0; i < m; i++) acc[r][i] = _mm512_setzero_ps();
     }
-    for (int64_t kk = 0; kk < k; kk += LANES) {
-        const lane_mask_t mask = chunk_mask(k - kk);
+    int64_t kk = 0;
+    for (; kk + LANES <= k; kk += LANES) {
         vec_t wv[MAX_ROWS];
 #pragma GCC unroll 4
         for (int r = 0; r < rows; r++) {
-            _mm_prefetch((const char *)(row[r] + kk) + PREFETCH_BYTES, _MM_HINT_T0);
-            wv[r] = load_lanes(mask, row[r] + kk);
+            // The same position one block ahead: the hardware prefetcher alone keeps too few
+            // DRAM requests in flight when several short rows are streamed side by side.
+            _mm_prefetch((const char *)(row[r] + rows * k + kk), _MM_HINT_T0);
+            wv[r] = load_full(row[r] + kk);
         }
 #pragma GCC unroll 16
         for (int i = 0; i < m; i++) {
-            const vec_t xv = load_lanes(mask, x + i * ldx + kk);
+            const vec_t xv = load_full(x + i * ldx + kk);
 #pragma GCC unroll 4
             for (int r = 0; r < rows; r++) acc[r][i] = multiply_add(acc[r][i], wv[r], xv);
         }
     }
-#pragma GCC unroll 4
-    for (int r = 0; r < rows; r++) {
-        const int64_t n = clamp_row(r, valid);
-        const float b = bias ? to_f32(bias[n]) : 0.0f;
-#pragma GCC unroll 16
-        for (int i = 0; i < m; i++) out[i * ldo + n] = from_f32(_mm512_reduce_add_ps(acc[r][i]) + b);
-    }
+    finish_block(&acc[0][0], row, x, bias, out, k, kk, ldx, ldo, m, rows, valid);
 }
 
 // One function per M so the loops above unroll fully and the accumulators live in registers.
@@ -165,18 +174,32 @@ static const block_fn BLOCKS[MAX_M + 1] = {
 
 EXPORT int tandem_linear_max_m(void) { return MAX_M; }
 
+typedef struct {
+    const elem_t *x, *w, *bias;
+    elem_t *out;
+    int64_t ldx, n, k;
+    block_fn block;
+    int64_t rows;  // per block
+} job_t;
+
+static void run_block(const job_t *job, int64_t b) {
+    const int64_t n0 = b * job->rows;
+    const int valid = (int)(job->n - n0 < job->rows ? job->n - n0 : job->rows);
+    job->block(job->w + n0 * job->k, job->x, job->bias ? job->bias + n0 : NULL, job->out + n0,
+               job->k, job->ldx, job->n, valid);
+}
+
 // x: [m, k] with row stride ldx (elements); w: [n, k] contiguous; bias: [n] or NULL;
 // out: [m, n] contiguous. The caller guarantees 1 <= m <= MAX_M and n, k >= 1.
 EXPORT void tandem_linear(const elem_t *x, int64_t ldx, const elem_t *w, const elem_t *bias,
                           elem_t *out, int64_t m, int64_t n, int64_t k, int threads) {
-    const block_fn block = BLOCKS[m];
-    const int64_t rows = ROWS_FOR(m);
-    const int64_t blocks = (n + rows - 1) / rows;
-    if (n * k * (int64_t)sizeof(elem_t) < PARALLEL_MIN_BYTES) threads = 1;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t b = 0; b < blocks; b++) {
-        const int64_t n0 = b * rows;
-        const int valid = (int)(n - n0 < rows ? n - n0 : rows);
-        block(w + n0 * k, x, bias ? bias + n0 : bias, out + n0, k, ldx, n, valid);
+    const job_t job = {x, w, bias, out, ldx, n, k, BLOCKS[m], ROWS_FOR(m)};
+    const int64_t blocks = (n + job.rows - 1) / job.rows;
+    if (threads <= 1 || n * k * (int64_t)sizeof(elem_t) < PARALLEL_MIN_BYTES) {
+        // Not even an OpenMP call: small matrices are most calls in a small model's forward.
+        for (int64_t b = 0; b < blocks; b++) run_block(&job, b);
+        return;
     }
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < blocks; b++) run_block(&job, b);
 }

@@ -253,6 +253,13 @@ def test_async_stream_and_cancellation(model_dir):
         assert pieces[-1].finish_reason is FinishReason.LENGTH
         assert sum(len(p.token_ids) for p in pieces) == 10
 
+        aborted = Request("ab", engine.tokenizer.encode("Hi"), SamplingParams(0.0), StoppingCriteria(400))
+        stream = engine.generate(aborted)
+        first = await stream.__anext__()
+        assert not first.finished and engine.abort("ab")
+        rest = [out async for out in stream]
+        assert rest[-1].finish_reason is FinishReason.ABORTED
+
         long = Request("long", engine.tokenizer.encode("Hello"), SamplingParams(0.0), StoppingCriteria(400))
         stream = engine.generate(long)
         async for _ in stream:

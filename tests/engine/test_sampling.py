@@ -178,9 +178,12 @@ def hf_rows(warper, logits: torch.Tensor, values: list, off) -> torch.Tensor:
     )
 
 
-def test_filters_match_transformers_row_by_row():
-    logits = 3 * torch.randn(5, 2000, generator=torch.Generator().manual_seed(3))
-    top_k, top_p, min_p = [0, 1, 40, 0, 1999], [1.0, 0.3, 0.9, 0.99, 1.0], [0.0, 0.5, 0.01, 0, 1]
+# A peaked distribution (small nucleus, found among the top candidates) and a flat one (the
+# nucleus spans most of the vocabulary: full sort).
+@pytest.mark.parametrize("scale", [3.0, 0.05])
+def test_filters_match_transformers_row_by_row(scale):
+    logits = scale * torch.randn(5, 5000, generator=torch.Generator().manual_seed(3))
+    top_k, top_p, min_p = [0, 1, 40, 0, 4999], [1.0, 0.3, 0.9, 0.99, 1.0], [0.0, 0.5, 0.01, 0, 1]
     cases = [
         (apply_top_k(logits, top_k), hf_rows(TopKLogitsWarper, logits, top_k, 0)),
         (apply_top_p(logits, top_p), hf_rows(TopPLogitsWarper, logits, top_p, 1.0)),

@@ -36,19 +36,31 @@ def make(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=generator).to(dtype)
 
 
+def reference_and_bound(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 x @ weight.T + bias, and the largest error allowed: fp32 accumulation over K
+    terms plus the final rounding to x's dtype."""
+    x64, w64 = x.double(), weight.double()
+    b64 = torch.zeros(weight.shape[0], dtype=torch.float64) if bias is None else bias.double()
+    reference = x64 @ w64.T + b64
+    magnitude = x64.abs() @ w64.abs().T + b64.abs()
+    unit_roundoff = 2.0**-8 if x.dtype == torch.bfloat16 else 2.0**-24
+    bound = (weight.shape[1] + 1) * 2.0**-24 * magnitude + unit_roundoff * reference.abs()
+    return reference, bound + 1e-30
+
+
 def assert_close_to_reference(
     out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> None:
-    """Bound: fp32 accumulation error over K terms plus the final rounding to out's dtype."""
-    x64, w64 = x.double(), weight.double()
-    reference = x64 @ w64.T + (0.0 if bias is None else bias.double())
-    magnitude = x64.abs() @ w64.abs().T + (0.0 if bias is None else bias.double().abs())
-    k = weight.shape[1]
-    unit_roundoff = 2.0**-8 if out.dtype == torch.bfloat16 else 2.0**-24
-    bound = (k + 1) * 2.0**-24 * magnitude + unit_roundoff * reference.abs() + 1e-30
-    error = (out.double() - reference).abs()
+    reference, bound = reference_and_bound(x, weight, bias)
+    assert_within(out, reference, bound)
     assert out.dtype == x.dtype
+
+
+def assert_within(out: torch.Tensor, reference: torch.Tensor, bound: torch.Tensor) -> None:
     assert out.shape == reference.shape
+    error = (out.double() - reference).abs()
     assert torch.all(error <= bound), f"max error / bound = {(error / bound).max().item():.3g}"
 
 
@@ -61,10 +73,41 @@ def test_matches_reference_for_every_batch_size(
     n, k = shape
     weight = make((n, k), dtype, seed=1)
     bias = make((n,), dtype, seed=2) if with_bias else None
+    x = make((MAX_ROWS, k), dtype, seed=3)
+    reference, bound = reference_and_bound(x, weight, bias)
     for m in range(1, MAX_ROWS + 1):
-        x = make((m, k), dtype, seed=3 + m)
-        assert uses_fast_path(x, weight, bias)
-        assert_close_to_reference(linear(x, weight, bias), x, weight, bias)
+        assert uses_fast_path(x[:m], weight, bias)
+        out = linear(x[:m], weight, bias)
+        assert out.dtype == dtype
+        assert_within(out, reference[:m], bound[:m])
+
+
+def test_bf16_output_rounds_half_to_even_like_torch() -> None:
+    # x = [1, 1] makes each output the fp32 sum w[n, 0] + w[n, 1], which is exact here; the
+    # kernel's only rounding is then fp32 -> bf16, which must match torch's on exact ties too.
+    generator = torch.Generator().manual_seed(25)
+    big = 1 + torch.randint(0, 128, (512,), generator=generator) / 128  # bf16 spacing 2^-7
+    small = torch.randint(-4, 5, (512,), generator=generator) / 1024  # ties at odd multiples
+    weight = torch.stack([big, small], dim=1).bfloat16()
+    x = torch.ones(1, 2, dtype=torch.bfloat16)
+    exact = (weight.double().sum(dim=1)).float()
+    assert torch.equal(linear(x, weight)[0], exact.bfloat16())
+    ties = exact.bfloat16().float() != exact
+    assert ties.sum() > 100  # most rows really do need rounding
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_infinities_and_nans_propagate(dtype: torch.dtype) -> None:
+    weight = make((6, 40), dtype, seed=26).abs()
+    weight[1, 3] = float("nan")
+    weight[2, 39] = float("inf")  # in the masked tail chunk
+    weight[3, 0] = float("-inf")
+    x = make((2, 40), dtype, seed=27).abs() + 0.5
+    out = linear(x, weight)
+    reference = x.double() @ weight.double().T
+    assert torch.equal(out.isnan(), reference.isnan())
+    assert torch.equal(out.isinf() & (out > 0), reference.isinf() & (reference > 0))
+    assert torch.equal(out.isinf() & (out < 0), reference.isinf() & (reference < 0))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -6,6 +6,7 @@ objects these fixtures return.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
@@ -29,11 +30,15 @@ from tandem.v1 import tandem_pb2_grpc as pb_grpc
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 120.0
-# Limits of the shared server, chosen so that tests can reach them quickly.
+# Limits of the shared server, chosen so that tests can reach them quickly. Tests spell these
+# numbers out (they cannot import this module): change them together.
 MAX_NEW_TOKENS = 1500
 MAX_PROMPT_TOKENS = 64
 MAX_NUM_SEQS = 2
 MAX_QUEUE = 1
+_PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
+# Loaded before any fork: the child between fork and exec must not load libraries.
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 @pytest.fixture(scope="session")
@@ -166,6 +171,11 @@ class ServerProcess:
             time.sleep(0.05)
 
 
+def _terminate_with_parent() -> None:
+    """SIGTERM the server if pytest dies, so no server outlives a killed test run."""
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def start_server(
     log_dir: Path, args: list[str], env: dict[str, str] | None = None
 ) -> ServerProcess:
@@ -188,6 +198,7 @@ def start_server(
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
+            preexec_fn=_terminate_with_parent,
         )
     server = ServerProcess(process=process, log_path=log_path)
     try:

@@ -34,8 +34,8 @@ def test_greedy_stream_matches_transformers(server, hf_model, hf_tokenizer) -> N
     tokens = _tokens(deltas)
     expected = _hf_greedy(hf_model, PROMPT_IDS, 24)
     assert tokens == expected
-    # One delta per engine step: one token each (no stop strings hold text back here).
-    assert all(len(delta.token_ids) == 1 for delta in deltas)
+    # At most one delta per engine step (one token each, unless the client fell behind).
+    assert all(delta.token_ids for delta in deltas)
     full = hf_tokenizer.decode(PROMPT_IDS + tokens, skip_special_tokens=True)
     prompt_text = hf_tokenizer.decode(PROMPT_IDS, skip_special_tokens=True)
     assert "".join(delta.text for delta in deltas) == full[len(prompt_text) :]
