@@ -26,6 +26,7 @@ serve: prepare
 	$(BIN)/tandem serve --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 bench: setup

@@ -236,6 +236,7 @@ def worker_grpc_client(args: argparse.Namespace) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
     import grpc
+
     from tandem.v1 import tandem_pb2, tandem_pb2_grpc
 
     channel = grpc.insecure_channel(f"127.0.0.1:{args.port}")

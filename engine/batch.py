@@ -49,7 +49,9 @@ class ForwardBatch:
         slots: list[int] = []
         context_slots = []
         logits_indices = []
-        for i, (new, ctx, table) in enumerate(zip(token_ids, context_lens, block_tables)):
+        for i, (new, ctx, table) in enumerate(
+            zip(token_ids, context_lens, block_tables, strict=True)
+        ):
             start = ctx - len(new)
             seq_slots = _slots(table, ctx, block_size)
             input_ids.extend(new)

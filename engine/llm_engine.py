@@ -201,7 +201,7 @@ class LLMEngine:
         ]
         logprobs = compute_logprobs(logits, tokens, top_n) if max(top_n) >= 0 else None
         now = time.monotonic()
-        for i, (seq, token) in enumerate(zip(seqs, tokens)):
+        for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
             if not seq.first_token_time:
                 seq.first_token_time = now
             self._append_token(seq, token, logprobs[i] if logprobs and top_n[i] >= 0 else None)

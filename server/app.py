@@ -16,14 +16,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
-from tandem.v1 import tandem_pb2 as pb
-from tandem.v1 import tandem_pb2_grpc as pb_grpc
 
 from engine.types import EngineError
 from server.config import ModelSpec, ServerConfig
 from server.engines import default_model_spec, load_engine
 from server.metrics import Metrics
 from server.servicer import GenerationServicer, RegistryServicer, ServingState
+from tandem.v1 import tandem_pb2 as pb
+from tandem.v1 import tandem_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

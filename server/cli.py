@@ -11,7 +11,6 @@ import logging
 import sys
 
 import grpc
-from tandem.v1 import tandem_pb2 as pb
 
 from server import client
 from server.config import (
@@ -21,6 +20,7 @@ from server.config import (
     parse_model_spec,
     warmup_delay_from_env,
 )
+from tandem.v1 import tandem_pb2 as pb
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 

@@ -6,6 +6,7 @@ import sys
 from typing import TextIO
 
 import grpc
+
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
 

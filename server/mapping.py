@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 
 import grpc
-from tandem.v1 import tandem_pb2 as pb
 
 from engine.types import (
     EngineError,
@@ -19,6 +18,7 @@ from engine.types import (
     SamplingParams,
     StoppingCriteria,
 )
+from tandem.v1 import tandem_pb2 as pb
 
 _FINISH_REASONS = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,

@@ -12,8 +12,6 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from tandem.v1 import tandem_pb2 as pb
-from tandem.v1 import tandem_pb2_grpc as pb_grpc
 
 from engine.types import EngineError, FinishReason, Request, RequestOutput
 from server.mapping import (
@@ -24,6 +22,8 @@ from server.mapping import (
     responses,
     status_for,
 )
+from tandem.v1 import tandem_pb2 as pb
+from tandem.v1 import tandem_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
     from engine.async_engine import AsyncEngine

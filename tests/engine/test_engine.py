@@ -163,7 +163,9 @@ def test_preemption_recomputes_without_changing_output(model_dir):
     per_block = 2 * 2 * 4 * 2 * 16 * 4  # layers * (k, v) * block * kv_heads * head_dim * fp32
     tight = make_engine(model_dir, kv_cache_bytes=12 * per_block)
     assert tight.allocator.num_blocks == 12
-    outputs = tight.generate([request(tight, i, p, stopping=stopping) for i, p in enumerate(PROMPTS[:4])])
+    outputs = tight.generate(
+        [request(tight, i, p, stopping=stopping) for i, p in enumerate(PROMPTS[:4])]
+    )
     assert {k: v.token_ids for k, v in outputs.items()} == expected
     assert tight.allocator.num_used == 0
 
@@ -171,14 +173,25 @@ def test_preemption_recomputes_without_changing_output(model_dir):
 def test_stop_string_token_and_length(model_dir):
     engine = make_engine(model_dir)
     free = engine.generate(
-        [request(engine, 0, "Once upon", stopping=StoppingCriteria(max_new_tokens=30, ignore_eos=True))]
+        [
+            request(
+                engine,
+                0,
+                "Once upon",
+                stopping=StoppingCriteria(max_new_tokens=30, ignore_eos=True),
+            )
+        ]
     )["r0"]
     assert free.finish_reason is FinishReason.LENGTH and len(free.token_ids) == 30
     text = free.text
     stop = text[len(text) // 2 : len(text) // 2 + 3]
     assert stop.strip(), "pick a stop string with visible characters"
     stopped = engine.generate(
-        [request(engine, 1, "Once upon", stopping=StoppingCriteria(30, stop=(stop,), ignore_eos=True))]
+        [
+            request(
+                engine, 1, "Once upon", stopping=StoppingCriteria(30, stop=(stop,), ignore_eos=True)
+            )
+        ]
     )["r1"]
     assert stopped.finish_reason is FinishReason.STOP_STRING
     assert stopped.text == text[: text.index(stop)]
@@ -236,7 +249,9 @@ def test_invalid_requests_are_refused(model_dir):
         engine.add_request(Request("c", [1, 5], stopping=StoppingCriteria(max_new_tokens=65)))
     with pytest.raises(InvalidRequest, match="temperature"):
         engine.add_request(
-            Request("d", [1, 5], SamplingParams(temperature=-1.0), StoppingCriteria(max_new_tokens=8))
+            Request(
+                "d", [1, 5], SamplingParams(temperature=-1.0), StoppingCriteria(max_new_tokens=8)
+            )
         )
     assert not engine.has_unfinished()
 
@@ -253,14 +268,18 @@ def test_async_stream_and_cancellation(model_dir):
         assert pieces[-1].finish_reason is FinishReason.LENGTH
         assert sum(len(p.token_ids) for p in pieces) == 10
 
-        aborted = Request("ab", engine.tokenizer.encode("Hi"), SamplingParams(0.0), StoppingCriteria(400))
+        aborted = Request(
+            "ab", engine.tokenizer.encode("Hi"), SamplingParams(0.0), StoppingCriteria(400)
+        )
         stream = engine.generate(aborted)
         first = await stream.__anext__()
         assert not first.finished and engine.abort("ab")
         rest = [out async for out in stream]
         assert rest[-1].finish_reason is FinishReason.ABORTED
 
-        long = Request("long", engine.tokenizer.encode("Hello"), SamplingParams(0.0), StoppingCriteria(400))
+        long = Request(
+            "long", engine.tokenizer.encode("Hello"), SamplingParams(0.0), StoppingCriteria(400)
+        )
         stream = engine.generate(long)
         async for _ in stream:
             break

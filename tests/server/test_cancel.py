@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+
 from tandem.v1 import tandem_pb2 as pb
 
 LONG = pb.StoppingCriteria(max_new_tokens=1500, ignore_eos=True)

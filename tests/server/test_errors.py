@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
+
 from tandem.v1 import tandem_pb2 as pb
 
 OK_PROMPT = {"model": "tiny-llama", "token_ids": [1, 22557]}

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import torch
+
 from tandem.v1 import tandem_pb2 as pb
 
 PROMPT_IDS = [1, 1139, 7045, 1164, 4366, 29491]

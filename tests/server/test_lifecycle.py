@@ -7,9 +7,9 @@ import signal
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
-from tandem.v1 import tandem_pb2 as pb
 
 from server.config import WARMUP_DELAY_ENV
+from tandem.v1 import tandem_pb2 as pb
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
