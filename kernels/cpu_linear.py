@@ -1,22 +1,28 @@
 """Decode-time linear layer for the CPU.
 
-`linear` has torch.nn.functional.linear's semantics. For up to MAX_ROWS input rows on a CPU with
-AVX-512 it runs a C kernel (kernels/csrc/cpu_linear.c) that streams each weight byte once and
-reaches close to the memory bandwidth, where torch's bf16 GEMV reaches about half of it; every
-other case (prefill, other dtypes, autograd, other devices) goes to F.linear.
+`linear` has torch.nn.functional.linear's semantics. For up to MAX_ROWS input rows of bf16 or
+fp32 on a CPU with AVX-512 it runs a C kernel (kernels/csrc/cpu_linear.c) that streams each
+weight byte once, where torch's bf16 GEMV reaches about half the memory bandwidth; every other
+case (prefill, other dtypes, autograd, other devices) goes to F.linear. Kernel variants, chosen
+once per process: "amx" (bf16 on Sapphire Rapids and later, as fast at 16 rows as at 1) and
+"avx512" (bf16 and fp32; its arithmetic grows with the rows, halving its speed by M = 16).
 
-The kernel is batch invariant: row r of linear(X) equals linear(X[r:r+1]) bit for bit for any
-batch of up to MAX_ROWS rows, because each output element is computed by the same instruction
-sequence whatever the batch. F.linear (the fallback above MAX_ROWS rows) gives no such promise.
+The kernels are batch invariant: row r of linear(X) equals linear(X[r:r+1]) bit for bit for
+any batch of up to MAX_ROWS rows, because each output element is computed by the same sequence
+of operations whatever the batch. F.linear (the fallback above MAX_ROWS rows) makes no such
+promise, and the two variants round differently from each other.
 
-The C library is compiled on first use (one per weight dtype, about 1.5 s, cached on disk by
-kernels.build) and links libgomp.so.1 by soname, so it shares the OpenMP runtime and thread
-pool that torch already loaded: torch is imported before the library is opened.
+The C source is compiled on first use into a CPython extension module (one per weight dtype,
+about 1.5 s, cached on disk by kernels.build). It links libgomp.so.1 by soname, so it shares the
+OpenMP runtime and thread pool that torch already loaded: torch is imported before it is opened.
+Without gcc, Python's headers or AVX-512, `linear` is F.linear (with one warning).
 """
 
 from __future__ import annotations
 
-import ctypes
+import importlib.machinery
+import importlib.util
+import sysconfig
 import threading
 import warnings
 from collections.abc import Callable
@@ -37,31 +43,27 @@ _COMMON_FLAGS = (
     "-mavx512bw",
     "-mavx512vl",
     "-mavx512bf16",
+    "-mamx-tile",
+    "-mamx-bf16",
     "-mfma",
-    # A fused multiply-add would round differently from the separate ops written in the source.
+    # Arithmetic exactly as written, never contracted into other instructions: batch
+    # invariance and the rounding the tests check rest on it.
     "-ffp-contract=off",
 )
+_DTYPE_MODULES = {torch.bfloat16: "cpu_linear_bf16", torch.float32: "cpu_linear_f32"}
 _DTYPE_DEFINES = {torch.bfloat16: "-DTANDEM_BF16", torch.float32: "-DTANDEM_F32"}
 _REQUIRED_CPU_FLAGS = {
     torch.bfloat16: frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "fma"}),
     torch.float32: frozenset({"avx512f", "avx512bw", "avx512vl", "fma"}),
 }
-_ARGTYPES = (
-    ctypes.c_void_p,  # x
-    ctypes.c_int64,  # x row stride, in elements
-    ctypes.c_void_p,  # weight
-    ctypes.c_void_p,  # bias or NULL
-    ctypes.c_void_p,  # out
-    ctypes.c_int64,  # m
-    ctypes.c_int64,  # n
-    ctypes.c_int64,  # k
-    ctypes.c_int,  # threads
-)
+_AMX_CPU_FLAGS = frozenset({"amx_tile", "amx_bf16"})
 
 KernelFn = Callable[..., None]
 
-# dtype -> compiled kernel, or None where the CPU, compiler or platform cannot provide one.
+# dtype -> the kernel `linear` runs, or None where the CPU, compiler or platform has none.
 _kernels: dict[torch.dtype, KernelFn | None] = {}
+# dtype -> every kernel variant this machine can run, the default first.
+_variants: dict[torch.dtype, dict[str, KernelFn]] = {}
 _NOT_LOADED = object()
 _load_lock = threading.Lock()
 
@@ -71,19 +73,22 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     kernel = _kernels.get(weight.dtype, _NOT_LOADED)
     if kernel is _NOT_LOADED:
         kernel = _load_kernel(weight.dtype)
-    if kernel is None or not _fast_path_applies(x, weight, bias):
+    rows = None if kernel is None else _kernel_rows(x, weight, bias)
+    if rows is None:
         return F.linear(x, weight, bias)
-    n, k = weight.shape
-    rows = x if x.dim() == 2 else x.reshape(-1, k)
-    if rows.stride(1) != 1:
+    m, k = rows.shape
+    n = weight.shape[0]
+    row_stride, element_stride = rows.stride()
+    if element_stride != 1:
         rows = rows.contiguous()
-    m = rows.shape[0]
-    out = torch.empty((m, n) if x.dim() == 2 else (*x.shape[:-1], n), dtype=x.dtype)
+        row_stride = k
+    # new_empty with unpacked sizes: the cheapest allocation call (tuple arguments cost more).
+    out = x.new_empty(m, n) if x.dim() == 2 else x.new_empty(*x.shape[:-1], n)
     kernel(
         rows.data_ptr(),
-        rows.stride(0),
+        row_stride,
         weight.data_ptr(),
-        None if bias is None else bias.data_ptr(),
+        0 if bias is None else bias.data_ptr(),
         out.data_ptr(),
         m,
         n,
@@ -95,62 +100,87 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 def kernel_available(dtype: torch.dtype) -> bool:
     """Whether `linear` has a compiled fast path for weights of `dtype` on this machine."""
-    kernel = _kernels.get(dtype, _NOT_LOADED)
-    if kernel is _NOT_LOADED:
-        kernel = _load_kernel(dtype)
-    return kernel is not None
+    return bool(variants(dtype))
+
+
+def variants(dtype: torch.dtype) -> tuple[str, ...]:
+    """The kernel variants this machine runs for weights of `dtype`, the default first:
+    "amx" (bf16 on Sapphire Rapids and later) and "avx512"."""
+    _load_kernel(dtype)
+    return tuple(_variants[dtype])
+
+
+def set_variant(dtype: torch.dtype, name: str) -> None:
+    """Run variant `name` (one of variants(dtype)) for `dtype` from now on. For tests and
+    benchmarks: variants differ in speed and in rounding, each is batch invariant."""
+    _load_kernel(dtype)
+    _kernels[dtype] = _variants[dtype][name]
 
 
 def uses_fast_path(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
     """Whether linear(x, weight, bias) runs the C kernel rather than F.linear."""
-    return kernel_available(weight.dtype) and _fast_path_applies(x, weight, bias)
+    return kernel_available(weight.dtype) and _kernel_rows(x, weight, bias) is not None
 
 
-def _fast_path_applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    # Ordered cheapest and most often decisive first: this runs ~170 times per decoded token.
+def _kernel_rows(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
+    """x as the [m, k] matrix the kernel reads (its elements may still be strided), or None
+    where the kernel does not apply. Every check is cheap: this runs ~170 times per token."""
     if x.dtype is not weight.dtype or not (x.is_cpu and weight.is_cpu):
-        return False
-    if weight.dim() != 2 or x.dim() == 0 or not weight.is_contiguous():
-        return False
-    k = weight.shape[1]
-    if k == 0 or weight.shape[0] == 0 or x.shape[-1] != k or not 0 < x.numel() <= MAX_ROWS * k:
-        return False
+        return None
+    if weight.dim() != 2 or not weight.is_contiguous():
+        return None
+    n, k = weight.shape
     if bias is not None and not (
-        bias.dtype is weight.dtype
-        and bias.is_cpu
-        and bias.shape == weight.shape[:1]
-        and bias.is_contiguous()
+        bias.dtype is weight.dtype and bias.is_cpu and bias.shape == (n,) and bias.is_contiguous()
     ):
-        return False
-    if not (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        return True
-    return not torch.is_grad_enabled()
+        return None
+    if torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        return None
+    if x.dim() == 2:
+        m, x_k = x.shape
+        rows = x
+    elif x.dim() > 0 and x.shape[-1] == k:
+        rows = x.reshape(-1, k)
+        m, x_k = rows.shape
+    else:
+        return None
+    return rows if x_k == k and 0 < m <= MAX_ROWS and n > 0 and k > 0 else None
 
 
 def _load_kernel(dtype: torch.dtype) -> KernelFn | None:
     with _load_lock:
         if dtype not in _kernels:
-            _kernels[dtype] = _build_kernel(dtype)
+            _variants[dtype] = _build_variants(dtype)
+            _kernels[dtype] = next(iter(_variants[dtype].values()), None)
         return _kernels[dtype]
 
 
-def _build_kernel(dtype: torch.dtype) -> KernelFn | None:
+def _build_variants(dtype: torch.dtype) -> dict[str, KernelFn]:
     required = _REQUIRED_CPU_FLAGS.get(dtype)
-    if required is None or not required <= cpu_flags():
-        return None
+    if required is None or not required.issubset(cpu_flags()):
+        return {}
+    name = _DTYPE_MODULES[dtype]
+    flags = (*_COMMON_FLAGS, _DTYPE_DEFINES[dtype], f"-I{sysconfig.get_paths()['include']}")
     try:
-        path = build_shared_library(_SOURCE, (*_COMMON_FLAGS, _DTYPE_DEFINES[dtype]))
-        library = ctypes.CDLL(str(path))
-    except (BuildError, OSError) as error:
+        path = build_shared_library(_SOURCE, flags)
+        loader = importlib.machinery.ExtensionFileLoader(name, str(path))
+        spec = importlib.util.spec_from_file_location(name, path, loader=loader)
+        assert spec is not None
+        module = importlib.util.module_from_spec(spec)
+        loader.exec_module(module)
+    except (BuildError, ImportError, OSError) as error:
         warnings.warn(
             f"cpu_linear: no fast {dtype} kernel ({error}); using torch.nn.functional.linear",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-        return None
-    if library.tandem_linear_max_m() != MAX_ROWS:
-        raise RuntimeError(f"{path} was built for a different MAX_ROWS")
-    kernel = library.tandem_linear
-    kernel.argtypes = _ARGTYPES
-    kernel.restype = None
-    return kernel
+        return {}
+    if module.MAX_M != MAX_ROWS:
+        raise RuntimeError(f"{path} was built for batches of up to {module.MAX_M} rows")
+    found = {"avx512": module.linear}
+    amx_capable = hasattr(module, "linear_amx") and _AMX_CPU_FLAGS.issubset(cpu_flags())
+    if amx_capable and module.enable_amx():
+        found = {"amx": module.linear_amx, **found}
+    return found

@@ -1,33 +1,46 @@
 // Decode-time GEMV/GEMM on the CPU: out[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for M <= 16.
 //
-// Built once per element type: -DTANDEM_BF16 (AVX512-BF16 dot products) or -DTANDEM_F32 (FMA);
-// each library exports the same `tandem_linear`. Keeping one type per build halves compile time.
+// Built once per element type as a CPython extension module: -DTANDEM_BF16 gives module
+// cpu_linear_bf16, -DTANDEM_F32 gives cpu_linear_f32; one type per build halves compile time.
+// A METH_FASTCALL entry point costs a fraction of a microsecond per call where ctypes costs
+// several, and a decoding step makes ~170 of these calls.
 //
 // Decoding is memory bound, so the goal is to stream every weight byte from DRAM exactly once
-// per call: each block of weight rows is loaded into registers chunk by chunk and dotted with
-// all M input rows before moving on.
+// per call and dot it with all M input rows while it is in registers. Two kernels:
+// - AVX-512 (`linear`, both types): blocks of 1-4 weight rows, one vector accumulator per
+//   (weight row, input row) pair, _mm512_dpbf16_ps for bf16 and FMA for fp32. Its arithmetic
+//   grows with M and caps it at about 8 GB/s per core at M = 8 and 4 GB/s at M = 16 here.
+// - AMX (`linear_amx`, bf16 only, Sapphire Rapids and later): tiles of 16 weight rows x 32 k,
+//   read straight from the row-major weight, times x packed into bf16 pairs; the tile unit
+//   has compute to spare, so M = 16 streams as fast as M = 1.
 //
-// Batch invariance: every output element is produced by the same instruction sequence whatever
-// M is and whichever thread computes it: one fp32 vector accumulator per (weight row, input
-// row) pair, walking K in ascending chunks with the final partial chunk masked, then one fixed
-// horizontal reduction, then the bias. So row r of a batch equals that row computed alone, bit
-// for bit. Nothing here may depend on M other than how many pairs share a weight load.
+// Batch invariance, in both kernels: every output element is produced by the same sequence of
+// operations whatever M is and whichever thread computes it, so row r of a batch equals that
+// row computed alone, bit for bit. Nothing may depend on M other than how many input rows share
+// a weight load; a kernel never mixes in the other kernel's arithmetic for some M only.
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>  // first, as Python requires
 
 #include <immintrin.h>
+#include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #define MAX_M 16
-#define MAX_ROWS 4
-#define EXPORT __attribute__((visibility("default")))
+#define MAX_BLOCK_ROWS 4
 #define INLINE static inline __attribute__((always_inline))
 
 // Below this many weight bytes, waking the second thread costs more than it saves.
-#ifndef PARALLEL_MIN_BYTES
 #define PARALLEL_MIN_BYTES (256 * 1024)
-#endif
 
 #if defined(TANDEM_BF16)
+
+#define MODULE_NAME "cpu_linear_bf16"
+#define MODULE_INIT PyInit_cpu_linear_bf16
 
 typedef uint16_t elem_t;
 typedef __m512bh vec_t;
@@ -62,6 +75,9 @@ INLINE elem_t from_f32(float value) {
 
 #elif defined(TANDEM_F32)
 
+#define MODULE_NAME "cpu_linear_f32"
+#define MODULE_INIT PyInit_cpu_linear_f32
+
 typedef float elem_t;
 typedef __m512 vec_t;
 typedef __mmask16 lane_mask_t;
@@ -78,6 +94,10 @@ INLINE elem_t from_f32(float value) { return value; }
 #else
 #error "define TANDEM_BF16 or TANDEM_F32"
 #endif
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512 kernel. Per (weight row, input row) pair: one fp32 vector accumulator walking K in
+// ascending chunks, the final partial chunk masked, one fixed horizontal sum, then the bias.
 
 // The last block of a matrix may have fewer valid rows than the block size; its missing rows
 // repeat the last valid one, so every block runs the same code and a repeated row just writes
@@ -109,8 +129,8 @@ static void finish_block(const __m512 *partial, const elem_t *const *row, const 
 INLINE void dot_block(const elem_t *restrict w, const elem_t *restrict x, const elem_t *bias,
                       elem_t *restrict out, int64_t k, int64_t ldx, int64_t ldo, const int m,
                       const int rows, int valid) {
-    const elem_t *row[MAX_ROWS];
-    __m512 acc[MAX_ROWS][MAX_M];
+    const elem_t *row[MAX_BLOCK_ROWS];
+    __m512 acc[MAX_BLOCK_ROWS][MAX_M];
 #pragma GCC unroll 4
     for (int r = 0; r < rows; r++) {
         row[r] = w + clamp_row(r, valid) * k;
@@ -119,7 +139,7 @@ INLINE void dot_block(const elem_t *restrict w, const elem_t *restrict x, const 
     }
     int64_t kk = 0;
     for (; kk + LANES <= k; kk += LANES) {
-        vec_t wv[MAX_ROWS];
+        vec_t wv[MAX_BLOCK_ROWS];
 #pragma GCC unroll 4
         for (int r = 0; r < rows; r++) {
             // The same position one block ahead: the hardware prefetcher alone keeps too few
@@ -172,8 +192,6 @@ static const block_fn BLOCKS[MAX_M + 1] = {
     block_9,  block_10, block_11, block_12, block_13, block_14, block_15, block_16,
 };
 
-EXPORT int tandem_linear_max_m(void) { return MAX_M; }
-
 typedef struct {
     const elem_t *x, *w, *bias;
     elem_t *out;
@@ -190,8 +208,8 @@ static void run_block(const job_t *job, int64_t b) {
 }
 
 // x: [m, k] with row stride ldx (elements); w: [n, k] contiguous; bias: [n] or NULL;
-// out: [m, n] contiguous. The caller guarantees 1 <= m <= MAX_M and n, k >= 1.
-EXPORT void tandem_linear(const elem_t *x, int64_t ldx, const elem_t *w, const elem_t *bias,
+// out: [m, n] contiguous; 1 <= m <= MAX_M.
+static void linear_avx512(const elem_t *x, int64_t ldx, const elem_t *w, const elem_t *bias,
                           elem_t *out, int64_t m, int64_t n, int64_t k, int threads) {
     const job_t job = {x, w, bias, out, ldx, n, k, BLOCKS[m], ROWS_FOR(m)};
     const int64_t blocks = (n + job.rows - 1) / job.rows;
@@ -202,4 +220,253 @@ EXPORT void tandem_linear(const elem_t *x, int64_t ldx, const elem_t *w, const e
     }
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) run_block(&job, b);
+}
+
+#if defined(TANDEM_BF16)
+// ---------------------------------------------------------------------------------------------
+// AMX kernel. Per output element: one fp32 lane of a tile accumulator, updated by one tile dot
+// product per 32-wide chunk of K in ascending order (the partial last chunk zero-padded), then
+// the bias. Tiles: C (16 weight rows x m fp32), A (16 weight rows x 32 bf16, loaded from the
+// weight with its row stride), B (16 bf16 pairs x m, from x packed so each row holds one pair
+// of k for every input row).
+
+#define TILE_ROWS 16
+#define TILE_K 32
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+// Tile registers (literal numbers below: the tile intrinsics paste them into the assembly):
+// tmm0 is C, tmm1 is A, tmm2 is B.
+
+// GCC's tile loads and stores are asm statements that do not declare their memory accesses, so
+// the compiler could drop or reorder plain stores to a buffer a tile then reads (or reads that
+// follow a tile store). This barrier orders memory around them.
+#define MEMORY_BARRIER() __asm__ volatile("" ::: "memory")
+
+typedef struct __attribute__((packed)) {
+    uint8_t palette;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+} tile_config_t;
+
+// Linux hands out the large AMX register state only to processes that ask for it.
+static int enable_amx(void) {
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+// Tile shapes depend on m only through the number of columns, which every element ignores.
+static void configure_tiles(int m) {
+    tile_config_t config;
+    memset(&config, 0, sizeof(config));
+    config.palette = 1;
+    config.rows[0] = TILE_ROWS;
+    config.bytes_per_row[0] = (uint16_t)(m * 4);
+    config.rows[1] = TILE_ROWS;
+    config.bytes_per_row[1] = TILE_K * 2;
+    config.rows[2] = TILE_K / 2;
+    config.bytes_per_row[2] = (uint16_t)(m * 4);
+    _tile_loadconfig(&config);
+}
+
+// x as bf16 pairs, 64 bytes per pair index: packed[p * MAX_M + i] = (x[i, 2p], x[i, 2p + 1]),
+// zero past k. Each chunk of K is then one B tile with a 64-byte row stride.
+static void pack_pairs(const elem_t *x, int64_t ldx, int m, int64_t k, int64_t chunks,
+                       uint32_t *packed) {
+    const int64_t pairs = chunks * TILE_K / 2;
+    for (int i = 0; i < m; i++) {
+        const elem_t *row = x + i * ldx;
+        int64_t p = 0;
+        for (; 2 * p + 1 < k; p++) memcpy(&packed[p * MAX_M + i], row + 2 * p, 4);
+        if (2 * p < k) {
+            packed[p * MAX_M + i] = row[2 * p];
+            p++;
+        }
+        for (; p < pairs; p++) packed[p * MAX_M + i] = 0;
+    }
+}
+
+// One buffer per calling thread, grown as needed and kept: allocating a few hundred KB per call
+// would fault in fresh pages every time. Never freed; threads that call this are long-lived.
+static __thread uint32_t *packed_cache;
+static __thread int64_t packed_capacity;
+
+static uint32_t *packed_buffer(int64_t count) {
+    if (count > packed_capacity) {
+        free(packed_cache);
+        packed_cache = aligned_alloc(64, (size_t)count * 4);
+        packed_capacity = packed_cache ? count : 0;
+    }
+    return packed_cache;
+}
+
+typedef struct {
+    const elem_t *w, *bias;
+    const uint32_t *packed;
+    elem_t *out;
+    int64_t m, n, k;
+} amx_job_t;
+
+// Weight rows [n0, n0 + 16) into the C tile. The prefetches fetch the same position of the
+// next group of rows, as the AVX-512 kernel does.
+static void multiply_group(const amx_job_t *job, const elem_t *group) {
+    const int64_t k = job->k, full_chunks = k / TILE_K;
+    MEMORY_BARRIER();  // the packed x
+    _tile_zero(0);
+    for (int64_t c = 0; c < full_chunks; c++) {
+        const elem_t *chunk = group + c * TILE_K;
+        for (int r = 0; r < TILE_ROWS; r++) {
+            _mm_prefetch((const char *)(chunk + (r + TILE_ROWS) * k), _MM_HINT_T0);
+        }
+        _tile_loadd(1, chunk, k * 2);
+        _tile_loadd(2, job->packed + c * (TILE_K / 2) * MAX_M, MAX_M * 4);
+        _tile_dpbf16ps(0, 1, 2);
+    }
+    if (k % TILE_K) {
+        elem_t tail[TILE_ROWS][TILE_K] __attribute__((aligned(64)));
+        memset(tail, 0, sizeof(tail));
+        for (int r = 0; r < TILE_ROWS; r++) {
+            memcpy(tail[r], group + r * k + full_chunks * TILE_K, (k % TILE_K) * 2);
+        }
+        MEMORY_BARRIER();
+        _tile_loadd(1, tail, TILE_K * 2);
+        _tile_loadd(2, job->packed + full_chunks * (TILE_K / 2) * MAX_M, MAX_M * 4);
+        _tile_dpbf16ps(0, 1, 2);
+    }
+}
+
+// Groups [begin, end) of 16 weight rows. The last group of a matrix whose n is not a multiple
+// of 16 is shifted back to end at row n: it recomputes rows of the group before it (the same
+// values, as each row of C depends only on its own row of A) and writes only its new rows.
+static void amx_groups(const amx_job_t *job, int64_t begin, int64_t end) {
+    float sums[TILE_ROWS][MAX_M] __attribute__((aligned(64)));
+    configure_tiles((int)job->m);
+    for (int64_t g = begin; g < end; g++) {
+        const int64_t first = g * TILE_ROWS;
+        const int64_t n0 = first + TILE_ROWS <= job->n ? first : job->n - TILE_ROWS;
+        multiply_group(job, job->w + n0 * job->k);
+        _tile_stored(0, sums, MAX_M * 4);
+        MEMORY_BARRIER();
+        for (int64_t r = first - n0; r < TILE_ROWS; r++) {
+            const float b = job->bias ? to_f32(job->bias[n0 + r]) : 0.0f;
+            for (int64_t i = 0; i < job->m; i++) {
+                job->out[i * job->n + n0 + r] = from_f32(sums[r][i] + b);
+            }
+        }
+    }
+    // Hand the tile state back so context switches stop saving 8 KB of it for this thread.
+    _tile_release();
+}
+
+// As linear_avx512; matrices of fewer than 16 rows go to linear_avx512 whatever m is.
+// Returns 0, or -1 when the packing buffer cannot be allocated.
+static int linear_amx(const elem_t *x, int64_t ldx, const elem_t *w, const elem_t *bias,
+                      elem_t *out, int64_t m, int64_t n, int64_t k, int threads) {
+    if (n < TILE_ROWS) {
+        linear_avx512(x, ldx, w, bias, out, m, n, k, threads);
+        return 0;
+    }
+    const int64_t chunks = (k + TILE_K - 1) / TILE_K;
+    uint32_t *packed = packed_buffer(chunks * (TILE_K / 2) * MAX_M);
+    if (packed == NULL) return -1;
+    pack_pairs(x, ldx, (int)m, k, chunks, packed);
+    const amx_job_t job = {w, bias, packed, out, m, n, k};
+    const int64_t groups = (n + TILE_ROWS - 1) / TILE_ROWS;
+    if (threads <= 1 || n * k * (int64_t)sizeof(elem_t) < PARALLEL_MIN_BYTES) {
+        amx_groups(&job, 0, groups);
+        return 0;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        const int64_t thread = omp_get_thread_num(), team = omp_get_num_threads();
+        const int64_t begin = groups * thread / team, end = groups * (thread + 1) / team;
+        if (begin < end) amx_groups(&job, begin, end);
+    }
+    return 0;
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Python binding: linear(x_ptr, ldx, w_ptr, bias_ptr or 0, out_ptr, m, n, k, threads) -> None,
+// pointers as the integers Tensor.data_ptr() returns, and linear_amx with the same arguments
+// once enable_amx() has returned True. The caller (kernels/cpu_linear.py) has checked dtypes,
+// shapes and contiguity; here only m, which indexes BLOCKS, is checked.
+
+typedef struct {
+    const elem_t *x, *w, *bias;
+    elem_t *out;
+    int64_t ldx, m, n, k;
+    int threads;
+} call_t;
+
+static int parse_call(PyObject *const *args, Py_ssize_t nargs, call_t *call) {
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "linear() takes 9 integer arguments");
+        return -1;
+    }
+    long long v[9];
+    for (int i = 0; i < 9; i++) v[i] = PyLong_AsLongLong(args[i]);
+    if (PyErr_Occurred()) return -1;
+    if (v[5] < 1 || v[5] > MAX_M) {
+        PyErr_SetString(PyExc_ValueError, "linear() needs 1 <= m <= MAX_M");
+        return -1;
+    }
+    *call = (call_t){(const elem_t *)(intptr_t)v[0], (const elem_t *)(intptr_t)v[2],
+                     (const elem_t *)(intptr_t)v[3], (elem_t *)(intptr_t)v[4],
+                     v[1], v[5], v[6], v[7], (int)v[8]};
+    return 0;
+}
+
+static PyObject *py_linear(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    call_t c;
+    if (parse_call(args, nargs, &c) != 0) return NULL;
+    // The weights stream for tens of microseconds or more: let other Python threads run.
+    Py_BEGIN_ALLOW_THREADS
+    linear_avx512(c.x, c.ldx, c.w, c.bias, c.out, c.m, c.n, c.k, c.threads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+#if defined(TANDEM_BF16)
+static PyObject *py_linear_amx(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    call_t c;
+    if (parse_call(args, nargs, &c) != 0) return NULL;
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = linear_amx(c.x, c.ldx, c.w, c.bias, c.out, c.m, c.n, c.k, c.threads);
+    Py_END_ALLOW_THREADS
+    if (status != 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_enable_amx(PyObject *module, PyObject *unused) {
+    (void)module;
+    (void)unused;
+    return PyBool_FromLong(enable_amx());
+}
+#endif
+
+static PyMethodDef METHODS[] = {
+    {"linear", (PyCFunction)(void (*)(void))py_linear, METH_FASTCALL, "AVX-512 kernel"},
+#if defined(TANDEM_BF16)
+    {"linear_amx", (PyCFunction)(void (*)(void))py_linear_amx, METH_FASTCALL, "AMX kernel"},
+    {"enable_amx", py_enable_amx, METH_NOARGS, "Ask Linux for AMX state; True if granted"},
+#endif
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef MODULE = {
+    PyModuleDef_HEAD_INIT, .m_name = MODULE_NAME, .m_size = -1, .m_methods = METHODS,
+};
+
+PyMODINIT_FUNC MODULE_INIT(void) {
+    PyObject *module = PyModule_Create(&MODULE);
+    if (module != NULL && PyModule_AddIntConstant(module, "MAX_M", MAX_M) != 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
 }

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine import builtin
@@ -65,13 +66,29 @@ def test_micro_model_loads_and_generates_with_transformers(micro_dir: str) -> No
     assert output.shape == (1, prompt.shape[1] + 4)
 
 
-def test_micro_training_lowers_the_full_vocabulary_loss(micro_dir: str) -> None:
+def test_saved_model_has_learned_its_corpus_with_full_vocabulary_logits(micro_dir: str) -> None:
     summary = json.loads((Path(micro_dir) / "tandem_builtin.json").read_text())
-    assert summary["recipe"]["steps"] == MICRO.steps
-    # An untrained model is uniform over the 32768 tokens: loss ln(32768) = 10.4.
-    assert summary["final_loss"] < 10.0
+    assert summary["recipe"] == vars(MICRO)
     model = AutoModelForCausalLM.from_pretrained(micro_dir)
     assert summary["parameters"] == model.num_parameters()
+
+    tokenizer = Tokenizer.from_file(str(Path(micro_dir) / "tokenizer.json"))
+    windows = builtin._corpus_tokens(tokenizer, MICRO).view(-1, MICRO.seq_len + 1)
+    inputs, targets = windows[:, :-1], windows[:, 1:]
+    with torch.no_grad():
+        logits = model(input_ids=inputs).logits
+    full_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    # An untrained model is uniform over the 32768 tokens: loss ln(32768) = 10.4.
+    assert full_loss < 10.0
+    # The training objective (seen tokens' logits plus one constant for the unseen ones) is
+    # what the saved full-vocabulary model actually scores.
+    seen = torch.unique(windows)
+    objective = builtin.full_vocab_cross_entropy(
+        logits[..., seen],
+        torch.searchsorted(seen, targets.contiguous()),
+        builtin.FULL_VOCAB_SIZE - len(seen),
+    )
+    torch.testing.assert_close(objective, full_loss, atol=1e-3, rtol=0)
 
 
 def test_unseen_tokens_keep_near_zero_embeddings(micro_dir: str) -> None:
@@ -79,7 +96,7 @@ def test_unseen_tokens_keep_near_zero_embeddings(micro_dir: str) -> None:
     embedding = load_file(Path(micro_dir) / "model.safetensors")["model.embed_tokens.weight"]
     row_norms = embedding.norm(dim=1)
     tiny = row_norms < 1e-2
-    assert int((~tiny).sum()) == summary["corpus_tokens_seen"]
+    assert int((~tiny).sum()) == summary["distinct_tokens_trained"]
     # Near zero but distinct, so unseen logits never tie in argmax or top-k.
     assert torch.unique(embedding[tiny], dim=0).shape[0] == int(tiny.sum())
 
@@ -132,3 +149,13 @@ def test_failed_build_leaves_no_model_and_no_debris(
         default_model_dir(str(tmp_path), progress=False, recipe=MICRO)
     # Only the lock file remains: no model directory, no staging directory.
     assert [path.name for path in tmp_path.iterdir()] == [f".builtin-{recipe_hash(MICRO)}.lock"]
+
+
+def test_build_refuses_a_non_empty_directory_before_training(tmp_path: Path) -> None:
+    existing = tmp_path / "model"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        build_model_dir(existing, MICRO, progress=False)
+    assert [path.name for path in tmp_path.iterdir()] == ["model"]
+    assert [path.name for path in existing.iterdir()] == ["notes.txt"]

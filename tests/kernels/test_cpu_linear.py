@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -13,22 +15,56 @@ from torch.nn import functional as F
 
 from kernels import cpu_linear
 from kernels.build import BuildError, build_shared_library, cpu_flags
-from kernels.cpu_linear import MAX_ROWS, kernel_available, linear, uses_fast_path
+from kernels.cpu_linear import (
+    MAX_ROWS,
+    kernel_available,
+    linear,
+    set_variant,
+    uses_fast_path,
+    variants,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DTYPES = [torch.bfloat16, torch.float32]
-# (N, K): K below, at and between multiples of the 32-lane (bf16) and 16-lane (fp32) chunks,
-# N odd and not a multiple of the 1, 2 or 4 weight rows a block holds.
-SHAPES = [(1, 1), (7, 5), (33, 77), (64, 896), (130, 1000), (5, 4864)]
+KERNELS = [(torch.bfloat16, "amx"), (torch.bfloat16, "avx512"), (torch.float32, "avx512")]
+# (N, K): K below, at and between multiples of the 32-wide (bf16) and 16-wide (fp32) chunks,
+# odd K; N below 16 (AMX hands those to AVX-512), a whole tile, not a multiple of the 16-row
+# tile nor of the 1, 2 or 4 rows an AVX-512 block holds.
+SHAPES = [(1, 1), (7, 5), (16, 32), (33, 77), (64, 896), (130, 1000), (5, 4864), (250, 33)]
 
 
-@pytest.fixture(autouse=True)
-def _fast_kernels() -> None:
-    for dtype in DTYPES:
-        needed = cpu_linear._REQUIRED_CPU_FLAGS[dtype]
-        if not needed <= cpu_flags():
-            pytest.skip(f"this CPU lacks {sorted(needed - cpu_flags())}: no fast {dtype} kernel")
-        assert kernel_available(dtype), f"the {dtype} kernel failed to build or load"
+MISSING_CPU_FLAGS = sorted(
+    frozenset().union(*cpu_linear._REQUIRED_CPU_FLAGS.values()) - cpu_flags()
+)
+needs_fast_kernels = pytest.mark.skipif(
+    bool(MISSING_CPU_FLAGS), reason=f"this CPU lacks {MISSING_CPU_FLAGS}: no fast kernels"
+)
+
+
+@contextmanager
+def running(dtype: torch.dtype, variant: str) -> Iterator[None]:
+    if variant not in variants(dtype):
+        pytest.skip(f"this CPU cannot run the {variant} kernel")
+    default = variants(dtype)[0]
+    set_variant(dtype, variant)
+    try:
+        yield
+    finally:
+        set_variant(dtype, default)
+
+
+@pytest.fixture(params=KERNELS, ids=lambda kernel: f"{str(kernel[0])[6:]}-{kernel[1]}")
+def kernel_dtype(request: pytest.FixtureRequest) -> Iterator[torch.dtype]:
+    """Each kernel variant in turn; the test gets the weight dtype it computes."""
+    dtype, variant = request.param
+    with running(dtype, variant):
+        yield dtype
+
+
+@pytest.fixture(params=["amx", "avx512"])
+def bf16_variant(request: pytest.FixtureRequest) -> Iterator[None]:
+    with running(torch.bfloat16, request.param):
+        yield
 
 
 def make(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -64,24 +100,34 @@ def assert_within(out: torch.Tensor, reference: torch.Tensor, bound: torch.Tenso
     assert torch.all(error <= bound), f"max error / bound = {(error / bound).max().item():.3g}"
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@needs_fast_kernels
+def test_kernels_build_and_load() -> None:
+    assert all(kernel_available(dtype) for dtype in DTYPES)
+    assert variants(torch.float32) == ("avx512",)
+    amx = {"amx_tile", "amx_bf16"}.issubset(cpu_flags())
+    assert variants(torch.bfloat16) == (("amx",) if amx else ()) + ("avx512",)
+
+
+@needs_fast_kernels
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_matches_reference_for_every_batch_size(
-    dtype: torch.dtype, shape: tuple[int, int], with_bias: bool
+    kernel_dtype: torch.dtype, shape: tuple[int, int], with_bias: bool
 ) -> None:
     n, k = shape
-    weight = make((n, k), dtype, seed=1)
-    bias = make((n,), dtype, seed=2) if with_bias else None
-    x = make((MAX_ROWS, k), dtype, seed=3)
+    weight = make((n, k), kernel_dtype, seed=1)
+    bias = make((n,), kernel_dtype, seed=2) if with_bias else None
+    x = make((MAX_ROWS, k), kernel_dtype, seed=3)
     reference, bound = reference_and_bound(x, weight, bias)
     for m in range(1, MAX_ROWS + 1):
         assert uses_fast_path(x[:m], weight, bias)
         out = linear(x[:m], weight, bias)
-        assert out.dtype == dtype
+        assert out.dtype == kernel_dtype
         assert_within(out, reference[:m], bound[:m])
 
 
+@needs_fast_kernels
+@pytest.mark.usefixtures("bf16_variant")
 def test_bf16_output_rounds_half_to_even_like_torch() -> None:
     # x = [1, 1] makes each output the fp32 sum w[n, 0] + w[n, 1], which is exact here; the
     # kernel's only rounding is then fp32 -> bf16, which must match torch's on exact ties too.
@@ -96,13 +142,13 @@ def test_bf16_output_rounds_half_to_even_like_torch() -> None:
     assert ties.sum() > 100  # most rows really do need rounding
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_infinities_and_nans_propagate(dtype: torch.dtype) -> None:
-    weight = make((6, 40), dtype, seed=26).abs()
+@needs_fast_kernels
+def test_infinities_and_nans_propagate(kernel_dtype: torch.dtype) -> None:
+    weight = make((20, 40), kernel_dtype, seed=26).abs()
     weight[1, 3] = float("nan")
-    weight[2, 39] = float("inf")  # in the masked tail chunk
-    weight[3, 0] = float("-inf")
-    x = make((2, 40), dtype, seed=27).abs() + 0.5
+    weight[2, 39] = float("inf")  # in the partial last chunk of K
+    weight[19, 0] = float("-inf")  # in the shifted last tile of AMX
+    x = make((2, 40), kernel_dtype, seed=27).abs() + 0.5
     out = linear(x, weight)
     reference = x.double() @ weight.double().T
     assert torch.equal(out.isnan(), reference.isnan())
@@ -110,12 +156,12 @@ def test_infinities_and_nans_propagate(dtype: torch.dtype) -> None:
     assert torch.equal(out.isinf() & (out < 0), reference.isinf() & (reference < 0))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_batch_invariance_is_bit_exact(dtype: torch.dtype) -> None:
+@needs_fast_kernels
+def test_batch_invariance_is_bit_exact(kernel_dtype: torch.dtype) -> None:
     # Large enough (600 KB in bf16) that both threads share the work.
-    weight = make((301, 1000), dtype, seed=4)
-    bias = make((301,), dtype, seed=5)
-    batch = make((MAX_ROWS, 1000), dtype, seed=6)
+    weight = make((301, 1000), kernel_dtype, seed=4)
+    bias = make((301,), kernel_dtype, seed=5)
+    batch = make((MAX_ROWS, 1000), kernel_dtype, seed=6)
     alone = torch.cat([linear(batch[r : r + 1], weight, bias) for r in range(MAX_ROWS)])
     for m in range(2, MAX_ROWS + 1):
         assert torch.equal(linear(batch[:m], weight, bias), alone[:m]), f"batch of {m}"
@@ -124,9 +170,10 @@ def test_batch_invariance_is_bit_exact(dtype: torch.dtype) -> None:
     assert torch.equal(linear(batch[order], weight, bias), alone[order])
 
 
-def test_result_does_not_depend_on_thread_count() -> None:
-    weight = make((4096, 896), torch.bfloat16, seed=8)
-    x = make((3, 896), torch.bfloat16, seed=9)
+@needs_fast_kernels
+def test_result_does_not_depend_on_thread_count(kernel_dtype: torch.dtype) -> None:
+    weight = make((1000, 896), kernel_dtype, seed=8)
+    x = make((3, 896), kernel_dtype, seed=9)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -138,11 +185,11 @@ def test_result_does_not_depend_on_thread_count() -> None:
     assert torch.equal(single, double)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_leading_dimensions_are_kept(dtype: torch.dtype) -> None:
-    weight = make((50, 70), dtype, seed=10)
-    bias = make((50,), dtype, seed=11)
-    x3 = make((2, 3, 70), dtype, seed=12)
+@needs_fast_kernels
+def test_leading_dimensions_are_kept(kernel_dtype: torch.dtype) -> None:
+    weight = make((50, 70), kernel_dtype, seed=10)
+    bias = make((50,), kernel_dtype, seed=11)
+    x3 = make((2, 3, 70), kernel_dtype, seed=12)
     out3 = linear(x3, weight, bias)
     assert out3.shape == (2, 3, 50)
     assert_close_to_reference(out3, x3, weight, bias)
@@ -152,10 +199,10 @@ def test_leading_dimensions_are_kept(dtype: torch.dtype) -> None:
     assert torch.equal(out1, out3[0, 0])
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_non_contiguous_inputs(dtype: torch.dtype) -> None:
-    weight = make((40, 96), dtype, seed=13)
-    wide = make((6, 300), dtype, seed=14)
+@needs_fast_kernels
+def test_non_contiguous_inputs(kernel_dtype: torch.dtype) -> None:
+    weight = make((40, 96), kernel_dtype, seed=13)
+    wide = make((6, 300), kernel_dtype, seed=14)
     views = {
         "rows 300 apart": wide[:, :96],
         "elements 3 apart": wide[:, ::3][:, :96],
@@ -168,6 +215,7 @@ def test_non_contiguous_inputs(dtype: torch.dtype) -> None:
         assert_close_to_reference(out, x, weight, None)
 
 
+@needs_fast_kernels
 @pytest.mark.parametrize("m", [MAX_ROWS + 1, 64])
 def test_large_batches_fall_back_to_torch(m: int) -> None:
     weight = make((48, 64), torch.bfloat16, seed=15)
@@ -177,6 +225,7 @@ def test_large_batches_fall_back_to_torch(m: int) -> None:
     assert torch.equal(linear(x, weight, bias), F.linear(x, weight, bias))
 
 
+@needs_fast_kernels
 def test_other_dtypes_and_mismatches_behave_like_torch() -> None:
     weight = make((8, 24), torch.float16, seed=18)
     x = make((2, 24), torch.float16, seed=19)
@@ -188,6 +237,7 @@ def test_other_dtypes_and_mismatches_behave_like_torch() -> None:
         linear(make((2, 23), torch.bfloat16, seed=20), weight.bfloat16())
 
 
+@needs_fast_kernels
 def test_autograd_falls_back_and_backpropagates() -> None:
     weight = make((8, 24), torch.float32, seed=21).requires_grad_()
     x = make((2, 24), torch.float32, seed=22)
@@ -198,6 +248,21 @@ def test_autograd_falls_back_and_backpropagates() -> None:
         assert uses_fast_path(x, weight)
 
 
+@needs_fast_kernels
+@pytest.mark.usefixtures("bf16_variant")
+def test_interleaves_with_torch_amx_matmuls() -> None:
+    # On AMX machines torch's bf16 matmuls run oneDNN AMX kernels with their own tile
+    # configuration, on the same OpenMP threads; neither may disturb the other.
+    weight = make((600, 500), torch.bfloat16, seed=28)  # 600 KB: both threads
+    x = make((5, 500), torch.bfloat16, seed=29)
+    a, b = make((256, 256), torch.bfloat16, seed=30), make((256, 256), torch.bfloat16, seed=31)
+    ours, theirs = linear(x, weight), torch.mm(a, b)
+    for _ in range(3):
+        assert torch.equal(torch.mm(a, b), theirs)
+        assert torch.equal(linear(x, weight), ours)
+
+
+@needs_fast_kernels
 def test_shares_torchs_openmp_runtime() -> None:
     # Two OpenMP runtimes would mean two thread pools spinning against each other on 2 cores.
     linear(make((1, 8), torch.bfloat16, seed=23), make((4, 8), torch.bfloat16, seed=24))
