@@ -401,23 +401,22 @@ def _spawn(cmd: Sequence[str], env: dict[str, str]) -> subprocess.Popen:
     )
 
 
-def _child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(REPO_ROOT), str(REPO_ROOT / "proto"), env.get("PYTHONPATH")) if p
     )
     env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra or {})
     return env
 
 
-def run_measured(cmd: Sequence[str], name: str, opts: argparse.Namespace, env=None) -> dict:
+def run_measured(cmd: Sequence[str], name: str, opts: argparse.Namespace) -> dict:
     """Run one worker to completion; its result JSON plus the peak RSS of its process tree."""
     result_path = opts.run_dir / f"{name}.json"
     result_path.unlink(missing_ok=True)
     log_path = opts.run_dir / f"{name}.log"
     with open(log_path, "w") as log_file:
-        proc = _spawn([*cmd, "--result", str(result_path)], _child_env(env))
+        proc = _spawn([*cmd, "--result", str(result_path)], _child_env())
         pump = _echo_output(proc, log_file, opts.verbose)
         with PeakRssSampler(proc.pid) as rss:
             code = proc.wait()
@@ -489,7 +488,7 @@ def run_vllm(opts: argparse.Namespace) -> dict:
         "--workload",
         str(opts.workload_path),
     ]
-    return run_measured(cmd, "vllm", opts, env={"VLLM_CPU_KVCACHE_SPACE": "2"})
+    return run_measured(cmd, "vllm", opts)
 
 
 def weight_bytes(model_dir: str) -> int:
