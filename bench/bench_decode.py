@@ -461,6 +461,10 @@ def run_grpc(opts: argparse.Namespace) -> dict:
                     "grpc_client", opts, "--port", str(port), "--server-pid", str(server.pid)
                 )
                 client = run_measured(client_cmd, "tandem_grpc", opts)
+        except RuntimeError as error:
+            if server.poll() is not None:
+                raise RuntimeError(f"the server exited; see {log_path}") from error
+            raise
         finally:
             server.terminate()
             try:
