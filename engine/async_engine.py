@@ -123,10 +123,6 @@ class AsyncEngine:
             self._inbox.put(("abort", request_id, None))
         return known
 
-    def num_in_flight(self) -> int:
-        with self._lock:
-            return len(self._streams)
-
     # ---- the stepping thread ----------------------------------------------------------------
 
     def _run(self) -> None:

@@ -88,15 +88,3 @@ class KVCache:
     ) -> int:
         itemsize = torch.empty((), dtype=dtype).element_size()
         return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
-
-    def copy_block(self, src: int, dst: int) -> None:
-        """Copy-on-write support: duplicate one block's contents in every layer."""
-        s = slice(src * self.block_size, (src + 1) * self.block_size)
-        d = slice(dst * self.block_size, (dst + 1) * self.block_size)
-        for pool in (*self.keys, *self.values):
-            pool[d] = pool[s]
-
-
-def slots_for(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
-    """Slot ids of token positions [start, end) of a sequence with this block table."""
-    return [block_table[i // block_size] * block_size + i % block_size for i in range(start, end)]

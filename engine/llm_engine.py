@@ -12,7 +12,7 @@ from engine.batch import ForwardBatch
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import BlockAllocator, KVCache
 from engine.model import CausalLM
-from engine.sampling import compute_logprobs, sample
+from engine.sampling import compute_logprobs, request_generator, sample
 from engine.scheduler import ScheduledSequence, Scheduler, SchedulerConfig
 from engine.sequence import Sequence
 from engine.stopping import StopStringMatcher
@@ -22,6 +22,7 @@ from engine.types import (
     InvalidRequest,
     Request,
     RequestOutput,
+    TokenLogprob,
 )
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,8 @@ class LLMEngine:
             max_seq_tokens=max_seq_tokens,
         )
         self.eos_token_ids = frozenset(mc.eos_token_ids) | frozenset(tokenizer.eos_token_ids)
-        self._seed_rng = torch.Generator().manual_seed(config.seed)
+        # Unseeded rows share one batched draw from this generator each step.
+        self._rng = torch.Generator().manual_seed(config.seed)
         self._seqs: dict[str, Sequence] = {}
 
     @classmethod
@@ -131,7 +133,7 @@ class LLMEngine:
             stop_matcher=StopStringMatcher(request.stopping.stop)
             if request.stopping.stop
             else None,
-            generator=self._generator_for(request),
+            generator=request_generator(request.sampling.seed),
         )
         self._seqs[request.request_id] = seq
         self.scheduler.add(seq)
@@ -195,6 +197,7 @@ class LLMEngine:
             params,
             [seq.generator for seq in seqs],
             [seq.token_ids for seq in seqs],
+            engine_generator=self._rng,
         ).tolist()
         top_n = [
             seq.request.output.top_logprobs if seq.request.output.logprobs else -1 for seq in seqs
@@ -206,7 +209,7 @@ class LLMEngine:
                 seq.first_token_time = now
             self._append_token(seq, token, logprobs[i] if logprobs and top_n[i] >= 0 else None)
 
-    def _append_token(self, seq: Sequence, token: int, logprob) -> None:
+    def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
         seq.token_ids.append(token)
         seq.pending_token_ids.append(token)
         if logprob is not None:
@@ -259,14 +262,6 @@ class LLMEngine:
         )
         seq.pending_token_ids, seq.pending_text, seq.pending_logprobs = [], [], []
         return out
-
-    def _generator_for(self, request: Request) -> torch.Generator | None:
-        if request.sampling.greedy:
-            return None
-        seed = request.sampling.seed
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
-        return torch.Generator().manual_seed(seed)
 
     # ---- convenience for tests and benchmarks ----------------------------------------------
 
