@@ -1,4 +1,4 @@
-# Tandem: `make serve` sets up .venv and serves the built-in model; `make test` sets up and tests.
+# Tandem: `make serve` sets up .venv and serves the model kit; `make test` sets up and tests.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

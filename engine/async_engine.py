@@ -3,11 +3,16 @@
 The engine itself is single-threaded: adds and aborts are posted to an inbox that the stepping
 thread drains before each step, and each step's outputs are handed to the event loop in one
 callback (not one per token), which keeps the loop's per-token work small.
+
+LoRA adapter files are read on a small pool of loader threads, never on the event loop or the
+stepping thread: LoadAdapter's validation, and requests naming an adapter that is on disk,
+which wait for it there before they reach the engine; other streams keep stepping meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import queue
@@ -16,10 +21,15 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from engine.adapters import AdapterRefs
 from engine.llm_engine import EngineConfig, EngineLimits, EngineStats, LLMEngine
+from engine.lora import AdapterUse
 from engine.types import (
+    AdapterInfo,
     EngineError,
     InvalidRequest,
+    MergeSpec,
+    NotFound,
     QueueFull,
     Request,
     RequestOutput,
@@ -30,6 +40,9 @@ from engine.types import (
 log = logging.getLogger(__name__)
 
 __all__ = ["AsyncEngine", "EngineConfig", "EngineLimits", "EngineStats"]
+
+# Threads that read adapter files: a few, so that one slow disk read does not queue the others.
+_LOADER_THREADS = 2
 
 
 @dataclass
@@ -43,6 +56,7 @@ class AsyncEngine:
         self.model_id = model_id
         self.engine = engine
         self.tokenizer = engine.tokenizer
+        self.config: EngineConfig = engine.config
         self.limits: EngineLimits = engine.limits
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
@@ -51,6 +65,9 @@ class AsyncEngine:
         self._stopping = False
         self._stats = engine.stats()
         self._ids = itertools.count()
+        self._loader = concurrent.futures.ThreadPoolExecutor(
+            _LOADER_THREADS, thread_name_prefix=f"adapters-{model_id}"
+        )
 
     @classmethod
     def from_dir(cls, model_id: str, path: str, config: EngineConfig | None = None) -> AsyncEngine:
@@ -74,7 +91,7 @@ class AsyncEngine:
             stopping=StoppingCriteria(max_new_tokens=4, ignore_eos=True),
         )
         done = threading.Event()
-        self._inbox.put(("add", request, done))
+        self._inbox.put(("add", (request, ()), done))
         if not done.wait(timeout=600):
             raise EngineError("warm-up did not finish in 600 s")
 
@@ -83,6 +100,7 @@ class AsyncEngine:
         self._inbox.put(("wake", None, None))
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self._loader.shutdown(wait=False, cancel_futures=True)
 
     def stats(self) -> EngineStats:
         return self._stats
@@ -101,9 +119,10 @@ class AsyncEngine:
                 raise QueueFull(f"too many requests in flight ({len(self._streams)})")
             self._streams[request.request_id] = stream
         request.arrival_time = time.monotonic()
-        self._inbox.put(("add", request, None))
         finished = False
         try:
+            adapters = await self._hold_adapters(request)
+            self._inbox.put(("add", (request, adapters), None))
             while not finished:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
@@ -122,6 +141,55 @@ class AsyncEngine:
         if known:
             self._inbox.put(("abort", request_id, None))
         return known
+
+    async def _hold_adapters(self, request: Request) -> AdapterUse:
+        """The request's adapters held in host memory; one on disk is read on a loader thread.
+        If the caller goes away meanwhile, the adapters are released when the read ends."""
+        if not request.adapters:
+            return ()
+        held = self.engine.hold_adapters(request.adapters, may_load=False)  # no I/O
+        if held is not None:
+            return held
+        future = self._loader.submit(self.engine.hold_adapters, request.adapters)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(self._release_abandoned)
+            raise
+
+    def _release_abandoned(self, future: concurrent.futures.Future) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self.engine.release_adapters(future.result())
+
+    # ---- LoRA adapters ------------------------------------------------------------------------
+
+    async def load_adapter(self, adapter_id: str, path: str, pin: bool = False) -> AdapterInfo:
+        """Read, validate and register an adapter on a loader thread."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._loader, self.engine.load_adapter, adapter_id, path, pin)
+        return self.adapter_info(adapter_id)
+
+    async def merge_adapters(
+        self, adapter_id: str, sources: AdapterRefs, out_dir: str, spec: MergeSpec
+    ) -> AdapterInfo:
+        """Merge registered adapters into a new one on a loader thread (see LLMEngine)."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(
+            self._loader, self.engine.merge_adapters, adapter_id, sources, out_dir, spec
+        )
+        return self.adapter_info(adapter_id)
+
+    def remove_adapter(self, adapter_id: str) -> None:
+        self.engine.remove_adapter(adapter_id)
+
+    def adapter_infos(self) -> list[AdapterInfo]:
+        return self.engine.adapter_infos()
+
+    def adapter_info(self, adapter_id: str) -> AdapterInfo:
+        infos = [info for info in self.adapter_infos() if info.adapter_id == adapter_id]
+        if not infos:  # unloaded again meanwhile
+            raise NotFound(f"unknown adapter {adapter_id!r}")
+        return infos[0]
 
     # ---- the stepping thread ----------------------------------------------------------------
 
@@ -157,15 +225,16 @@ class AsyncEngine:
     def _handle(self, item: tuple, warmups: dict[str, threading.Event]) -> None:
         kind, payload, done = item
         if kind == "add":
+            request, adapters = payload
             try:
-                self.engine.add_request(payload)
+                self.engine.add_request(request, adapters)
             except EngineError as exc:
-                self._deliver_error(payload.request_id, exc)
+                self._deliver_error(request.request_id, exc)
                 if done is not None:
                     done.set()
                 return
             if done is not None:
-                warmups[payload.request_id] = done
+                warmups[request.request_id] = done
         elif kind == "abort":
             out = self.engine.abort(payload)
             if out is not None:

@@ -5,12 +5,16 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from engine.adapters import AdapterRefs, AdapterRegistry
 from engine.batch import ForwardBatch
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import BlockAllocator, KVCache
+from engine.lora import AdapterStacks, AdapterUse, LoraAdapter, LoraBatch
+from engine.lora_merge import merge_adapters, save_adapter
 from engine.model import CausalLM
 from engine.sampling import compute_logprobs, request_generator, sample
 from engine.scheduler import ScheduledSequence, Scheduler, SchedulerConfig
@@ -18,8 +22,11 @@ from engine.sequence import Sequence
 from engine.stopping import StopStringMatcher
 from engine.tokenizer import Tokenizer
 from engine.types import (
+    AdapterInfo,
+    AlreadyExists,
     FinishReason,
     InvalidRequest,
+    MergeSpec,
     Request,
     RequestOutput,
     TokenLogprob,
@@ -41,6 +48,10 @@ class EngineConfig:
     max_queue: int = 1024
     dtype: str | None = None  # None keeps the checkpoint's dtype
     seed: int = 0  # seeds the generators of requests that give no seed
+    # LoRA adapters: how many the forward pass holds stacked ("on device"; also the most that
+    # running requests use at once) and how many keep their tensors in host memory.
+    adapter_slots: int = 16
+    adapter_host_cache: int = 128
 
 
 @dataclass(frozen=True)
@@ -72,7 +83,12 @@ class LLMEngine:
         self.kv = model.new_kv_cache(num_blocks, config.block_size)
         self.allocator = BlockAllocator(num_blocks)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.block_size, config.max_num_seqs, config.max_batched_tokens),
+            SchedulerConfig(
+                config.block_size,
+                config.max_num_seqs,
+                config.max_batched_tokens,
+                max_adapters=config.adapter_slots,
+            ),
             self.allocator,
         )
         max_seq_tokens = min(mc.max_position_embeddings, num_blocks * config.block_size)
@@ -89,6 +105,17 @@ class LLMEngine:
         # Unseeded rows share one batched draw from this generator each step.
         self._rng = torch.Generator().manual_seed(config.seed)
         self._seqs: dict[str, Sequence] = {}
+        self.adapters = AdapterRegistry(
+            mc, model.dtype, config.adapter_slots, config.adapter_host_cache
+        )
+        self._adapter_stacks = AdapterStacks(
+            mc,
+            model.weights.embed.device,
+            model.dtype,
+            max_slots=config.adapter_slots,
+            victim_key=self.adapters.victim_key,
+        )
+        self._stacks_version = self._adapter_stacks.version
 
     @classmethod
     def from_dir(cls, path: str, config: EngineConfig | None = None) -> LLMEngine:
@@ -100,7 +127,8 @@ class LLMEngine:
     # ---- requests -------------------------------------------------------------------------
 
     def validate(self, request: Request) -> None:
-        """Raise InvalidRequest when the request can never run; cheap, no engine state."""
+        """Raise InvalidRequest when the request can never run, NotFound when it names an
+        adapter that is not loaded; cheap, reads no state but the adapter registry."""
         prompt = request.prompt_token_ids
         if not prompt:
             raise InvalidRequest("the prompt is empty")
@@ -119,11 +147,22 @@ class LLMEngine:
         request.sampling.validate()
         request.stopping.validate()
         request.output.validate()
+        self.adapters.check(request.adapters)
 
-    def add_request(self, request: Request) -> None:
-        self.validate(request)
-        if request.request_id in self._seqs:
-            raise InvalidRequest(f"request id {request.request_id!r} is already running")
+    def add_request(self, request: Request, adapters: AdapterUse | None = None) -> None:
+        """`adapters`: the request's adapters as `hold_adapters` returned them (the engine
+        releases them when the request ends, or here when it is refused). Without them they
+        are held here, which reads the files of adapters on disk: fine for a caller that
+        steps the engine itself, never on the step thread of a server."""
+        try:
+            self.validate(request)
+            if request.request_id in self._seqs:
+                raise InvalidRequest(f"request id {request.request_id!r} is already running")
+        except BaseException:
+            self.adapters.release(adapters or ())
+            raise
+        if adapters is None:
+            adapters = self.adapters.hold(request.adapters) or ()
         if not request.arrival_time:
             request.arrival_time = time.monotonic()
         seq = Sequence(
@@ -134,6 +173,7 @@ class LLMEngine:
             if request.stopping.stop
             else None,
             generator=request_generator(request.sampling.seed),
+            adapters=adapters,
         )
         self._seqs[request.request_id] = seq
         self.scheduler.add(seq)
@@ -143,6 +183,7 @@ class LLMEngine:
         if seq is None:
             return None
         self.scheduler.finish(seq)
+        self.adapters.release(seq.adapters)
         seq.finish_reason = FinishReason.ABORTED
         return self._take_output(seq)
 
@@ -164,13 +205,70 @@ class LLMEngine:
             kv_blocks_total=self.allocator.num_blocks,
         )
 
+    # ---- LoRA adapters ----------------------------------------------------------------------
+    # The registry (engine.adapters) is thread-safe; these may be called from any thread. Those
+    # that read files say so: a server runs them in an executor, never on the step thread.
+
+    def load_adapter(self, adapter_id: str, path: str | Path, pin: bool = False) -> LoraAdapter:
+        """Read and validate a PEFT LoRA directory and register it as `adapter_id` (blocking).
+        `pin`: never evicted from host memory."""
+        return self.adapters.register(adapter_id, path, pin)
+
+    def add_adapter(self, adapter_id: str, adapter: LoraAdapter, pin: bool = False) -> None:
+        """Register a loaded adapter; requests name it in `Request.adapters`."""
+        self.adapters.add(adapter_id, adapter, pin)
+
+    def remove_adapter(self, adapter_id: str) -> None:
+        """Unregister an adapter: new requests naming it get NotFound, running ones finish."""
+        self.adapters.remove(adapter_id)
+
+    def adapter_ids(self) -> list[str]:
+        return self.adapters.ids()
+
+    def adapter_infos(self) -> list[AdapterInfo]:
+        return self.adapters.infos()
+
+    def hold_adapters(self, refs: AdapterRefs, may_load: bool = True) -> AdapterUse | None:
+        """A request's adapters, kept in host memory until the request ends; pass them to
+        add_request. Reads the files of adapters on disk (blocking) when `may_load`; without
+        it, None when one is on disk. Errors: NotFound, InvalidRequest, AdapterError."""
+        return self.adapters.hold(refs, may_load)
+
+    def release_adapters(self, adapters: AdapterUse) -> None:
+        """Give back held adapters that never reached add_request."""
+        self.adapters.release(adapters)
+
+    def merge_adapters(
+        self, adapter_id: str, sources: AdapterRefs, out_dir: str | Path, spec: MergeSpec
+    ) -> LoraAdapter:
+        """Merge registered adapters (id, weight) into a new adapter, written as a PEFT directory
+        at out_dir and registered as adapter_id (blocking: may read the sources' files)."""
+        if adapter_id in self.adapter_ids():
+            raise AlreadyExists(f"adapter {adapter_id!r} is already loaded")
+        held = self.hold_adapters([(source, 1.0) for source, _ in sources])
+        try:
+            merged = merge_adapters(
+                [adapter for adapter, _ in held],
+                [weight for _, weight in sources],
+                spec.method,
+                density=spec.density,
+                rank=spec.rank,
+                seed=spec.seed,
+            )
+        finally:
+            self.release_adapters(held)
+        save_adapter(merged, out_dir)
+        return self.load_adapter(adapter_id, out_dir, spec.pin)
+
     # ---- the step -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        logits = self.model.forward(self._forward_batch(scheduled), self.kv)
+        logits = self.model.forward(
+            self._forward_batch(scheduled), self.kv, self._lora_batch(scheduled)
+        )
         sampling = [s.seq for s in scheduled if s.samples]
         for s in scheduled:
             s.seq.num_computed += s.num_new_tokens
@@ -189,6 +287,25 @@ class LLMEngine:
             block_size=self.config.block_size,
             logits_rows=[s.samples for s in scheduled],
         )
+
+    def _lora_batch(self, scheduled: list[ScheduledSequence]) -> LoraBatch | None:
+        """The step's LoRA rows; None (no LoRA work at all) when no sequence has an adapter."""
+        stacks = self._adapter_stacks
+        lora = None
+        if any(s.seq.adapters for s in scheduled):
+            lora = stacks.batch(
+                [s.seq.adapters for s in scheduled], [s.num_new_tokens for s in scheduled]
+            )
+        elif self._holds_unloaded_adapters() and not any(s.adapters for s in self._seqs.values()):
+            # Unloaded adapters keep their slots while requests use them; after, free them.
+            stacks.drop(keep=self.adapters.is_registered)
+        if stacks.version != self._stacks_version:
+            self._stacks_version = stacks.version
+            self.adapters.set_device(stacks.slots)
+        return lora
+
+    def _holds_unloaded_adapters(self) -> bool:
+        return not all(map(self.adapters.is_registered, self._adapter_stacks.slots))
 
     def _sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         params = [seq.request.sampling for seq in seqs]
@@ -246,6 +363,7 @@ class LLMEngine:
         seq.finish_reason = reason
         self.scheduler.finish(seq)
         self._seqs.pop(seq.request_id, None)
+        self.adapters.release(seq.adapters)
 
     def _take_output(self, seq: Sequence) -> RequestOutput:
         out = RequestOutput(

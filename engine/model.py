@@ -12,6 +12,7 @@ from engine.batch import ForwardBatch
 from engine.config import ModelConfig, resolve_dtype
 from engine.kv_cache import KVCache
 from engine.loader import LayerWeights, ModelWeights, load_weights
+from engine.lora import LoraBatch
 from engine.rope import RotaryEmbedding, apply_rotary_
 from kernels.cpu_linear import linear
 
@@ -45,13 +46,16 @@ class CausalLM:
         return KVCache(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, self.dtype)
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
-        """float32 logits [len(batch.logits_indices), vocab]; writes the new tokens' K/V."""
+    def forward(
+        self, batch: ForwardBatch, kv: KVCache, lora: LoraBatch | None = None
+    ) -> torch.Tensor:
+        """float32 logits [len(batch.logits_indices), vocab]; writes the new tokens' K/V.
+        `lora`: the LoRA adapters of the batch's rows (None: every row runs the base model)."""
         hidden = F.embedding(batch.input_ids, self.weights.embed)
         cos, sin = self.rope.cos_sin(batch.positions)
         meta = AttentionMetadata.from_batch(batch)
         for index, layer in enumerate(self.weights.layers):
-            self._layer(index, layer, hidden, cos, sin, meta, kv)
+            self._layer(index, layer, hidden, cos, sin, meta, kv, lora)
         last = rms_norm(
             hidden[batch.logits_indices], self.weights.final_norm, self.config.rms_norm_eps
         )
@@ -66,12 +70,17 @@ class CausalLM:
         sin: torch.Tensor,
         meta: AttentionMetadata,
         kv: KVCache,
+        lora: LoraBatch | None,
     ) -> None:
         """Pre-norm attention and MLP blocks, each added into `hidden` in place."""
         eps = self.config.rms_norm_eps
-        attn = self._attention(index, w, rms_norm(hidden, w.input_norm, eps), cos, sin, meta, kv)
-        hidden.add_(linear(attn, w.o, w.o_bias))
-        hidden.add_(self._mlp(w, rms_norm(hidden, w.post_attention_norm, eps)))
+        x = rms_norm(hidden, w.input_norm, eps)
+        attn = self._attention(index, w, x, cos, sin, meta, kv, lora)
+        out = linear(attn, w.o, w.o_bias)
+        if lora is not None:
+            lora.apply(index, "o", attn, out)
+        hidden.add_(out)
+        hidden.add_(self._mlp(index, w, rms_norm(hidden, w.post_attention_norm, eps), lora))
 
     def _attention(
         self,
@@ -82,10 +91,13 @@ class CausalLM:
         sin: torch.Tensor,
         meta: AttentionMetadata,
         kv: KVCache,
+        lora: LoraBatch | None,
     ) -> torch.Tensor:
         c = self.config
         tokens = x.shape[0]
         qkv = linear(x, w.qkv, w.qkv_bias)
+        if lora is not None:
+            lora.apply(index, "qkv", x, qkv)
         # q and k heads are adjacent in each row, so norm and rotary treat them as one block.
         qk = qkv[:, : c.q_size + c.kv_size].view(tokens, c.num_heads + c.num_kv_heads, c.head_dim)
         if w.qk_norm is not None:
@@ -99,7 +111,15 @@ class CausalLM:
         )
         return out.reshape(tokens, c.q_size)
 
-    def _mlp(self, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+    def _mlp(
+        self, index: int, w: LayerWeights, x: torch.Tensor, lora: LoraBatch | None
+    ) -> torch.Tensor:
         gate_up = linear(x, w.gate_up)
+        if lora is not None:
+            lora.apply(index, "gate_up", x, gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
-        return linear(torch.mul(F.silu(gate, inplace=True), up), w.down)
+        act = torch.mul(F.silu(gate, inplace=True), up)
+        out = linear(act, w.down)
+        if lora is not None:
+            lora.apply(index, "down", act, out)
+        return out

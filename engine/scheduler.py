@@ -32,6 +32,9 @@ class SchedulerConfig:
     block_size: int
     max_num_seqs: int
     max_batched_tokens: int
+    # Distinct LoRA adapters the running sequences may use together (the engine's adapter
+    # slots); None: no limit.
+    max_adapters: int | None = None
 
 
 class Scheduler:
@@ -63,19 +66,45 @@ class Scheduler:
                 continue
             scheduled.append(ScheduledSequence(seq, want))
             budget -= want
+        self._admit(scheduled, budget)
+        return scheduled
+
+    def _admit(self, scheduled: list[ScheduledSequence], budget: int) -> None:
+        """Waiting sequences join in arrival order while blocks, batch places and budget last.
+
+        One whose adapters would take the running set over max_adapters waits without holding
+        up base-model sequences behind it; sequences with adapters behind it wait too, even for
+        adapters already running: otherwise a steady stream of those would keep their adapters
+        in the slots forever and starve it.
+        """
+        if not self.waiting:
+            return
+        adapters = self._running_adapters()
+        passed_over: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            needed = adapters | _adapter_uids(seq)
+            limit = self.config.max_adapters
+            if limit is not None and (len(needed) > limit or (passed_over and seq.adapters)):
+                passed_over.append(self.waiting.popleft())
+                continue
             want = min(seq.num_uncomputed, budget)
             if not self._try_grow(seq, seq.num_computed + want):
                 break
             self.waiting.popleft()
+            adapters = needed
             seq.status = SequenceStatus.RUNNING
             if not seq.first_scheduled_time:
                 seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
             scheduled.append(ScheduledSequence(seq, want))
             budget -= want
-        return scheduled
+        self.waiting.extendleft(reversed(passed_over))
+
+    def _running_adapters(self) -> set[int]:
+        if self.config.max_adapters is None:
+            return set()
+        return {uid for seq in self.running for uid in _adapter_uids(seq)}
 
     def finish(self, seq: Sequence) -> None:
         """Release a finished or aborted sequence's blocks."""
@@ -122,3 +151,7 @@ class Scheduler:
         for _ in range(needed):
             seq.block_table.append(self.allocator.allocate())
         return True
+
+
+def _adapter_uids(seq: Sequence) -> set[int]:
+    return {adapter.uid for adapter, _ in seq.adapters}

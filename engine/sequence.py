@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.detokenizer import IncrementalDetokenizer
+from engine.lora import AdapterUse
 from engine.stopping import StopStringMatcher
 from engine.types import FinishReason, Request, TokenLogprob
 
@@ -25,6 +26,9 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     stop_matcher: StopStringMatcher | None
     generator: torch.Generator | None
+    # The request's LoRA adapters, resolved when it was added: a reference that outlives the
+    # adapter's removal from the engine, so running requests finish with it.
+    adapters: AdapterUse = ()
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)

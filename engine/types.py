@@ -20,8 +20,36 @@ class QueueFull(EngineError):
     kind = "resource_exhausted"
 
 
+class ResourceExhausted(EngineError):
+    """A fixed capacity is used up (e.g. every place of the adapter host cache is pinned)."""
+
+    kind = "resource_exhausted"
+
+
 class UnsupportedModel(EngineError):
     kind = "failed_precondition"
+
+
+class NotFound(EngineError):
+    """An unknown adapter (or other named resource) id."""
+
+    kind = "not_found"
+
+
+class AlreadyExists(EngineError):
+    kind = "already_exists"
+
+
+class AdapterError(EngineError):
+    """An adapter that cannot be used with this base model (the message says why), or whose
+    files are unreadable; `kind` is "not_found" when the path or a file does not exist."""
+
+    kind = "failed_precondition"
+
+    def __init__(self, message: str, kind: str | None = None) -> None:
+        super().__init__(message)
+        if kind is not None:
+            self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -82,6 +110,40 @@ class Request:
     stopping: StoppingCriteria = field(default_factory=StoppingCriteria)
     output: OutputOptions = field(default_factory=OutputOptions)
     arrival_time: float = 0.0
+    # LoRA adapters by id, each with its weight; () runs the base model, (("id", 1.0),) one
+    # adapter. Several are applied together: y += sum_i w_i * scaling_i * B_i A_i x.
+    adapters: tuple[tuple[str, float], ...] = ()
+
+
+class AdapterState(enum.Enum):
+    """Where a registered LoRA adapter's weights are (see engine.adapters)."""
+
+    ON_DISK = "on_disk"  # only its path and validated config: read back when a request needs it
+    HOST = "host"  # its tensors are in host memory (the host cache)
+    DEVICE = "device"  # also in a slot of the stacked copy that the forward pass reads
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    adapter_id: str
+    path: str
+    rank: int  # the largest rank of its projections
+    target_modules: tuple[str, ...]  # the projections it adapts, e.g. ("q_proj", "v_proj")
+    state: AdapterState
+    pinned: bool  # never evicted from host memory
+    size_bytes: int  # its tensors in the model's dtype: the host memory it takes when loaded
+    num_requests: int  # requests in flight that use it
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """How Registry.MergeAdapters combines adapters (see engine.lora_merge for the methods)."""
+
+    method: str = "linear"
+    density: float = 1.0  # fraction kept by ties / dare_*
+    rank: int | None = None  # rank of the SVD methods (default: the inputs' largest)
+    seed: int = 0  # DARE's random drops
+    pin: bool = False  # never evict the result from host memory
 
 
 class FinishReason(enum.Enum):

@@ -18,8 +18,8 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from engine.types import EngineError
-from server.config import ModelSpec, ServerConfig
-from server.engines import default_model_spec, load_engine
+from server.config import AdapterSpec, ModelSpec, ServerConfig, default_merged_adapter_dir
+from server.engines import default_serving, load_engine
 from server.metrics import Metrics
 from server.servicer import GenerationServicer, RegistryServicer, ServingState
 from tandem.v1 import tandem_pb2 as pb
@@ -43,7 +43,8 @@ async def serve(config: ServerConfig) -> None:
     state = ServingState()
     metrics = Metrics(lambda: state.engines)
     health = health_aio.HealthServicer()
-    server = _build_server(state, metrics, health)
+    merged_dir = config.merged_adapter_dir or default_merged_adapter_dir()
+    server = _build_server(state, metrics, health, merged_dir)
     port = server.add_insecure_port(_address(config.host, config.port))
     for service in _HEALTH_SERVICES:
         await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -72,12 +73,15 @@ async def serve(config: ServerConfig) -> None:
 
 
 def _build_server(
-    state: ServingState, metrics: Metrics, health: health_aio.HealthServicer
+    state: ServingState,
+    metrics: Metrics,
+    health: health_aio.HealthServicer,
+    merged_adapter_dir: str,
 ) -> grpc.aio.Server:
     # Without this, Linux lets a second server bind the same port and silently share it.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_GenerationServicer_to_server(GenerationServicer(state, metrics), server)
-    pb_grpc.add_RegistryServicer_to_server(RegistryServicer(state), server)
+    pb_grpc.add_RegistryServicer_to_server(RegistryServicer(state, merged_adapter_dir), server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (
@@ -125,9 +129,11 @@ async def _start_models(
 
 async def _load_and_warm_up(state: ServingState, config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
-    specs: tuple[ModelSpec, ...] = config.models or (
-        await loop.run_in_executor(None, default_model_spec),
-    )
+    specs: tuple[ModelSpec, ...] = config.models
+    adapters: tuple[AdapterSpec, ...] = config.adapters
+    if not specs:
+        model, kit_adapters = await loop.run_in_executor(None, default_serving)
+        specs, adapters = (model,), (*kit_adapters, *adapters)
     for spec in specs:
         log.info("loading model %s from %s", spec.model_id, spec.path)
         started = time.monotonic()
@@ -147,6 +153,8 @@ async def _load_and_warm_up(state: ServingState, config: ServerConfig) -> None:
             limits.max_prompt_tokens,
             limits.max_new_tokens,
         )
+    for adapter in adapters:
+        await _load_adapter(state, adapter)
     for model_id, engine in state.engines.items():
         started = time.monotonic()
         if config.warmup_delay_s:
@@ -154,6 +162,30 @@ async def _load_and_warm_up(state: ServingState, config: ServerConfig) -> None:
             await asyncio.sleep(config.warmup_delay_s)
         await loop.run_in_executor(None, engine.warmup)
         log.info("warmed up %s in %.1f s", model_id, time.monotonic() - started)
+
+
+async def _load_adapter(state: ServingState, spec: AdapterSpec) -> None:
+    served = ", ".join(state.engines)
+    if not spec.model and len(state.engines) > 1:
+        raise StartupError(
+            f"adapter {spec.adapter_id}: name its model as MODEL:ID=DIR (served: {served})"
+        )
+    engine = state.engines.get(spec.model) if spec.model else next(iter(state.engines.values()))
+    if engine is None:
+        raise StartupError(f"adapter {spec.adapter_id}: model {spec.model!r} is not served")
+    try:
+        info = await engine.load_adapter(spec.adapter_id, spec.path)
+    except EngineError as error:
+        raise StartupError(
+            f"cannot load adapter {spec.adapter_id} from {spec.path}: {error}"
+        ) from None
+    log.info(
+        "loaded adapter %s on %s (rank %d, %s)",
+        spec.adapter_id,
+        engine.model_id,
+        info.rank,
+        info.state.value,
+    )
 
 
 async def _drain(state: ServingState, health: health_aio.HealthServicer, timeout: float) -> None:

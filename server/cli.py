@@ -1,4 +1,5 @@
-"""The `tandem` command: `serve`, `prepare`, and the clients `generate`, `tokenize`, `models`.
+"""The `tandem` command: `serve`, `prepare`, the clients `generate`, `tokenize`, `models`,
+`load-adapter`, `unload-adapter`, and the model kit's `kit build`, `kit report` and `eval`.
 
 The client commands never import the engine (or torch), so they start instantly.
 """
@@ -12,11 +13,13 @@ import sys
 
 import grpc
 
+from kit.cli import add_commands as add_kit_commands
 from server import client
 from server.config import (
     WARMUP_DELAY_ENV,
     EngineOptions,
     ServerConfig,
+    parse_adapter_spec,
     parse_model_spec,
     warmup_delay_from_env,
 )
@@ -40,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description=__doc__)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
     _add_serve(commands)
-    prepare = commands.add_parser("prepare", help="build the built-in default model if missing")
+    prepare = commands.add_parser(
+        "prepare", help="build the model kit (served by default) if missing"
+    )
     prepare.set_defaults(command=_prepare)
     _add_generate(commands)
     tokenize = commands.add_parser("tokenize", help="print the token ids of a text")
@@ -51,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list the served models")
     models.add_argument("--address", default=DEFAULT_ADDRESS)
     models.set_defaults(command=_models)
+    _add_adapter_commands(commands)
+    add_kit_commands(commands)
     return parser
 
 
@@ -67,7 +74,7 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         default=[],
         metavar="[NAME=]DIR",
         help="model directory; its id is the directory's name unless NAME= is given; repeat "
-        "for several models; none serves the built-in default model",
+        "for several models; none serves the model kit's base-large",
     )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=50051, help="0 picks a free port")
@@ -89,14 +96,59 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--dtype", choices=("float32", "bfloat16", "float16"), help="default: the checkpoint's"
     )
+    serve.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="[MODEL:]ID=DIR",
+        help="load a PEFT LoRA adapter at start (MODEL: is needed with several models); repeat",
+    )
+    serve.add_argument(
+        "--adapter-slots",
+        type=int,
+        help="adapters held stacked for the forward pass, also the most distinct adapters "
+        "running at once (default 16)",
+    )
+    serve.add_argument(
+        "--adapter-host-cache",
+        type=int,
+        help="adapters whose tensors stay in host memory; the others wait on disk (default 128)",
+    )
+    serve.add_argument(
+        "--merged-adapter-dir",
+        metavar="DIR",
+        help="where MergeAdapters writes new adapters (default $TANDEM_HOME/adapters)",
+    )
     serve.add_argument("--log-level", default="INFO")
     serve.set_defaults(command=_serve)
+
+
+def _add_adapter_commands(commands: argparse._SubParsersAction) -> None:
+    load = commands.add_parser("load-adapter", help="load a PEFT LoRA adapter into the server")
+    load.add_argument("adapter_id")
+    load.add_argument("path", help="PEFT directory, as the server sees it")
+    load.add_argument("--model", default="", help="model id (optional with one model)")
+    load.add_argument("--pin", action="store_true", help="never evict it from host memory")
+    load.add_argument("--address", default=DEFAULT_ADDRESS)
+    load.set_defaults(command=_load_adapter)
+    unload = commands.add_parser("unload-adapter", help="unload an adapter from the server")
+    unload.add_argument("adapter_id")
+    unload.add_argument("--model", default="", help="model id (optional with one model)")
+    unload.add_argument("--address", default=DEFAULT_ADDRESS)
+    unload.set_defaults(command=_unload_adapter)
 
 
 def _add_generate(commands: argparse._SubParsersAction) -> None:
     generate = commands.add_parser("generate", help="stream a completion to the terminal")
     generate.add_argument("prompt")
     generate.add_argument("--model", default="", help="model id (optional with one model)")
+    generate.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="ID[=WEIGHT]",
+        help="LoRA adapter; repeat (or give a weight) for a weighted mix of adapters",
+    )
     generate.add_argument("--address", default=DEFAULT_ADDRESS)
     generate.add_argument("--request-id", default="")
     generate.add_argument("--max-new-tokens", type=int)
@@ -140,8 +192,12 @@ def _serve(args: argparse.Namespace) -> int:
                 max_batched_tokens=args.max_batched_tokens,
                 block_size=args.block_size,
                 dtype=args.dtype,
+                adapter_slots=args.adapter_slots,
+                adapter_host_cache=args.adapter_host_cache,
             ),
             warmup_delay_s=warmup_delay_from_env(),
+            adapters=tuple(parse_adapter_spec(value) for value in args.adapter),
+            merged_adapter_dir=args.merged_adapter_dir,
         )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -173,10 +229,16 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    try:
+        adapters = _adapter_fields(args.adapter)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     request = pb.GenerateRequest(
         request_id=args.request_id,
         model=args.model,
         text=args.prompt,
+        **adapters,
         sampling=pb.SamplingParams(
             temperature=args.temperature,
             top_p=args.top_p,
@@ -199,6 +261,20 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapter_fields(values: list[str]) -> dict[str, object]:
+    """One `ID` is `adapter_id`; several, or any with `=WEIGHT`, are `adapter_mix`."""
+    refs = []
+    for value in values:
+        adapter_id, sep, weight = value.partition("=")
+        try:
+            refs.append(pb.AdapterRef(adapter_id=adapter_id, weight=float(weight) if sep else None))
+        except ValueError:
+            raise ValueError(f"--adapter {value!r}: expected ID or ID=WEIGHT") from None
+    if len(refs) == 1 and not refs[0].HasField("weight"):
+        return {"adapter_id": refs[0].adapter_id}
+    return {"adapter_mix": refs}
+
+
 def _tokenize(args: argparse.Namespace) -> int:
     print(" ".join(map(str, client.tokenize(args.address, args.model, args.text))))
     return 0
@@ -209,7 +285,30 @@ def _models(args: argparse.Namespace) -> int:
         print(
             f"{model.id}\tvocab_size={model.vocab_size}\t"
             f"max_prompt_tokens={model.max_prompt_tokens}\tmax_new_tokens={model.max_new_tokens}"
+            f"\tadapter_slots={model.adapter_slots}\tadapter_host_cache={model.adapter_host_cache}"
         )
+        for adapter in model.adapters:
+            print(f"  adapter {_adapter_line(adapter)}")
+    return 0
+
+
+def _adapter_line(adapter: pb.AdapterInfo) -> str:
+    state = pb.AdapterState.Name(adapter.state).removeprefix("ADAPTER_STATE_").lower()
+    return (
+        f"{adapter.adapter_id}\tstate={state}\trank={adapter.rank}\t"
+        f"targets={','.join(adapter.target_modules)}\tsize_bytes={adapter.size_bytes}\t"
+        f"pinned={str(adapter.pinned).lower()}\trequests={adapter.num_requests}\t{adapter.path}"
+    )
+
+
+def _load_adapter(args: argparse.Namespace) -> int:
+    adapter = client.load_adapter(args.address, args.model, args.adapter_id, args.path, args.pin)
+    print(_adapter_line(adapter))
+    return 0
+
+
+def _unload_adapter(args: argparse.Namespace) -> int:
+    client.unload_adapter(args.address, args.model, args.adapter_id)
     return 0
 
 

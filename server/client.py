@@ -52,3 +52,17 @@ def tokenize(address: str, model: str, text: str) -> list[int]:
 def list_models(address: str) -> list[pb.ModelInfo]:
     with grpc.insecure_channel(address) as channel:
         return list(pb_grpc.RegistryStub(channel).ListModels(pb.ListModelsRequest()).models)
+
+
+def load_adapter(
+    address: str, model: str, adapter_id: str, path: str, pin: bool = False
+) -> pb.AdapterInfo:
+    request = pb.LoadAdapterRequest(adapter_id=adapter_id, path=path, model=model, pin=pin)
+    with grpc.insecure_channel(address) as channel:
+        return pb_grpc.RegistryStub(channel).LoadAdapter(request).adapter
+
+
+def unload_adapter(address: str, model: str, adapter_id: str) -> None:
+    request = pb.UnloadAdapterRequest(adapter_id=adapter_id, model=model)
+    with grpc.insecure_channel(address) as channel:
+        pb_grpc.RegistryStub(channel).UnloadAdapter(request)

@@ -29,6 +29,24 @@ def parse_model_spec(value: str) -> ModelSpec:
 
 
 @dataclass(frozen=True)
+class AdapterSpec:
+    """A LoRA adapter to load at start; an empty model means the only model served."""
+
+    adapter_id: str
+    path: str
+    model: str = ""
+
+
+def parse_adapter_spec(value: str) -> AdapterSpec:
+    """`[MODEL:]ID=DIR`."""
+    name, sep, path = value.partition("=")
+    model, _, adapter_id = name.rpartition(":")
+    if not sep or not adapter_id or not path or os.sep in name:
+        raise ValueError(f"cannot read adapter {value!r}; expected [MODEL:]ID=DIR")
+    return AdapterSpec(adapter_id=adapter_id, path=path, model=model)
+
+
+@dataclass(frozen=True)
 class EngineOptions:
     """Engine settings given on the command line; None keeps the engine's default."""
 
@@ -40,17 +58,38 @@ class EngineOptions:
     max_batched_tokens: int | None = None
     block_size: int | None = None
     dtype: str | None = None
+    adapter_slots: int | None = None
+    adapter_host_cache: int | None = None
+
+    def __post_init__(self) -> None:
+        slots, cache = self.adapter_slots, self.adapter_host_cache
+        if slots is not None and slots < 1:
+            raise ValueError(f"--adapter-slots must be at least 1, got {slots}")
+        if cache is not None and cache < (slots or 1):
+            raise ValueError(
+                f"--adapter-host-cache ({cache}) must be at least --adapter-slots ({slots or 1})"
+            )
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    models: tuple[ModelSpec, ...]  # empty: serve the built-in default model
+    models: tuple[ModelSpec, ...]  # empty: serve the model kit's base-large and its adapters
     host: str = "127.0.0.1"
     port: int = 50051  # 0 picks a free port (logged as "listening on host:port")
     metrics_port: int | None = None  # None: no metrics endpoint; 0 picks a free port
     drain_timeout_s: float = 30.0
     engine: EngineOptions = field(default_factory=EngineOptions)
     warmup_delay_s: float = 0.0
+    adapters: tuple[AdapterSpec, ...] = ()  # loaded at start, after the models
+    merged_adapter_dir: str | None = None  # where MergeAdapters writes; None: the default
+
+
+def default_merged_adapter_dir() -> str:
+    """`$TANDEM_HOME/adapters`, or `~/.cache/tandem/adapters` without TANDEM_HOME."""
+    home = os.environ.get("TANDEM_HOME") or os.path.join(
+        os.path.expanduser("~"), ".cache", "tandem"
+    )
+    return os.path.join(home, "adapters")
 
 
 def warmup_delay_from_env() -> float:

@@ -10,8 +10,11 @@ import time
 import grpc
 
 from engine.types import (
+    AdapterInfo,
+    AdapterState,
     EngineError,
     FinishReason,
+    MergeSpec,
     OutputOptions,
     Request,
     RequestOutput,
@@ -28,8 +31,16 @@ _FINISH_REASONS = {
     FinishReason.ABORTED: pb.FINISH_REASON_ABORTED,
 }
 
+_ADAPTER_STATES = {
+    AdapterState.ON_DISK: pb.ADAPTER_STATE_ON_DISK,
+    AdapterState.HOST: pb.ADAPTER_STATE_HOST,
+    AdapterState.DEVICE: pb.ADAPTER_STATE_DEVICE,
+}
+
 _STATUS_BY_ERROR_KIND = {
     "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "already_exists": grpc.StatusCode.ALREADY_EXISTS,
     "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "failed_precondition": grpc.StatusCode.FAILED_PRECONDITION,
     "internal": grpc.StatusCode.INTERNAL,
@@ -64,12 +75,7 @@ def prompt_of(request: pb.GenerateRequest) -> str | list[int]:
 
 
 def reject_unsupported(request: pb.GenerateRequest, model_id: str) -> None:
-    """Adapters, experts and constraints arrive in later releases; say so instead of ignoring."""
-    if request.HasField("adapter_id"):
-        raise RequestRejected(
-            grpc.StatusCode.NOT_FOUND,
-            f"adapter {request.adapter_id!r} is not loaded on model {model_id!r}",
-        )
+    """Experts and constraints arrive in later releases; say so instead of ignoring them."""
     if request.experts:
         raise RequestRejected(
             grpc.StatusCode.NOT_FOUND,
@@ -93,6 +99,82 @@ def engine_request(
         output=_output(request.output),
         # The engine restamps it when it accepts the request; this one covers an abort before.
         arrival_time=time.monotonic(),
+        adapters=adapters_of(request),
+    )
+
+
+def adapters_of(request: pb.GenerateRequest) -> tuple[tuple[str, float], ...]:
+    """`adapter_id` (weight 1) or `adapter_mix`, not both; () runs the base model. Ids the
+    engine does not know, weights that are not finite and repeated ids are the engine's to
+    refuse."""
+    mix = request.adapter_mix
+    if request.HasField("adapter_id"):
+        if mix:
+            raise RequestRejected(
+                grpc.StatusCode.INVALID_ARGUMENT, "give adapter_id or adapter_mix, not both"
+            )
+        if not request.adapter_id:
+            raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, "adapter_id is empty")
+        return ((request.adapter_id, 1.0),)
+    if any(not ref.adapter_id for ref in mix):
+        raise RequestRejected(
+            grpc.StatusCode.INVALID_ARGUMENT, "adapter_mix has an entry without adapter_id"
+        )
+    return tuple((ref.adapter_id, ref.weight if ref.HasField("weight") else 1.0) for ref in mix)
+
+
+def adapter_to_load(request: pb.LoadAdapterRequest) -> tuple[str, str]:
+    """(adapter id, path) of a LoadAdapter request; both must be given."""
+    for name in ("adapter_id", "path"):
+        if not getattr(request, name):
+            raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, f"{name} is required")
+    return request.adapter_id, request.path
+
+
+_MERGE_METHODS = {
+    pb.MERGE_METHOD_UNSPECIFIED: "linear",
+    pb.MERGE_METHOD_LINEAR: "linear",
+    pb.MERGE_METHOD_SVD: "svd",
+    pb.MERGE_METHOD_TIES: "ties",
+    pb.MERGE_METHOD_DARE_LINEAR: "dare_linear",
+    pb.MERGE_METHOD_DARE_TIES: "dare_ties",
+}
+
+
+def merge_of(request: pb.MergeAdaptersRequest) -> tuple[str, list[tuple[str, float]], MergeSpec]:
+    """(new adapter id, (source id, weight) pairs, how) of a MergeAdapters request; the engine
+    checks the values (weights, density, rank) against the method."""
+    if not request.adapter_id:
+        raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, "adapter_id is required")
+    if not request.sources:
+        raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, "sources is empty")
+    if request.method not in _MERGE_METHODS:
+        raise RequestRejected(
+            grpc.StatusCode.INVALID_ARGUMENT, f"unknown merge method {request.method}"
+        )
+    sources = [
+        (ref.adapter_id, ref.weight if ref.HasField("weight") else 1.0) for ref in request.sources
+    ]
+    spec = MergeSpec(
+        method=_MERGE_METHODS[request.method],
+        density=request.density if request.HasField("density") else 1.0,
+        rank=request.rank if request.HasField("rank") else None,
+        seed=request.seed,
+        pin=request.pin,
+    )
+    return request.adapter_id, sources, spec
+
+
+def adapter_info(info: AdapterInfo) -> pb.AdapterInfo:
+    return pb.AdapterInfo(
+        adapter_id=info.adapter_id,
+        path=info.path,
+        rank=info.rank,
+        target_modules=info.target_modules,
+        state=_ADAPTER_STATES[info.state],
+        pinned=info.pinned,
+        size_bytes=info.size_bytes,
+        num_requests=info.num_requests,
     )
 
 

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import os
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -16,7 +17,10 @@ import grpc
 from engine.types import EngineError, FinishReason, Request, RequestOutput
 from server.mapping import (
     RequestRejected,
+    adapter_info,
+    adapter_to_load,
     engine_request,
+    merge_of,
     prompt_of,
     reject_unsupported,
     responses,
@@ -278,32 +282,54 @@ async def _prompt_token_ids(engine: AsyncEngine, prompt: str | list[int]) -> lis
 
 
 class RegistryServicer(pb_grpc.RegistryServicer):
-    def __init__(self, state: ServingState) -> None:
+    def __init__(self, state: ServingState, merged_adapter_dir: str) -> None:
         self._state = state
+        self._merged_adapter_dir = merged_adapter_dir
 
     @_translate_errors
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(
-            models=[
-                pb.ModelInfo(
-                    id=model_id,
-                    vocab_size=engine.tokenizer.vocab_size,
-                    max_prompt_tokens=engine.limits.max_prompt_tokens,
-                    max_new_tokens=engine.limits.max_new_tokens,
-                )
-                for model_id, engine in self._state.engines.items()
-            ]
+            models=[_model_info(name, engine) for name, engine in self._state.engines.items()]
         )
 
     @_translate_errors
-    async def LoadAdapter(self, request: pb.LoadAdapterRequest, context: Any) -> None:
-        _not_yet("LoadAdapter", "LoRA adapters")
+    async def LoadAdapter(
+        self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LoadAdapterResponse:
+        self._state.check_accepting()
+        adapter_id, path = adapter_to_load(request)
+        engine = self._state.resolve(request.model)
+        # Reads and validates the files on the engine's loader threads: streams keep going.
+        info = await engine.load_adapter(adapter_id, path, pin=request.pin)
+        log.info("loaded adapter %s on %s from %s", adapter_id, engine.model_id, path)
+        return pb.LoadAdapterResponse(adapter=adapter_info(info))
 
     @_translate_errors
-    async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context: Any) -> None:
-        _not_yet("UnloadAdapter", "LoRA adapters")
+    async def UnloadAdapter(
+        self, request: pb.UnloadAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnloadAdapterResponse:
+        self._state.check_accepting()
+        engine = self._state.resolve(request.model)
+        engine.remove_adapter(request.adapter_id)
+        log.info("unloaded adapter %s from %s", request.adapter_id, engine.model_id)
+        return pb.UnloadAdapterResponse()
+
+    @_translate_errors
+    async def MergeAdapters(
+        self, request: pb.MergeAdaptersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.MergeAdaptersResponse:
+        self._state.check_accepting()
+        adapter_id, sources, spec = merge_of(request)
+        engine = self._state.resolve(request.model)
+        # A fresh directory per merge: ids may be reused after an unload, files never are.
+        out_dir = os.path.join(
+            self._merged_adapter_dir, engine.model_id, f"{adapter_id}-{uuid.uuid4().hex[:12]}"
+        )
+        info = await engine.merge_adapters(adapter_id, sources, out_dir, spec)
+        log.info("merged %s into adapter %s on %s", sources, adapter_id, engine.model_id)
+        return pb.MergeAdaptersResponse(adapter=adapter_info(info))
 
     @_translate_errors
     async def LoadExpert(self, request: pb.LoadExpertRequest, context: Any) -> None:
@@ -312,6 +338,19 @@ class RegistryServicer(pb_grpc.RegistryServicer):
     @_translate_errors
     async def UnloadExpert(self, request: pb.UnloadExpertRequest, context: Any) -> None:
         _not_yet("UnloadExpert", "small experts")
+
+
+def _model_info(model_id: str, engine: AsyncEngine) -> pb.ModelInfo:
+    config = engine.config
+    return pb.ModelInfo(
+        id=model_id,
+        vocab_size=engine.tokenizer.vocab_size,
+        max_prompt_tokens=engine.limits.max_prompt_tokens,
+        max_new_tokens=engine.limits.max_new_tokens,
+        adapters=[adapter_info(info) for info in engine.adapter_infos()],
+        adapter_slots=config.adapter_slots,
+        adapter_host_cache=config.adapter_host_cache,
+    )
 
 
 def _not_yet(method: str, feature: str) -> None:

@@ -213,14 +213,17 @@ def start_server(
 
 @pytest.fixture(scope="session")
 def server_factory(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Iterator:
-    """server_factory(*extra_args, env=...) -> a ServerProcess of the tiny model; all are stopped
-    at the end of the session."""
+    """server_factory(*extra_args, env=..., tiny_model=True) -> a ServerProcess of the tiny model
+    (without it: only what extra_args and env say); all are stopped at the end of the session."""
     started: list[ServerProcess] = []
 
-    def start(*extra_args: str, env: dict[str, str] | None = None) -> ServerProcess:
+    def start(
+        *extra_args: str, env: dict[str, str] | None = None, tiny_model: bool = True
+    ) -> ServerProcess:
+        model_args = ["--model", str(tiny_llama_dir)] if tiny_model else []
         server = start_server(
             tmp_path_factory.mktemp("server"),
-            ["--model", str(tiny_llama_dir), "--kv-cache-mb", "4", *extra_args],
+            [*model_args, "--kv-cache-mb", "4", *extra_args],
             env,
         )
         started.append(server)

@@ -98,8 +98,6 @@ def test_bad_tokenize_request(server) -> None:
 
 
 REGISTRY_LATER = {
-    "LoadAdapter": pb.LoadAdapterRequest(adapter_id="a", path="/nowhere", model="tiny-llama"),
-    "UnloadAdapter": pb.UnloadAdapterRequest(adapter_id="a", model="tiny-llama"),
     "LoadExpert": pb.LoadExpertRequest(expert_id="e", path="/nowhere", model="tiny-llama"),
     "UnloadExpert": pb.UnloadExpertRequest(expert_id="e", model="tiny-llama"),
 }

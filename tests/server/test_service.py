@@ -30,7 +30,8 @@ def test_reflection_lists_and_describes_the_services(server) -> None:
     assert {m.name for m in generation.methods} == {"Generate", "Tokenize", "Abort"}
     registry = pool.FindServiceByName("tandem.v1.Registry")
     assert {m.name for m in registry.methods} == {
-        "ListModels", "LoadAdapter", "UnloadAdapter", "LoadExpert", "UnloadExpert",
+        "ListModels", "LoadAdapter", "UnloadAdapter", "MergeAdapters", "LoadExpert",
+        "UnloadExpert",
     }  # fmt: skip
 
 

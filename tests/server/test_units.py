@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from server.config import parse_model_spec
+from server.config import EngineOptions, parse_adapter_spec, parse_model_spec
 from server.gen_proto import PROTO_ROOT, generate
 
 GENERATED = ("tandem_pb2.py", "tandem_pb2_grpc.py", "tandem_pb2.pyi")
@@ -46,3 +46,36 @@ def test_client_and_servicer_modules_do_not_import_torch() -> None:
 def test_model_spec(value: str, model_id: str, path: str) -> None:
     spec = parse_model_spec(value)
     assert (spec.model_id, spec.path) == (model_id, path)
+
+
+@pytest.mark.parametrize(
+    "value, spec",
+    [
+        ("sql=/adapters/sql", ("", "sql", "/adapters/sql")),
+        ("big:sql=/adapters/sql", ("big", "sql", "/adapters/sql")),
+        ("lora-add=/kit/lora-add", ("", "lora-add", "/kit/lora-add")),
+        ("sql=/adapters/lr=1e-4", ("", "sql", "/adapters/lr=1e-4")),
+    ],
+)
+def test_adapter_spec(value: str, spec: tuple[str, str, str]) -> None:
+    parsed = parse_adapter_spec(value)
+    assert (parsed.model, parsed.adapter_id, parsed.path) == spec
+
+
+@pytest.mark.parametrize("value", ["/adapters/sql", "=/adapters/sql", "sql=", "big:=/x", "a/b=/x"])
+def test_bad_adapter_spec(value: str) -> None:
+    with pytest.raises(ValueError, match="MODEL:"):
+        parse_adapter_spec(value)
+
+
+def test_adapter_capacities() -> None:
+    from server.engines import engine_config
+
+    assert engine_config(EngineOptions()).adapter_slots == 16
+    assert engine_config(EngineOptions()).adapter_host_cache == 128
+    # A host cache smaller than the default slots: as many slots as it holds.
+    assert engine_config(EngineOptions(adapter_host_cache=4)).adapter_slots == 4
+    with pytest.raises(ValueError, match="--adapter-host-cache"):
+        EngineOptions(adapter_slots=8, adapter_host_cache=4)
+    with pytest.raises(ValueError, match="--adapter-slots"):
+        EngineOptions(adapter_slots=0)

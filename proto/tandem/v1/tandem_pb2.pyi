@@ -28,6 +28,22 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_STOP_TOKEN: _ClassVar[FinishReason]
     FINISH_REASON_STOP_STRING: _ClassVar[FinishReason]
     FINISH_REASON_ABORTED: _ClassVar[FinishReason]
+
+class AdapterState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ADAPTER_STATE_UNSPECIFIED: _ClassVar[AdapterState]
+    ADAPTER_STATE_ON_DISK: _ClassVar[AdapterState]
+    ADAPTER_STATE_HOST: _ClassVar[AdapterState]
+    ADAPTER_STATE_DEVICE: _ClassVar[AdapterState]
+
+class MergeMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MERGE_METHOD_UNSPECIFIED: _ClassVar[MergeMethod]
+    MERGE_METHOD_LINEAR: _ClassVar[MergeMethod]
+    MERGE_METHOD_SVD: _ClassVar[MergeMethod]
+    MERGE_METHOD_TIES: _ClassVar[MergeMethod]
+    MERGE_METHOD_DARE_LINEAR: _ClassVar[MergeMethod]
+    MERGE_METHOD_DARE_TIES: _ClassVar[MergeMethod]
 FUSION_MODE_UNSPECIFIED: FusionMode
 FUSION_MODE_STATIC: FusionMode
 FUSION_MODE_DYNAMIC: FusionMode
@@ -41,9 +57,19 @@ FINISH_REASON_EOS: FinishReason
 FINISH_REASON_STOP_TOKEN: FinishReason
 FINISH_REASON_STOP_STRING: FinishReason
 FINISH_REASON_ABORTED: FinishReason
+ADAPTER_STATE_UNSPECIFIED: AdapterState
+ADAPTER_STATE_ON_DISK: AdapterState
+ADAPTER_STATE_HOST: AdapterState
+ADAPTER_STATE_DEVICE: AdapterState
+MERGE_METHOD_UNSPECIFIED: MergeMethod
+MERGE_METHOD_LINEAR: MergeMethod
+MERGE_METHOD_SVD: MergeMethod
+MERGE_METHOD_TIES: MergeMethod
+MERGE_METHOD_DARE_LINEAR: MergeMethod
+MERGE_METHOD_DARE_TIES: MergeMethod
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "model", "adapter_id", "experts", "text", "token_ids", "sampling", "stopping", "constraint", "fusion", "output")
+    __slots__ = ("request_id", "model", "adapter_id", "experts", "text", "token_ids", "sampling", "stopping", "constraint", "fusion", "output", "adapter_mix")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +81,7 @@ class GenerateRequest(_message.Message):
     CONSTRAINT_FIELD_NUMBER: _ClassVar[int]
     FUSION_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_MIX_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     adapter_id: str
@@ -66,7 +93,16 @@ class GenerateRequest(_message.Message):
     constraint: Constraint
     fusion: FusionOptions
     output: OutputOptions
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., adapter_id: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ..., constraint: _Optional[_Union[Constraint, _Mapping]] = ..., fusion: _Optional[_Union[FusionOptions, _Mapping]] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ...) -> None: ...
+    adapter_mix: _containers.RepeatedCompositeFieldContainer[AdapterRef]
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., adapter_id: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ..., constraint: _Optional[_Union[Constraint, _Mapping]] = ..., fusion: _Optional[_Union[FusionOptions, _Mapping]] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., adapter_mix: _Optional[_Iterable[_Union[AdapterRef, _Mapping]]] = ...) -> None: ...
+
+class AdapterRef(_message.Message):
+    __slots__ = ("adapter_id", "weight")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    weight: float
+    def __init__(self, adapter_id: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
@@ -249,26 +285,44 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("id", "vocab_size", "max_prompt_tokens", "max_new_tokens", "adapters", "experts")
+    __slots__ = ("id", "vocab_size", "max_prompt_tokens", "max_new_tokens", "adapters", "experts", "adapter_slots", "adapter_host_cache")
     ID_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_HOST_CACHE_FIELD_NUMBER: _ClassVar[int]
     id: str
     vocab_size: int
     max_prompt_tokens: int
     max_new_tokens: int
     adapters: _containers.RepeatedCompositeFieldContainer[AdapterInfo]
     experts: _containers.RepeatedCompositeFieldContainer[ExpertInfo]
-    def __init__(self, id: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., experts: _Optional[_Iterable[_Union[ExpertInfo, _Mapping]]] = ...) -> None: ...
+    adapter_slots: int
+    adapter_host_cache: int
+    def __init__(self, id: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., experts: _Optional[_Iterable[_Union[ExpertInfo, _Mapping]]] = ..., adapter_slots: _Optional[int] = ..., adapter_host_cache: _Optional[int] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("adapter_id",)
+    __slots__ = ("adapter_id", "path", "rank", "target_modules", "state", "pinned", "size_bytes", "num_requests")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
-    def __init__(self, adapter_id: _Optional[str] = ...) -> None: ...
+    path: str
+    rank: int
+    target_modules: _containers.RepeatedScalarFieldContainer[str]
+    state: AdapterState
+    pinned: bool
+    size_bytes: int
+    num_requests: int
+    def __init__(self, adapter_id: _Optional[str] = ..., path: _Optional[str] = ..., rank: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[AdapterState, str]] = ..., pinned: _Optional[bool] = ..., size_bytes: _Optional[int] = ..., num_requests: _Optional[int] = ...) -> None: ...
 
 class ExpertInfo(_message.Message):
     __slots__ = ("expert_id",)
@@ -277,18 +331,22 @@ class ExpertInfo(_message.Message):
     def __init__(self, expert_id: _Optional[str] = ...) -> None: ...
 
 class LoadAdapterRequest(_message.Message):
-    __slots__ = ("adapter_id", "path", "model")
+    __slots__ = ("adapter_id", "path", "model", "pin")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    PIN_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     path: str
     model: str
-    def __init__(self, adapter_id: _Optional[str] = ..., path: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+    pin: bool
+    def __init__(self, adapter_id: _Optional[str] = ..., path: _Optional[str] = ..., model: _Optional[str] = ..., pin: _Optional[bool] = ...) -> None: ...
 
 class LoadAdapterResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("adapter",)
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    adapter: AdapterInfo
+    def __init__(self, adapter: _Optional[_Union[AdapterInfo, _Mapping]] = ...) -> None: ...
 
 class UnloadAdapterRequest(_message.Message):
     __slots__ = ("adapter_id", "model")
@@ -301,6 +359,32 @@ class UnloadAdapterRequest(_message.Message):
 class UnloadAdapterResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class MergeAdaptersRequest(_message.Message):
+    __slots__ = ("adapter_id", "model", "sources", "method", "density", "rank", "seed", "pin")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    PIN_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    model: str
+    sources: _containers.RepeatedCompositeFieldContainer[AdapterRef]
+    method: MergeMethod
+    density: float
+    rank: int
+    seed: int
+    pin: bool
+    def __init__(self, adapter_id: _Optional[str] = ..., model: _Optional[str] = ..., sources: _Optional[_Iterable[_Union[AdapterRef, _Mapping]]] = ..., method: _Optional[_Union[MergeMethod, str]] = ..., density: _Optional[float] = ..., rank: _Optional[int] = ..., seed: _Optional[int] = ..., pin: _Optional[bool] = ...) -> None: ...
+
+class MergeAdaptersResponse(_message.Message):
+    __slots__ = ("adapter",)
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    adapter: AdapterInfo
+    def __init__(self, adapter: _Optional[_Union[AdapterInfo, _Mapping]] = ...) -> None: ...
 
 class LoadExpertRequest(_message.Message):
     __slots__ = ("expert_id", "path", "model", "small_base")

@@ -210,6 +210,11 @@ class RegistryStub:
                 request_serializer=tandem_dot_v1_dot_tandem__pb2.UnloadAdapterRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_tandem__pb2.UnloadAdapterResponse.FromString,
                 _registered_method=True)
+        self.MergeAdapters = channel.unary_unary(
+                '/tandem.v1.Registry/MergeAdapters',
+                request_serializer=tandem_dot_v1_dot_tandem__pb2.MergeAdaptersRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_tandem__pb2.MergeAdaptersResponse.FromString,
+                _registered_method=True)
         self.LoadExpert = channel.unary_unary(
                 '/tandem.v1.Registry/LoadExpert',
                 request_serializer=tandem_dot_v1_dot_tandem__pb2.LoadExpertRequest.SerializeToString,
@@ -243,6 +248,13 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MergeAdapters(self, request, context):
+        """Creates a new adapter from registered ones (no merged copy of the base model).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def LoadExpert(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -272,6 +284,11 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.UnloadAdapter,
                     request_deserializer=tandem_dot_v1_dot_tandem__pb2.UnloadAdapterRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_tandem__pb2.UnloadAdapterResponse.SerializeToString,
+            ),
+            'MergeAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.MergeAdapters,
+                    request_deserializer=tandem_dot_v1_dot_tandem__pb2.MergeAdaptersRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_tandem__pb2.MergeAdaptersResponse.SerializeToString,
             ),
             'LoadExpert': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadExpert,
@@ -365,6 +382,33 @@ class Registry:
             '/tandem.v1.Registry/UnloadAdapter',
             tandem_dot_v1_dot_tandem__pb2.UnloadAdapterRequest.SerializeToString,
             tandem_dot_v1_dot_tandem__pb2.UnloadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MergeAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Registry/MergeAdapters',
+            tandem_dot_v1_dot_tandem__pb2.MergeAdaptersRequest.SerializeToString,
+            tandem_dot_v1_dot_tandem__pb2.MergeAdaptersResponse.FromString,
             options,
             channel_credentials,
             insecure,

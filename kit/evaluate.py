@@ -1,0 +1,109 @@
+"""`tandem eval`: score a model on a kit task's held-out examples through Tandem's own engine.
+
+Generation is greedy, up to the task's token budget, ending at EOS or the first newline; the
+answer is scored by exact match (the same JSON value for JSON tasks). `--task ppl` reports the
+perplexity of held-out general text instead.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from engine.llm_engine import EngineConfig, LLMEngine
+from engine.scoring import token_logprobs
+from engine.types import Request, SamplingParams, StoppingCriteria
+from kit import tasks
+from kit.tasks import ANSWER_STOP, Task
+
+PERPLEXITY_TASK = "ppl"
+_EVAL_ADAPTER = "eval-adapter"
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    task: str
+    model: str
+    adapter: str | None = None
+    limit: int | None = None
+    dtype: str | None = None
+    details: bool = False  # include every example's prompt, output and score
+
+
+def evaluate(options: EvalOptions) -> dict[str, object]:
+    """One JSON-ready result: task, n, accuracy (or perplexity), and what was evaluated."""
+    engine = _engine(options)
+    started = time.monotonic()
+    if options.task == PERPLEXITY_TASK:
+        result = perplexity(engine, options.limit)
+    else:
+        adapters = ((_EVAL_ADAPTER, 1.0),) if options.adapter else ()
+        result = task_accuracy(
+            engine, tasks.get_task(options.task), options.limit, adapters, options.details
+        )
+    return {
+        "task": options.task,
+        "model": options.model,
+        "adapter": options.adapter,
+        **result,
+        "seconds": round(time.monotonic() - started, 2),
+    }
+
+
+def _engine(options: EvalOptions) -> LLMEngine:
+    engine = LLMEngine.from_dir(
+        options.model, EngineConfig(max_num_seqs=64, kv_cache_bytes=256 << 20, dtype=options.dtype)
+    )
+    if options.adapter:
+        engine.load_adapter(_EVAL_ADAPTER, options.adapter)
+    return engine
+
+
+def task_accuracy(
+    engine: LLMEngine,
+    task: Task,
+    limit: int | None = None,
+    adapters: tuple[tuple[str, float], ...] = (),
+    details: bool = False,
+) -> dict[str, object]:
+    examples = tasks.held_out_examples(task)[:limit]
+    requests = [
+        Request(
+            request_id=str(index),
+            prompt_token_ids=engine.tokenizer.encode(example.prompt),
+            sampling=SamplingParams(temperature=0.0),
+            stopping=StoppingCriteria(max_new_tokens=task.max_new_tokens, stop=(ANSWER_STOP,)),
+            adapters=adapters,
+        )
+        for index, example in enumerate(examples)
+    ]
+    outputs = engine.generate(requests)
+    scored = [
+        (example, outputs[str(index)].text, task.score(outputs[str(index)].text, example.answer))
+        for index, example in enumerate(examples)
+    ]
+    correct = sum(ok for _, _, ok in scored)
+    result: dict[str, object] = {
+        "n": len(examples),
+        "correct": correct,
+        "accuracy": correct / len(examples),
+    }
+    if details:
+        result["examples"] = [
+            {"prompt": ex.prompt, "answer": ex.answer, "output": out, "correct": ok}
+            for ex, out, ok in scored
+        ]
+    return result
+
+
+def perplexity(engine: LLMEngine, limit: int | None = None) -> dict[str, object]:
+    """exp(mean negative log-likelihood) over every token of the held-out documents after BOS."""
+    documents = tasks.perplexity_documents()[:limit]
+    total, count = 0.0, 0
+    for document in documents:
+        ids = [*engine.tokenizer.encode(document), engine.tokenizer.eos_token_ids[0]]
+        logprobs = token_logprobs(engine, ids)
+        total -= sum(logprobs)
+        count += len(logprobs)
+    return {"n": len(documents), "tokens": count, "perplexity": math.exp(total / count)}

@@ -1,0 +1,247 @@
+"""kernels.lora: the PyTorch path (dense and segmented) and the Triton kernels (interpreted on CPU
+tensors, TRITON_INTERPRET=1) against a float64 loop over the entries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import lora
+from kernels.lora import LoraMapping, LoraStack, lora_ref, lora_triton
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+needs_triton = pytest.mark.skipif(not lora.triton_available(), reason="triton is not installed")
+
+
+def make_stack(
+    ranks: tuple[int, ...],
+    slices: tuple[tuple[int, int], ...],
+    k: int,
+    dtype: torch.dtype,
+    column_major: bool = False,
+) -> LoraStack:
+    """column_major: B as a transposed view (the kernels take any strides)."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(len(slices), sum(ranks), k, generator=generator) / k**0.5
+    b = torch.randn(sum(width for _, width in slices), sum(ranks), generator=generator)
+    b = b.to(dtype)
+    if column_major:
+        b = b.t().contiguous().t()
+    return LoraStack(a.to(dtype), b, slices, ranks)
+
+
+def expected(y: torch.Tensor, x: torch.Tensor, stack: LoraStack, runs: list) -> torch.Tensor:
+    """float64, one (row, slot) entry at a time."""
+    out = y.double().clone()
+    for first, count, uses in runs:
+        for row in range(first, first + count):
+            for slot, weight in uses:
+                rank, column = stack.slot_ranks[slot], stack.slot_offsets[slot]
+                for p, (start, width) in enumerate(stack.slices):
+                    a = stack.a[p, column : column + rank].double()
+                    b = stack.b_slices[p][:, column : column + rank].double()
+                    out[row, start : start + width] += weight * (b @ (a @ x[row].double()))
+    return out
+
+
+# (name, slot ranks, slices (first column, width) of an output of width N, K, N, runs,
+# B column-major)
+CASES = [
+    (
+        # Decode-sized: mixed ranks padded to one tile, a rank-0 slot, a slot nobody uses (an
+        # empty segment), rows without adapters, a row with two adapters (two waves), slices
+        # with a gap (q and v of a fused qkv without k).
+        "decode",
+        (4, 0, 17, 1, 8),
+        ((0, 40), (64, 24)),
+        100,
+        88,
+        [(0, 1, [(0, 1.0)]), (1, 1, []), (2, 1, [(2, 0.5), (3, -1.0)]), (3, 2, [(2, 1.0)])],
+        False,
+    ),
+    (
+        # B column-major: the segmented path and the Triton kernels take any strides.
+        "decode-column-major-b",
+        (8, 3),
+        ((0, 40), (40, 40)),
+        64,
+        80,
+        [(0, 2, [(1, 1.0)]), (2, 1, [(0, 1.0)]), (3, 1, [])],
+        True,
+    ),
+    (
+        # Prefill-sized: segments longer than one 16-row tile, the largest rank.
+        "prefill",
+        (64, 16),
+        ((0, 96),),
+        80,
+        96,
+        [(0, 30, [(1, 1.0)]), (30, 7, []), (37, 20, [(0, 0.25), (1, 2.0)]), (57, 3, [(0, 1.0)])],
+        False,
+    ),
+]
+
+
+def case_inputs(case: tuple, dtype: torch.dtype) -> tuple:
+    _, ranks, slices, k, n, runs, column_major = case
+    stack = make_stack(ranks, slices, k, dtype, column_major)
+    tokens = max(first + count for first, count, _ in runs)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(tokens, k, generator=generator).to(dtype)
+    y = torch.randn(tokens, n, generator=generator).to(dtype)
+    mapping = LoraMapping.build(tokens, len(ranks), runs)
+    return stack, x, y, mapping, runs
+
+
+def check(result: torch.Tensor, oracle: torch.Tensor, dtype: torch.dtype) -> None:
+    if dtype == torch.float32:
+        torch.testing.assert_close(result.double(), oracle, atol=1e-4, rtol=1e-5)
+    else:  # y is rounded to bf16 once more than the oracle
+        torch.testing.assert_close(result.double(), oracle, atol=0.05, rtol=0.02)
+
+
+@pytest.fixture(params=["dense", "segmented"])
+def ref_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setattr(lora, "DENSE_MAX_CELLS", 10**9 if request.param == "dense" else 0)
+    return request.param
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_reference_against_float64(case: tuple, dtype: torch.dtype, ref_path: str) -> None:
+    stack, x, y, mapping, runs = case_inputs(case, dtype)
+    oracle = expected(y, x, stack, runs)
+    untouched = y.clone()
+    out = lora_ref(y, x, stack, mapping)
+    assert out is y
+    check(y, oracle, dtype)
+    # Rows without adapters are left bit for bit as they were.
+    adapted = {row for first, count, uses in runs if uses for row in range(first, first + count)}
+    for row in set(range(y.shape[0])) - adapted:
+        assert torch.equal(y[row], untouched[row])
+
+
+@pytest.fixture
+def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run the Triton kernels in Triton's interpreter (read when they are first launched)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@needs_triton
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_triton_equals_reference(
+    case: tuple, dtype: torch.dtype, split_k: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lora, "_split_k", lambda *_: split_k)
+    stack, x, y, mapping, runs = case_inputs(case, dtype)
+    oracle = expected(y, x, stack, runs)
+    reference = lora_ref(y.clone(), x, stack, mapping)
+    out = lora_triton(y, x, stack, mapping)
+    assert out is y
+    check(y, oracle, dtype)
+    tolerance = 1e-5 if dtype == torch.float32 else 0.05
+    torch.testing.assert_close(y, reference, atol=tolerance, rtol=tolerance)
+
+
+@needs_triton
+@pytest.mark.usefixtures("interpret")
+def test_triton_without_entries_or_ranks_leaves_y(monkeypatch: pytest.MonkeyPatch) -> None:
+    stack = make_stack((3, 5), ((0, 16),), 32, torch.float32)
+    x, y = torch.randn(4, 32), torch.randn(4, 16)
+    before = y.clone()
+    for fn in (lora_ref, lora_triton):
+        fn(y, x, stack, LoraMapping.build(4, 2, [(0, 4, [])]))
+        assert torch.equal(y, before)
+    empty = make_stack((0, 0), ((0, 16),), 32, torch.float32)
+    for fn in (lora_ref, lora_triton):
+        fn(y, x, empty, LoraMapping.build(4, 2, [(0, 4, [(1, 1.0)])]))
+        assert torch.equal(y, before)
+
+
+def test_mapping_groups_entries_by_wave_then_slot() -> None:
+    mapping = LoraMapping.build(
+        6, 3, [(0, 2, [(2, 1.0), (0, 0.5)]), (2, 1, []), (3, 3, [(0, 2.0)])]
+    )
+    assert mapping.segments == ((0, 0, 3), (2, 3, 2), (0, 5, 2))  # (slot, first, length)
+    assert mapping.waves == ((0, 2), (2, 1))
+    assert mapping.token_indices.tolist() == [3, 4, 5, 0, 1, 0, 1]
+    assert mapping.token_weights.tolist() == [2.0, 2.0, 2.0, 1.0, 1.0, 0.5, 0.5]
+    weights = mapping.slot_weights()
+    assert weights.tolist() == [
+        [0.5, 0.0, 1.0],
+        [0.5, 0.0, 1.0],
+        [0.0, 0.0, 0.0],
+        [2.0, 0.0, 0.0],
+        [2.0, 0.0, 0.0],
+        [2.0, 0.0, 0.0],
+    ]
+    columns = mapping.column_mask((1, 2, 0), torch.bfloat16)
+    assert columns is not None and columns.dtype == torch.bfloat16
+    assert columns[0].tolist() == [0.5, 0.0, 0.0]
+    # One slot on every row with weight 1: no mask at all; weights 0 or 1: a bit mask.
+    single = LoraMapping.build(3, 1, [(0, 3, [(0, 1.0)])])
+    assert single.column_mask((4,), torch.float32) is None
+    bits = LoraMapping.build(3, 2, [(0, 1, [(1, 1.0)]), (1, 2, [(0, 1.0)])])
+    expected_bits = [[0, -1, -1], [-1, 0, 0], [-1, 0, 0]]
+    assert bits.column_mask((1, 2), torch.bfloat16).tolist() == expected_bits
+    assert bits.column_mask((1, 2), torch.float32).dtype == torch.float32
+    with pytest.raises(ValueError, match="slot 3"):
+        LoraMapping.build(2, 3, [(0, 2, [(3, 1.0)])])
+
+
+def test_stack_checks_its_shapes() -> None:
+    with pytest.raises(ValueError, match="A is"):
+        LoraStack(torch.zeros(1, 5, 8), torch.zeros(4, 6), ((0, 4),), (2, 4))
+    with pytest.raises(ValueError, match="B is"):
+        LoraStack(torch.zeros(1, 6, 8), torch.zeros(5, 6), ((0, 4),), (2, 4))
+
+
+
+@needs_triton
+def test_triton_kernels_compile_for_a_gpu() -> None:
+    """No GPU here: compile both kernels (bf16, the serving dtype) to PTX and SASS for an H100
+    (sm_90), which catches what the interpreter lets through (types, dot shapes, control
+    flow)."""
+    dtype = "bf16"
+    triton = lora.triton
+    if triton.knobs.runtime.interpret:
+        pytest.skip("TRITON_INTERPRET is set for the whole run")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    shrink, expand = lora._jitted(False)
+    precision = {"PRECISION": "ieee" if dtype == "fp32" else "tf32", "UPCAST": dtype == "fp32"}
+    pointers = {
+        "x_ptr": dtype,
+        "a_ptr": dtype,
+        "b_ptr": dtype,
+        "y_ptr": dtype,
+        "v_ptr": "fp32",
+        "weight_ptr": "fp32",
+        "token_ptr": "i64",
+        "seg_start_ptr": "i64",
+        "seg_len_ptr": "i64",
+        "seg_slot_ptr": "i64",
+    }
+    kernels = [
+        (shrink, {"BLOCK_M": 16, "BLOCK_R": 64, "BLOCK_K": 64, "SPLIT_K": 4, **precision}),
+        (expand, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_R": 16, **precision}),
+    ]
+    for kernel, constants in kernels:
+        signature = {}
+        for name in kernel.arg_names:
+            if name in constants:
+                signature[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                signature[name] = "*" + pointers.get(name, "i32")
+            else:
+                signature[name] = "i64" if name.startswith("stride") else "i32"
+        constexprs = {(kernel.arg_names.index(k),): v for k, v in constants.items()}
+        source = ASTSource(kernel, signature, constexprs=constexprs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+        assert "sass" in compiled.asm or "cubin" in compiled.asm
