@@ -27,7 +27,6 @@ from kernels.fusion import (
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 INF = math.inf
-needs_triton = pytest.mark.skipif(not fusion.triton_available(), reason="triton is not installed")
 
 
 @pytest.fixture
@@ -137,7 +136,6 @@ def test_static_reference_against_float64(case: tuple) -> None:
     torch.testing.assert_close(shared, per_row)
 
 
-@needs_triton
 @pytest.mark.usefixtures("interpret")
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -319,7 +317,6 @@ def test_kl_identities() -> None:
 SPLIT_CASES = [(case, 3) for case in CASES] + [(CASES[0], 1), (CASES[3], 1)]
 
 
-@needs_triton
 @pytest.mark.usefixtures("interpret")
 @pytest.mark.parametrize(
     ("case", "splits"), SPLIT_CASES, ids=[f"{case[0]}-split{n}" for case, n in SPLIT_CASES]
@@ -342,7 +339,6 @@ def test_dynamic_triton_equals_reference(
     check_no_nan(costs, fused, alpha)
 
 
-@needs_triton
 @pytest.mark.usefixtures("interpret")
 def test_dynamic_triton_special_rows_and_grids(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fusion, "_num_splits", lambda *_: 2)
@@ -363,7 +359,6 @@ def test_dynamic_triton_special_rows_and_grids(monkeypatch: pytest.MonkeyPatch) 
         assert_same_choice((index, alpha), reference[1:], costs_ref.double(), values)
 
 
-@needs_triton
 @pytest.mark.usefixtures("interpret")
 def test_dynamic_triton_large_vocabulary(monkeypatch: pytest.MonkeyPatch) -> None:
     """V = 32768 + 7 in shares of the vocabulary (tail blocks masked), with -inf entries."""
@@ -381,7 +376,6 @@ def test_dynamic_triton_large_vocabulary(monkeypatch: pytest.MonkeyPatch) -> Non
     torch.testing.assert_close(fused, reference[0], atol=1e-5, rtol=1e-5)
 
 
-@needs_triton
 @pytest.mark.usefixtures("interpret")
 def test_dynamic_triton_bf16_logits() -> None:
     large, small, experts = case_logits(("bf16", 4, 2, 500, True), torch.bfloat16, seed=13)
@@ -428,15 +422,9 @@ def test_shapes_are_checked() -> None:
 
 
 
-@needs_triton
-def test_triton_kernels_compile_for_a_gpu() -> None:
+def test_triton_kernels_compile_for_a_gpu(compile_for_h100) -> None:
     """No GPU here: compile the three kernels (bf16 logits) to SASS for an H100 (sm_90), which
     catches what the interpreter lets through (types, shapes, control flow)."""
-    triton = fusion.triton
-    if triton.knobs.runtime.interpret:
-        pytest.skip("TRITON_INTERPRET is set for the whole run")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     apply, score, select = fusion._jitted(False)
     pointers = {
@@ -452,15 +440,4 @@ def test_triton_kernels_compile_for_a_gpu() -> None:
         (select, {"E_PAD": 4, "G_PAD": 32}),
     ]
     for kernel, constants in kernels:
-        signature = {}
-        for name in kernel.arg_names:
-            if name in constants:
-                signature[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                signature[name] = "*" + pointers.get(name, "fp32")
-            else:
-                signature[name] = "i64" if name.startswith("stride") else "i32"
-        constexprs = {(kernel.arg_names.index(k),): v for k, v in constants.items()}
-        source = ASTSource(kernel, signature, constexprs=constexprs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
-        assert "sass" in compiled.asm or "cubin" in compiled.asm
+        compile_for_h100(kernel, constants, pointers, "fp32")

@@ -12,7 +12,6 @@ from kernels import lora
 from kernels.lora import LoraMapping, LoraStack, lora_ref, lora_triton
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-needs_triton = pytest.mark.skipif(not lora.triton_available(), reason="triton is not installed")
 
 
 def make_stack(
@@ -129,7 +128,6 @@ def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-@needs_triton
 @pytest.mark.usefixtures("interpret")
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -148,7 +146,6 @@ def test_triton_equals_reference(
     torch.testing.assert_close(y, reference, atol=tolerance, rtol=tolerance)
 
 
-@needs_triton
 @pytest.mark.usefixtures("interpret")
 def test_triton_without_entries_or_ranks_leaves_y(monkeypatch: pytest.MonkeyPatch) -> None:
     stack = make_stack((3, 5), ((0, 16),), 32, torch.float32)
@@ -202,17 +199,11 @@ def test_stack_checks_its_shapes() -> None:
 
 
 
-@needs_triton
-def test_triton_kernels_compile_for_a_gpu() -> None:
+def test_triton_kernels_compile_for_a_gpu(compile_for_h100) -> None:
     """No GPU here: compile both kernels (bf16, the serving dtype) to PTX and SASS for an H100
     (sm_90), which catches what the interpreter lets through (types, dot shapes, control
     flow)."""
     dtype = "bf16"
-    triton = lora.triton
-    if triton.knobs.runtime.interpret:
-        pytest.skip("TRITON_INTERPRET is set for the whole run")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     shrink, expand = lora._jitted(False)
     precision = {"PRECISION": "ieee" if dtype == "fp32" else "tf32", "UPCAST": dtype == "fp32"}
@@ -233,15 +224,4 @@ def test_triton_kernels_compile_for_a_gpu() -> None:
         (expand, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_R": 16, **precision}),
     ]
     for kernel, constants in kernels:
-        signature = {}
-        for name in kernel.arg_names:
-            if name in constants:
-                signature[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                signature[name] = "*" + pointers.get(name, "i32")
-            else:
-                signature[name] = "i64" if name.startswith("stride") else "i32"
-        constexprs = {(kernel.arg_names.index(k),): v for k, v in constants.items()}
-        source = ASTSource(kernel, signature, constexprs=constexprs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
-        assert "sass" in compiled.asm or "cubin" in compiled.asm
+        compile_for_h100(kernel, constants, pointers, "i32")
