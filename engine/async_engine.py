@@ -27,6 +27,7 @@ from engine.lora import AdapterUse
 from engine.types import (
     AdapterInfo,
     EngineError,
+    ExpertInfo,
     InvalidRequest,
     MergeSpec,
     NotFound,
@@ -190,6 +191,21 @@ class AsyncEngine:
         if not infos:  # unloaded again meanwhile
             raise NotFound(f"unknown adapter {adapter_id!r}")
         return infos[0]
+
+    # ---- experts ------------------------------------------------------------------------------
+
+    async def load_expert(self, expert_id: str, path: str, small_base: str) -> ExpertInfo:
+        """Read, validate and register an expert (and its small base) on a loader thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._loader, self.engine.load_expert, expert_id, path, small_base
+        )
+
+    def remove_expert(self, expert_id: str) -> None:
+        self.engine.remove_expert(expert_id)
+
+    def expert_infos(self) -> list[ExpertInfo]:
+        return self.engine.expert_infos()
 
     # ---- the stepping thread ----------------------------------------------------------------
 

@@ -12,6 +12,8 @@ import torch
 from engine.adapters import AdapterRefs, AdapterRegistry
 from engine.batch import ForwardBatch
 from engine.detokenizer import IncrementalDetokenizer
+from engine.experts import Expert, ExpertRegistry
+from engine.fusion import FusionRow, FusionState, fuse, run_experts
 from engine.kv_cache import BlockAllocator, KVCache
 from engine.lora import AdapterStacks, AdapterUse, LoraAdapter, LoraBatch
 from engine.lora_merge import merge_adapters, save_adapter
@@ -24,6 +26,7 @@ from engine.tokenizer import Tokenizer
 from engine.types import (
     AdapterInfo,
     AlreadyExists,
+    ExpertInfo,
     FinishReason,
     InvalidRequest,
     MergeSpec,
@@ -52,6 +55,8 @@ class EngineConfig:
     # running requests use at once) and how many keep their tensors in host memory.
     adapter_slots: int = 16
     adapter_host_cache: int = 128
+    # Each small base's KV pool: its rows and those of its experts (one per fused sequence).
+    expert_kv_cache_bytes: int = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,9 @@ class LLMEngine:
             victim_key=self.adapters.victim_key,
         )
         self._stacks_version = self._adapter_stacks.version
+        self.experts = ExpertRegistry(
+            mc, tokenizer, model.dtype, config.expert_kv_cache_bytes, config.block_size
+        )
 
     @classmethod
     def from_dir(cls, path: str, config: EngineConfig | None = None) -> LLMEngine:
@@ -148,6 +156,31 @@ class LLMEngine:
         request.stopping.validate()
         request.output.validate()
         self.adapters.check(request.adapters)
+        if request.experts:
+            self._check_fusion(request, self.experts.check(request.experts))
+
+    def _check_fusion(self, request: Request, experts: tuple[Expert, ...]) -> None:
+        vocab = min(expert.vocab_size for expert in experts)
+        if max(request.prompt_token_ids) >= vocab:
+            raise InvalidRequest(f"token ids must be in [0, {vocab}) with these experts")
+        limit = self._max_tokens(experts)
+        if len(request.prompt_token_ids) >= limit:
+            raise InvalidRequest(
+                f"prompt has {len(request.prompt_token_ids)} tokens; with "
+                f"{len(experts)} expert(s) the small base's KV pool holds {limit} tokens per "
+                f"sequence (raise expert_kv_cache_bytes)"
+            )
+
+    def _max_tokens(self, experts: tuple[Expert, ...]) -> int:
+        """Prompt + output of one sequence: the context, and with experts what the small
+        base's KV pool holds for its 1 + len(experts) rows."""
+        if not experts:
+            return self.limits.max_seq_tokens
+        base = experts[0].small_base
+        pool_tokens = base.num_blocks // (1 + len(experts)) * self.config.block_size
+        return min(
+            self.limits.max_seq_tokens, pool_tokens, base.model.config.max_position_embeddings
+        )
 
     def add_request(self, request: Request, adapters: AdapterUse | None = None) -> None:
         """`adapters`: the request's adapters as `hold_adapters` returned them (the engine
@@ -163,6 +196,11 @@ class LLMEngine:
             raise
         if adapters is None:
             adapters = self.adapters.hold(request.adapters) or ()
+        try:
+            fusion = self._fusion_state(request)
+        except BaseException:
+            self.adapters.release(adapters)
+            raise
         if not request.arrival_time:
             request.arrival_time = time.monotonic()
         seq = Sequence(
@@ -174,16 +212,24 @@ class LLMEngine:
             else None,
             generator=request_generator(request.sampling.seed),
             adapters=adapters,
+            fusion=fusion,
+            max_tokens=self._max_tokens(fusion.experts if fusion else ()),
         )
         self._seqs[request.request_id] = seq
         self.scheduler.add(seq)
+
+    def _fusion_state(self, request: Request) -> FusionState | None:
+        if not request.experts:
+            return None
+        experts = self.experts.hold(request.experts)
+        alphas = tuple(1.0 if weight is None else weight for _, weight in request.experts)
+        return FusionState(experts, alphas, request.fusion_mode, request.fusion_routing)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         seq = self._seqs.pop(request_id, None)
         if seq is None:
             return None
-        self.scheduler.finish(seq)
-        self.adapters.release(seq.adapters)
+        self._release(seq)
         seq.finish_reason = FinishReason.ABORTED
         return self._take_output(seq)
 
@@ -260,6 +306,25 @@ class LLMEngine:
         save_adapter(merged, out_dir)
         return self.load_adapter(adapter_id, out_dir, spec.pin)
 
+    # ---- experts (dynamic logit fusion) -----------------------------------------------------
+    # Thread-safe like the adapter methods; load_expert reads files (blocking).
+
+    def load_expert(self, expert_id: str, path: str | Path, small_base: str | Path) -> ExpertInfo:
+        """Load an expert (a full small model directory, or a PEFT LoRA adapter on
+        `small_base`) and its small base (once per directory, shared) and register it.
+        Errors: AlreadyExists; ExpertError (kind "not_found" for a missing directory or file,
+        else "failed_precondition": tokenizer or vocabulary differs from this model's, an
+        expert whose shape differs from its small base, an unsupported model)."""
+        return self.experts.load(expert_id, path, small_base)
+
+    def remove_expert(self, expert_id: str) -> None:
+        """Unregister an expert (NotFound if unknown): new requests naming it get NotFound,
+        running ones finish with it."""
+        self.experts.remove(expert_id)
+
+    def expert_infos(self) -> list[ExpertInfo]:
+        return self.experts.infos()
+
     # ---- the step -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
@@ -270,11 +335,43 @@ class LLMEngine:
             self._forward_batch(scheduled), self.kv, self._lora_batch(scheduled)
         )
         sampling = [s.seq for s in scheduled if s.samples]
+        if any(s.seq.fusion for s in scheduled):
+            self._fuse(scheduled, sampling, logits)
         for s in scheduled:
             s.seq.num_computed += s.num_new_tokens
         if sampling:
             self._sample_and_append(sampling, logits)
         return [self._take_output(seq) for seq in sampling]
+
+    @torch.inference_mode()
+    def _fuse(
+        self, scheduled: list[ScheduledSequence], sampling: list[Sequence], logits: torch.Tensor
+    ) -> None:
+        """Run the experts' small models on the step's fused sequences and fuse the logits of
+        those that sample (in place); their alphas go to the output when asked for."""
+        rows = [
+            FusionRow(
+                state=s.seq.fusion,
+                token_ids=s.seq.token_ids[
+                    s.seq.num_computed : s.seq.num_computed + s.num_new_tokens
+                ],
+                context_len=s.seq.num_computed + s.num_new_tokens,
+                samples=s.samples,
+            )
+            for s in scheduled
+            if s.seq.fusion is not None
+        ]
+        small = run_experts(rows, self.config.block_size)
+        fused = [i for i, seq in enumerate(sampling) if seq.fusion is not None]
+        if not fused:
+            return
+        view = logits[fused]
+        alphas = fuse([sampling[i].fusion for i in fused], view, small)
+        logits[fused] = view
+        for i, row_alphas in zip(fused, alphas, strict=True):
+            seq = sampling[i]
+            if seq.request.output.fusion_weights:
+                seq.pending_fusion_weights.append(row_alphas)
 
     def _forward_batch(self, scheduled: list[ScheduledSequence]) -> ForwardBatch:
         return ForwardBatch.build(
@@ -340,8 +437,7 @@ class LLMEngine:
         else:
             reason = self._push_text(seq, seq.detokenizer.push([token]))
         if reason is None and (
-            seq.num_output_tokens >= stopping.max_new_tokens
-            or len(seq.token_ids) >= self.limits.max_seq_tokens
+            seq.num_output_tokens >= stopping.max_new_tokens or len(seq.token_ids) >= seq.max_tokens
         ):
             reason = FinishReason.LENGTH
         if reason is not None:
@@ -361,9 +457,14 @@ class LLMEngine:
             if seq.stop_matcher is not None:
                 seq.pending_text.append(seq.stop_matcher.flush())
         seq.finish_reason = reason
-        self.scheduler.finish(seq)
         self._seqs.pop(seq.request_id, None)
+        self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
         self.adapters.release(seq.adapters)
+        if seq.fusion is not None:
+            self.experts.release(seq.fusion.experts)
 
     def _take_output(self, seq: Sequence) -> RequestOutput:
         out = RequestOutput(
@@ -371,6 +472,7 @@ class LLMEngine:
             token_ids=seq.pending_token_ids,
             text="".join(seq.pending_text),
             logprobs=seq.pending_logprobs,
+            fusion_weights=seq.pending_fusion_weights,
             finish_reason=seq.finish_reason,
             prompt_tokens=seq.num_prompt_tokens,
             completion_tokens=seq.num_output_tokens,
@@ -379,6 +481,7 @@ class LLMEngine:
             first_token_time=seq.first_token_time,
         )
         seq.pending_token_ids, seq.pending_text, seq.pending_logprobs = [], [], []
+        seq.pending_fusion_weights = []
         return out
 
     # ---- convenience for tests and benchmarks ----------------------------------------------
@@ -400,6 +503,7 @@ def _merge(acc: RequestOutput | None, out: RequestOutput) -> RequestOutput:
     acc.token_ids = acc.token_ids + out.token_ids
     acc.text += out.text
     acc.logprobs = acc.logprobs + out.logprobs
+    acc.fusion_weights = acc.fusion_weights + out.fusion_weights
     acc.finish_reason = out.finish_reason
     acc.completion_tokens = out.completion_tokens
     acc.first_token_time = out.first_token_time

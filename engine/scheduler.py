@@ -112,8 +112,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.allocator.free_all(seq.block_table)
-        seq.block_table = []
+        self._free_blocks(seq)
         seq.status = SequenceStatus.FINISHED
 
     def _reserve(self, seq: Sequence, want: int, scheduled: list[ScheduledSequence]) -> bool:
@@ -138,19 +137,31 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         """Drop seq's cache; it goes back to the front of the queue and recomputes its tokens."""
         self.running.remove(seq)
-        self.allocator.free_all(seq.block_table)
-        seq.block_table = []
+        self._free_blocks(seq)
         seq.num_computed = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
     def _try_grow(self, seq: Sequence, num_tokens: int) -> bool:
-        needed = -(-num_tokens // self.config.block_size) - len(seq.block_table)
+        """Blocks for `num_tokens` in the cache, and for each small-model row of a fused
+        sequence in its small base's pool; all or nothing."""
+        num_blocks = -(-num_tokens // self.config.block_size)
+        needed = num_blocks - len(seq.block_table)
         if needed > self.allocator.num_free:
             return False
+        if seq.fusion is not None:
+            if not seq.fusion.can_grow(num_blocks):
+                return False
+            seq.fusion.grow(num_blocks)
         for _ in range(needed):
             seq.block_table.append(self.allocator.allocate())
         return True
+
+    def _free_blocks(self, seq: Sequence) -> None:
+        self.allocator.free_all(seq.block_table)
+        seq.block_table = []
+        if seq.fusion is not None:
+            seq.fusion.free()
 
 
 def _adapter_uids(seq: Sequence) -> set[int]:

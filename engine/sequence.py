@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.detokenizer import IncrementalDetokenizer
+from engine.fusion import FusionState
 from engine.lora import AdapterUse
 from engine.stopping import StopStringMatcher
 from engine.types import FinishReason, Request, TokenLogprob
@@ -29,6 +30,9 @@ class Sequence:
     # The request's LoRA adapters, resolved when it was added: a reference that outlives the
     # adapter's removal from the engine, so running requests finish with it.
     adapters: AdapterUse = ()
+    # Its experts and their KV rows when it names experts (dynamic logit fusion).
+    fusion: FusionState | None = None
+    max_tokens: int = 0  # prompt + output at most (the context, and the KV pools, hold it)
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
@@ -39,6 +43,7 @@ class Sequence:
     pending_token_ids: list[int] = field(default_factory=list)
     pending_text: list[str] = field(default_factory=list)
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    pending_fusion_weights: list[tuple[float, ...]] = field(default_factory=list)
 
     @property
     def request_id(self) -> str:

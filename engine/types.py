@@ -40,6 +40,18 @@ class AlreadyExists(EngineError):
     kind = "already_exists"
 
 
+class ExpertError(EngineError):
+    """An expert or small base that cannot steer this model (tokenizer, shapes: the message
+    says why) or whose files are unreadable; `kind` is "not_found" for a missing path."""
+
+    kind = "failed_precondition"
+
+    def __init__(self, message: str, kind: str | None = None) -> None:
+        super().__init__(message)
+        if kind is not None:
+            self.kind = kind
+
+
 class AdapterError(EngineError):
     """An adapter that cannot be used with this base model (the message says why), or whose
     files are unreadable; `kind` is "not_found" when the path or a file does not exist."""
@@ -96,10 +108,28 @@ class StoppingCriteria:
 class OutputOptions:
     logprobs: bool = False
     top_logprobs: int = 0  # number of alternatives per token, 0..20
+    fusion_weights: bool = False  # report the experts' alphas of each token
 
     def validate(self) -> None:
         if not 0 <= self.top_logprobs <= 20:
             raise InvalidRequest("top_logprobs must be in [0, 20]")
+
+
+class FusionMode(enum.Enum):
+    """How experts' logits are fused (design.md section 6)."""
+
+    STATIC = "static"  # fixed alpha per expert (proxy tuning)
+    DYNAMIC = "dynamic"  # per-step alpha by KL matching; one expert per step
+
+
+class FusionRouting(enum.Enum):
+    """Which expert dynamic fusion uses at a step when a request names several."""
+
+    # The expert under which the sequence so far (prompt and output) is most likely, relative
+    # to the small base: the task the text comes from. Its alpha is then chosen by KL matching.
+    LIKELIHOOD = "likelihood"
+    # The paper's: the (expert, alpha) of lowest KL-matching cost over every expert's grid.
+    KL = "kl"
 
 
 @dataclass
@@ -113,6 +143,11 @@ class Request:
     # LoRA adapters by id, each with its weight; () runs the base model, (("id", 1.0),) one
     # adapter. Several are applied together: y += sum_i w_i * scaling_i * B_i A_i x.
     adapters: tuple[tuple[str, float], ...] = ()
+    # Small experts fused into the logits at every step, by id, each with its fixed alpha for
+    # static fusion (None: 1.0; ignored by dynamic fusion). All must share one small base.
+    experts: tuple[tuple[str, float | None], ...] = ()
+    fusion_mode: FusionMode = FusionMode.DYNAMIC
+    fusion_routing: FusionRouting = FusionRouting.LIKELIHOOD
 
 
 class AdapterState(enum.Enum):
@@ -132,6 +167,15 @@ class AdapterInfo:
     state: AdapterState
     pinned: bool  # never evicted from host memory
     size_bytes: int  # its tensors in the model's dtype: the host memory it takes when loaded
+    num_requests: int  # requests in flight that use it
+
+
+@dataclass(frozen=True)
+class ExpertInfo:
+    expert_id: str
+    path: str  # the full small model or the PEFT adapter directory it was loaded from
+    small_base: str  # directory of the small model it was tuned from (the anti-expert)
+    is_adapter: bool  # a PEFT LoRA adapter on the small base (else a full model)
     num_requests: int  # requests in flight that use it
 
 
@@ -169,6 +213,9 @@ class RequestOutput:
     token_ids: list[int]
     text: str
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    # Per token when requested (OutputOptions.fusion_weights): the alpha of each of the
+    # request's experts, in the request's order (dynamic fusion: at most one is not 0).
+    fusion_weights: list[tuple[float, ...]] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0

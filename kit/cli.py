@@ -19,7 +19,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     report = kit_commands.add_parser("report", help="accuracy of every kit member, per task")
     report.add_argument("--kit", help="kit directory (default: build or find the cached kit)")
     report.add_argument("--limit", type=int, help="test examples per task (default: all)")
-    report.add_argument("--out", help="also write the markdown table to this file")
+    report.add_argument("--out", help="also write the markdown tables to this file")
+    report.add_argument(
+        "--fusion-only", action="store_true", help="only the weak-to-strong fusion tables"
+    )
     report.set_defaults(command=_report)
     _add_eval(commands)
 
@@ -31,6 +34,21 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--task", required=True, help="a kit task name, or 'ppl'")
     evaluate.add_argument("--model", required=True, metavar="DIR", help="model directory")
     evaluate.add_argument("--adapter", metavar="DIR", help="PEFT LoRA adapter on the model")
+    evaluate.add_argument(
+        "--expert",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="expert fused into the model's logits (repeat: all offered, multi-task setting)",
+    )
+    evaluate.add_argument("--small-base", metavar="DIR", help="the experts' small base")
+    evaluate.add_argument("--fusion", choices=("static", "dynamic"), default="dynamic")
+    evaluate.add_argument(
+        "--routing",
+        choices=("likelihood", "kl"),
+        default="likelihood",
+        help="dynamic fusion with several experts: which one steers each step",
+    )
     evaluate.add_argument("--limit", type=int, help="first N held-out examples")
     evaluate.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     evaluate.add_argument(
@@ -57,7 +75,8 @@ def _report(args: argparse.Namespace) -> int:
     from kit.build import default_kit_dir
     from kit.report import write_table
 
-    print(write_table(args.kit or default_kit_dir(), args.out, args.limit), end="")
+    table = write_table(args.kit or default_kit_dir(), args.out, args.limit, args.fusion_only)
+    print(table, end="")
     return 0
 
 
@@ -72,10 +91,14 @@ def _eval(args: argparse.Namespace) -> int:
         limit=args.limit,
         dtype=args.dtype,
         details=args.details,
+        experts=tuple(args.expert),
+        small_base=args.small_base,
+        fusion=args.fusion,
+        routing=args.routing,
     )
     try:
         result = evaluate(options)
-    except (EngineError, KeyError, FileNotFoundError) as error:
+    except (EngineError, KeyError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(json.dumps(result))

@@ -69,17 +69,25 @@ def pretraining_batches(
 
 
 def task_batches(
-    tokenizer: Tokenizer, space: TokenSpace, tasks: Sequence[Task], seed: int, batch_size: int
+    tokenizer: Tokenizer,
+    space: TokenSpace,
+    tasks: Sequence[Task],
+    seed: int,
+    batch_size: int,
+    prompt_loss: bool = False,
 ) -> Iterator[Batch]:
-    """Batches of single examples, right-padded; the task of each example drawn uniformly."""
+    """Batches of single examples, right-padded; the task of each example drawn uniformly.
+    The loss counts the answer's tokens, and the prompt's too with `prompt_loss`."""
     rng = random.Random(f"tasks-{seed}")
     streams = [train_examples(task, seed) for task in tasks]
     while True:
         encoded = [encode_example(tokenizer, next(rng.choice(streams))) for _ in range(batch_size)]
-        yield _padded_batch(encoded, space)
+        yield _padded_batch(encoded, space, prompt_loss)
 
 
-def _padded_batch(encoded: list[tuple[list[int], list[int]]], space: TokenSpace) -> Batch:
+def _padded_batch(
+    encoded: list[tuple[list[int], list[int]]], space: TokenSpace, prompt_loss: bool
+) -> Batch:
     length = max(len(prompt) + len(answer) for prompt, answer in encoded) - 1
     inputs = torch.full((len(encoded), length), EOS_ID, dtype=torch.int64)
     targets = torch.full((len(encoded), length), EOS_ID, dtype=torch.int64)
@@ -89,5 +97,5 @@ def _padded_batch(encoded: list[tuple[list[int], list[int]]], space: TokenSpace)
         inputs[row, : len(ids) - 1] = ids[:-1]
         targets[row, : len(ids) - 1] = ids[1:]
         # Target position p predicts token p + 1: the answer's tokens start at len(prompt).
-        mask[row, len(prompt) - 1 : len(ids) - 1] = True
+        mask[row, 0 if prompt_loss else len(prompt) - 1 : len(ids) - 1] = True
     return Batch(space.compact(inputs), space.compact(targets), mask)

@@ -3,6 +3,10 @@
 Generation is greedy, up to the task's token budget, ending at EOS or the first newline; the
 answer is scored by exact match (the same JSON value for JSON tasks). `--task ppl` reports the
 perplexity of held-out general text instead.
+
+With `--expert DIR` (repeatable) and `--small-base DIR`, every request fuses those experts into
+the model's logits (dynamic logit fusion, engine.fusion) in the `--fusion` mode; several experts
+and no hint of the task is the multi-task setting.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from dataclasses import dataclass
 
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.scoring import token_logprobs
-from engine.types import Request, SamplingParams, StoppingCriteria
+from engine.types import FusionMode, FusionRouting, Request, SamplingParams, StoppingCriteria
 from kit import tasks
 from kit.tasks import ANSWER_STOP, Task
 
@@ -29,6 +33,21 @@ class EvalOptions:
     limit: int | None = None
     dtype: str | None = None
     details: bool = False  # include every example's prompt, output and score
+    experts: tuple[str, ...] = ()  # expert directories fused into every request
+    small_base: str | None = None  # the experts' small base (needed with experts)
+    fusion: str = FusionMode.DYNAMIC.value
+    routing: str = FusionRouting.LIKELIHOOD.value
+
+    @property
+    def fusion_request(self) -> dict[str, object]:
+        """The Request fields that fuse the experts (loaded as expert-0, expert-1, ...)."""
+        if not self.experts:
+            return {}
+        return {
+            "experts": tuple((f"expert-{i}", None) for i in range(len(self.experts))),
+            "fusion_mode": FusionMode(self.fusion),
+            "fusion_routing": FusionRouting(self.routing),
+        }
 
 
 def evaluate(options: EvalOptions) -> dict[str, object]:
@@ -40,12 +59,26 @@ def evaluate(options: EvalOptions) -> dict[str, object]:
     else:
         adapters = ((_EVAL_ADAPTER, 1.0),) if options.adapter else ()
         result = task_accuracy(
-            engine, tasks.get_task(options.task), options.limit, adapters, options.details
+            engine,
+            tasks.get_task(options.task),
+            options.limit,
+            adapters,
+            options.details,
+            options.fusion_request,
         )
+    fusion = {}
+    if options.experts:
+        fusion = {
+            "experts": list(options.experts),
+            "small_base": options.small_base,
+            "fusion": options.fusion,
+            "routing": options.routing,
+        }
     return {
         "task": options.task,
         "model": options.model,
         "adapter": options.adapter,
+        **fusion,
         **result,
         "seconds": round(time.monotonic() - started, 2),
     }
@@ -57,6 +90,10 @@ def _engine(options: EvalOptions) -> LLMEngine:
     )
     if options.adapter:
         engine.load_adapter(_EVAL_ADAPTER, options.adapter)
+    if options.experts and not options.small_base:
+        raise ValueError("experts need their small base (--small-base)")
+    for index, expert in enumerate(options.experts):
+        engine.load_expert(f"expert-{index}", expert, options.small_base)
     return engine
 
 
@@ -66,7 +103,9 @@ def task_accuracy(
     limit: int | None = None,
     adapters: tuple[tuple[str, float], ...] = (),
     details: bool = False,
+    fusion: dict[str, object] | None = None,
 ) -> dict[str, object]:
+    """`fusion`: Request fields (experts, fusion_mode, fusion_routing) for every request."""
     examples = tasks.held_out_examples(task)[:limit]
     requests = [
         Request(
@@ -75,6 +114,7 @@ def task_accuracy(
             sampling=SamplingParams(temperature=0.0),
             stopping=StoppingCriteria(max_new_tokens=task.max_new_tokens, stop=(ANSWER_STOP,)),
             adapters=adapters,
+            **(fusion or {}),
         )
         for index, example in enumerate(examples)
     ]

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import signal
 import time
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -18,12 +19,21 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from engine.types import EngineError
-from server.config import AdapterSpec, ModelSpec, ServerConfig, default_merged_adapter_dir
+from server.config import (
+    AdapterSpec,
+    ExpertSpec,
+    ModelSpec,
+    ServerConfig,
+    default_merged_adapter_dir,
+)
 from server.engines import default_serving, load_engine
 from server.metrics import Metrics
 from server.servicer import GenerationServicer, RegistryServicer, ServingState
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from engine.async_engine import AsyncEngine
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +141,11 @@ async def _load_and_warm_up(state: ServingState, config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     specs: tuple[ModelSpec, ...] = config.models
     adapters: tuple[AdapterSpec, ...] = config.adapters
+    experts: tuple[ExpertSpec, ...] = config.experts
     if not specs:
-        model, kit_adapters = await loop.run_in_executor(None, default_serving)
-        specs, adapters = (model,), (*kit_adapters, *adapters)
+        kit = await loop.run_in_executor(None, default_serving)
+        specs = (kit.model,)
+        adapters, experts = (*kit.adapters, *adapters), (*kit.experts, *experts)
     for spec in specs:
         log.info("loading model %s from %s", spec.model_id, spec.path)
         started = time.monotonic()
@@ -155,6 +167,8 @@ async def _load_and_warm_up(state: ServingState, config: ServerConfig) -> None:
         )
     for adapter in adapters:
         await _load_adapter(state, adapter)
+    for expert in experts:
+        await _load_expert(state, expert)
     for model_id, engine in state.engines.items():
         started = time.monotonic()
         if config.warmup_delay_s:
@@ -164,15 +178,20 @@ async def _load_and_warm_up(state: ServingState, config: ServerConfig) -> None:
         log.info("warmed up %s in %.1f s", model_id, time.monotonic() - started)
 
 
-async def _load_adapter(state: ServingState, spec: AdapterSpec) -> None:
+def _engine_for(state: ServingState, what: str, model: str, form: str) -> AsyncEngine:
+    """The engine that `what` (e.g. "adapter sql"), given as `form` on the command line, is
+    loaded on: `model`, or the only one served when it is empty."""
     served = ", ".join(state.engines)
-    if not spec.model and len(state.engines) > 1:
-        raise StartupError(
-            f"adapter {spec.adapter_id}: name its model as MODEL:ID=DIR (served: {served})"
-        )
-    engine = state.engines.get(spec.model) if spec.model else next(iter(state.engines.values()))
+    if not model and len(state.engines) > 1:
+        raise StartupError(f"{what}: name its model as {form} (served: {served})")
+    engine = state.engines.get(model) if model else next(iter(state.engines.values()))
     if engine is None:
-        raise StartupError(f"adapter {spec.adapter_id}: model {spec.model!r} is not served")
+        raise StartupError(f"{what}: model {model!r} is not served")
+    return engine
+
+
+async def _load_adapter(state: ServingState, spec: AdapterSpec) -> None:
+    engine = _engine_for(state, f"adapter {spec.adapter_id}", spec.model, "MODEL:ID=DIR")
     try:
         info = await engine.load_adapter(spec.adapter_id, spec.path)
     except EngineError as error:
@@ -185,6 +204,26 @@ async def _load_adapter(state: ServingState, spec: AdapterSpec) -> None:
         engine.model_id,
         info.rank,
         info.state.value,
+    )
+
+
+async def _load_expert(state: ServingState, spec: ExpertSpec) -> None:
+    engine = _engine_for(
+        state, f"expert {spec.expert_id}", spec.model, "MODEL:ID=DIR@SMALL_BASE_DIR"
+    )
+    try:
+        info = await engine.load_expert(spec.expert_id, spec.path, spec.small_base)
+    except EngineError as error:
+        raise StartupError(
+            f"cannot load expert {spec.expert_id} from {spec.path} "
+            f"(small base {spec.small_base}): {error}"
+        ) from None
+    log.info(
+        "loaded expert %s on %s (%s, small base %s)",
+        spec.expert_id,
+        engine.model_id,
+        "adapter" if info.is_adapter else "full model",
+        spec.small_base,
     )
 
 

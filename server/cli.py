@@ -1,5 +1,6 @@
 """The `tandem` command: `serve`, `prepare`, the clients `generate`, `tokenize`, `models`,
-`load-adapter`, `unload-adapter`, and the model kit's `kit build`, `kit report` and `eval`.
+`load-adapter`, `unload-adapter`, `load-expert`, `unload-expert`, and the model kit's
+`kit build`, `kit report` and `eval`.
 
 The client commands never import the engine (or torch), so they start instantly.
 """
@@ -20,6 +21,7 @@ from server.config import (
     EngineOptions,
     ServerConfig,
     parse_adapter_spec,
+    parse_expert_spec,
     parse_model_spec,
     warmup_delay_from_env,
 )
@@ -57,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     models.add_argument("--address", default=DEFAULT_ADDRESS)
     models.set_defaults(command=_models)
     _add_adapter_commands(commands)
+    _add_expert_commands(commands)
     add_kit_commands(commands)
     return parser
 
@@ -115,6 +118,14 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         help="adapters whose tensors stay in host memory; the others wait on disk (default 128)",
     )
     serve.add_argument(
+        "--expert",
+        action="append",
+        default=[],
+        metavar="[MODEL:]ID=DIR@SMALL_BASE_DIR",
+        help="load a small expert at start: a full model or a PEFT adapter directory, and the "
+        "small model it was tuned from (MODEL: is needed with several models); repeat",
+    )
+    serve.add_argument(
         "--merged-adapter-dir",
         metavar="DIR",
         help="where MergeAdapters writes new adapters (default $TANDEM_HOME/adapters)",
@@ -138,6 +149,26 @@ def _add_adapter_commands(commands: argparse._SubParsersAction) -> None:
     unload.set_defaults(command=_unload_adapter)
 
 
+def _add_expert_commands(commands: argparse._SubParsersAction) -> None:
+    load = commands.add_parser("load-expert", help="load a small expert into the server")
+    load.add_argument("expert_id")
+    load.add_argument("path", help="full model or PEFT adapter directory, as the server sees it")
+    load.add_argument(
+        "--small-base",
+        required=True,
+        metavar="DIR",
+        help="the small model the expert was tuned from (its anti-expert)",
+    )
+    load.add_argument("--model", default="", help="model id (optional with one model)")
+    load.add_argument("--address", default=DEFAULT_ADDRESS)
+    load.set_defaults(command=_load_expert)
+    unload = commands.add_parser("unload-expert", help="unload an expert from the server")
+    unload.add_argument("expert_id")
+    unload.add_argument("--model", default="", help="model id (optional with one model)")
+    unload.add_argument("--address", default=DEFAULT_ADDRESS)
+    unload.set_defaults(command=_unload_expert)
+
+
 def _add_generate(commands: argparse._SubParsersAction) -> None:
     generate = commands.add_parser("generate", help="stream a completion to the terminal")
     generate.add_argument("prompt")
@@ -148,6 +179,26 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         default=[],
         metavar="ID[=WEIGHT]",
         help="LoRA adapter; repeat (or give a weight) for a weighted mix of adapters",
+    )
+    generate.add_argument(
+        "--expert",
+        action="append",
+        default=[],
+        metavar="ID[=WEIGHT]",
+        help="small expert fused into the logits; repeat for several (WEIGHT: static mode only)",
+    )
+    generate.add_argument(
+        "--fusion", choices=("static", "dynamic"), help="how experts are fused (default dynamic)"
+    )
+    generate.add_argument(
+        "--routing",
+        choices=("likelihood", "kl"),
+        help="dynamic fusion with several experts: which steers each step (default likelihood)",
+    )
+    generate.add_argument(
+        "--show-fusion-weights",
+        action="store_true",
+        help="print each token's expert alphas after the text (to stderr)",
     )
     generate.add_argument("--address", default=DEFAULT_ADDRESS)
     generate.add_argument("--request-id", default="")
@@ -197,6 +248,7 @@ def _serve(args: argparse.Namespace) -> int:
             ),
             warmup_delay_s=warmup_delay_from_env(),
             adapters=tuple(parse_adapter_spec(value) for value in args.adapter),
+            experts=tuple(parse_expert_spec(value) for value in args.expert),
             merged_adapter_dir=args.merged_adapter_dir,
         )
     except ValueError as error:
@@ -231,6 +283,7 @@ def _prepare(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     try:
         adapters = _adapter_fields(args.adapter)
+        experts = _expert_refs(args.expert)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -239,6 +292,10 @@ def _generate(args: argparse.Namespace) -> int:
         model=args.model,
         text=args.prompt,
         **adapters,
+        experts=experts,
+        fusion=pb.FusionOptions(
+            mode=_FUSION_MODES[args.fusion], routing=_FUSION_ROUTINGS[args.routing]
+        ),
         sampling=pb.SamplingParams(
             temperature=args.temperature,
             top_p=args.top_p,
@@ -254,7 +311,9 @@ def _generate(args: argparse.Namespace) -> int:
             ignore_eos=args.ignore_eos,
         ),
         output=pb.OutputOptions(
-            logprobs=args.logprobs is not None, top_logprobs=args.logprobs or None
+            logprobs=args.logprobs is not None,
+            top_logprobs=args.logprobs or None,
+            fusion_weights=args.show_fusion_weights,
         ),
     )
     client.stream_generate(args.address, request)
@@ -275,6 +334,30 @@ def _adapter_fields(values: list[str]) -> dict[str, object]:
     return {"adapter_mix": refs}
 
 
+_FUSION_MODES = {
+    None: pb.FUSION_MODE_UNSPECIFIED,
+    "static": pb.FUSION_MODE_STATIC,
+    "dynamic": pb.FUSION_MODE_DYNAMIC,
+}
+_FUSION_ROUTINGS = {
+    None: pb.FUSION_ROUTING_UNSPECIFIED,
+    "likelihood": pb.FUSION_ROUTING_LIKELIHOOD,
+    "kl": pb.FUSION_ROUTING_KL,
+}
+
+
+def _expert_refs(values: list[str]) -> list[pb.ExpertRef]:
+    """`ID` or `ID=WEIGHT` per --expert; an unset weight is the server's default (1.0)."""
+    refs = []
+    for value in values:
+        expert_id, sep, weight = value.partition("=")
+        try:
+            refs.append(pb.ExpertRef(expert_id=expert_id, weight=float(weight) if sep else None))
+        except ValueError:
+            raise ValueError(f"--expert {value!r}: expected ID or ID=WEIGHT") from None
+    return refs
+
+
 def _tokenize(args: argparse.Namespace) -> int:
     print(" ".join(map(str, client.tokenize(args.address, args.model, args.text))))
     return 0
@@ -289,6 +372,8 @@ def _models(args: argparse.Namespace) -> int:
         )
         for adapter in model.adapters:
             print(f"  adapter {_adapter_line(adapter)}")
+        for expert in model.experts:
+            print(f"  expert {_expert_line(expert)}")
     return 0
 
 
@@ -301,6 +386,14 @@ def _adapter_line(adapter: pb.AdapterInfo) -> str:
     )
 
 
+def _expert_line(expert: pb.ExpertInfo) -> str:
+    kind = "adapter" if expert.is_adapter else "model"
+    return (
+        f"{expert.expert_id}\tkind={kind}\trequests={expert.num_requests}\t"
+        f"small_base={expert.small_base}\t{expert.path}"
+    )
+
+
 def _load_adapter(args: argparse.Namespace) -> int:
     adapter = client.load_adapter(args.address, args.model, args.adapter_id, args.path, args.pin)
     print(_adapter_line(adapter))
@@ -309,6 +402,19 @@ def _load_adapter(args: argparse.Namespace) -> int:
 
 def _unload_adapter(args: argparse.Namespace) -> int:
     client.unload_adapter(args.address, args.model, args.adapter_id)
+    return 0
+
+
+def _load_expert(args: argparse.Namespace) -> int:
+    expert = client.load_expert(
+        args.address, args.model, args.expert_id, args.path, args.small_base
+    )
+    print(_expert_line(expert))
+    return 0
+
+
+def _unload_expert(args: argparse.Namespace) -> int:
+    client.unload_expert(args.address, args.model, args.expert_id)
     return 0
 
 

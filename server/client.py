@@ -1,4 +1,5 @@
-"""Client side of the CLI (`tandem generate | tokenize | models`): grpc and messages only."""
+"""Client side of the CLI (`tandem generate | tokenize | models`, loading and unloading
+adapters and experts): grpc and messages only."""
 
 from __future__ import annotations
 
@@ -14,33 +15,52 @@ from tandem.v1 import tandem_pb2_grpc as pb_grpc
 def stream_generate(
     address: str, request: pb.GenerateRequest, out: TextIO = sys.stdout, err: TextIO = sys.stderr
 ) -> None:
-    """Write text to `out` as it arrives; logprobs (if asked) and the usage to `err` at the end."""
+    """Write text to `out` as it arrives; logprobs and fusion weights (if asked) and the usage
+    to `err` at the end."""
     with grpc.insecure_channel(address) as channel:
         call = pb_grpc.GenerationStub(channel).Generate(request)
-        logprobs: list[pb.TokenLogprob] = []
+        deltas: list[pb.Delta] = []
         try:
             for response in call:
                 if response.HasField("delta"):
                     out.write(response.delta.text)
                     out.flush()
-                    logprobs.extend(response.delta.logprobs)
+                    deltas.append(response.delta)
                 else:
-                    _report_final(response.final, logprobs, err)
+                    expert_ids = [ref.expert_id for ref in request.experts]
+                    _report_final(response.final, deltas, expert_ids, err)
         except KeyboardInterrupt:
             call.cancel()
             raise
 
 
-def _report_final(final: pb.Final, logprobs: list[pb.TokenLogprob], err: TextIO) -> None:
-    for entry in logprobs:
+def _report_final(
+    final: pb.Final, deltas: list[pb.Delta], expert_ids: list[str], err: TextIO
+) -> None:
+    for entry in (entry for delta in deltas for entry in delta.logprobs):
         alternatives = " ".join(f"{top.token_id}:{top.logprob:.4f}" for top in entry.top)
         err.write(f"\ntoken {entry.token_id} logprob {entry.logprob:.4f}  {alternatives}".rstrip())
+    for token_id, weights in _fused_tokens(deltas):
+        pairs = zip(expert_ids, weights.alphas, strict=True)
+        alphas = " ".join(f"{expert_id}={alpha:.4f}" for expert_id, alpha in pairs)
+        err.write(f"\ntoken {token_id} alphas {alphas}")
     reason = pb.FinishReason.Name(final.finish_reason).removeprefix("FINISH_REASON_").lower()
     usage = final.usage
     err.write(
         f"\n[finish: {reason}, prompt {usage.prompt_tokens} tokens, "
         f"completion {usage.completion_tokens} tokens]\n"
     )
+
+
+def _fused_tokens(deltas: list[pb.Delta]) -> list[tuple[int, pb.FusionWeights]]:
+    """(token id, its alphas) of every token, when the server sent fusion weights (one per
+    token of a delta, or none when they were not asked for)."""
+    return [
+        (token_id, weights)
+        for delta in deltas
+        if delta.fusion
+        for token_id, weights in zip(delta.token_ids, delta.fusion, strict=True)
+    ]
 
 
 def tokenize(address: str, model: str, text: str) -> list[int]:
@@ -66,3 +86,19 @@ def unload_adapter(address: str, model: str, adapter_id: str) -> None:
     request = pb.UnloadAdapterRequest(adapter_id=adapter_id, model=model)
     with grpc.insecure_channel(address) as channel:
         pb_grpc.RegistryStub(channel).UnloadAdapter(request)
+
+
+def load_expert(
+    address: str, model: str, expert_id: str, path: str, small_base: str
+) -> pb.ExpertInfo:
+    request = pb.LoadExpertRequest(
+        expert_id=expert_id, path=path, small_base=small_base, model=model
+    )
+    with grpc.insecure_channel(address) as channel:
+        return pb_grpc.RegistryStub(channel).LoadExpert(request).expert
+
+
+def unload_expert(address: str, model: str, expert_id: str) -> None:
+    request = pb.UnloadExpertRequest(expert_id=expert_id, model=model)
+    with grpc.insecure_channel(address) as channel:
+        pb_grpc.RegistryStub(channel).UnloadExpert(request)

@@ -47,6 +47,27 @@ def parse_adapter_spec(value: str) -> AdapterSpec:
 
 
 @dataclass(frozen=True)
+class ExpertSpec:
+    """A small expert to load at start: a full model or a PEFT adapter directory, and the small
+    base it was tuned from; an empty model means the only model served."""
+
+    expert_id: str
+    path: str
+    small_base: str
+    model: str = ""
+
+
+def parse_expert_spec(value: str) -> ExpertSpec:
+    """`[MODEL:]ID=DIR@SMALL_BASE_DIR`; the last `@` separates the two directories."""
+    name, sep, paths = value.partition("=")
+    model, _, expert_id = name.rpartition(":")
+    path, at, small_base = paths.rpartition("@")
+    if not sep or not at or not expert_id or not path or not small_base or os.sep in name:
+        raise ValueError(f"cannot read expert {value!r}; expected [MODEL:]ID=DIR@SMALL_BASE_DIR")
+    return ExpertSpec(expert_id=expert_id, path=path, small_base=small_base, model=model)
+
+
+@dataclass(frozen=True)
 class EngineOptions:
     """Engine settings given on the command line; None keeps the engine's default."""
 
@@ -73,7 +94,8 @@ class EngineOptions:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    models: tuple[ModelSpec, ...]  # empty: serve the model kit's base-large and its adapters
+    # Empty: serve the model kit's base-large with its adapters and experts.
+    models: tuple[ModelSpec, ...]
     host: str = "127.0.0.1"
     port: int = 50051  # 0 picks a free port (logged as "listening on host:port")
     metrics_port: int | None = None  # None: no metrics endpoint; 0 picks a free port
@@ -81,6 +103,7 @@ class ServerConfig:
     engine: EngineOptions = field(default_factory=EngineOptions)
     warmup_delay_s: float = 0.0
     adapters: tuple[AdapterSpec, ...] = ()  # loaded at start, after the models
+    experts: tuple[ExpertSpec, ...] = ()  # loaded at start, after the adapters
     merged_adapter_dir: str | None = None  # where MergeAdapters writes; None: the default
 
 

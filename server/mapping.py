@@ -13,7 +13,10 @@ from engine.types import (
     AdapterInfo,
     AdapterState,
     EngineError,
+    ExpertInfo,
     FinishReason,
+    FusionMode,
+    FusionRouting,
     MergeSpec,
     OutputOptions,
     Request,
@@ -74,13 +77,8 @@ def prompt_of(request: pb.GenerateRequest) -> str | list[int]:
     return request.text if has_text else list(request.token_ids)
 
 
-def reject_unsupported(request: pb.GenerateRequest, model_id: str) -> None:
-    """Experts and constraints arrive in later releases; say so instead of ignoring them."""
-    if request.experts:
-        raise RequestRejected(
-            grpc.StatusCode.NOT_FOUND,
-            f"expert {request.experts[0].expert_id!r} is not loaded for model {model_id!r}",
-        )
+def reject_unsupported(request: pb.GenerateRequest) -> None:
+    """Constraints arrive in a later release; say so instead of ignoring them."""
     if request.HasField("constraint"):
         raise RequestRejected(
             grpc.StatusCode.UNIMPLEMENTED, "constraint: constrained decoding is not available yet"
@@ -100,6 +98,9 @@ def engine_request(
         # The engine restamps it when it accepts the request; this one covers an abort before.
         arrival_time=time.monotonic(),
         adapters=adapters_of(request),
+        experts=experts_of(request),
+        fusion_mode=_fusion_mode(request.fusion),
+        fusion_routing=_fusion_routing(request.fusion),
     )
 
 
@@ -123,12 +124,64 @@ def adapters_of(request: pb.GenerateRequest) -> tuple[tuple[str, float], ...]:
     return tuple((ref.adapter_id, ref.weight if ref.HasField("weight") else 1.0) for ref in mix)
 
 
+def experts_of(request: pb.GenerateRequest) -> tuple[tuple[str, float | None], ...]:
+    """(expert id, static alpha or None for the default) per ExpertRef, in request order. Ids
+    the engine does not know, repeated ids, mixed small bases and weights that are not finite
+    are the engine's to refuse."""
+    if any(not ref.expert_id for ref in request.experts):
+        raise RequestRejected(
+            grpc.StatusCode.INVALID_ARGUMENT, "experts has an entry without expert_id"
+        )
+    return tuple(
+        (ref.expert_id, ref.weight if ref.HasField("weight") else None) for ref in request.experts
+    )
+
+
+_FUSION_MODES = {
+    # Unspecified is dynamic: the mode that needs no weights.
+    pb.FUSION_MODE_UNSPECIFIED: FusionMode.DYNAMIC,
+    pb.FUSION_MODE_STATIC: FusionMode.STATIC,
+    pb.FUSION_MODE_DYNAMIC: FusionMode.DYNAMIC,
+}
+
+
+_FUSION_ROUTINGS = {
+    pb.FUSION_ROUTING_UNSPECIFIED: FusionRouting.LIKELIHOOD,
+    pb.FUSION_ROUTING_LIKELIHOOD: FusionRouting.LIKELIHOOD,
+    pb.FUSION_ROUTING_KL: FusionRouting.KL,
+}
+
+
+def _fusion_mode(fusion: pb.FusionOptions) -> FusionMode:
+    if fusion.mode not in _FUSION_MODES:
+        raise RequestRejected(
+            grpc.StatusCode.INVALID_ARGUMENT, f"unknown fusion mode {fusion.mode}"
+        )
+    return _FUSION_MODES[fusion.mode]
+
+
+def _fusion_routing(fusion: pb.FusionOptions) -> FusionRouting:
+    if fusion.routing not in _FUSION_ROUTINGS:
+        raise RequestRejected(
+            grpc.StatusCode.INVALID_ARGUMENT, f"unknown fusion routing {fusion.routing}"
+        )
+    return _FUSION_ROUTINGS[fusion.routing]
+
+
 def adapter_to_load(request: pb.LoadAdapterRequest) -> tuple[str, str]:
     """(adapter id, path) of a LoadAdapter request; both must be given."""
     for name in ("adapter_id", "path"):
         if not getattr(request, name):
             raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, f"{name} is required")
     return request.adapter_id, request.path
+
+
+def expert_to_load(request: pb.LoadExpertRequest) -> tuple[str, str, str]:
+    """(expert id, path, small base) of a LoadExpert request; all three must be given."""
+    for name in ("expert_id", "path", "small_base"):
+        if not getattr(request, name):
+            raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, f"{name} is required")
+    return request.expert_id, request.path, request.small_base
 
 
 _MERGE_METHODS = {
@@ -178,6 +231,16 @@ def adapter_info(info: AdapterInfo) -> pb.AdapterInfo:
     )
 
 
+def expert_info(info: ExpertInfo) -> pb.ExpertInfo:
+    return pb.ExpertInfo(
+        expert_id=info.expert_id,
+        path=info.path,
+        small_base=info.small_base,
+        is_adapter=info.is_adapter,
+        num_requests=info.num_requests,
+    )
+
+
 def _sampling(sampling: pb.SamplingParams) -> SamplingParams:
     given = {name: getattr(sampling, name) for name in _SAMPLING_FIELDS if sampling.HasField(name)}
     return SamplingParams(**given)
@@ -201,7 +264,11 @@ def _output(output: pb.OutputOptions) -> OutputOptions:
         raise RequestRejected(
             grpc.StatusCode.INVALID_ARGUMENT, "output.top_logprobs needs output.logprobs"
         )
-    return OutputOptions(logprobs=output.logprobs, top_logprobs=output.top_logprobs)
+    return OutputOptions(
+        logprobs=output.logprobs,
+        top_logprobs=output.top_logprobs,
+        fusion_weights=output.fusion_weights,
+    )
 
 
 def responses(request_id: str, output: RequestOutput) -> list[pb.GenerateResponse]:
@@ -227,6 +294,7 @@ def _delta(output: RequestOutput) -> pb.Delta:
             )
             for lp in output.logprobs
         ],
+        fusion=[pb.FusionWeights(alphas=alphas) for alphas in output.fusion_weights],
     )
 
 

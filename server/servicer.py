@@ -20,6 +20,8 @@ from server.mapping import (
     adapter_info,
     adapter_to_load,
     engine_request,
+    expert_info,
+    expert_to_load,
     merge_of,
     prompt_of,
     reject_unsupported,
@@ -180,7 +182,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     ) -> None:
         self._state.check_accepting()
         engine = self._state.resolve(request.model)
-        reject_unsupported(request, engine.model_id)
+        reject_unsupported(request)
         request_id = request.request_id or uuid.uuid4().hex
         with self._state.track(request_id, engine) as running:
             prompt_token_ids = await _prompt_token_ids(engine, prompt_of(request))
@@ -259,6 +261,7 @@ def _concatenated(outputs: list[RequestOutput]) -> RequestOutput:
         token_ids=[token for output in outputs for token in output.token_ids],
         text="".join(output.text for output in outputs),
         logprobs=[entry for output in outputs for entry in output.logprobs],
+        fusion_weights=[alphas for output in outputs for alphas in output.fusion_weights],
     )
 
 
@@ -332,12 +335,32 @@ class RegistryServicer(pb_grpc.RegistryServicer):
         return pb.MergeAdaptersResponse(adapter=adapter_info(info))
 
     @_translate_errors
-    async def LoadExpert(self, request: pb.LoadExpertRequest, context: Any) -> None:
-        _not_yet("LoadExpert", "small experts")
+    async def LoadExpert(
+        self, request: pb.LoadExpertRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LoadExpertResponse:
+        self._state.check_accepting()
+        expert_id, path, small_base = expert_to_load(request)
+        engine = self._state.resolve(request.model)
+        # Reads and validates the models on the engine's loader thread: streams keep going.
+        info = await engine.load_expert(expert_id, path, small_base)
+        log.info(
+            "loaded expert %s on %s from %s (small base %s)",
+            expert_id,
+            engine.model_id,
+            path,
+            small_base,
+        )
+        return pb.LoadExpertResponse(expert=expert_info(info))
 
     @_translate_errors
-    async def UnloadExpert(self, request: pb.UnloadExpertRequest, context: Any) -> None:
-        _not_yet("UnloadExpert", "small experts")
+    async def UnloadExpert(
+        self, request: pb.UnloadExpertRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnloadExpertResponse:
+        self._state.check_accepting()
+        engine = self._state.resolve(request.model)
+        engine.remove_expert(request.expert_id)
+        log.info("unloaded expert %s from %s", request.expert_id, engine.model_id)
+        return pb.UnloadExpertResponse()
 
 
 def _model_info(model_id: str, engine: AsyncEngine) -> pb.ModelInfo:
@@ -348,13 +371,7 @@ def _model_info(model_id: str, engine: AsyncEngine) -> pb.ModelInfo:
         max_prompt_tokens=engine.limits.max_prompt_tokens,
         max_new_tokens=engine.limits.max_new_tokens,
         adapters=[adapter_info(info) for info in engine.adapter_infos()],
+        experts=[expert_info(info) for info in engine.expert_infos()],
         adapter_slots=config.adapter_slots,
         adapter_host_cache=config.adapter_host_cache,
-    )
-
-
-def _not_yet(method: str, feature: str) -> None:
-    raise RequestRejected(
-        grpc.StatusCode.UNIMPLEMENTED,
-        f"{method} is not implemented yet: this server does not support {feature}",
     )

@@ -75,3 +75,78 @@ def test_eval_command_rejects_an_unknown_task(
     model_dir = str(Path(micro_kit) / "ft-add")
     assert main(["eval", "--task", "poetry", "--model", model_dir]) == 2
     assert "unknown task 'poetry'" in capsys.readouterr().err
+
+
+@torch.no_grad()
+def _fused_answer(models: list, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """Greedy z_large + (z_expert - z_small), one full forward of each model per token."""
+    large, small, expert = models
+    ids = tokenizer(prompt).input_ids
+    start = len(ids)
+    for _ in range(max_new_tokens):
+        x = torch.tensor([ids])
+        z = large(x).logits[0, -1] + expert(x).logits[0, -1] - small(x).logits[0, -1]
+        ids.append(int(z.argmax()))
+        if ids[-1] == 2:
+            break
+    whole = tokenizer.decode(ids, skip_special_tokens=True)
+    return whole[len(tokenizer.decode(ids[:start], skip_special_tokens=True)) :].split("\n")[0]
+
+
+def test_eval_with_an_expert_fuses_it_like_transformers(micro_kit: str) -> None:
+    """Static fusion (alpha 1, proxy tuning) of expert-add into base-large, every answer
+    against three transformers models stepped by hand."""
+    kit = Path(micro_kit)
+    options = EvalOptions(
+        task="add",
+        model=str(kit / "base-large"),
+        limit=LIMIT,
+        details=True,
+        experts=(str(kit / "expert-add"),),
+        small_base=str(kit / "base-small"),
+        fusion="static",
+    )
+    result = evaluate(options)
+    assert result["experts"] == [str(kit / "expert-add")] and result["fusion"] == "static"
+    models = [
+        AutoModelForCausalLM.from_pretrained(kit / name)
+        for name in ("base-large", "base-small", "expert-add")
+    ]
+    tokenizer = AutoTokenizer.from_pretrained(kit / "base-large")
+    task = TASKS["add"]
+    for example, scored in zip(held_out_examples(task)[:LIMIT], result["examples"], strict=True):
+        assert scored["output"] == _fused_answer(
+            models, tokenizer, example.prompt, task.max_new_tokens
+        )
+    # The expert changes answers (else the comparison above would not show fusion at all).
+    alone = evaluate(EvalOptions(task="add", model=options.model, limit=LIMIT, details=True))
+    assert any(
+        a["output"] != b["output"]
+        for a, b in zip(alone["examples"], result["examples"], strict=True)
+    )
+
+
+def test_eval_command_with_several_experts_and_routing(
+    micro_kit: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kit = Path(micro_kit)
+    experts = [arg for t in TASKS for arg in ("--expert", str(kit / f"expert-{t}"))]
+    base = ["eval", "--task", "record", "--model", str(kit / "base-large"), "--limit", "3"]
+    small = ["--small-base", str(kit / "base-small")]
+    assert main([*base, *experts, *small, "--routing", "kl"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["routing"] == "kl" and len(result["experts"]) == len(TASKS)
+    assert result["n"] == 3
+    # Experts without their small base: a clear error, not a crash.
+    assert main([*base, *experts]) == 2
+    assert "--small-base" in capsys.readouterr().err
+
+
+def test_report_fusion_tables(micro_kit: str) -> None:
+    from kit.report import fusion_table
+
+    table = fusion_table(micro_kit, limit=2, progress=False)
+    lines = table.splitlines()
+    assert lines[0].startswith("| task | base-large | + expert, static")
+    assert sum(line.startswith("| mean |") for line in lines) == 2
+    assert all(f"| {t} |" in table for t in TASKS)

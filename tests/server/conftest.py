@@ -42,26 +42,27 @@ _PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 _LIBC = ctypes.CDLL(None, use_errno=True)
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(
-    tmp_path_factory: pytest.TempPathFactory, sentencepiece_tokenizer_dir: str
-) -> Path:
-    """A random LlamaForCausalLM (vocab 32768, hidden 64, 2 layers) with Mistral's tokenizer."""
-    out = tmp_path_factory.mktemp("models") / "tiny-llama"
-    config = transformers.LlamaConfig(
-        vocab_size=32768,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=1,
-        eos_token_id=2,
+def save_random_llama(
+    out: Path, tokenizer_dir: str, seed: int = 0, **config: int
+) -> transformers.LlamaForCausalLM:
+    """A random LlamaForCausalLM (`config` over vocab 32768, hidden 64, 2 layers) saved with
+    the tokenizer files of `tokenizer_dir`; the same seed and config give the same weights."""
+    config = {
+        "vocab_size": 32768,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        **config,
+    }
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            **config, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2
+        )
     )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             # transformers' small init makes logits nearly flat, and then greedy decoding is
@@ -69,10 +70,77 @@ def tiny_llama_dir(
             if "norm" not in name:
                 param.copy_(0.15 * torch.randn(param.shape, generator=generator))
     model.save_pretrained(out, safe_serialization=True)
-    for name in os.listdir(sentencepiece_tokenizer_dir):
-        source = Path(sentencepiece_tokenizer_dir) / name
+    for name in os.listdir(tokenizer_dir):
+        source = Path(tokenizer_dir) / name
         if source.is_file():
             shutil.copyfile(source, out / name)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(
+    tmp_path_factory: pytest.TempPathFactory, sentencepiece_tokenizer_dir: str
+) -> Path:
+    """A random LlamaForCausalLM (vocab 32768, hidden 64, 2 layers) with Mistral's tokenizer."""
+    out = tmp_path_factory.mktemp("models") / "tiny-llama"
+    save_random_llama(out, sentencepiece_tokenizer_dir)
+    return out
+
+
+# The shape of the small models that steer tiny-llama as experts and their small base.
+SMALL_SHAPE = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_small_dir(
+    tmp_path_factory: pytest.TempPathFactory, sentencepiece_tokenizer_dir: str
+) -> Path:
+    """A small base for experts of tiny-llama: same tokenizer, hidden 32, 1 layer."""
+    out = tmp_path_factory.mktemp("models") / "tiny-small"
+    save_random_llama(out, sentencepiece_tokenizer_dir, seed=1, **SMALL_SHAPE)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_expert_dir(
+    tmp_path_factory: pytest.TempPathFactory, sentencepiece_tokenizer_dir: str
+) -> Path:
+    """A full-model expert on tiny-small: its shape, other random weights."""
+    out = tmp_path_factory.mktemp("models") / "tiny-expert"
+    save_random_llama(out, sentencepiece_tokenizer_dir, seed=2, **SMALL_SHAPE)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_expert_adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_small_dir: Path) -> Path:
+    """An expert that is a PEFT LoRA adapter on tiny-small (random A and B, so it matters)."""
+    from peft import LoraConfig, get_peft_model
+
+    out = tmp_path_factory.mktemp("models") / "tiny-expert-lora"
+    small = transformers.AutoModelForCausalLM.from_pretrained(tiny_small_dir, dtype=torch.float32)
+    torch.manual_seed(3)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "gate_proj"],
+        init_lora_weights=False,
+    )
+    get_peft_model(small, config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tekken_small_dir(tmp_path_factory: pytest.TempPathFactory, tekken_tokenizer_dir: str) -> Path:
+    """A model of the small shape with another tokenizer (Tekken, vocab 131072): no expert or
+    small base of tiny-llama."""
+    out = tmp_path_factory.mktemp("models") / "tekken-small"
+    save_random_llama(out, tekken_tokenizer_dir, seed=4, vocab_size=131072, **SMALL_SHAPE)
     return out
 
 

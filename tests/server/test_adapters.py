@@ -582,10 +582,16 @@ def test_cli_generate_with_adapters(adapter_server, library: Library) -> None:
 
 
 def test_serve_without_model_serves_the_kit_and_its_adapters(
-    server_factory, library: Library, tiny_llama_dir: Path, tmp_path: Path
+    server_factory,
+    library: Library,
+    tiny_llama_dir: Path,
+    tiny_small_dir: Path,
+    tiny_expert_dir: Path,
+    tmp_path: Path,
 ) -> None:
-    """A directory laid out like a built kit where `tandem serve` looks for it: base-large and
-    every lora-* directory (as adapters of that name) are served."""
+    """A directory laid out like a built kit where `tandem serve` looks for it: base-large,
+    every lora-* directory (as adapters of that name) and every expert-* directory (as experts
+    of that name on base-small) are served."""
     from kit.build import DEFAULT_RECIPE, recipe_hash
 
     kit = tmp_path / "models" / f"kit-{recipe_hash(DEFAULT_RECIPE)}"
@@ -594,7 +600,8 @@ def test_serve_without_model_serves_the_kit_and_its_adapters(
     os.symlink(tiny_llama_dir, kit / "base-large")
     shutil.copytree(library.path("attn"), kit / "lora-add")
     shutil.copytree(library.path("mlp"), kit / "lora-sub")
-    (kit / "expert-add").mkdir()  # not an adapter
+    os.symlink(tiny_small_dir, kit / "base-small")
+    shutil.copytree(tiny_expert_dir, kit / "expert-add")  # not an adapter: an expert
     (kit / "lora-notes.txt").write_text("a file, not an adapter directory")
     server = server_factory(env={"TANDEM_HOME": str(tmp_path)}, tiny_model=False)
     server.wait_until_serving()
@@ -602,6 +609,9 @@ def test_serve_without_model_serves_the_kit_and_its_adapters(
     assert model.id == "base-large"
     assert [a.adapter_id for a in model.adapters] == ["lora-add", "lora-sub"]
     assert model.adapters[0].path == str(kit / "lora-add")
+    (expert,) = model.experts
+    assert (expert.expert_id, expert.path) == ("expert-add", str(kit / "expert-add"))
+    assert expert.small_base == str(kit / "base-small") and not expert.is_adapter
     ids = prompt(7)
     assert tokens_of(server, token_ids=ids, adapter_id="lora-sub") == library.greedy("mlp", ids)
     server.stop()

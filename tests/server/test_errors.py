@@ -75,6 +75,11 @@ BAD_REQUESTS = {
         grpc.StatusCode.NOT_FOUND,
         "expert 'math'",
     ),
+    "expert without id": (
+        {**OK_PROMPT, "experts": [pb.ExpertRef(weight=0.5)]},
+        INVALID,
+        "expert_id",
+    ),
     "constraint": (
         {**OK_PROMPT, "constraint": pb.Constraint(regex="[0-9]+")},
         grpc.StatusCode.UNIMPLEMENTED,
@@ -97,18 +102,19 @@ def test_bad_tokenize_request(server) -> None:
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-REGISTRY_LATER = {
-    "LoadExpert": pb.LoadExpertRequest(expert_id="e", path="/nowhere", model="tiny-llama"),
+EXPERTS_UNKNOWN = {
+    "LoadExpert": pb.LoadExpertRequest(
+        expert_id="e", path="/nowhere", small_base="/nowhere-small", model="tiny-llama"
+    ),
     "UnloadExpert": pb.UnloadExpertRequest(expert_id="e", model="tiny-llama"),
 }
 
 
-@pytest.mark.parametrize("method", REGISTRY_LATER)
-def test_registry_rpcs_of_later_releases_are_unimplemented(server, method) -> None:
+@pytest.mark.parametrize("method", EXPERTS_UNKNOWN)
+def test_expert_rpcs_on_missing_things_are_not_found(server, method) -> None:
     with pytest.raises(grpc.RpcError) as error:
-        getattr(server.registry, method)(REGISTRY_LATER[method])
-    assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert method in error.value.details()
+        getattr(server.registry, method)(EXPERTS_UNKNOWN[method])
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_server_stays_serving_after_bad_requests(server) -> None:

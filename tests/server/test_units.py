@@ -1,15 +1,33 @@
-"""The generated gRPC code is fresh, and server/ stays tensor-free outside server/engines.py."""
+"""The generated gRPC code is fresh, server/ stays tensor-free outside server/engines.py, and
+the pure parts of the server (command-line specs, message mapping) do what they say."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
 
-from server.config import EngineOptions, parse_adapter_spec, parse_model_spec
+from engine.types import (
+    ExpertError,
+    ExpertInfo,
+    FinishReason,
+    FusionMode,
+    FusionRouting,
+    RequestOutput,
+)
+from server import mapping
+from server.config import (
+    EngineOptions,
+    parse_adapter_spec,
+    parse_expert_spec,
+    parse_model_spec,
+)
 from server.gen_proto import PROTO_ROOT, generate
+from tandem.v1 import tandem_pb2 as pb
 
 GENERATED = ("tandem_pb2.py", "tandem_pb2_grpc.py", "tandem_pb2.pyi")
 
@@ -79,3 +97,178 @@ def test_adapter_capacities() -> None:
         EngineOptions(adapter_slots=8, adapter_host_cache=4)
     with pytest.raises(ValueError, match="--adapter-slots"):
         EngineOptions(adapter_slots=0)
+
+
+# ---- experts ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, spec",
+    [
+        ("math=/experts/math@/models/small", ("", "math", "/experts/math", "/models/small")),
+        ("big:math=/e/math@/m/small", ("big", "math", "/e/math", "/m/small")),
+        # The last `@` separates the directories: an `@` in the expert's path stays in it.
+        ("math=/e/v@2@/m/small", ("", "math", "/e/v@2", "/m/small")),
+        ("math=/e/lr=1e-4@/m/small", ("", "math", "/e/lr=1e-4", "/m/small")),
+    ],
+)
+def test_expert_spec(value: str, spec: tuple[str, str, str, str]) -> None:
+    parsed = parse_expert_spec(value)
+    assert (parsed.model, parsed.expert_id, parsed.path, parsed.small_base) == spec
+
+
+@pytest.mark.parametrize(
+    "value", ["math=/e/math", "/e/math@/m/small", "=/e@/m", "math=@/m", "math=/e@", "a/b=/e@/m"]
+)
+def test_bad_expert_spec(value: str) -> None:
+    with pytest.raises(ValueError, match="SMALL_BASE_DIR"):
+        parse_expert_spec(value)
+
+
+def _generate_request(**fields: object) -> pb.GenerateRequest:
+    return pb.GenerateRequest(token_ids=[1, 2], **fields)
+
+
+def test_engine_request_carries_experts_and_fusion_mode() -> None:
+    refs = [pb.ExpertRef(expert_id="math", weight=0.5), pb.ExpertRef(expert_id="code")]
+    static = mapping.engine_request(
+        "r",
+        _generate_request(
+            experts=refs,
+            fusion=pb.FusionOptions(mode=pb.FUSION_MODE_STATIC),
+            output=pb.OutputOptions(fusion_weights=True),
+        ),
+        [1, 2],
+        100,
+    )
+    # An unset weight stays None: the engine's default (1.0) applies.
+    assert static.experts == (("math", 0.5), ("code", None))
+    assert static.fusion_mode == FusionMode.STATIC
+    assert static.output.fusion_weights
+    for mode in (pb.FUSION_MODE_UNSPECIFIED, pb.FUSION_MODE_DYNAMIC):
+        request = _generate_request(experts=refs, fusion=pb.FusionOptions(mode=mode))
+        dynamic = mapping.engine_request("r", request, [1, 2], 100)
+        assert dynamic.fusion_mode == FusionMode.DYNAMIC
+        assert not dynamic.output.fusion_weights
+    plain = mapping.engine_request("r", _generate_request(), [1, 2], 100)
+    assert plain.experts == ()
+    unknown = _generate_request(experts=refs, fusion=pb.FusionOptions(mode=7))
+    with pytest.raises(mapping.RequestRejected, match="fusion mode 7") as rejected:
+        mapping.engine_request("r", unknown, [1, 2], 100)
+    assert rejected.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_engine_request_carries_fusion_routing() -> None:
+    refs = [pb.ExpertRef(expert_id="math"), pb.ExpertRef(expert_id="code")]
+    expected = {
+        pb.FUSION_ROUTING_UNSPECIFIED: FusionRouting.LIKELIHOOD,
+        pb.FUSION_ROUTING_LIKELIHOOD: FusionRouting.LIKELIHOOD,
+        pb.FUSION_ROUTING_KL: FusionRouting.KL,
+    }
+    for routing, want in expected.items():
+        request = _generate_request(experts=refs, fusion=pb.FusionOptions(routing=routing))
+        assert mapping.engine_request("r", request, [1, 2], 100).fusion_routing == want
+    unknown = _generate_request(experts=refs, fusion=pb.FusionOptions(routing=9))
+    with pytest.raises(mapping.RequestRejected, match="fusion routing 9") as rejected:
+        mapping.engine_request("r", unknown, [1, 2], 100)
+    assert rejected.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_expert_ref_without_id_is_invalid() -> None:
+    request = _generate_request(experts=[pb.ExpertRef(expert_id="math"), pb.ExpertRef(weight=1)])
+    with pytest.raises(mapping.RequestRejected, match="expert_id") as rejected:
+        mapping.engine_request("r", request, [1, 2], 100)
+    assert rejected.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_experts_are_no_longer_refused_before_the_engine() -> None:
+    mapping.reject_unsupported(_generate_request(experts=[pb.ExpertRef(expert_id="math")]))
+    with pytest.raises(mapping.RequestRejected) as rejected:
+        mapping.reject_unsupported(_generate_request(constraint=pb.Constraint(regex="a")))
+    assert rejected.value.code == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_fusion_weights_go_into_the_delta_one_per_token() -> None:
+    output = RequestOutput(
+        request_id="r",
+        token_ids=[5, 6],
+        text="ab",
+        fusion_weights=[(0.0, 1.5), (0.25, 0.0)],
+        finish_reason=FinishReason.LENGTH,
+        prompt_tokens=2,
+        completion_tokens=2,
+    )
+    delta, final = mapping.responses("r", output)
+    assert [list(w.alphas) for w in delta.delta.fusion] == [[0.0, 1.5], [0.25, 0.0]]
+    assert final.final.finish_reason == pb.FINISH_REASON_LENGTH
+    (plain,) = mapping.responses("r", RequestOutput(request_id="r", token_ids=[5], text="a"))
+    assert not plain.delta.fusion
+
+
+def test_queued_outputs_keep_their_fusion_weights() -> None:
+    from server.servicer import _concatenated
+
+    first = RequestOutput(request_id="r", token_ids=[5], text="a", fusion_weights=[(1.0,)])
+    second = RequestOutput(request_id="r", token_ids=[6, 7], text="bc", fusion_weights=[(0.5,)] * 2)
+    merged = _concatenated([first, second])
+    assert merged.token_ids == [5, 6, 7]
+    assert merged.fusion_weights == [(1.0,), (0.5,), (0.5,)]
+
+
+def test_expert_to_load_names_the_missing_field() -> None:
+    full = {"expert_id": "math", "path": "/e/math", "small_base": "/m/small"}
+    assert mapping.expert_to_load(pb.LoadExpertRequest(**full)) == ("math", "/e/math", "/m/small")
+    for name in full:
+        request = pb.LoadExpertRequest(**{**full, name: ""})
+        with pytest.raises(mapping.RequestRejected, match=f"{name} is required") as rejected:
+            mapping.expert_to_load(request)
+        assert rejected.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_expert_info() -> None:
+    info = ExpertInfo("math", "/e/math", "/m/small", is_adapter=True, num_requests=3)
+    message = mapping.expert_info(info)
+    assert (message.expert_id, message.path, message.small_base) == ("math", "/e/math", "/m/small")
+    assert message.is_adapter and message.num_requests == 3
+
+
+def test_expert_status_codes() -> None:
+    assert (
+        mapping.status_for(ExpertError("vocabulary differs")) == grpc.StatusCode.FAILED_PRECONDITION
+    )
+    assert mapping.status_for(ExpertError("no dir", kind="not_found")) == grpc.StatusCode.NOT_FOUND
+
+
+def test_cli_expert_refs() -> None:
+    from server.cli import _expert_refs
+
+    refs = _expert_refs(["math=0.5", "code"])
+    assert [(r.expert_id, r.HasField("weight")) for r in refs] == [("math", True), ("code", False)]
+    assert refs[0].weight == 0.5
+    with pytest.raises(ValueError, match="ID=WEIGHT"):
+        _expert_refs(["math=lots"])
+
+
+def test_kit_serving_registers_adapters_and_experts(tmp_path: Path) -> None:
+    from server.engines import kit_serving
+
+    (tmp_path / "tasks.json").write_text(json.dumps({"tasks": [{"name": "add"}]}))
+    for name in ("base-large", "base-small", "lora-add", "expert-add", "expert-sub", "ft-add"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "expert-notes.txt").write_text("a file, not an expert directory")
+    serving = kit_serving(tmp_path)
+    assert serving.model.model_id == "base-large"
+    assert serving.model.path == str(tmp_path / "base-large")
+    assert [a.adapter_id for a in serving.adapters] == ["lora-add"]
+    assert [(e.expert_id, e.path, e.small_base, e.model) for e in serving.experts] == [
+        (name, str(tmp_path / name), str(tmp_path / "base-small"), "base-large")
+        for name in ("expert-add", "expert-sub")
+    ]
+
+
+def test_kit_without_experts_needs_no_small_base(tmp_path: Path) -> None:
+    from server.engines import kit_serving
+
+    (tmp_path / "tasks.json").write_text(json.dumps({"tasks": []}))
+    (tmp_path / "base-large").mkdir()
+    assert kit_serving(tmp_path).experts == ()

@@ -13,6 +13,12 @@ class FusionMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FUSION_MODE_STATIC: _ClassVar[FusionMode]
     FUSION_MODE_DYNAMIC: _ClassVar[FusionMode]
 
+class FusionRouting(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FUSION_ROUTING_UNSPECIFIED: _ClassVar[FusionRouting]
+    FUSION_ROUTING_LIKELIHOOD: _ClassVar[FusionRouting]
+    FUSION_ROUTING_KL: _ClassVar[FusionRouting]
+
 class ConstraintMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     CONSTRAINT_METHOD_UNSPECIFIED: _ClassVar[ConstraintMethod]
@@ -47,6 +53,9 @@ class MergeMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 FUSION_MODE_UNSPECIFIED: FusionMode
 FUSION_MODE_STATIC: FusionMode
 FUSION_MODE_DYNAMIC: FusionMode
+FUSION_ROUTING_UNSPECIFIED: FusionRouting
+FUSION_ROUTING_LIKELIHOOD: FusionRouting
+FUSION_ROUTING_KL: FusionRouting
 CONSTRAINT_METHOD_UNSPECIFIED: ConstraintMethod
 CONSTRAINT_METHOD_AWRS: ConstraintMethod
 CONSTRAINT_METHOD_MASK: ConstraintMethod
@@ -141,10 +150,12 @@ class ExpertRef(_message.Message):
     def __init__(self, expert_id: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class FusionOptions(_message.Message):
-    __slots__ = ("mode",)
+    __slots__ = ("mode", "routing")
     MODE_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_FIELD_NUMBER: _ClassVar[int]
     mode: FusionMode
-    def __init__(self, mode: _Optional[_Union[FusionMode, str]] = ...) -> None: ...
+    routing: FusionRouting
+    def __init__(self, mode: _Optional[_Union[FusionMode, str]] = ..., routing: _Optional[_Union[FusionRouting, str]] = ...) -> None: ...
 
 class Choices(_message.Message):
     __slots__ = ("choices",)
@@ -169,12 +180,14 @@ class Constraint(_message.Message):
     def __init__(self, json_schema: _Optional[str] = ..., regex: _Optional[str] = ..., grammar: _Optional[str] = ..., choice: _Optional[_Union[Choices, _Mapping]] = ..., method: _Optional[_Union[ConstraintMethod, str]] = ..., particles: _Optional[int] = ...) -> None: ...
 
 class OutputOptions(_message.Message):
-    __slots__ = ("logprobs", "top_logprobs")
+    __slots__ = ("logprobs", "top_logprobs", "fusion_weights")
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    FUSION_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     logprobs: bool
     top_logprobs: int
-    def __init__(self, logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
+    fusion_weights: bool
+    def __init__(self, logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., fusion_weights: _Optional[bool] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "delta", "final")
@@ -325,10 +338,18 @@ class AdapterInfo(_message.Message):
     def __init__(self, adapter_id: _Optional[str] = ..., path: _Optional[str] = ..., rank: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[AdapterState, str]] = ..., pinned: _Optional[bool] = ..., size_bytes: _Optional[int] = ..., num_requests: _Optional[int] = ...) -> None: ...
 
 class ExpertInfo(_message.Message):
-    __slots__ = ("expert_id",)
+    __slots__ = ("expert_id", "path", "small_base", "is_adapter", "num_requests")
     EXPERT_ID_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SMALL_BASE_FIELD_NUMBER: _ClassVar[int]
+    IS_ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    NUM_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     expert_id: str
-    def __init__(self, expert_id: _Optional[str] = ...) -> None: ...
+    path: str
+    small_base: str
+    is_adapter: bool
+    num_requests: int
+    def __init__(self, expert_id: _Optional[str] = ..., path: _Optional[str] = ..., small_base: _Optional[str] = ..., is_adapter: _Optional[bool] = ..., num_requests: _Optional[int] = ...) -> None: ...
 
 class LoadAdapterRequest(_message.Message):
     __slots__ = ("adapter_id", "path", "model", "pin")
@@ -399,8 +420,10 @@ class LoadExpertRequest(_message.Message):
     def __init__(self, expert_id: _Optional[str] = ..., path: _Optional[str] = ..., model: _Optional[str] = ..., small_base: _Optional[str] = ...) -> None: ...
 
 class LoadExpertResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("expert",)
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    expert: ExpertInfo
+    def __init__(self, expert: _Optional[_Union[ExpertInfo, _Mapping]] = ...) -> None: ...
 
 class UnloadExpertRequest(_message.Message):
     __slots__ = ("expert_id", "model")

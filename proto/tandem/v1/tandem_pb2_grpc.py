@@ -256,7 +256,8 @@ class RegistryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def LoadExpert(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Registers a small expert (with its small base, the anti-expert) for GenerateRequest.experts.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

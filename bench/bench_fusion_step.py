@@ -1,0 +1,148 @@
+"""Decode step time with logit fusion: the large model alone against the large model steered by
+one expert whose small base is about 1/8 of its size (design.md section 6; the paper measured
+2.76x).
+
+Large: the benchmark model of make_bench_model.py (Qwen2.5-0.5B shapes, bf16). Small base:
+the same family at hidden 512, 8 layers (about 1/8 of the parameters), random weights; experts:
+a full model of the small base's shape (another seed), and a rank-16 LoRA adapter on the small
+base (all seven projections). All cached in bench/.cache/. Times the decode-only steps of a
+batch (median step), runs alternating, best of --repeats. Prints figures, asserts nothing.
+
+    python bench/bench_fusion_step.py [--batch 1 8] [--new-tokens 32] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CACHE = REPO_ROOT / "bench" / ".cache"
+
+
+def small_config():
+    from bench.make_bench_model import qwen25_05b_config
+
+    config = qwen25_05b_config()
+    config.update(
+        {
+            "hidden_size": 512,
+            "intermediate_size": 2048,
+            "num_hidden_layers": 8,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 2,
+            "layer_types": ["full_attention"] * 8,
+        }
+    )
+    return config
+
+
+def write_small(out: Path, seed: int) -> str:
+    """A random small model of small_config() with the SentencePiece tokenizer (cached)."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from engine.tokenizer import build_sentencepiece_tokenizer_dir
+
+    if (out / "model.safetensors").is_file():
+        return str(out)
+    build_sentencepiece_tokenizer_dir(out)
+    torch.manual_seed(seed)
+    Qwen2ForCausalLM(small_config()).to(torch.bfloat16).save_pretrained(str(out))
+    return str(out)
+
+
+def num_params(engine_model) -> int:
+    w = engine_model.weights
+    tensors = [w.embed, w.final_norm, *(t for layer in w.layers for t in vars(layer).values())]
+    if w.lm_head is not w.embed:
+        tensors.append(w.lm_head)
+    return sum(t.numel() for t in tensors if t is not None)
+
+
+def step_time(engine, batch: int, experts: tuple, mode, new_tokens: int, prompt_len: int) -> float:
+    """Median seconds of the decode-only steps of one batch of `batch` requests."""
+    import torch
+
+    from engine.types import Request, SamplingParams, StoppingCriteria
+
+    generator = torch.Generator().manual_seed(batch)
+    for i in range(batch):
+        engine.add_request(
+            Request(
+                request_id=f"r{i}-{time.monotonic_ns()}",
+                prompt_token_ids=torch.randint(
+                    3, 30000, (prompt_len,), generator=generator
+                ).tolist(),
+                sampling=SamplingParams(temperature=0.0),
+                stopping=StoppingCriteria(max_new_tokens=new_tokens, ignore_eos=True),
+                experts=experts,
+                fusion_mode=mode,
+            )
+        )
+    times = []
+    while engine.has_unfinished():
+        decoding = not engine.scheduler.waiting and all(
+            s.num_uncomputed == 1 for s in engine.scheduler.running
+        )
+        started = time.perf_counter()
+        engine.step()
+        if decoding and len(engine.scheduler.running) == batch:
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    from bench.bench_lora import write_adapter
+    from bench.make_bench_model import build_bench_model
+    from engine.llm_engine import EngineConfig, LLMEngine
+    from engine.model import CausalLM
+    from engine.types import FusionMode
+
+    engine = LLMEngine.from_dir(build_bench_model(), EngineConfig(dtype="bfloat16", max_num_seqs=8))
+    small = write_small(CACHE / "fusion-small-base", seed=1)
+    expert = write_small(CACHE / "fusion-expert", seed=2)
+    small_model = CausalLM.from_dir(small)
+    lora = write_adapter(CACHE / "fusion-lora-r16", small_model.config, 16, seed=3)
+    engine.load_expert("full", expert, small)
+    engine.load_expert("lora", lora, small)
+    large_n, small_n = num_params(engine.model), num_params(small_model)
+    print(
+        f"large {large_n / 1e6:.0f}M params, small base {small_n / 1e6:.0f}M "
+        f"({small_n / large_n:.3f} of it), bf16, {args.new_tokens} new tokens"
+    )
+    runs = {
+        "alone": ((), FusionMode.DYNAMIC),
+        "full expert, static": ((("full", None),), FusionMode.STATIC),
+        "full expert, dynamic": ((("full", None),), FusionMode.DYNAMIC),
+        "LoRA expert, dynamic": ((("lora", None),), FusionMode.DYNAMIC),
+    }
+    for batch in args.batch:
+        step_time(engine, batch, runs["full expert, dynamic"][0], FusionMode.DYNAMIC, 4, 8)
+        best: dict[str, float] = {}
+        for _ in range(args.repeats):
+            for name, (experts, mode) in runs.items():
+                seconds = step_time(engine, batch, experts, mode, args.new_tokens, args.prompt_len)
+                best[name] = min(best.get(name, seconds), seconds)
+        alone = best["alone"]
+        for name, seconds in best.items():
+            print(
+                f"batch {batch}: {name:<22} {seconds * 1e3:7.1f} ms/step  "
+                f"{seconds / alone:5.2f}x the large model alone",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO_ROOT))
+    main()

@@ -1,0 +1,242 @@
+"""Dynamic logit fusion in the engine loop: small models in lockstep, then fused logits.
+
+Every step, each scheduled sequence that names experts also runs its new tokens through its
+small base and through each expert (design.md section 6). The rows of all such sequences form
+one forward per model: the small base's forward carries its own rows and the rows of experts that
+are LoRA adapters on it; an expert that is a full model runs one forward over its rows. Sequences
+that sample this step then get their logits replaced, in place, by the fused ones:
+
+    static:  z_L + sum_t alpha_t (z_Et - z_S)          (fixed alphas, proxy tuning)
+    dynamic: z_L + alpha (z_Et - z_S), one expert t and its alpha chosen per step
+
+over the vocabulary the models share; logits past it (padding of the large model) become -inf.
+
+Dynamic fusion picks alpha on a grid by KL matching (kernels.fusion). With several experts,
+which one steers is routed (FusionRouting): by KL cost over every expert's grid (the paper's), or
+by likelihood: the expert under which the text so far is most likely relative to the small base,
+log p_Et(x) - log p_S(x) summed over every token after the first (the task the text comes from).
+That evidence is accumulated from the small models' logits at every position as they go.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.batch import ForwardBatch
+from engine.experts import Expert, SmallBase
+from engine.lora import LoraAdapter
+from engine.model import CausalLM
+from engine.types import FusionMode, FusionRouting
+from kernels.fusion import fuse_dynamic, fuse_static
+
+
+@dataclass(eq=False)
+class FusionState:
+    """A sequence's experts, the KV block tables of its small-model rows, and the routing
+    evidence gathered so far."""
+
+    experts: tuple[Expert, ...]
+    alphas: tuple[float, ...]  # static fusion's fixed alphas, in the experts' order
+    mode: FusionMode
+    routing: FusionRouting = FusionRouting.LIKELIHOOD
+    # Row 0 is the small base, row 1 + t expert t; all in the small base's KV pool.
+    tables: list[list[int]] = field(default_factory=list)
+    # Likelihood routing: sum of log p_Et - log p_S over the tokens seen, float64 [E], and each
+    # row's logits at the last position seen (they score the next token when it arrives).
+    evidence: torch.Tensor | None = None
+    last_logits: list[torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        self.tables = [[] for _ in range(1 + len(self.experts))]
+        self.reset_evidence()
+
+    @property
+    def small_base(self) -> SmallBase:
+        return self.experts[0].small_base
+
+    @property
+    def vocab_size(self) -> int:
+        return min(expert.vocab_size for expert in self.experts)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.tables)
+
+    @property
+    def routes_by_likelihood(self) -> bool:
+        return (
+            self.mode is FusionMode.DYNAMIC
+            and self.routing is FusionRouting.LIKELIHOOD
+            and len(self.experts) > 1
+        )
+
+    def can_grow(self, num_blocks: int) -> bool:
+        """True when every row can hold `num_blocks` blocks of the pool."""
+        needed = sum(max(0, num_blocks - len(table)) for table in self.tables)
+        return needed <= self.small_base.allocator.num_free
+
+    def grow(self, num_blocks: int) -> None:
+        allocator = self.small_base.allocator
+        for table in self.tables:
+            while len(table) < num_blocks:
+                table.append(allocator.allocate())
+
+    def free(self) -> None:
+        """Give the blocks back (finished, or preempted: then every token is recomputed, so the
+        evidence starts over too)."""
+        for table in self.tables:
+            self.small_base.allocator.free_all(table)
+            table.clear()
+        self.reset_evidence()
+
+    def reset_evidence(self) -> None:
+        self.evidence = torch.zeros(len(self.experts), dtype=torch.float64)
+        self.last_logits = None
+
+    def add_evidence(self, token_ids: list[int], logits: list[torch.Tensor]) -> None:
+        """logits[m]: row m's logits [len(token_ids), V] at the positions of `token_ids`; the
+        logits before each token (the last ones seen, then these) score it."""
+        vocab = self.vocab_size
+        tokens = torch.tensor(token_ids)
+        scored = []
+        for m, rows in enumerate(logits):
+            before = rows[:-1]
+            if self.last_logits is not None:
+                before = torch.cat([self.last_logits[m][None], before])
+            targets = tokens[len(tokens) - len(before) :]
+            log_probs = torch.log_softmax(before[:, :vocab].double(), -1)
+            scored.append(log_probs.gather(1, targets[:, None]).sum())
+        self.evidence += torch.stack(scored[1:]) - scored[0]
+        self.last_logits = [rows[-1].clone() for rows in logits]  # not a view of the batch
+
+    def route(self) -> int:
+        """The expert under which the text so far is most likely (ties: the first)."""
+        return int(torch.argmax(self.evidence))
+
+
+@dataclass(frozen=True)
+class FusionRow:
+    """One fused sequence of the step: its state and its new tokens."""
+
+    state: FusionState
+    token_ids: list[int]  # the tokens of this step (a prefill chunk or one decode token)
+    context_len: int  # the sequence's length after them
+    samples: bool  # draws a token this step (then its logits are fused)
+
+
+def run_experts(rows: Sequence[FusionRow], block_size: int) -> list[list[torch.Tensor]]:
+    """Run the small models over the step's rows (and gather routing evidence); per row that
+    samples, in order, the logits [V] of its small base then of each expert (float32, cut to
+    the row's vocabulary)."""
+    groups: dict[int, tuple[CausalLM, SmallBase, list[tuple[int, int]]]] = {}
+    for index, row in enumerate(rows):
+        base = row.state.small_base
+        for member in range(row.state.num_rows):
+            expert = row.state.experts[member - 1] if member else None
+            model = expert.model if expert is not None else None
+            key = id(model) if model is not None else id(base.model)
+            entry = groups.setdefault(key, (model or base.model, base, []))
+            entry[2].append((index, member))
+    # Per row and member: logits [n, V] at the positions it needs (see _needed).
+    out: list[list[torch.Tensor]] = [[None] * r.state.num_rows for r in rows]  # type: ignore[list-item]
+    for model, base, members in groups.values():
+        for (i, m), logits in zip(
+            members, _forward(model, base, rows, members, block_size), strict=True
+        ):
+            out[i][m] = logits
+    for row, logits in zip(rows, out, strict=True):
+        if row.state.routes_by_likelihood:
+            row.state.add_evidence(row.token_ids, logits)
+    return [
+        [member[-1, : row.state.vocab_size] for member in logits]
+        for row, logits in zip(rows, out, strict=True)
+        if row.samples
+    ]
+
+
+def _needed(row: FusionRow) -> int:
+    """How many of the row's last positions need logits: all for routing evidence, the last
+    when it samples, else none."""
+    if row.state.routes_by_likelihood:
+        return len(row.token_ids)
+    return 1 if row.samples else 0
+
+
+def _forward(
+    model: CausalLM,
+    base: SmallBase,
+    rows: Sequence[FusionRow],
+    members: list[tuple[int, int]],
+    block_size: int,
+) -> list[torch.Tensor]:
+    """One forward of `model` over the member rows; each member's logits [n, V] at its last
+    _needed(row) positions."""
+    batch = ForwardBatch.build(
+        token_ids=[rows[i].token_ids for i, _ in members],
+        context_lens=[rows[i].context_len for i, _ in members],
+        block_tables=[rows[i].state.tables[m] for i, m in members],
+        block_size=block_size,
+    )
+    counts = [_needed(rows[i]) for i, _ in members]
+    ends = torch.cumsum(torch.tensor(batch.query_lens), 0).tolist()
+    batch.logits_indices = torch.tensor(
+        [p for end, n in zip(ends, counts, strict=True) for p in range(end - n, end)],
+        dtype=torch.int64,
+    )
+    lora = None
+    if model is base.model:
+        uses = [_lora_use(rows[i].state, m) for i, m in members]
+        lora = base.stacks.batch(uses, batch.query_lens)
+    return list(model.forward(batch, base.kv, lora).split(counts))
+
+
+def _lora_use(state: FusionState, member: int) -> tuple[tuple[LoraAdapter, float], ...]:
+    adapter = state.experts[member - 1].adapter if member else None
+    return ((adapter, 1.0),) if adapter is not None else ()
+
+
+def fuse(
+    states: Sequence[FusionState], logits: torch.Tensor, small: Sequence[list[torch.Tensor]]
+) -> list[tuple[float, ...]]:
+    """Replace logits[i] (the large model's, float32) by row i's fused logits, in place;
+    returns each row's alphas in its experts' order. Rows are fused in groups of one mode,
+    one number of candidate experts and one vocabulary (the kernels take [B, E, V])."""
+    # Per row: the experts that compete this step (likelihood routing keeps one).
+    candidates = [
+        [state.route()] if state.routes_by_likelihood else list(range(len(state.experts)))
+        for state in states
+    ]
+    groups: dict[tuple[FusionMode, int, int], list[int]] = {}
+    for i, state in enumerate(states):
+        key = (state.mode, len(candidates[i]), state.vocab_size)
+        groups.setdefault(key, []).append(i)
+    alphas: list[tuple[float, ...]] = [()] * len(states)
+    for (mode, _, vocab), indices in groups.items():
+        large = logits[indices, :vocab]
+        base = torch.stack([small[i][0] for i in indices])
+        experts = torch.stack(
+            [torch.stack([small[i][1 + t] for t in candidates[i]]) for i in indices]
+        )
+        if mode is FusionMode.STATIC:
+            weights = torch.tensor([states[i].alphas for i in indices], dtype=torch.float32)
+            fused = fuse_static(large, base, experts, weights)
+            chosen = [states[i].alphas for i in indices]
+        else:
+            fused, expert, alpha = fuse_dynamic(large, base, experts)
+            chosen = [
+                _one_hot(len(states[i].experts), candidates[i][e], a)
+                for i, e, a in zip(indices, expert.tolist(), alpha.tolist(), strict=True)
+            ]
+        rows = torch.tensor(indices)
+        logits[rows, :vocab] = fused
+        logits[rows, vocab:] = -torch.inf
+        for i, row_alphas in zip(indices, chosen, strict=True):
+            alphas[i] = tuple(row_alphas)
+    return alphas
+
+
+def _one_hot(size: int, index: int, value: float) -> tuple[float, ...]:
+    return tuple(value if t == index else 0.0 for t in range(size))
