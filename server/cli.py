@@ -95,6 +95,11 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-num-seqs", type=int, help="sequences in one batch")
     serve.add_argument("--max-batched-tokens", type=int, help="tokens per step (prefill chunk)")
     serve.add_argument("--kv-cache-mb", type=int, help="KV cache size per model")
+    serve.add_argument(
+        "--expert-kv-cache-mb",
+        type=int,
+        help="KV pool of each small base: its rows and its experts' (default 256)",
+    )
     serve.add_argument("--block-size", type=int, help="tokens per KV cache block")
     serve.add_argument(
         "--dtype", choices=("float32", "bfloat16", "float16"), help="default: the checkpoint's"
@@ -236,6 +241,7 @@ def _serve(args: argparse.Namespace) -> int:
             drain_timeout_s=args.drain_timeout,
             engine=EngineOptions(
                 kv_cache_mb=args.kv_cache_mb,
+                expert_kv_cache_mb=args.expert_kv_cache_mb,
                 max_prompt_tokens=args.max_prompt_tokens,
                 max_new_tokens=args.max_new_tokens,
                 max_queue=args.max_queue,

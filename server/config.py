@@ -72,6 +72,7 @@ class EngineOptions:
     """Engine settings given on the command line; None keeps the engine's default."""
 
     kv_cache_mb: int | None = None
+    expert_kv_cache_mb: int | None = None
     max_prompt_tokens: int | None = None
     max_new_tokens: int | None = None
     max_queue: int | None = None

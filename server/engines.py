@@ -38,6 +38,8 @@ def engine_config(options: EngineOptions) -> EngineConfig:
     values = {name: getattr(options, name) for name in _SAME_NAME_OPTIONS}
     if options.kv_cache_mb is not None:
         values["kv_cache_bytes"] = options.kv_cache_mb << 20
+    if options.expert_kv_cache_mb is not None:
+        values["expert_kv_cache_bytes"] = options.expert_kv_cache_mb << 20
     if options.adapter_slots is None and options.adapter_host_cache is not None:
         # A host cache smaller than the default slots: as many slots as it holds.
         values["adapter_slots"] = min(EngineConfig.adapter_slots, options.adapter_host_cache)

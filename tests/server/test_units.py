@@ -86,6 +86,13 @@ def test_bad_adapter_spec(value: str) -> None:
         parse_adapter_spec(value)
 
 
+def test_expert_kv_pool_size() -> None:
+    from server.engines import engine_config
+
+    assert engine_config(EngineOptions()).expert_kv_cache_bytes == 256 << 20
+    assert engine_config(EngineOptions(expert_kv_cache_mb=3)).expert_kv_cache_bytes == 3 << 20
+
+
 def test_adapter_capacities() -> None:
     from server.engines import engine_config
 
