@@ -199,10 +199,13 @@ def _lora_use(state: FusionState, member: int) -> tuple[tuple[LoraAdapter, float
 
 
 def fuse(
-    states: Sequence[FusionState], logits: torch.Tensor, small: Sequence[list[torch.Tensor]]
+    states: Sequence[FusionState],
+    logits: torch.Tensor,
+    rows: Sequence[int],
+    small: Sequence[list[torch.Tensor]],
 ) -> list[tuple[float, ...]]:
-    """Replace logits[i] (the large model's, float32) by row i's fused logits, in place;
-    returns each row's alphas in its experts' order. Rows are fused in groups of one mode,
+    """Replace logits[rows[i]] (the large model's, float32) by the fused logits of states[i],
+    in place; returns each one's alphas in its experts' order. Rows are fused in groups of one mode,
     one number of candidate experts and one vocabulary (the kernels take [B, E, V])."""
     # Per row: the experts that compete this step (likelihood routing keeps one).
     candidates = [
@@ -215,7 +218,8 @@ def fuse(
         groups.setdefault(key, []).append(i)
     alphas: list[tuple[float, ...]] = [()] * len(states)
     for (mode, _, vocab), indices in groups.items():
-        large = logits[indices, :vocab]
+        targets = torch.tensor([rows[i] for i in indices])
+        large = logits[targets, :vocab]
         base = torch.stack([small[i][0] for i in indices])
         experts = torch.stack(
             [torch.stack([small[i][1 + t] for t in candidates[i]]) for i in indices]
@@ -230,9 +234,8 @@ def fuse(
                 _one_hot(len(states[i].experts), candidates[i][e], a)
                 for i, e, a in zip(indices, expert.tolist(), alpha.tolist(), strict=True)
             ]
-        rows = torch.tensor(indices)
-        logits[rows, :vocab] = fused
-        logits[rows, vocab:] = -torch.inf
+        logits[targets, :vocab] = fused
+        logits[targets, vocab:] = -torch.inf
         for i, row_alphas in zip(indices, chosen, strict=True):
             alphas[i] = tuple(row_alphas)
     return alphas

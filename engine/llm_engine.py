@@ -350,14 +350,7 @@ class LLMEngine:
         """Run the experts' small models on the step's fused sequences and fuse the logits of
         those that sample (in place); their alphas go to the output when asked for."""
         rows = [
-            FusionRow(
-                state=s.seq.fusion,
-                token_ids=s.seq.token_ids[
-                    s.seq.num_computed : s.seq.num_computed + s.num_new_tokens
-                ],
-                context_len=s.seq.num_computed + s.num_new_tokens,
-                samples=s.samples,
-            )
+            FusionRow(s.seq.fusion, s.new_token_ids, s.context_len, s.samples)
             for s in scheduled
             if s.seq.fusion is not None
         ]
@@ -365,9 +358,7 @@ class LLMEngine:
         fused = [i for i, seq in enumerate(sampling) if seq.fusion is not None]
         if not fused:
             return
-        view = logits[fused]
-        alphas = fuse([sampling[i].fusion for i in fused], view, small)
-        logits[fused] = view
+        alphas = fuse([sampling[i].fusion for i in fused], logits, fused, small)
         for i, row_alphas in zip(fused, alphas, strict=True):
             seq = sampling[i]
             if seq.request.output.fusion_weights:
@@ -375,11 +366,8 @@ class LLMEngine:
 
     def _forward_batch(self, scheduled: list[ScheduledSequence]) -> ForwardBatch:
         return ForwardBatch.build(
-            token_ids=[
-                s.seq.token_ids[s.seq.num_computed : s.seq.num_computed + s.num_new_tokens]
-                for s in scheduled
-            ],
-            context_lens=[s.seq.num_computed + s.num_new_tokens for s in scheduled],
+            token_ids=[s.new_token_ids for s in scheduled],
+            context_lens=[s.context_len for s in scheduled],
             block_tables=[s.seq.block_table for s in scheduled],
             block_size=self.config.block_size,
             logits_rows=[s.samples for s in scheduled],

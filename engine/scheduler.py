@@ -22,6 +22,16 @@ class ScheduledSequence:
     num_new_tokens: int
 
     @property
+    def new_token_ids(self) -> list[int]:
+        """The tokens this step computes (a prefill chunk, or the last sampled token)."""
+        return self.seq.token_ids[self.seq.num_computed : self.context_len]
+
+    @property
+    def context_len(self) -> int:
+        """The sequence's length once this step's tokens are computed."""
+        return self.seq.num_computed + self.num_new_tokens
+
+    @property
     def samples(self) -> bool:
         """True when this chunk reaches the end of the known tokens, so a next token is drawn."""
         return self.seq.num_computed + self.num_new_tokens == len(self.seq.token_ids)
