@@ -26,6 +26,18 @@ class ConstraintMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CONSTRAINT_METHOD_MASK: _ClassVar[ConstraintMethod]
     CONSTRAINT_METHOD_SMC: _ClassVar[ConstraintMethod]
 
+class GrammarSyntax(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    GRAMMAR_SYNTAX_UNSPECIFIED: _ClassVar[GrammarSyntax]
+    GRAMMAR_SYNTAX_EBNF: _ClassVar[GrammarSyntax]
+    GRAMMAR_SYNTAX_LARK: _ClassVar[GrammarSyntax]
+
+class GrammarEngine(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    GRAMMAR_ENGINE_UNSPECIFIED: _ClassVar[GrammarEngine]
+    GRAMMAR_ENGINE_XGRAMMAR: _ClassVar[GrammarEngine]
+    GRAMMAR_ENGINE_LLGUIDANCE: _ClassVar[GrammarEngine]
+
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
@@ -34,6 +46,18 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_STOP_TOKEN: _ClassVar[FinishReason]
     FINISH_REASON_STOP_STRING: _ClassVar[FinishReason]
     FINISH_REASON_ABORTED: _ClassVar[FinishReason]
+
+class SparsityRule(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SPARSITY_RULE_UNSPECIFIED: _ClassVar[SparsityRule]
+    SPARSITY_RULE_WINA: _ClassVar[SparsityRule]
+    SPARSITY_RULE_TEAL: _ClassVar[SparsityRule]
+
+class SparsityMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SPARSITY_MODE_UNSPECIFIED: _ClassVar[SparsityMode]
+    SPARSITY_MODE_TOP_K: _ClassVar[SparsityMode]
+    SPARSITY_MODE_THRESHOLD: _ClassVar[SparsityMode]
 
 class AdapterState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -60,12 +84,24 @@ CONSTRAINT_METHOD_UNSPECIFIED: ConstraintMethod
 CONSTRAINT_METHOD_AWRS: ConstraintMethod
 CONSTRAINT_METHOD_MASK: ConstraintMethod
 CONSTRAINT_METHOD_SMC: ConstraintMethod
+GRAMMAR_SYNTAX_UNSPECIFIED: GrammarSyntax
+GRAMMAR_SYNTAX_EBNF: GrammarSyntax
+GRAMMAR_SYNTAX_LARK: GrammarSyntax
+GRAMMAR_ENGINE_UNSPECIFIED: GrammarEngine
+GRAMMAR_ENGINE_XGRAMMAR: GrammarEngine
+GRAMMAR_ENGINE_LLGUIDANCE: GrammarEngine
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_EOS: FinishReason
 FINISH_REASON_STOP_TOKEN: FinishReason
 FINISH_REASON_STOP_STRING: FinishReason
 FINISH_REASON_ABORTED: FinishReason
+SPARSITY_RULE_UNSPECIFIED: SparsityRule
+SPARSITY_RULE_WINA: SparsityRule
+SPARSITY_RULE_TEAL: SparsityRule
+SPARSITY_MODE_UNSPECIFIED: SparsityMode
+SPARSITY_MODE_TOP_K: SparsityMode
+SPARSITY_MODE_THRESHOLD: SparsityMode
 ADAPTER_STATE_UNSPECIFIED: AdapterState
 ADAPTER_STATE_ON_DISK: AdapterState
 ADAPTER_STATE_HOST: AdapterState
@@ -164,30 +200,38 @@ class Choices(_message.Message):
     def __init__(self, choices: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Constraint(_message.Message):
-    __slots__ = ("json_schema", "regex", "grammar", "choice", "method", "particles")
+    __slots__ = ("json_schema", "regex", "grammar", "choice", "method", "particles", "grammar_syntax", "engine", "ess_threshold")
     JSON_SCHEMA_FIELD_NUMBER: _ClassVar[int]
     REGEX_FIELD_NUMBER: _ClassVar[int]
     GRAMMAR_FIELD_NUMBER: _ClassVar[int]
     CHOICE_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     PARTICLES_FIELD_NUMBER: _ClassVar[int]
+    GRAMMAR_SYNTAX_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    ESS_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     json_schema: str
     regex: str
     grammar: str
     choice: Choices
     method: ConstraintMethod
     particles: int
-    def __init__(self, json_schema: _Optional[str] = ..., regex: _Optional[str] = ..., grammar: _Optional[str] = ..., choice: _Optional[_Union[Choices, _Mapping]] = ..., method: _Optional[_Union[ConstraintMethod, str]] = ..., particles: _Optional[int] = ...) -> None: ...
+    grammar_syntax: GrammarSyntax
+    engine: GrammarEngine
+    ess_threshold: float
+    def __init__(self, json_schema: _Optional[str] = ..., regex: _Optional[str] = ..., grammar: _Optional[str] = ..., choice: _Optional[_Union[Choices, _Mapping]] = ..., method: _Optional[_Union[ConstraintMethod, str]] = ..., particles: _Optional[int] = ..., grammar_syntax: _Optional[_Union[GrammarSyntax, str]] = ..., engine: _Optional[_Union[GrammarEngine, str]] = ..., ess_threshold: _Optional[float] = ...) -> None: ...
 
 class OutputOptions(_message.Message):
-    __slots__ = ("logprobs", "top_logprobs", "fusion_weights")
+    __slots__ = ("logprobs", "top_logprobs", "fusion_weights", "particles")
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     FUSION_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    PARTICLES_FIELD_NUMBER: _ClassVar[int]
     logprobs: bool
     top_logprobs: int
     fusion_weights: bool
-    def __init__(self, logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., fusion_weights: _Optional[bool] = ...) -> None: ...
+    particles: bool
+    def __init__(self, logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., fusion_weights: _Optional[bool] = ..., particles: _Optional[bool] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "delta", "final")
@@ -236,22 +280,28 @@ class FusionWeights(_message.Message):
     def __init__(self, alphas: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Final(_message.Message):
-    __slots__ = ("finish_reason", "usage", "particles")
+    __slots__ = ("finish_reason", "usage", "particles", "log_weight")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     PARTICLES_FIELD_NUMBER: _ClassVar[int]
+    LOG_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     finish_reason: FinishReason
     usage: Usage
     particles: _containers.RepeatedCompositeFieldContainer[Particle]
-    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., particles: _Optional[_Iterable[_Union[Particle, _Mapping]]] = ...) -> None: ...
+    log_weight: float
+    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., particles: _Optional[_Iterable[_Union[Particle, _Mapping]]] = ..., log_weight: _Optional[float] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens")
+    __slots__ = ("prompt_tokens", "completion_tokens", "constraint_checks", "constraint_mask_steps")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINT_CHECKS_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINT_MASK_STEPS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
+    constraint_checks: int
+    constraint_mask_steps: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., constraint_checks: _Optional[int] = ..., constraint_mask_steps: _Optional[int] = ...) -> None: ...
 
 class Particle(_message.Message):
     __slots__ = ("token_ids", "text", "log_weight")
@@ -298,7 +348,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("id", "vocab_size", "max_prompt_tokens", "max_new_tokens", "adapters", "experts", "adapter_slots", "adapter_host_cache")
+    __slots__ = ("id", "vocab_size", "max_prompt_tokens", "max_new_tokens", "adapters", "experts", "adapter_slots", "adapter_host_cache", "sparsity")
     ID_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -307,6 +357,7 @@ class ModelInfo(_message.Message):
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_SLOTS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_HOST_CACHE_FIELD_NUMBER: _ClassVar[int]
+    SPARSITY_FIELD_NUMBER: _ClassVar[int]
     id: str
     vocab_size: int
     max_prompt_tokens: int
@@ -315,7 +366,20 @@ class ModelInfo(_message.Message):
     experts: _containers.RepeatedCompositeFieldContainer[ExpertInfo]
     adapter_slots: int
     adapter_host_cache: int
-    def __init__(self, id: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., experts: _Optional[_Iterable[_Union[ExpertInfo, _Mapping]]] = ..., adapter_slots: _Optional[int] = ..., adapter_host_cache: _Optional[int] = ...) -> None: ...
+    sparsity: SparsityInfo
+    def __init__(self, id: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., experts: _Optional[_Iterable[_Union[ExpertInfo, _Mapping]]] = ..., adapter_slots: _Optional[int] = ..., adapter_host_cache: _Optional[int] = ..., sparsity: _Optional[_Union[SparsityInfo, _Mapping]] = ...) -> None: ...
+
+class SparsityInfo(_message.Message):
+    __slots__ = ("sparsity", "rule", "mode", "calibration_file")
+    SPARSITY_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FILE_FIELD_NUMBER: _ClassVar[int]
+    sparsity: float
+    rule: SparsityRule
+    mode: SparsityMode
+    calibration_file: str
+    def __init__(self, sparsity: _Optional[float] = ..., rule: _Optional[_Union[SparsityRule, str]] = ..., mode: _Optional[_Union[SparsityMode, str]] = ..., calibration_file: _Optional[str] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
     __slots__ = ("adapter_id", "path", "rank", "target_modules", "state", "pinned", "size_bytes", "num_requests")
