@@ -7,6 +7,8 @@ callback (not one per token), which keeps the loop's per-token work small.
 LoRA adapter files are read on a small pool of loader threads, never on the event loop or the
 stepping thread: LoadAdapter's validation, and requests naming an adapter that is on disk,
 which wait for it there before they reach the engine; other streams keep stepping meanwhile.
+Constraints are compiled on the same threads (bounded in time by the compiler), also before
+the request reaches the engine.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from engine.adapters import AdapterRefs
+from engine.grammar import CompiledConstraint
 from engine.llm_engine import EngineConfig, EngineLimits, EngineStats, LLMEngine
 from engine.lora import AdapterUse
 from engine.types import (
@@ -92,12 +95,15 @@ class AsyncEngine:
             stopping=StoppingCriteria(max_new_tokens=4, ignore_eos=True),
         )
         done = threading.Event()
-        self._inbox.put(("add", (request, ()), done))
+        self._inbox.put(("add", (request, (), None), done))
+        # Meanwhile: the grammar engines' vocabularies and the compile worker.
+        self.engine.constraints.prepare()
         if not done.wait(timeout=600):
             raise EngineError("warm-up did not finish in 600 s")
 
     def shutdown(self) -> None:
         self._stopping = True
+        self.engine.constraints.close()
         self._inbox.put(("wake", None, None))
         if self._thread is not None:
             self._thread.join(timeout=10)
@@ -122,8 +128,9 @@ class AsyncEngine:
         request.arrival_time = time.monotonic()
         finished = False
         try:
+            constraint = await self._compile(request)
             adapters = await self._hold_adapters(request)
-            self._inbox.put(("add", (request, adapters), None))
+            self._inbox.put(("add", (request, adapters, constraint), None))
             while not finished:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
@@ -142,6 +149,14 @@ class AsyncEngine:
         if known:
             self._inbox.put(("abort", request_id, None))
         return known
+
+    async def _compile(self, request: Request) -> CompiledConstraint | None:
+        if request.constraint is None:
+            return None
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._loader, self.engine.compile_constraint, request.constraint
+        )
 
     async def _hold_adapters(self, request: Request) -> AdapterUse:
         """The request's adapters held in host memory; one on disk is read on a loader thread.
@@ -241,9 +256,9 @@ class AsyncEngine:
     def _handle(self, item: tuple, warmups: dict[str, threading.Event]) -> None:
         kind, payload, done = item
         if kind == "add":
-            request, adapters = payload
+            request, adapters, constraint = payload
             try:
-                self.engine.add_request(request, adapters)
+                self.engine.add_request(request, adapters, constraint)
             except EngineError as exc:
                 self._deliver_error(request.request_id, exc)
                 if done is not None:

@@ -21,6 +21,8 @@ the whole byte run into U+FFFD).
 
 from __future__ import annotations
 
+import copy
+
 from engine.tokenizer import Tokenizer
 
 # Prompt tokens decoded as context before the first generated token (vLLM uses the same 5).
@@ -29,6 +31,12 @@ _REPLACEMENT_CHAR = "\ufffd"
 
 
 class IncrementalDetokenizer:
+    def fork(self) -> IncrementalDetokenizer:
+        """An independent copy (for SMC particles); the tokenizer is shared."""
+        child = copy.copy(self)
+        child._ids = list(self._ids)
+        return child
+
     def __init__(
         self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True
     ) -> None:

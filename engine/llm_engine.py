@@ -10,26 +10,38 @@ from pathlib import Path
 import torch
 
 from engine.adapters import AdapterRefs, AdapterRegistry
+from engine.awrs import ConstraintState, StepOutcome, mask_logits, sample_constrained
 from engine.batch import ForwardBatch
 from engine.detokenizer import IncrementalDetokenizer
 from engine.experts import Expert, ExpertRegistry
 from engine.fusion import FusionRow, FusionState, fuse, run_experts
-from engine.kv_cache import BlockAllocator, KVCache
+from engine.grammar import CompiledConstraint, CompileLimits, ConstraintCompiler
+from engine.kv_cache import BlockAllocator, KVCache, OutOfBlocks
 from engine.lora import AdapterStacks, AdapterUse, LoraAdapter, LoraBatch
 from engine.lora_merge import merge_adapters, save_adapter
 from engine.model import CausalLM
-from engine.sampling import compute_logprobs, request_generator, sample
+from engine.sampling import (
+    compute_logprobs,
+    filter_logits,
+    request_generator,
+    sample,
+    uniform_noise,
+)
 from engine.scheduler import ScheduledSequence, Scheduler, SchedulerConfig
-from engine.sequence import Sequence
+from engine.sequence import Sequence, SequenceStatus
+from engine.smc import ParticleGroup, fork_sequence, resample
 from engine.stopping import StopStringMatcher
 from engine.tokenizer import Tokenizer
 from engine.types import (
     AdapterInfo,
     AlreadyExists,
+    Constraint,
+    ConstraintMethod,
     ExpertInfo,
     FinishReason,
     InvalidRequest,
     MergeSpec,
+    Particle,
     Request,
     RequestOutput,
     TokenLogprob,
@@ -57,6 +69,9 @@ class EngineConfig:
     adapter_host_cache: int = 128
     # Each small base's KV pool: its rows and those of its experts (one per fused sequence).
     expert_kv_cache_bytes: int = 256 << 20
+    # Constraint compilation: per constraint, at most this long and this much memory.
+    constraint_compile_timeout_s: float = 10.0
+    constraint_compile_memory_bytes: int = 4 << 30
 
 
 @dataclass(frozen=True)
@@ -124,6 +139,14 @@ class LLMEngine:
         self.experts = ExpertRegistry(
             mc, tokenizer, model.dtype, config.expert_kv_cache_bytes, config.block_size
         )
+        self.constraints = ConstraintCompiler(
+            tokenizer,
+            mc.vocab_size,
+            tuple(sorted(self.eos_token_ids)),
+            CompileLimits(
+                config.constraint_compile_timeout_s, config.constraint_compile_memory_bytes
+            ),
+        )
 
     @classmethod
     def from_dir(cls, path: str, config: EngineConfig | None = None) -> LLMEngine:
@@ -158,6 +181,23 @@ class LLMEngine:
         self.adapters.check(request.adapters)
         if request.experts:
             self._check_fusion(request, self.experts.check(request.experts))
+        if request.constraint is not None:
+            self._check_constraint(request, request.constraint)
+
+    def _check_constraint(self, request: Request, constraint: Constraint) -> None:
+        constraint.validate()
+        if request.stopping.ignore_eos:
+            raise InvalidRequest(
+                "ignore_eos cannot be combined with a constraint: a constrained output ends "
+                "where the constraint does"
+            )
+        if constraint.method is ConstraintMethod.SMC and request.experts:
+            raise InvalidRequest("SMC with experts is not supported; use AWRS or MASK")
+
+    def compile_constraint(self, constraint: Constraint) -> CompiledConstraint:
+        """Compile (or find in the cache) a request's constraint: blocking, up to the compile
+        time limit; run it off the step thread. Raises InvalidRequest."""
+        return self.constraints.compile(constraint)
 
     def _check_fusion(self, request: Request, experts: tuple[Expert, ...]) -> None:
         vocab = min(expert.vocab_size for expert in experts)
@@ -182,15 +222,24 @@ class LLMEngine:
             self.limits.max_seq_tokens, pool_tokens, base.model.config.max_position_embeddings
         )
 
-    def add_request(self, request: Request, adapters: AdapterUse | None = None) -> None:
+    def add_request(
+        self,
+        request: Request,
+        adapters: AdapterUse | None = None,
+        constraint: CompiledConstraint | None = None,
+    ) -> None:
         """`adapters`: the request's adapters as `hold_adapters` returned them (the engine
         releases them when the request ends, or here when it is refused). Without them they
         are held here, which reads the files of adapters on disk: fine for a caller that
-        steps the engine itself, never on the step thread of a server."""
+        steps the engine itself, never on the step thread of a server. Likewise
+        `constraint`: the request's constraint as `compile_constraint` returned it, else it
+        is compiled here."""
         try:
             self.validate(request)
             if request.request_id in self._seqs:
                 raise InvalidRequest(f"request id {request.request_id!r} is already running")
+            if request.constraint is not None and constraint is None:
+                constraint = self.compile_constraint(request.constraint)
         except BaseException:
             self.adapters.release(adapters or ())
             raise
@@ -213,10 +262,26 @@ class LLMEngine:
             generator=request_generator(request.sampling.seed),
             adapters=adapters,
             fusion=fusion,
+            constraint=ConstraintState(constraint.matcher(), request.constraint.method)
+            if constraint is not None and request.constraint is not None
+            else None,
             max_tokens=self._max_tokens(fusion.experts if fusion else ()),
         )
+        if request.constraint is not None and request.constraint.method is ConstraintMethod.SMC:
+            seq.group = self._particle_group(request, request.constraint)
+            seq.group.particles.append(seq)
         self._seqs[request.request_id] = seq
         self.scheduler.add(seq)
+
+    def _particle_group(self, request: Request, constraint: Constraint) -> ParticleGroup:
+        seed = request.sampling.seed
+        if seed is None:
+            seed = int(torch.randint(1 << 62, (1,), generator=self._rng))
+        return ParticleGroup(
+            size=constraint.particles,
+            ess_threshold=constraint.ess_threshold,
+            generator=torch.Generator().manual_seed(seed),
+        )
 
     def _fusion_state(self, request: Request) -> FusionState | None:
         if not request.experts:
@@ -229,6 +294,10 @@ class LLMEngine:
         seq = self._seqs.pop(request_id, None)
         if seq is None:
             return None
+        if seq.group is not None:
+            for particle in seq.group.particles:
+                self._drop_particle(particle)
+            seq.pending_token_ids, seq.pending_text, seq.pending_logprobs = [], [], []
         self._release(seq)
         seq.finish_reason = FinishReason.ABORTED
         return self._take_output(seq)
@@ -339,9 +408,82 @@ class LLMEngine:
             self._fuse(scheduled, sampling, logits)
         for s in scheduled:
             s.seq.num_computed += s.num_new_tokens
-        if sampling:
-            self._sample_and_append(sampling, logits)
-        return [self._take_output(seq) for seq in sampling]
+        if not sampling:
+            return []
+        if any(seq.group is not None and not seq.group.spawned for seq in sampling):
+            sampling, logits = self._spawn_particles(sampling, logits)
+        self._sample_and_append(sampling, logits)
+        outputs = [self._take_output(seq) for seq in sampling if seq.group is None]
+        groups = {id(seq.group): seq.group for seq in sampling if seq.group is not None}
+        for group in groups.values():
+            outputs.extend(self._advance_group(group))
+        return outputs
+
+    # ---- SMC particles ----------------------------------------------------------------------
+
+    def _spawn_particles(
+        self, sampling: list[Sequence], logits: torch.Tensor
+    ) -> tuple[list[Sequence], torch.Tensor]:
+        """At an SMC request's first draw, fork its prefilled sequence into its particles,
+        which all draw from the same logits row."""
+        rows, extra = [], []
+        for row, seq in enumerate(sampling):
+            group = seq.group
+            if group is None or group.spawned:
+                continue
+            group.spawned = True
+            for _ in range(group.size - 1):
+                try:
+                    child = self._fork_particle(seq)
+                except OutOfBlocks:
+                    log.warning("SMC request %s: fewer particles, KV cache full", seq.request_id)
+                    break
+                group.particles.append(child)
+                rows.append(row)
+                extra.append(child)
+        if not extra:
+            return sampling, logits
+        return sampling + extra, torch.cat([logits, logits[rows]])
+
+    def _fork_particle(self, seq: Sequence) -> Sequence:
+        group = seq.group
+        assert group is not None
+        seed = int(torch.randint(1 << 62, (1,), generator=group.generator))
+        generator = None if seq.generator is None else request_generator(seed)
+        child = fork_sequence(seq, self.allocator, self.kv, self.config.block_size, generator)
+        if child.status is SequenceStatus.RUNNING:
+            self.scheduler.running.append(child)
+        elif child.status is SequenceStatus.WAITING:
+            self.scheduler.waiting.appendleft(child)
+        return child
+
+    def _drop_particle(self, seq: Sequence) -> None:
+        if not seq.is_finished:
+            self.scheduler.finish(seq)
+
+    def _advance_group(self, group: ParticleGroup) -> list[RequestOutput]:
+        """Resample when the weights degenerate; the request's output once all finished."""
+        if not group.finished() and group.needs_resampling():
+            try:
+                resample(group, self._fork_particle, self._drop_particle)
+            except OutOfBlocks:
+                log.warning("SMC resampling skipped: KV cache full")
+        # Resampling may drop the last running particles: check after it.
+        return [self._group_output(group)] if group.finished() else []
+
+    def _group_output(self, group: ParticleGroup) -> RequestOutput:
+        chosen = group.choose()
+        lead = self._seqs.pop(chosen.request_id)
+        self.adapters.release(lead.adapters)
+        particles = [
+            Particle(tuple(p.pending_token_ids), "".join(p.pending_text), weight)
+            for p, weight in zip(group.particles, group.log_weights(), strict=True)
+        ]
+        out = self._take_output(chosen)
+        out.constraint_checks, out.constraint_mask_steps = group.checks, group.mask_steps
+        if chosen.request.output.particles:
+            out.particles = particles
+        return out
 
     @torch.inference_mode()
     def _fuse(
@@ -393,23 +535,96 @@ class LLMEngine:
         return not all(map(self.adapters.is_registered, self._adapter_stacks.slots))
 
     def _sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        params = [seq.request.sampling for seq in seqs]
-        tokens = sample(
-            logits,
-            params,
-            [seq.generator for seq in seqs],
-            [seq.token_ids for seq in seqs],
-            engine_generator=self._rng,
-        ).tolist()
+        tokens = self._sample(seqs, logits)
         top_n = [
             seq.request.output.top_logprobs if seq.request.output.logprobs else -1 for seq in seqs
         ]
-        logprobs = compute_logprobs(logits, tokens, top_n) if max(top_n) >= 0 else None
+        logprobs = None
+        if max(top_n) >= 0:
+            # A dead end (no allowed token) has no token to report: any id will do there.
+            chosen = [0 if token is None else token for token in tokens]
+            logprobs = compute_logprobs(logits, chosen, top_n)
         now = time.monotonic()
         for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
             if not seq.first_token_time:
                 seq.first_token_time = now
+            if token is None:
+                self._finish(seq, FinishReason.ABORTED)
+                continue
+            if seq.constraint is not None:
+                seq.constraint.matcher.accept(token)
             self._append_token(seq, token, logprobs[i] if logprobs and top_n[i] >= 0 else None)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | None]:
+        """One token per sequence; None where a constraint allows no token at all."""
+        walked = [
+            i
+            for i, seq in enumerate(seqs)
+            if seq.constraint is not None and seq.constraint.method is not ConstraintMethod.MASK
+        ]
+        drawn = [i for i in range(len(seqs)) if i not in set(walked)]
+        tokens: list[int | None] = [None] * len(seqs)
+        if drawn:
+            rows = logits if len(drawn) == len(seqs) else logits[drawn]
+            masked = [j for j, i in enumerate(drawn) if seqs[i].constraint is not None]
+            if masked:
+                rows = rows.clone()
+                rows[masked] = mask_logits(
+                    rows[masked], [seqs[drawn[j]].constraint.matcher for j in masked]
+                )
+                for j in masked:
+                    seqs[drawn[j]].constraint.mask_steps += 1
+            picked = sample(
+                rows,
+                [seqs[i].request.sampling for i in drawn],
+                [seqs[i].generator for i in drawn],
+                [seqs[i].token_ids for i in drawn],
+                engine_generator=self._rng,
+            ).tolist()
+            for i, token in zip(drawn, picked, strict=True):
+                tokens[i] = token
+        if walked:
+            outcomes = self._walk([seqs[i] for i in walked], logits[walked])
+            for i, outcome in zip(walked, outcomes, strict=True):
+                seqs[i].constraint.record(outcome)
+                if seqs[i].group is not None:
+                    seqs[i].group.checks += outcome.checks
+                    seqs[i].group.mask_steps += outcome.used_mask
+                tokens[i] = outcome.token
+        return tokens
+
+    def _walk(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepOutcome]:
+        """AWRS for constrained rows: filters (temperature, top-k/p, min-p) first, then the
+        constraint. Where the filters leave no allowed token, the row retries without them."""
+        params = [seq.request.sampling for seq in seqs]
+        filtered = filter_logits(logits, params, [seq.token_ids for seq in seqs])
+        matchers = [seq.constraint.matcher for seq in seqs]
+        greedy = [p.greedy for p in params]
+        want_weight = [seq.constraint.method is ConstraintMethod.SMC for seq in seqs]
+
+        def uniform(rows: Sequence[int]) -> torch.Tensor:
+            generators = [seqs[r].generator for r in rows]
+            shape = (len(rows), logits.shape[-1])
+            return uniform_noise(shape, generators, self._rng, logits.device)
+
+        outcomes = sample_constrained(
+            filtered.log_softmax(dim=-1), matchers, greedy, want_weight, uniform
+        )
+        stuck = [i for i, o in enumerate(outcomes) if o.token is None and not want_weight[i]]
+        if stuck:
+            raw = logits[stuck].log_softmax(dim=-1)
+            retried = sample_constrained(
+                raw,
+                [matchers[i] for i in stuck],
+                [greedy[i] for i in stuck],
+                [False] * len(stuck),
+                lambda rows: uniform([stuck[r] for r in rows]),
+            )
+            for i, outcome in zip(stuck, retried, strict=True):
+                outcome.checks += outcomes[i].checks
+                outcome.used_mask |= outcomes[i].used_mask
+                outcomes[i] = outcome
+        return outcomes
 
     def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
         seq.token_ids.append(token)
@@ -445,6 +660,9 @@ class LLMEngine:
             if seq.stop_matcher is not None:
                 seq.pending_text.append(seq.stop_matcher.flush())
         seq.finish_reason = reason
+        if seq.group is not None:  # the request ends when all its particles have
+            self.scheduler.finish(seq)
+            return
         self._seqs.pop(seq.request_id, None)
         self._release(seq)
 
@@ -468,6 +686,11 @@ class LLMEngine:
             first_scheduled_time=seq.first_scheduled_time,
             first_token_time=seq.first_token_time,
         )
+        if seq.constraint is not None and seq.finish_reason is not None:
+            out.constraint_checks = seq.constraint.checks
+            out.constraint_mask_steps = seq.constraint.mask_steps
+            if seq.constraint.method is ConstraintMethod.SMC:
+                out.log_weight = seq.constraint.log_weight
         seq.pending_token_ids, seq.pending_text, seq.pending_logprobs = [], [], []
         seq.pending_fusion_weights = []
         return out
@@ -495,4 +718,8 @@ def _merge(acc: RequestOutput | None, out: RequestOutput) -> RequestOutput:
     acc.finish_reason = out.finish_reason
     acc.completion_tokens = out.completion_tokens
     acc.first_token_time = out.first_token_time
+    acc.constraint_checks = out.constraint_checks
+    acc.constraint_mask_steps = out.constraint_mask_steps
+    acc.log_weight = out.log_weight
+    acc.particles = out.particles
     return acc

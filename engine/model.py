@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -14,7 +15,12 @@ from engine.kv_cache import KVCache
 from engine.loader import LayerWeights, ModelWeights, load_weights
 from engine.lora import LoraBatch
 from engine.rope import RotaryEmbedding, apply_rotary_
+from engine.sparsity import GROUPS, SkipCounter, SparsityPlan, SparsitySettings
 from kernels.cpu_linear import linear
+from kernels.sparse import sparse_linear
+
+# Called with (layer, group, input) before each projection group runs (calibration's tap).
+Observer = Callable[[int, str, torch.Tensor], None]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -22,6 +28,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.float()
     variance = x32.pow(2).mean(-1, keepdim=True)
     return weight * (x32 * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+def _channel_scores(x: torch.Tensor, col_norms: torch.Tensor | None) -> torch.Tensor:
+    """kernels.sparse.channel_scores, the same float32 values in one op fewer (|x| is exact in
+    any dtype, and multiplying by float32 norms promotes exactly): it runs 96 times a token."""
+    scores = x.abs()
+    return scores.float() if col_norms is None else scores * col_norms
 
 
 class CausalLM:
@@ -33,6 +46,11 @@ class CausalLM:
             config.head_dim, config.rope_theta, config.rope_scaling, self.dtype
         )
         self._scale = config.head_dim**-0.5
+        # Sparse activation (engine.sparsity): None runs every projection dense.
+        self._plan: SparsityPlan | None = None
+        self.sparsity: SparsitySettings | None = None
+        self.observer: Observer | None = None
+        self.skip_counter: SkipCounter | None = None  # set to count skipped channels
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, dtype: torch.dtype | str | None = None) -> CausalLM:
@@ -40,6 +58,25 @@ class CausalLM:
         config = ModelConfig.from_dir(model_dir)
         weights = load_weights(model_dir, config, resolve_dtype(dtype) if dtype else None)
         return cls(config, weights)
+
+    def set_sparsity(self, plan: SparsityPlan | None) -> None:
+        """Run the projections sparse by `plan` (None: dense). Not while a forward runs.
+
+        Sparse, the projection weights are stored input-channel-major (W.T contiguous, so a
+        skipped channel is a skipped row of memory) and kept as transposed views, [N, K] like
+        before: memory does not grow. Dense (or at sparsity 0) they are contiguous [N, K] again,
+        so the dense path is exactly today's.
+        """
+        sparse = plan is not None and plan.active
+        for layer in self.weights.layers:
+            for group in GROUPS:
+                weight = getattr(layer, group)
+                if sparse and weight.is_contiguous():
+                    setattr(layer, group, weight.t().contiguous().t())
+                elif not sparse and not weight.is_contiguous():
+                    setattr(layer, group, weight.contiguous())
+        self._plan = plan if sparse else None
+        self.sparsity = None if plan is None else plan.settings
 
     def new_kv_cache(self, num_blocks: int, block_size: int) -> KVCache:
         c = self.config
@@ -76,10 +113,7 @@ class CausalLM:
         eps = self.config.rms_norm_eps
         x = rms_norm(hidden, w.input_norm, eps)
         attn = self._attention(index, w, x, cos, sin, meta, kv, lora)
-        out = linear(attn, w.o, w.o_bias)
-        if lora is not None:
-            lora.apply(index, "o", attn, out)
-        hidden.add_(out)
+        hidden.add_(self._project(index, "o", attn, w.o, w.o_bias, lora))
         hidden.add_(self._mlp(index, w, rms_norm(hidden, w.post_attention_norm, eps), lora))
 
     def _attention(
@@ -95,9 +129,7 @@ class CausalLM:
     ) -> torch.Tensor:
         c = self.config
         tokens = x.shape[0]
-        qkv = linear(x, w.qkv, w.qkv_bias)
-        if lora is not None:
-            lora.apply(index, "qkv", x, qkv)
+        qkv = self._project(index, "qkv", x, w.qkv, w.qkv_bias, lora)
         # q and k heads are adjacent in each row, so norm and rotary treat them as one block.
         qk = qkv[:, : c.q_size + c.kv_size].view(tokens, c.num_heads + c.num_kv_heads, c.head_dim)
         if w.qk_norm is not None:
@@ -114,12 +146,53 @@ class CausalLM:
     def _mlp(
         self, index: int, w: LayerWeights, x: torch.Tensor, lora: LoraBatch | None
     ) -> torch.Tensor:
-        gate_up = linear(x, w.gate_up)
-        if lora is not None:
-            lora.apply(index, "gate_up", x, gate_up)
+        gate_up = self._project(index, "gate_up", x, w.gate_up, None, lora)
         gate, up = gate_up.chunk(2, dim=-1)
         act = torch.mul(F.silu(gate, inplace=True), up)
-        out = linear(act, w.down)
+        return self._project(index, "down", act, w.down, None, lora)
+
+    def _project(
+        self,
+        index: int,
+        group: str,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora: LoraBatch | None,
+    ) -> torch.Tensor:
+        """x @ weight.T + bias, plus the group's LoRA deltas; sparse when a plan is set."""
+        if self.observer is not None:
+            self.observer(index, group, x)
+        if self._plan is None:
+            out = linear(x, weight, bias)
+        else:
+            x, out = self._sparse_project(index, group, x, weight, bias, lora is not None)
         if lora is not None:
-            lora.apply(index, "down", act, out)
+            lora.apply(index, group, x, out)
         return out
+
+    def _sparse_project(
+        self,
+        index: int,
+        group: str,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        mask_input: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the input as the adapters see it, the output); the input is masked only for
+        `mask_input` (LoRA must see the channels the base weights saw)."""
+        assert self._plan is not None
+        plan = self._plan.layers[index][group]
+        counting = self.skip_counter is not None
+        scores = None
+        if plan.needs_scores or mask_input or counting:
+            scores = _channel_scores(x, plan.col_norms)
+        thresholds = plan.thresholds(scores)
+        if scores is not None and (mask_input or counting):
+            keep = scores >= thresholds[:, None]
+            if self.skip_counter is not None:
+                self.skip_counter.add(group, keep)
+            if mask_input:
+                x = x * keep.to(x.dtype)
+        return x, sparse_linear(x, weight.t(), plan.col_norms, thresholds, bias)

@@ -143,6 +143,26 @@ def request_generator(
     return None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
 
+def uniform_noise(
+    shape: tuple[int, int],
+    generators: Sequence[torch.Generator | None],
+    engine_generator: torch.Generator | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """U(0, 1) noise [B, V]: row i from generators[i], or when that is None from one batched
+    draw of `engine_generator` shared by all such rows."""
+    uniform = torch.empty(shape, device=device)
+    shared = [i for i, g in enumerate(generators) if g is None]
+    if shared:
+        uniform[shared] = torch.empty((len(shared), shape[1]), device=device).uniform_(
+            generator=engine_generator
+        )
+    for i, generator in enumerate(generators):
+        if generator is not None:
+            uniform[i].uniform_(generator=generator)
+    return uniform
+
+
 def _exponential_noise(
     shape: tuple[int, int],
     generators: Sequence[torch.Generator | None],
@@ -150,18 +170,39 @@ def _exponential_noise(
     device: torch.device,
 ) -> torch.Tensor:
     """Exp(1) noise as -log(U): torch's CPU exponential_ is several times slower than this."""
-    uniform = torch.empty(shape, device=device)
-    shared = [i for i, g in enumerate(generators) if g is None]
-    if shared:
-        # Rows without their own generator share one batched draw from the engine's RNG.
-        uniform[shared] = torch.empty((len(shared), shape[1]), device=device).uniform_(
-            generator=engine_generator
-        )
-    for i, generator in enumerate(generators):
-        if generator is not None:
-            uniform[i].uniform_(generator=generator)
+    uniform = uniform_noise(shape, generators, engine_generator, device)
     # U = 0 would give infinite noise, so a row with one allowed token could score all zeros.
     return uniform.clamp_(min=torch.finfo(uniform.dtype).tiny).log_().neg_()
+
+
+def filter_logits(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    prior_token_ids: Sequence[Sequence[int]] | None = None,
+) -> torch.Tensor:
+    """The logits `sample` draws from: repetition penalty on every row, then temperature,
+    top-k, top-p and min-p on the rows that sample (greedy rows keep their penalized logits).
+    `prior_token_ids[i]` (prompt + output so far) is needed only when a row has a penalty."""
+    penalties = [p.repetition_penalty for p in params]
+    if any(penalty != 1.0 for penalty in penalties):
+        if prior_token_ids is None:
+            raise ValueError("repetition_penalty needs prior_token_ids")
+        logits = apply_repetition_penalty(logits, prior_token_ids, penalties)
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if not sampled:
+        return logits
+    whole = len(sampled) == len(params)
+    rows = logits if whole else logits[torch.tensor(sampled, device=logits.device)]
+    chosen = [params[i] for i in sampled]
+    rows = apply_temperature(rows, [p.temperature for p in chosen])
+    rows = apply_top_k(rows, [p.top_k for p in chosen])
+    rows = apply_top_p(rows, [p.top_p for p in chosen])
+    rows = apply_min_p(rows, [p.min_p for p in chosen])
+    if whole:
+        return rows
+    out = logits.clone()
+    out[sampled] = rows
+    return out
 
 
 def sample(
@@ -178,11 +219,7 @@ def sample(
     generator if None). `prior_token_ids[i]` (prompt + output so far) feeds the repetition
     penalty and is only needed when some row has one.
     """
-    penalties = [p.repetition_penalty for p in params]
-    if any(penalty != 1.0 for penalty in penalties):
-        if prior_token_ids is None:
-            raise ValueError("repetition_penalty needs prior_token_ids")
-        logits = apply_repetition_penalty(logits, prior_token_ids, penalties)
+    logits = filter_logits(logits, params, prior_token_ids)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if len(sampled) < len(params):
         tokens = logits.argmax(dim=-1)  # greedy rows; sampled rows are overwritten below
@@ -192,11 +229,6 @@ def sample(
     else:
         tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
         rows = logits
-    chosen = [params[i] for i in sampled]
-    rows = apply_temperature(rows, [p.temperature for p in chosen])
-    rows = apply_top_k(rows, [p.top_k for p in chosen])
-    rows = apply_top_p(rows, [p.top_p for p in chosen])
-    rows = apply_min_p(rows, [p.min_p for p in chosen])
     # Unnormalized probabilities suffice: the argmax ignores a per-row scale.
     weights = (rows - rows.max(dim=-1, keepdim=True).values).exp()
     noise = _exponential_noise(

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
+from engine.awrs import ConstraintState
 from engine.detokenizer import IncrementalDetokenizer
 from engine.fusion import FusionState
 from engine.lora import AdapterUse
 from engine.stopping import StopStringMatcher
 from engine.types import FinishReason, Request, TokenLogprob
+
+if TYPE_CHECKING:
+    from engine.smc import ParticleGroup
 
 
 class SequenceStatus(enum.Enum):
@@ -32,6 +37,10 @@ class Sequence:
     adapters: AdapterUse = ()
     # Its experts and their KV rows when it names experts (dynamic logit fusion).
     fusion: FusionState | None = None
+    # Its grammar matcher when its output is constrained.
+    constraint: ConstraintState | None = None
+    # SMC: the particles of its request (this sequence is one of them).
+    group: ParticleGroup | None = None
     max_tokens: int = 0  # prompt + output at most (the context, and the KV pools, hold it)
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed: int = 0  # tokens whose K/V are in the cache

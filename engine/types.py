@@ -109,6 +109,7 @@ class OutputOptions:
     logprobs: bool = False
     top_logprobs: int = 0  # number of alternatives per token, 0..20
     fusion_weights: bool = False  # report the experts' alphas of each token
+    particles: bool = False  # SMC: report every particle at the end
 
     def validate(self) -> None:
         if not 0 <= self.top_logprobs <= 20:
@@ -132,6 +133,58 @@ class FusionRouting(enum.Enum):
     KL = "kl"
 
 
+class ConstraintKind(enum.Enum):
+    JSON_SCHEMA = "json_schema"
+    REGEX = "regex"
+    GRAMMAR = "grammar"
+    CHOICE = "choice"
+
+
+class GrammarSyntax(enum.Enum):
+    EBNF = "ebnf"  # GBNF-style EBNF, start rule `root`
+    LARK = "lark"  # Lark, start rule `start` (llguidance only)
+
+
+class GrammarBackend(enum.Enum):
+    XGRAMMAR = "xgrammar"
+    LLGUIDANCE = "llguidance"
+
+
+class ConstraintMethod(enum.Enum):
+    AWRS = "awrs"  # adaptive weighted rejection sampling: checks only the tokens it draws
+    MASK = "mask"  # a full vocabulary mask at every step (the usual baseline)
+    SMC = "smc"  # particles extended by AWRS steps, resampled on their weights
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What the output must match (design.md section 7)."""
+
+    kind: ConstraintKind
+    source: str = ""  # the schema, regex or grammar text
+    choices: tuple[str, ...] = ()  # CHOICE: the output is exactly one of these
+    syntax: GrammarSyntax = GrammarSyntax.EBNF
+    backend: GrammarBackend | None = None  # None: xgrammar, falling back to llguidance
+    method: ConstraintMethod = ConstraintMethod.AWRS
+    particles: int = 5  # SMC only
+    ess_threshold: float = 0.5  # SMC: resample when ESS < ess_threshold * particles
+
+    def validate(self) -> None:
+        lark_on_xgrammar = (
+            self.syntax is GrammarSyntax.LARK and self.backend is GrammarBackend.XGRAMMAR
+        )
+        checks = [
+            (self.kind is ConstraintKind.CHOICE or bool(self.source), "the constraint is empty"),
+            (self.kind is not ConstraintKind.CHOICE or bool(self.choices), "no choices given"),
+            (1 <= self.particles <= 64, "particles must be in [1, 64]"),
+            (0.0 <= self.ess_threshold <= 1.0, "ess_threshold must be in [0, 1]"),
+            (not lark_on_xgrammar, "Lark grammars need the llguidance engine"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidRequest(f"constraint: {message}")
+
+
 @dataclass
 class Request:
     request_id: str
@@ -148,6 +201,7 @@ class Request:
     experts: tuple[tuple[str, float | None], ...] = ()
     fusion_mode: FusionMode = FusionMode.DYNAMIC
     fusion_routing: FusionRouting = FusionRouting.LIKELIHOOD
+    constraint: Constraint | None = None
 
 
 class AdapterState(enum.Enum):
@@ -205,6 +259,13 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), best first
 
 
+@dataclass(frozen=True)
+class Particle:
+    token_ids: tuple[int, ...]
+    text: str
+    log_weight: float
+
+
 @dataclass
 class RequestOutput:
     """One streamed increment of a request; the last one has `finish_reason` set."""
@@ -223,6 +284,12 @@ class RequestOutput:
     arrival_time: float = 0.0
     first_scheduled_time: float = 0.0
     first_token_time: float = 0.0
+    # Constrained requests (on the final output): tokens checked by the grammar engine, steps
+    # that fell back to a full mask, and SMC's log weight and particles.
+    constraint_checks: int = 0
+    constraint_mask_steps: int = 0
+    log_weight: float | None = None
+    particles: list[Particle] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:

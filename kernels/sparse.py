@@ -7,12 +7,61 @@ threshold; y[t] sums only the kept columns. Weights are stored input-channel-maj
 
 Thresholds are per row: a calibrated per-layer constant repeated, or the k-th largest score of
 the row (`top_k_thresholds`) for per-token top-k.
+
+Implementations, one signature (x [T, K] in weight_t's dtype, col_norms [K] or None,
+thresholds [T], bias [N] or None; y [T, N] in x's dtype):
+
+- ``sparse_linear_ref``: a dense matmul of the masked input (the oracle, and the prefill path:
+  with many rows nearly every channel is kept by some row, and a GEMM beats anything sparse);
+- ``sparse_linear_cpu``: for up to MAX_ROWS rows of bf16, fp16 or fp32 on a CPU with AVX-512, a C
+  kernel (kernels/csrc/sparse_linear.c) that gathers the channels any row keeps and streams only
+  those rows of weight_t: (1 - sparsity) of the weight bytes for one row, the union of the rows'
+  kept channels for several (1 - sparsity^T of them for rows that choose independently). Every
+  other case goes to sparse_linear_ref; so does everything when gcc, Python's headers or AVX-512
+  are missing (with one warning);
+- ``sparse_linear_triton``: for up to MAX_ROWS rows on a GPU, a Triton kernel that computes the
+  mask from x, col_norms and thresholds itself and loads only the kept rows of weight_t (masked
+  loads; a block of channels no row keeps is skipped outright), split over K for small N;
+- ``sparse_linear``: the Triton kernel for CUDA tensors, the C kernel on the CPU, else the
+  reference.
+
+The kernels accumulate in fp32 and round once after adding the bias (the reference rounds the
+matmul, then adds the bias), so they match the reference to rounding, not bit for bit. A dropped
+channel contributes nothing to them, not even a NaN or infinity of x or of the weight (the
+reference multiplies it by 0). The C kernel is batch and thread-count invariant: row t of the
+output depends only on row t of the input, bit for bit (for finite weights).
+
+Speed on the CPU (bench/bench_sparse_linear.py): one row streams the kept rows at about the
+memory bandwidth, so a layer at sparsity s takes about (1 - s) of the dense time (of
+kernels.cpu_linear.linear on W [N, K]), a little more for small layers. With several rows both
+the bytes (the union) and the arithmetic grow: at 4 rows and s = 0.5 the union is ~94% of the
+channels and the kernel is slower than the dense layer; at 16 rows it is several times slower.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.machinery
+import importlib.util
+import sysconfig
+import threading
+import warnings
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
+
+from kernels.build import CSRC_DIR, BuildError, build_shared_library, cpu_flags
+
+try:  # Triton is optional: the CPU paths need none.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the installation
+    triton = None
+    tl = None
+
+# The most rows the kernels take: decoding batches. Larger ones are prefill: sparse_linear_ref.
+MAX_ROWS = 16
 
 
 def channel_scores(x: Tensor, col_norms: Tensor | None) -> Tensor:
@@ -54,5 +103,422 @@ def sparse_linear(
     thresholds: Tensor,
     bias: Tensor | None = None,
 ) -> Tensor:
-    """sparse_linear_ref's semantics; dispatches to the fastest path for the device and shape."""
-    return sparse_linear_ref(x, weight_t, col_norms, thresholds, bias)
+    """sparse_linear_ref's semantics; dispatches to the fastest path for the device and shape:
+    sparse_linear_triton for CUDA tensors of up to MAX_ROWS rows (Triton installed), the C kernel
+    for CPU tensors of up to MAX_ROWS rows (see sparse_linear_cpu), else sparse_linear_ref."""
+    if x.is_cuda:
+        if triton is not None and _triton_applies(x, weight_t, col_norms, thresholds, bias):
+            return sparse_linear_triton(x, weight_t, col_norms, thresholds, bias)
+        return sparse_linear_ref(x, weight_t, col_norms, thresholds, bias)
+    return sparse_linear_cpu(x, weight_t, col_norms, thresholds, bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU kernel
+
+_SOURCE = CSRC_DIR / "sparse_linear.c"
+_FLAGS = (
+    "-O2",
+    "-fopenmp",
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mfma",
+    # Arithmetic exactly as written: the scores must round as channel_scores rounds them.
+    "-ffp-contract=off",
+)
+_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "fma"})
+# bf16 on CPUs that have it: two products per instruction (VDPBF16PS) instead of one FMA, with the
+# same results (see the C source).
+_DOT_CPU_FLAG = "avx512_bf16"
+_DTYPE_MODULES = {
+    torch.bfloat16: ("sparse_linear_bf16", "-DTANDEM_BF16"),
+    torch.float16: ("sparse_linear_f16", "-DTANDEM_F16"),
+    torch.float32: ("sparse_linear_f32", "-DTANDEM_F32"),
+}
+
+KernelFn = Callable[..., int]
+
+# dtype -> the compiled kernel, or None where the CPU, compiler or platform has none.
+_kernels: dict[torch.dtype, KernelFn | None] = {}
+_NOT_LOADED = object()
+_load_lock = threading.Lock()
+_warned = False
+
+
+def cpu_kernel_available(dtype: torch.dtype) -> bool:
+    """Whether sparse_linear_cpu has a compiled kernel for weights of `dtype` on this machine
+    (compiling it on first call, about 3 s, cached on disk by kernels.build)."""
+    return _load_kernel(dtype) is not None
+
+
+def uses_cpu_kernel(
+    x: Tensor,
+    weight_t: Tensor,
+    col_norms: Tensor | None,
+    thresholds: Tensor,
+    bias: Tensor | None = None,
+) -> bool:
+    """Whether sparse_linear_cpu runs the C kernel for these arguments (else the reference)."""
+    return cpu_kernel_available(weight_t.dtype) and _cpu_applies(
+        x, weight_t, col_norms, thresholds, bias
+    )
+
+
+def sparse_linear_cpu(
+    x: Tensor,
+    weight_t: Tensor,
+    col_norms: Tensor | None,
+    thresholds: Tensor,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """sparse_linear_ref's semantics, by the C kernel where it applies: CPU tensors, x [T, K]
+    with 1 <= T <= MAX_ROWS in weight_t's dtype (bf16, fp16 or fp32; any row stride, copied
+    when its elements are not contiguous), weight_t [K, N] contiguous, bias None or [N]
+    contiguous in the same dtype, thresholds [T] (or [1]), col_norms None or [K], no autograd.
+    Thresholds and col_norms are read as fp32: contiguous fp32 tensors cost nothing, others one
+    conversion per call. Everything else: sparse_linear_ref."""
+    kernel = _kernels.get(weight_t.dtype, _NOT_LOADED)
+    if kernel is _NOT_LOADED:
+        kernel = _load_kernel(weight_t.dtype)
+    if kernel is None or not _cpu_applies(x, weight_t, col_norms, thresholds, bias):
+        return sparse_linear_ref(x, weight_t, col_norms, thresholds, bias)
+    rows, k = x.shape
+    n = weight_t.shape[1]
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    thresholds = _fp32_vector(thresholds, rows)
+    norms = None if col_norms is None else _fp32_vector(col_norms, k)
+    out = x.new_empty(rows, n)
+    kernel(
+        x.data_ptr(),
+        x.stride(0),
+        weight_t.data_ptr(),
+        0 if norms is None else norms.data_ptr(),
+        thresholds.data_ptr(),
+        0 if bias is None else bias.data_ptr(),
+        out.data_ptr(),
+        rows,
+        n,
+        k,
+        torch.get_num_threads(),
+    )
+    return out
+
+
+def _fp32_vector(values: Tensor, length: int) -> Tensor:
+    if values.dtype is not torch.float32 or not values.is_contiguous():
+        values = values.float().contiguous()
+    if values.shape[0] != length:  # one threshold for every row
+        values = values.expand(length).contiguous()
+    return values
+
+
+def _cpu_applies(
+    x: Tensor,
+    weight_t: Tensor,
+    col_norms: Tensor | None,
+    thresholds: Tensor,
+    bias: Tensor | None,
+) -> bool:
+    """Every check is cheap (this runs once per projection per decoding step): each attribute
+    read of a tensor costs a tenth of a microsecond or more."""
+    dtype = weight_t.dtype
+    if x.dtype is not dtype or not (x.is_cpu and weight_t.is_cpu and thresholds.is_cpu):
+        return False
+    shape, weight_shape, threshold_shape = x.shape, weight_t.shape, thresholds.shape
+    if len(shape) != 2 or len(weight_shape) != 2 or len(threshold_shape) != 1:
+        return False
+    rows, k = shape
+    if not (0 < rows <= MAX_ROWS and k == weight_shape[0] and threshold_shape[0] in (rows, 1)):
+        return False
+    if k == 0 or weight_shape[1] == 0 or not weight_t.is_contiguous():
+        return False
+    if col_norms is not None and not (col_norms.is_cpu and col_norms.shape == (k,)):
+        return False
+    if bias is not None and not (
+        bias.dtype is dtype
+        and bias.is_cpu
+        and bias.shape == (weight_shape[1],)
+        and bias.is_contiguous()
+    ):
+        return False
+    return not (torch.is_grad_enabled() and _needs_grad(x, weight_t, col_norms, thresholds, bias))
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _load_kernel(dtype: torch.dtype) -> KernelFn | None:
+    with _load_lock:
+        if dtype not in _kernels:
+            _kernels[dtype] = _build_kernel(dtype)
+        return _kernels[dtype]
+
+
+def _build_kernel(dtype: torch.dtype, dot_pairs: bool | None = None) -> KernelFn | None:
+    """The compiled kernel for `dtype`, or None (with one warning per process) where there is
+    none. dot_pairs: bf16 through VDPBF16PS; None: where the CPU has it."""
+    global _warned
+    if dtype not in _DTYPE_MODULES:
+        return None
+    name, define = _DTYPE_MODULES[dtype]
+    if dot_pairs is None:
+        dot_pairs = dtype == torch.bfloat16 and _DOT_CPU_FLAG in cpu_flags()
+    try:
+        missing = sorted(_CPU_FLAGS - cpu_flags())
+        if missing:
+            raise BuildError(f"this CPU lacks {', '.join(missing)}")
+        flags = (*_FLAGS, define, f"-I{sysconfig.get_paths()['include']}")
+        if dot_pairs:
+            flags = (*flags, "-mavx512bf16")
+        path = build_shared_library(_SOURCE, flags)
+        loader = importlib.machinery.ExtensionFileLoader(name, str(path))
+        spec = importlib.util.spec_from_file_location(name, path, loader=loader)
+        assert spec is not None
+        module = importlib.util.module_from_spec(spec)
+        loader.exec_module(module)
+    except (BuildError, ImportError, OSError) as error:
+        if not _warned:  # one warning whatever the number of dtypes
+            _warned = True
+            warnings.warn(
+                f"sparse_linear: no fast CPU kernel ({error}); using sparse_linear_ref",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+        return None
+    if module.MAX_M != MAX_ROWS:
+        raise RuntimeError(f"{path} was built for batches of up to {module.MAX_M} rows")
+    return module.linear
+
+
+# ---------------------------------------------------------------------------------------------
+# The Triton kernel. Only builtins inside (tl.reduce with the standard library's combine
+# functions, not tl.max / tl.zeros, which the interpreter cannot call unless it was on at import;
+# see kernels/fusion.py).
+
+if triton is not None:
+    _MAX = tl.standard._elementwise_max
+
+BLOCK_T = 16  # rows, padded: tl.dot needs 16
+# (BLOCK_K, BLOCK_N): on a GPU, 64 rows of w of 64 columns (128 contiguous bytes in bf16: a
+# skipped row is a skipped memory transaction). The interpreter runs the programs one after
+# another in numpy, where every block costs milliseconds of overhead: larger blocks, same code.
+GPU_BLOCKS = (64, 64)
+INTERPRETER_BLOCKS = (256, 256)
+REDUCE_BLOCK_N = 256
+
+
+def _sparse_kernel(
+    x_ptr,
+    w_ptr,
+    norm_ptr,
+    thr_ptr,
+    bias_ptr,
+    y_ptr,
+    part_ptr,
+    T,
+    K,
+    N,
+    k_share,
+    stride_xt,
+    stride_xk,
+    stride_wk,
+    stride_wn,
+    stride_yt,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_NORMS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """y[:, block of N] = sum over this program's share of K of the kept x[t, j] * w[j, :]: the
+    mask from x, the norms and the thresholds; rows of w that no row keeps are not loaded. SPLIT:
+    fp32 partial sums into part[share] instead (the reduce kernel adds them and the bias)."""
+    pid_n = tl.program_id(0)
+    share = tl.program_id(1)
+    offs_t = tl.arange(0, BLOCK_T)
+    t_ok = offs_t < T
+    # Padding rows keep nothing: their x is 0 and their threshold +inf.
+    thr = tl.load(thr_ptr + offs_t, mask=t_ok, other=float("inf")).to(tl.float32)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    k_begin = share * k_share
+    k_end = tl.minimum(k_begin + k_share, K)
+    acc = tl.full((BLOCK_T, BLOCK_N), 0.0, tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < k_end
+        x = tl.load(
+            x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+            mask=t_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        score = tl.abs(x.to(tl.float32))
+        if HAS_NORMS:
+            norms = tl.load(norm_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            score = score * norms[None, :]
+        keep = (score >= thr[:, None]) & t_ok[:, None] & k_ok[None, :]
+        row_kept = tl.reduce(keep.to(tl.int32), 0, _MAX)  # [BLOCK_K]: some row keeps channel j
+        if tl.reduce(row_kept, 0, _MAX) > 0:
+            w = tl.load(
+                w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                mask=(row_kept > 0)[:, None] & n_ok[None, :],
+                other=0.0,
+            )
+            x = tl.where(keep, x, 0.0)
+            if UPCAST:
+                acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision=PRECISION)
+            else:
+                acc += tl.dot(x, w, input_precision=PRECISION)
+    out_mask = t_ok[:, None] & n_ok[None, :]
+    if SPLIT:
+        part = part_ptr + (share * T + offs_t[:, None]) * N + offs_n[None, :]
+        tl.store(part, acc, mask=out_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        y = y_ptr + offs_t[:, None] * stride_yt + offs_n[None, :]
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+def _reduce_kernel(
+    part_ptr,
+    bias_ptr,
+    y_ptr,
+    T,
+    N,
+    shares,
+    stride_yt,
+    BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    """y[t, block] = sum of the shares' partial sums in share order (+ bias), rounded once."""
+    t = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    acc = tl.load(part_ptr + t * N + offs_n, mask=n_ok, other=0.0)
+    for share in range(1, shares):
+        acc += tl.load(part_ptr + (share * T + t) * N + offs_n, mask=n_ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + t * stride_yt + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@functools.cache
+def _jitted(interpret: bool) -> tuple:
+    """The kernels, jitted on first use so that TRITON_INTERPRET is read then."""
+    del interpret  # part of the cache key only
+    return triton.jit(_sparse_kernel), triton.jit(_reduce_kernel)
+
+
+def triton_available() -> bool:
+    return triton is not None
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _num_shares(n_blocks: int, k_blocks: int, device: torch.device) -> int:
+    """Shares of K per block of N: enough programs to fill the GPU (decode-sized N leaves most of
+    it idle otherwise), each share at least one block of K; 1 off CUDA (the interpreter)."""
+    if device.type != "cuda":
+        return 1
+    return max(1, min(k_blocks, -(-4 * _num_sms(device) // n_blocks)))
+
+
+def _triton_applies(
+    x: Tensor,
+    weight_t: Tensor,
+    col_norms: Tensor | None,
+    thresholds: Tensor,
+    bias: Tensor | None,
+) -> bool:
+    return (
+        x.dim() == 2
+        and 0 < x.shape[0] <= MAX_ROWS
+        and x.dtype is weight_t.dtype
+        and (bias is None or bias.dtype is weight_t.dtype)
+        and not _needs_grad(x, weight_t, col_norms, thresholds, bias)
+    )
+
+
+def sparse_linear_triton(
+    x: Tensor,
+    weight_t: Tensor,
+    col_norms: Tensor | None,
+    thresholds: Tensor,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """sparse_linear_ref's semantics for x [T, K] with 1 <= T <= MAX_ROWS, in one Triton launch
+    (two when K is split over several programs: a second adds the shares in a fixed order).
+    Any strides; x, weight_t and bias in one dtype (bf16, fp16 or fp32); no autograd."""
+    if triton is None:
+        raise RuntimeError("sparse_linear_triton needs triton, which is not installed")
+    rows, k = x.shape
+    k_w, n = weight_t.shape
+    if not 0 < rows <= MAX_ROWS:
+        raise ValueError(f"sparse_linear_triton takes 1 to {MAX_ROWS} rows, not {rows}")
+    if k_w != k:
+        raise ValueError(f"x is [{rows}, {k}] but weight_t is [{k_w}, {n}]")
+    if thresholds.shape[0] != rows:  # one threshold for every row
+        thresholds = thresholds.expand(rows).contiguous()
+    y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    if n == 0:
+        return y
+    interpret = bool(triton.knobs.runtime.interpret)
+    kernel, reduce = _jitted(interpret)
+    # The interpreter multiplies 16-bit tiles wrongly: it gets float32 tiles (exact products).
+    upcast = interpret or x.dtype == torch.float32
+    block_k, block_n = INTERPRETER_BLOCKS if interpret else GPU_BLOCKS
+    n_blocks, k_blocks = triton.cdiv(n, block_n), triton.cdiv(max(k, 1), block_k)
+    shares = _num_shares(n_blocks, k_blocks, x.device)
+    k_share = triton.cdiv(k_blocks, shares) * block_k
+    shares = max(1, triton.cdiv(k, k_share))
+    split = shares > 1
+    part = torch.empty(shares, rows, n, dtype=torch.float32, device=x.device) if split else y
+    kernel[(n_blocks, shares)](
+        x,
+        weight_t,
+        thresholds if col_norms is None else col_norms,
+        thresholds,
+        y if bias is None else bias,
+        y,
+        part,
+        rows,
+        k,
+        n,
+        k_share,
+        x.stride(0),
+        x.stride(1),
+        weight_t.stride(0),
+        weight_t.stride(1),
+        y.stride(0),
+        BLOCK_T=BLOCK_T,
+        BLOCK_K=block_k,
+        BLOCK_N=block_n,
+        HAS_NORMS=col_norms is not None,
+        HAS_BIAS=bias is not None,
+        SPLIT=split,
+        UPCAST=upcast,
+        PRECISION="ieee" if upcast else "tf32",
+    )
+    if split:
+        reduce[(rows, triton.cdiv(n, REDUCE_BLOCK_N))](
+            part,
+            y if bias is None else bias,
+            y,
+            rows,
+            n,
+            shares,
+            y.stride(0),
+            BLOCK_N=REDUCE_BLOCK_N,
+            HAS_BIAS=bias is not None,
+        )
+    return y

@@ -23,6 +23,18 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     report.add_argument(
         "--fusion-only", action="store_true", help="only the weak-to-strong fusion tables"
     )
+    report.add_argument(
+        "--sparsity",
+        choices=("top-k", "threshold"),
+        metavar="MODE",
+        help="only the sparse-activation table (WINA vs TEAL on base-large) in this mode: "
+        "top-k or threshold",
+    )
+    report.add_argument(
+        "--sparsity-file",
+        metavar="FILE",
+        help="base-large's sidecar for --sparsity threshold (default: calibrate it first)",
+    )
     report.set_defaults(command=_report)
     _add_eval(commands)
 
@@ -48,6 +60,14 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
         choices=("likelihood", "kl"),
         default="likelihood",
         help="dynamic fusion with several experts: which one steers each step",
+    )
+    evaluate.add_argument(
+        "--sparsity", type=float, metavar="S", help="sparse activation: fraction skipped"
+    )
+    evaluate.add_argument("--sparsity-rule", choices=("wina", "teal"), default="wina")
+    evaluate.add_argument("--sparsity-mode", choices=("top-k", "threshold"), default="top-k")
+    evaluate.add_argument(
+        "--sparsity-file", metavar="FILE", help="the model's sidecar (tandem calibrate)"
     )
     evaluate.add_argument("--limit", type=int, help="first N held-out examples")
     evaluate.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
@@ -75,7 +95,14 @@ def _report(args: argparse.Namespace) -> int:
     from kit.build import default_kit_dir
     from kit.report import write_table
 
-    table = write_table(args.kit or default_kit_dir(), args.out, args.limit, args.fusion_only)
+    table = write_table(
+        args.kit or default_kit_dir(),
+        args.out,
+        args.limit,
+        args.fusion_only,
+        sparsity_mode=args.sparsity,
+        sparsity_file=args.sparsity_file,
+    )
     print(table, end="")
     return 0
 
@@ -95,6 +122,10 @@ def _eval(args: argparse.Namespace) -> int:
         small_base=args.small_base,
         fusion=args.fusion,
         routing=args.routing,
+        sparsity=args.sparsity,
+        sparsity_rule=args.sparsity_rule,
+        sparsity_mode=args.sparsity_mode,
+        sparsity_file=args.sparsity_file,
     )
     try:
         result = evaluate(options)

@@ -7,16 +7,22 @@ perplexity of held-out general text instead.
 With `--expert DIR` (repeatable) and `--small-base DIR`, every request fuses those experts into
 the model's logits (dynamic logit fusion, engine.fusion) in the `--fusion` mode; several experts
 and no hint of the task is the multi-task setting.
+
+With `--sparsity S` the model runs with training-free sparse activation (engine.sparsity: WINA
+or TEAL, top-k or calibrated thresholds); the result then says which fraction of the input
+channels was really skipped (`skipped`, per group and overall).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
 
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.scoring import token_logprobs
+from engine.sparsity import GROUPS, SkipCounter, SparsitySettings, apply_sparsity
 from engine.types import FusionMode, FusionRouting, Request, SamplingParams, StoppingCriteria
 from kit import tasks
 from kit.tasks import ANSWER_STOP, Task
@@ -37,6 +43,18 @@ class EvalOptions:
     small_base: str | None = None  # the experts' small base (needed with experts)
     fusion: str = FusionMode.DYNAMIC.value
     routing: str = FusionRouting.LIKELIHOOD.value
+    sparsity: float | None = None  # None: dense
+    sparsity_rule: str = "wina"
+    sparsity_mode: str = "top-k"
+    sparsity_file: str | None = None  # the model's sidecar (tandem calibrate)
+
+    @property
+    def sparsity_settings(self) -> SparsitySettings | None:
+        if self.sparsity is None:
+            return None
+        return SparsitySettings(
+            self.sparsity, self.sparsity_rule, self.sparsity_mode, self.sparsity_file or ""
+        )
 
     @property
     def fusion_request(self) -> dict[str, object]:
@@ -79,8 +97,25 @@ def evaluate(options: EvalOptions) -> dict[str, object]:
         "model": options.model,
         "adapter": options.adapter,
         **fusion,
+        **_sparsity_result(options, engine.model.skip_counter),
         **result,
         "seconds": round(time.monotonic() - started, 2),
+    }
+
+
+def _sparsity_result(options: EvalOptions, counter: SkipCounter | None) -> dict[str, object]:
+    settings = options.sparsity_settings
+    if settings is None:
+        return {}
+    skipped = {"all": counter.fraction() if counter else 0.0}
+    if counter is not None:
+        skipped.update({group: counter.fraction(group) for group in GROUPS})
+    return {
+        "sparsity": settings.sparsity,
+        "sparsity_rule": settings.rule,
+        "sparsity_mode": settings.mode,
+        "sparsity_file": settings.calibration_file or None,
+        "skipped": {name: round(value, 4) for name, value in skipped.items()},
     }
 
 
@@ -88,6 +123,10 @@ def _engine(options: EvalOptions) -> LLMEngine:
     engine = LLMEngine.from_dir(
         options.model, EngineConfig(max_num_seqs=64, kv_cache_bytes=256 << 20, dtype=options.dtype)
     )
+    settings = options.sparsity_settings
+    if settings is not None:
+        apply_sparsity(engine.model, settings)
+        engine.model.skip_counter = SkipCounter()
     if options.adapter:
         engine.load_adapter(_EVAL_ADAPTER, options.adapter)
     if options.experts and not options.small_base:
@@ -139,7 +178,7 @@ def task_accuracy(
 
 def perplexity(engine: LLMEngine, limit: int | None = None) -> dict[str, object]:
     """exp(mean negative log-likelihood) over every token of the held-out documents after BOS."""
-    documents = tasks.perplexity_documents()[:limit]
+    documents = _perplexity_documents()[:limit]
     total, count = 0.0, 0
     for document in documents:
         ids = [*engine.tokenizer.encode(document), engine.tokenizer.eos_token_ids[0]]
@@ -147,3 +186,9 @@ def perplexity(engine: LLMEngine, limit: int | None = None) -> dict[str, object]
         total -= sum(logprobs)
         count += len(logprobs)
     return {"n": len(documents), "tokens": count, "perplexity": math.exp(total / count)}
+
+
+@functools.cache
+def _perplexity_documents() -> tuple[str, ...]:
+    # Seconds to compute (it screens out the pretraining stream), and a report asks many times.
+    return tuple(tasks.perplexity_documents())

@@ -5,11 +5,16 @@ small experts (dynamic logit fusion), against base-large alone and the large fin
 closed = (fused - base) / (ft - base): single task (the task's expert, static and dynamic) against
 ft-T, and multi-task (all experts offered, nothing says which task; dynamic, routed by likelihood
 and by the paper's KL rule) against ft-multi.
+
+Sparsity (`--sparsity`): base-large with training-free sparse activation at several levels,
+WINA against TEAL: perplexity, and task accuracy with each task's LoRA adapter (base-large
+alone solves no task), which also runs the adapters on the sparse input.
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -137,6 +142,84 @@ def _fusion_tables(kit: KitPaths, scores: _Scores) -> str:
     return "\n".join(single) + "\n\n" + "\n".join(multi) + "\n"
 
 
+SPARSITY_LEVELS = (0.25, 0.4, 0.5, 0.65)
+_RULES = ("wina", "teal")
+
+
+def sparsity_table(
+    kit_dir: str,
+    limit: int | None = None,
+    mode: str = "top-k",
+    sparsity_file: str | None = None,
+    progress: bool = True,
+    levels: tuple[float, ...] = SPARSITY_LEVELS,
+) -> str:
+    """Markdown: per sparsity level, base-large's perplexity and its LoRA adapters' task
+    accuracy with WINA and TEAL (threshold mode: calibrated first when no file is given)."""
+    kit = KitPaths.open(kit_dir)
+    with tempfile.TemporaryDirectory(prefix="tandem-sparsity-") as tmp:
+        if mode == "threshold" and sparsity_file is None:
+            sparsity_file = _calibrate_large(kit, Path(tmp), progress)
+        return _sparsity_rows(kit, limit, mode, sparsity_file, progress, levels)
+
+
+def _calibrate_large(kit: KitPaths, out_dir: Path, progress: bool) -> str:
+    from engine.sparsity import calibrate_dir
+    from kit import corpus
+
+    out = out_dir / "base-large.sparsity.safetensors"
+    calibrate_dir(
+        str(kit.member("base-large")),
+        out,
+        corpus.iter_documents(0),
+        "kit corpus (seed 0)",
+        progress=lambda message: _say(progress, f"calibrate: {message}"),
+    )
+    return str(out)
+
+
+def _sparsity_rows(
+    kit: KitPaths,
+    limit: int | None,
+    mode: str,
+    sparsity_file: str | None,
+    progress: bool,
+    levels: tuple[float, ...],
+) -> str:
+    large = str(kit.member("base-large"))
+    tasks = list(kit.task_names)
+
+    def run(task: str, level: float, rule: str) -> tuple[float, float]:
+        """(perplexity or accuracy, fraction of channels skipped)."""
+        adapter = None if task == PERPLEXITY_TASK else str(kit.member(f"lora-{task}"))
+        options = EvalOptions(
+            task, large, adapter=adapter, limit=limit, sparsity=level, sparsity_rule=rule,
+            sparsity_mode=mode, sparsity_file=sparsity_file,
+        )  # fmt: skip
+        result = evaluate(options)
+        score = float(result["perplexity" if task == PERPLEXITY_TASK else "accuracy"])
+        skipped = float(result["skipped"]["all"])
+        _say(progress, f"sparsity {level:.0%} {rule} {task}: {score:.4g} (skipped {skipped:.1%})")
+        return score, skipped
+
+    base_ppl = run(PERPLEXITY_TASK, 0.0, "wina")[0]
+    dense = [f"{run(task, 0.0, 'wina')[0]:.1%}" for task in tasks]
+    header = ["sparsity", "skipped WINA / TEAL", "ppl WINA", "ppl TEAL", "Δppl WINA", "Δppl TEAL"]
+    header += [f"{task} (lora) WINA / TEAL" for task in tasks]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines.append(f"| 0% (dense) | 0% | {base_ppl:.4f} | {base_ppl:.4f} | | | {' | '.join(dense)} |")
+    for level in levels:
+        ppl = {rule: run(PERPLEXITY_TASK, level, rule) for rule in _RULES}
+        cells = [f"{level:.0%}", " / ".join(f"{ppl[r][1]:.1%}" for r in _RULES)]
+        cells += [f"{ppl[r][0]:.4f}" for r in _RULES]
+        cells += [f"{ppl[r][0] / base_ppl - 1:+.2%}" for r in _RULES]
+        for task in tasks:
+            wina, teal = (run(task, level, rule)[0] for rule in _RULES)
+            cells.append(f"{wina:.1%} / {teal:.1%}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _gap(fused: float, base: float, reference: float) -> float | None:
     """Gap closed, (fused - base) / (reference - base); None when the reference is no better."""
     return (fused - base) / (reference - base) if reference > base else None
@@ -156,11 +239,22 @@ def _say(enabled: bool, message: str) -> None:
         print(f"[tandem kit report] {message}", file=sys.stderr, flush=True)
 
 
-def write_table(kit_dir: str, out: str | None, limit: int | None, fusion_only: bool = False) -> str:
+def write_table(
+    kit_dir: str,
+    out: str | None,
+    limit: int | None,
+    fusion_only: bool = False,
+    sparsity_mode: str | None = None,
+    sparsity_file: str | None = None,
+) -> str:
+    """All tables, or the fusion tables only, or (with `sparsity_mode`) the sparsity table only."""
     kit, scores = KitPaths.open(kit_dir), _Scores(limit, progress=True)
-    table = _fusion_tables(kit, scores)
-    if not fusion_only:
-        table = _members_table(kit, scores) + "\n" + table
+    if sparsity_mode is not None:
+        table = sparsity_table(kit_dir, limit, sparsity_mode, sparsity_file)
+    else:
+        table = _fusion_tables(kit, scores)
+        if not fusion_only:
+            table = _members_table(kit, scores) + "\n" + table
     if out:
         Path(out).write_text(table)
     return table

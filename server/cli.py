@@ -1,5 +1,5 @@
-"""The `tandem` command: `serve`, `prepare`, the clients `generate`, `tokenize`, `models`,
-`load-adapter`, `unload-adapter`, `load-expert`, `unload-expert`, and the model kit's
+"""The `tandem` command: `serve`, `prepare`, `calibrate`, the clients `generate`, `tokenize`,
+`models`, `load-adapter`, `unload-adapter`, `load-expert`, `unload-expert`, and the model kit's
 `kit build`, `kit report` and `eval`.
 
 The client commands never import the engine (or torch), so they start instantly.
@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from pathlib import Path
 
 import grpc
 
@@ -23,6 +24,7 @@ from server.config import (
     parse_adapter_spec,
     parse_expert_spec,
     parse_model_spec,
+    parse_sparsity_specs,
     warmup_delay_from_env,
 )
 from tandem.v1 import tandem_pb2 as pb
@@ -49,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
         "prepare", help="build the model kit (served by default) if missing"
     )
     prepare.set_defaults(command=_prepare)
+    _add_calibrate(commands)
     _add_generate(commands)
     tokenize = commands.add_parser("tokenize", help="print the token ids of a text")
     tokenize.add_argument("text")
@@ -135,8 +138,69 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="where MergeAdapters writes new adapters (default $TANDEM_HOME/adapters)",
     )
+    _add_sparsity_flags(serve)
     serve.add_argument("--log-level", default="INFO")
     serve.set_defaults(command=_serve)
+
+
+def _add_sparsity_flags(serve: argparse.ArgumentParser) -> None:
+    group = serve.add_argument_group(
+        "sparse activation",
+        "skip the input channels of each attention and MLP projection whose activation is "
+        "negligible (WINA or TEAL; off by default). Each flag takes MODEL= to set one model "
+        "only; without it, it applies to every model that sets none",
+    )
+    group.add_argument(
+        "--sparsity",
+        action="append",
+        default=[],
+        metavar="[MODEL=]FRACTION",
+        help="fraction of input channels skipped, e.g. 0.4 (0: dense, bit for bit)",
+    )
+    group.add_argument(
+        "--sparsity-file",
+        action="append",
+        default=[],
+        metavar="[MODEL=]FILE",
+        help="the model's sidecar from `tandem calibrate` (needed by --sparsity-mode threshold)",
+    )
+    group.add_argument(
+        "--sparsity-rule",
+        action="append",
+        default=[],
+        metavar="[MODEL=]wina|teal",
+        help="keep channels by |x_j| * ||W[:, j]|| (wina, default) or |x_j| (teal)",
+    )
+    group.add_argument(
+        "--sparsity-mode",
+        action="append",
+        default=[],
+        metavar="[MODEL=]top-k|threshold",
+        help="per token exactly the fraction (top-k, default) or calibrated thresholds",
+    )
+
+
+def _add_calibrate(commands: argparse._SubParsersAction) -> None:
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="write a model's sparsity sidecar (column norms, activation thresholds)",
+        description="Run the model over calibration text and write, for `tandem serve "
+        "--sparsity S --sparsity-file FILE`, each projection group's column norms and the "
+        "quantiles of its input scores (WINA and TEAL), from which any sparsity's thresholds "
+        "are read at start.",
+    )
+    calibrate.add_argument("--model", required=True, metavar="DIR", help="model directory")
+    calibrate.add_argument("--out", required=True, metavar="FILE", help="sidecar to write")
+    calibrate.add_argument(
+        "--text",
+        metavar="FILE",
+        help="calibration text, documents separated by blank lines (default: the model "
+        "kit's general corpus)",
+    )
+    calibrate.add_argument("--tokens", type=int, default=8192, help="calibration tokens")
+    calibrate.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    calibrate.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    calibrate.set_defaults(command=_calibrate)
 
 
 def _add_adapter_commands(commands: argparse._SubParsersAction) -> None:
@@ -205,6 +269,7 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="print each token's expert alphas after the text (to stderr)",
     )
+    _add_constraint_options(generate)
     generate.add_argument("--address", default=DEFAULT_ADDRESS)
     generate.add_argument("--request-id", default="")
     generate.add_argument("--max-new-tokens", type=int)
@@ -224,6 +289,64 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         help="print each token's logprob and its N best alternatives",
     )
     generate.set_defaults(command=_generate)
+
+
+def _add_constraint_options(generate: argparse.ArgumentParser) -> None:
+    kinds = generate.add_mutually_exclusive_group()
+    kinds.add_argument("--json-schema", metavar="SCHEMA", help="JSON schema (text or @FILE)")
+    kinds.add_argument("--regex", help="the output must match this regular expression")
+    kinds.add_argument("--grammar", metavar="GRAMMAR", help="EBNF (or --lark) grammar, or @FILE")
+    kinds.add_argument(
+        "--choice", action="append", metavar="TEXT", help="the output is one of these (repeat)"
+    )
+    generate.add_argument("--lark", action="store_true", help="--grammar is in Lark syntax")
+    generate.add_argument(
+        "--constraint-method", choices=("awrs", "mask", "smc"), help="default awrs"
+    )
+    generate.add_argument("--particles", type=int, help="SMC particles (default 5)")
+    generate.add_argument(
+        "--grammar-engine", choices=("xgrammar", "llguidance"), help="default: xgrammar first"
+    )
+
+
+_CONSTRAINT_METHODS = {
+    None: pb.CONSTRAINT_METHOD_UNSPECIFIED,
+    "awrs": pb.CONSTRAINT_METHOD_AWRS,
+    "mask": pb.CONSTRAINT_METHOD_MASK,
+    "smc": pb.CONSTRAINT_METHOD_SMC,
+}
+_GRAMMAR_ENGINES = {
+    None: pb.GRAMMAR_ENGINE_UNSPECIFIED,
+    "xgrammar": pb.GRAMMAR_ENGINE_XGRAMMAR,
+    "llguidance": pb.GRAMMAR_ENGINE_LLGUIDANCE,
+}
+
+
+def _constraint(args: argparse.Namespace) -> pb.Constraint | None:
+    """The --json-schema / --regex / --grammar / --choice constraint; None without one."""
+    kind: dict[str, object] = {}
+    if args.json_schema is not None:
+        kind["json_schema"] = _text_or_file(args.json_schema)
+    elif args.regex is not None:
+        kind["regex"] = args.regex
+    elif args.grammar is not None:
+        kind["grammar"] = _text_or_file(args.grammar)
+        if args.lark:
+            kind["grammar_syntax"] = pb.GRAMMAR_SYNTAX_LARK
+    elif args.choice:
+        kind["choice"] = pb.Choices(choices=args.choice)
+    else:
+        return None
+    return pb.Constraint(
+        **kind,
+        method=_CONSTRAINT_METHODS[args.constraint_method],
+        particles=args.particles,
+        engine=_GRAMMAR_ENGINES[args.grammar_engine],
+    )
+
+
+def _text_or_file(value: str) -> str:
+    return Path(value[1:]).read_text() if value.startswith("@") else value
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -251,6 +374,9 @@ def _serve(args: argparse.Namespace) -> int:
                 dtype=args.dtype,
                 adapter_slots=args.adapter_slots,
                 adapter_host_cache=args.adapter_host_cache,
+                sparsity=parse_sparsity_specs(
+                    args.sparsity, args.sparsity_file, args.sparsity_rule, args.sparsity_mode
+                ),
             ),
             warmup_delay_s=warmup_delay_from_env(),
             adapters=tuple(parse_adapter_spec(value) for value in args.adapter),
@@ -263,6 +389,10 @@ def _serve(args: argparse.Namespace) -> int:
     ids = [spec.model_id for spec in config.models]
     if len(set(ids)) != len(ids):
         print(f"error: model ids must be unique, got {', '.join(ids)}", file=sys.stderr)
+        return 2
+    unknown = _unserved_sparsity_models(config)
+    if unknown:
+        print(f"error: --sparsity* name models not served: {', '.join(unknown)}", file=sys.stderr)
         return 2
     # Imported here: it loads the engine (and torch), which the client commands never need.
     from server.app import StartupError, serve
@@ -279,6 +409,40 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unserved_sparsity_models(config: ServerConfig) -> list[str]:
+    served = {spec.model_id for spec in config.models}
+    if not served:
+        from server.engines import DEFAULT_KIT_MODEL
+
+        served = {DEFAULT_KIT_MODEL}
+    return [s.model for s in config.engine.sparsity if s.model and s.model not in served]
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    # Imported here: it loads the engine (and torch).
+    from engine.types import EngineError
+    from server.engines import calibrate_to_file
+
+    def progress(message: str) -> None:
+        print(f"[tandem calibrate] {message}", file=sys.stderr, flush=True)
+
+    try:
+        header = calibrate_to_file(
+            args.model,
+            args.out,
+            tokens=args.tokens,
+            seq_len=args.seq_len,
+            text_file=args.text,
+            dtype=args.dtype,
+            progress=progress,
+        )
+    except (OSError, ValueError, EngineError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{args.out}\t{header['tokens']} tokens\t{header['text']}")
+    return 0
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from server.engines import default_model_spec
 
@@ -290,7 +454,8 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         adapters = _adapter_fields(args.adapter)
         experts = _expert_refs(args.expert)
-    except ValueError as error:
+        constraint = _constraint(args)
+    except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     request = pb.GenerateRequest(
@@ -321,6 +486,7 @@ def _generate(args: argparse.Namespace) -> int:
             top_logprobs=args.logprobs or None,
             fusion_weights=args.show_fusion_weights,
         ),
+        constraint=constraint,
     )
     client.stream_generate(args.address, request)
     return 0
@@ -375,12 +541,22 @@ def _models(args: argparse.Namespace) -> int:
             f"{model.id}\tvocab_size={model.vocab_size}\t"
             f"max_prompt_tokens={model.max_prompt_tokens}\tmax_new_tokens={model.max_new_tokens}"
             f"\tadapter_slots={model.adapter_slots}\tadapter_host_cache={model.adapter_host_cache}"
+            f"{_sparsity_field(model)}"
         )
         for adapter in model.adapters:
             print(f"  adapter {_adapter_line(adapter)}")
         for expert in model.experts:
             print(f"  expert {_expert_line(expert)}")
     return 0
+
+
+def _sparsity_field(model: pb.ModelInfo) -> str:
+    if not model.HasField("sparsity"):
+        return ""
+    info = model.sparsity
+    rule = pb.SparsityRule.Name(info.rule).removeprefix("SPARSITY_RULE_").lower()
+    mode = pb.SparsityMode.Name(info.mode).removeprefix("SPARSITY_MODE_").lower()
+    return f"\tsparsity={info.sparsity:g},{rule},{mode.replace('_', '-')}"
 
 
 def _adapter_line(adapter: pb.AdapterInfo) -> str:

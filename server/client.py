@@ -46,9 +46,17 @@ def _report_final(
         err.write(f"\ntoken {token_id} alphas {alphas}")
     reason = pb.FinishReason.Name(final.finish_reason).removeprefix("FINISH_REASON_").lower()
     usage = final.usage
+    constrained = ""
+    if usage.constraint_checks or usage.constraint_mask_steps:
+        constrained = (
+            f", {usage.constraint_checks} constraint checks, "
+            f"{usage.constraint_mask_steps} full masks"
+        )
+    if final.HasField("log_weight"):
+        constrained += f", log weight {final.log_weight:.3f}"
     err.write(
         f"\n[finish: {reason}, prompt {usage.prompt_tokens} tokens, "
-        f"completion {usage.completion_tokens} tokens]\n"
+        f"completion {usage.completion_tokens} tokens{constrained}]\n"
     )
 
 

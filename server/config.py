@@ -67,6 +67,91 @@ def parse_expert_spec(value: str) -> ExpertSpec:
     return ExpertSpec(expert_id=expert_id, path=path, small_base=small_base, model=model)
 
 
+SPARSITY_RULES = ("wina", "teal")
+SPARSITY_MODES = ("top-k", "threshold")
+
+
+@dataclass(frozen=True)
+class SparsitySpec:
+    """Sparse activation asked for on the command line, for one model (`model`) or, with an
+    empty `model`, for every model that names none of its own; None fields are unset."""
+
+    model: str = ""
+    sparsity: float | None = None
+    rule: str | None = None
+    mode: str | None = None
+    file: str | None = None
+
+    def merged_over(self, general: SparsitySpec | None) -> SparsitySpec:
+        """This model's fields, the general ones where this model sets none."""
+        if general is None:
+            return self
+        values = {
+            name: getattr(general, name) if getattr(self, name) is None else getattr(self, name)
+            for name in ("sparsity", "rule", "mode", "file")
+        }
+        return SparsitySpec(model=self.model, **values)
+
+    def check(self) -> None:
+        """ValueError for a combination that cannot run."""
+        where = f" for model {self.model}" if self.model else ""
+        if self.sparsity is None:
+            if self.file or self.rule or self.mode:
+                raise ValueError(f"--sparsity-file/-rule/-mode{where} need --sparsity")
+            return
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"--sparsity{where} must be in [0, 1), got {self.sparsity}")
+        if self.rule is not None and self.rule not in SPARSITY_RULES:
+            raise ValueError(f"--sparsity-rule{where}: one of {', '.join(SPARSITY_RULES)}")
+        if self.mode is not None and self.mode not in SPARSITY_MODES:
+            raise ValueError(f"--sparsity-mode{where}: one of {', '.join(SPARSITY_MODES)}")
+        if self.mode == "threshold" and not self.file:
+            raise ValueError(f"--sparsity-mode threshold{where} needs --sparsity-file")
+
+
+def _model_and_value(value: str) -> tuple[str, str]:
+    """`[MODEL=]VALUE`: a name before `=` without a path separator names a model."""
+    name, sep, rest = value.partition("=")
+    if sep and name and os.sep not in name:
+        return name, rest
+    return "", value
+
+
+def parse_sparsity_specs(
+    sparsity: list[str], files: list[str], rules: list[str], modes: list[str]
+) -> tuple[SparsitySpec, ...]:
+    """The `--sparsity`, `--sparsity-file`, `--sparsity-rule` and `--sparsity-mode` values
+    (each `[MODEL=]VALUE`), one merged and checked spec per model named (and one general)."""
+    fields: dict[str, dict[str, object]] = {}
+    for name, values in (("sparsity", sparsity), ("file", files), ("rule", rules), ("mode", modes)):
+        for value in values:
+            model, raw = _model_and_value(value)
+            parsed: object = raw
+            if name == "sparsity":
+                try:
+                    parsed = float(raw)
+                except ValueError:
+                    raise ValueError(f"--sparsity {value!r}: expected [MODEL=]FRACTION") from None
+            fields.setdefault(model, {})[name] = parsed
+    general = SparsitySpec(**fields[""]) if "" in fields else None
+    specs = [SparsitySpec(model=m, **f).merged_over(general) for m, f in fields.items() if m]
+    if general is not None:
+        specs.insert(0, general)
+    for spec in specs:
+        # General fields without a general --sparsity may be there for the models that name
+        # their own (`--sparsity a=0.4 --sparsity-file F`).
+        if spec.model or spec.sparsity is not None or len(specs) == 1:
+            spec.check()
+    return tuple(specs)
+
+
+def sparsity_for(specs: tuple[SparsitySpec, ...], model_id: str) -> SparsitySpec | None:
+    """The spec that applies to `model_id`: its own, else the general one, else None."""
+    by_model = {spec.model: spec for spec in specs}
+    spec = by_model.get(model_id) or by_model.get("")
+    return spec if spec is not None and spec.sparsity is not None else None
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """Engine settings given on the command line; None keeps the engine's default."""
@@ -82,6 +167,8 @@ class EngineOptions:
     dtype: str | None = None
     adapter_slots: int | None = None
     adapter_host_cache: int | None = None
+    # Sparse activation per model (SparsitySpec.model) and for all (model ""): off when empty.
+    sparsity: tuple[SparsitySpec, ...] = ()
 
     def __post_init__(self) -> None:
         slots, cache = self.adapter_slots, self.adapter_host_cache

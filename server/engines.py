@@ -5,12 +5,24 @@ Everything else in server/ stays tensor-free and sees engines only through their
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.async_engine import AsyncEngine, EngineConfig
-from server.config import AdapterSpec, EngineOptions, ExpertSpec, ModelSpec
+from engine.sparsity import SparsitySettings, apply_sparsity, calibrate_dir
+from server.config import (
+    AdapterSpec,
+    EngineOptions,
+    ExpertSpec,
+    ModelSpec,
+    SparsitySpec,
+    sparsity_for,
+)
+
+log = logging.getLogger(__name__)
 
 # The kit member served when no --model is given (its id too).
 DEFAULT_KIT_MODEL = "base-large"
@@ -47,8 +59,69 @@ def engine_config(options: EngineOptions) -> EngineConfig:
 
 
 def load_engine(spec: ModelSpec, options: EngineOptions) -> AsyncEngine:
-    """Blocking: reads the weights; run it in an executor."""
-    return AsyncEngine.from_dir(spec.model_id, spec.path, engine_config(options))
+    """Blocking: reads the weights (and the sparsity file); run it in an executor."""
+    engine = AsyncEngine.from_dir(spec.model_id, spec.path, engine_config(options))
+    sparsity = sparsity_for(options.sparsity, spec.model_id)
+    if sparsity is not None:
+        settings = sparsity_settings(sparsity)
+        # Before the engine's thread starts: the model changes its weights' layout.
+        apply_sparsity(engine.engine.model, settings)
+        log.info("model %s: sparse activation, %s", spec.model_id, settings.describe())
+    return engine
+
+
+def sparsity_settings(spec: SparsitySpec) -> SparsitySettings:
+    """The engine's settings for a checked spec; unset fields take the defaults (WINA, top-k)."""
+    assert spec.sparsity is not None
+    defaults = SparsitySettings(spec.sparsity)
+    return SparsitySettings(
+        sparsity=spec.sparsity,
+        rule=spec.rule or defaults.rule,
+        mode=spec.mode or defaults.mode,
+        calibration_file=os.path.abspath(spec.file) if spec.file else "",
+    )
+
+
+# Calibration text when none is given: the kit's general corpus, its pretraining stream.
+_KIT_CORPUS_SEED = 0
+
+
+def calibrate_to_file(
+    model_dir: str,
+    out: str,
+    *,
+    tokens: int = 8192,
+    seq_len: int = 256,
+    text_file: str | None = None,
+    dtype: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, object]:
+    """`tandem calibrate`: write the sparsity sidecar of the model at `model_dir`; returns its
+    header (what was calibrated on what)."""
+    documents, source = _calibration_documents(text_file)
+    calibration = calibrate_dir(
+        model_dir,
+        out,
+        documents,
+        source,
+        tokens=tokens,
+        seq_len=seq_len,
+        dtype=dtype,
+        progress=progress,
+    )
+    return calibration.header
+
+
+def _calibration_documents(text_file: str | None) -> tuple[Iterable[str], str]:
+    """Documents and where they come from: the file's paragraphs (blank-line separated), or
+    the kit's general corpus."""
+    if text_file:
+        with open(text_file, encoding="utf-8") as f:
+            paragraphs = [p.strip() for p in f.read().split("\n\n")]
+        return [p for p in paragraphs if p], os.path.abspath(text_file)
+    from kit import corpus
+
+    return corpus.iter_documents(_KIT_CORPUS_SEED), f"kit corpus (seed {_KIT_CORPUS_SEED})"
 
 
 @dataclass(frozen=True)

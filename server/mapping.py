@@ -6,17 +6,23 @@ Imports only `engine.types`, which is plain dataclasses: no tensors on this side
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import grpc
 
 from engine.types import (
     AdapterInfo,
     AdapterState,
+    Constraint,
+    ConstraintKind,
+    ConstraintMethod,
     EngineError,
     ExpertInfo,
     FinishReason,
     FusionMode,
     FusionRouting,
+    GrammarBackend,
+    GrammarSyntax,
     MergeSpec,
     OutputOptions,
     Request,
@@ -77,14 +83,6 @@ def prompt_of(request: pb.GenerateRequest) -> str | list[int]:
     return request.text if has_text else list(request.token_ids)
 
 
-def reject_unsupported(request: pb.GenerateRequest) -> None:
-    """Constraints arrive in a later release; say so instead of ignoring them."""
-    if request.HasField("constraint"):
-        raise RequestRejected(
-            grpc.StatusCode.UNIMPLEMENTED, "constraint: constrained decoding is not available yet"
-        )
-
-
 def engine_request(
     request_id: str, request: pb.GenerateRequest, prompt_token_ids: list[int], max_new_tokens: int
 ) -> Request:
@@ -101,7 +99,69 @@ def engine_request(
         experts=experts_of(request),
         fusion_mode=_fusion_mode(request.fusion),
         fusion_routing=_fusion_routing(request.fusion),
+        constraint=constraint_of(request),
     )
+
+
+_CONSTRAINT_METHODS = {
+    pb.CONSTRAINT_METHOD_UNSPECIFIED: ConstraintMethod.AWRS,
+    pb.CONSTRAINT_METHOD_AWRS: ConstraintMethod.AWRS,
+    pb.CONSTRAINT_METHOD_MASK: ConstraintMethod.MASK,
+    pb.CONSTRAINT_METHOD_SMC: ConstraintMethod.SMC,
+}
+_GRAMMAR_SYNTAXES = {
+    pb.GRAMMAR_SYNTAX_UNSPECIFIED: GrammarSyntax.EBNF,
+    pb.GRAMMAR_SYNTAX_EBNF: GrammarSyntax.EBNF,
+    pb.GRAMMAR_SYNTAX_LARK: GrammarSyntax.LARK,
+}
+_GRAMMAR_ENGINES = {
+    pb.GRAMMAR_ENGINE_UNSPECIFIED: None,
+    pb.GRAMMAR_ENGINE_XGRAMMAR: GrammarBackend.XGRAMMAR,
+    pb.GRAMMAR_ENGINE_LLGUIDANCE: GrammarBackend.LLGUIDANCE,
+}
+_CONSTRAINT_KINDS = {
+    "json_schema": ConstraintKind.JSON_SCHEMA,
+    "regex": ConstraintKind.REGEX,
+    "grammar": ConstraintKind.GRAMMAR,
+    "choice": ConstraintKind.CHOICE,
+}
+
+
+def constraint_of(request: pb.GenerateRequest) -> Constraint | None:
+    """The request's constraint; None when it has none. What it says is the engine's to
+    check (empty text, particle counts, ...)."""
+    if not request.HasField("constraint"):
+        return None
+    c = request.constraint
+    kind = c.WhichOneof("kind")
+    if kind is None:
+        raise RequestRejected(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "constraint: give one of json_schema, regex, grammar and choice",
+        )
+    options: dict[str, float] = {}
+    if c.HasField("particles"):
+        options["particles"] = c.particles
+    if c.HasField("ess_threshold"):
+        options["ess_threshold"] = c.ess_threshold
+    return Constraint(
+        kind=_CONSTRAINT_KINDS[kind],
+        source="" if kind == "choice" else getattr(c, kind),
+        choices=tuple(c.choice.choices) if kind == "choice" else (),
+        syntax=_pick(_GRAMMAR_SYNTAXES, c.grammar_syntax, "grammar_syntax"),
+        backend=_pick(_GRAMMAR_ENGINES, c.engine, "engine"),
+        method=_pick(_CONSTRAINT_METHODS, c.method, "method"),
+        **options,
+    )
+
+
+def _pick(table: dict[int, Any], value: int, name: str) -> Any:
+    """An enum's engine value; INVALID_ARGUMENT for a number this server does not know."""
+    if value not in table:
+        raise RequestRejected(
+            grpc.StatusCode.INVALID_ARGUMENT, f"constraint: unknown {name} {value}"
+        )
+    return table[value]
 
 
 def adapters_of(request: pb.GenerateRequest) -> tuple[tuple[str, float], ...]:
@@ -268,6 +328,7 @@ def _output(output: pb.OutputOptions) -> OutputOptions:
         logprobs=output.logprobs,
         top_logprobs=output.top_logprobs,
         fusion_weights=output.fusion_weights,
+        particles=output.particles,
     )
 
 
@@ -299,9 +360,19 @@ def _delta(output: RequestOutput) -> pb.Delta:
 
 
 def _final(output: RequestOutput, reason: FinishReason) -> pb.Final:
-    return pb.Final(
+    final = pb.Final(
         finish_reason=_FINISH_REASONS[reason],
         usage=pb.Usage(
-            prompt_tokens=output.prompt_tokens, completion_tokens=output.completion_tokens
+            prompt_tokens=output.prompt_tokens,
+            completion_tokens=output.completion_tokens,
+            constraint_checks=output.constraint_checks,
+            constraint_mask_steps=output.constraint_mask_steps,
         ),
+        particles=[
+            pb.Particle(token_ids=p.token_ids, text=p.text, log_weight=p.log_weight)
+            for p in output.particles
+        ],
     )
+    if output.log_weight is not None:
+        final.log_weight = output.log_weight
+    return final

@@ -24,7 +24,6 @@ from server.mapping import (
     expert_to_load,
     merge_of,
     prompt_of,
-    reject_unsupported,
     responses,
     status_for,
 )
@@ -182,7 +181,6 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     ) -> None:
         self._state.check_accepting()
         engine = self._state.resolve(request.model)
-        reject_unsupported(request)
         request_id = request.request_id or uuid.uuid4().hex
         with self._state.track(request_id, engine) as running:
             prompt_token_ids = await _prompt_token_ids(engine, prompt_of(request))
@@ -365,6 +363,16 @@ class RegistryServicer(pb_grpc.RegistryServicer):
 
 def _model_info(model_id: str, engine: AsyncEngine) -> pb.ModelInfo:
     config = engine.config
+    # The model's plain SparsitySettings (rule "wina"/"teal", mode "top-k"/"threshold").
+    settings = engine.engine.model.sparsity
+    sparsity = None
+    if settings is not None:
+        sparsity = pb.SparsityInfo(
+            sparsity=settings.sparsity,
+            rule=pb.SparsityRule.Value(f"SPARSITY_RULE_{settings.rule.upper()}"),
+            mode=pb.SparsityMode.Value(f"SPARSITY_MODE_{settings.mode.upper().replace('-', '_')}"),
+            calibration_file=settings.calibration_file,
+        )
     return pb.ModelInfo(
         id=model_id,
         vocab_size=engine.tokenizer.vocab_size,
@@ -374,4 +382,5 @@ def _model_info(model_id: str, engine: AsyncEngine) -> pb.ModelInfo:
         experts=[expert_info(info) for info in engine.expert_infos()],
         adapter_slots=config.adapter_slots,
         adapter_host_cache=config.adapter_host_cache,
+        sparsity=sparsity,
     )

@@ -150,3 +150,41 @@ def test_report_fusion_tables(micro_kit: str) -> None:
     assert lines[0].startswith("| task | base-large | + expert, static")
     assert sum(line.startswith("| mean |") for line in lines) == 2
     assert all(f"| {t} |" in table for t in TASKS)
+
+
+# ---- sparse activation -----------------------------------------------------------------------
+
+
+def test_eval_with_sparsity(micro_kit: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """At sparsity 0 the scores are the dense ones; in top-k mode exactly the fraction asked
+    for is skipped (the micro model's groups are 32 and 64 wide: 0.5 is exact)."""
+    model_dir = str(Path(micro_kit) / "base-large")
+    dense = evaluate(EvalOptions(task="ppl", model=model_dir, limit=LIMIT))
+    zero = evaluate(EvalOptions(task="ppl", model=model_dir, limit=LIMIT, sparsity=0.0))
+    assert zero["perplexity"] == dense["perplexity"]
+    assert zero["skipped"] == {"all": 0.0, "qkv": 0.0, "o": 0.0, "gate_up": 0.0, "down": 0.0}
+    base = ["eval", "--task", "ppl", "--model", model_dir, "--limit", "3", "--sparsity", "0.5"]
+    assert main([*base, "--sparsity-rule", "teal"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["sparsity"], result["sparsity_rule"], result["sparsity_mode"]) == (
+        0.5,
+        "teal",
+        "top-k",
+    )
+    assert set(result["skipped"].values()) == {0.5}
+    assert result["perplexity"] != dense["perplexity"]
+    assert main([*base, "--sparsity-mode", "threshold"]) == 2
+    assert "needs a calibration file" in capsys.readouterr().err
+
+
+def test_report_sparsity_table(micro_kit: str) -> None:
+    from kit.report import sparsity_table
+
+    # Threshold mode without a file: the report calibrates base-large first.
+    levels = (0.25, 0.5)
+    table = sparsity_table(micro_kit, limit=2, mode="threshold", progress=False, levels=levels)
+    lines = table.splitlines()
+    assert lines[0].startswith("| sparsity | skipped WINA / TEAL | ppl WINA | ppl TEAL")
+    assert all(f"{task} (lora) WINA / TEAL" in lines[0] for task in TASKS)
+    assert lines[2].startswith("| 0% (dense) |")
+    assert [line.split(" | ")[0] for line in lines[3:]] == [f"| {level:.0%}" for level in levels]

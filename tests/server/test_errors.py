@@ -80,10 +80,29 @@ BAD_REQUESTS = {
         INVALID,
         "expert_id",
     ),
-    "constraint": (
-        {**OK_PROMPT, "constraint": pb.Constraint(regex="[0-9]+")},
-        grpc.StatusCode.UNIMPLEMENTED,
+    "constraint without kind": (
+        {**OK_PROMPT, "constraint": pb.Constraint(method=pb.CONSTRAINT_METHOD_MASK)},
+        INVALID,
         "constraint",
+    ),
+    "regex that does not compile": (
+        {**OK_PROMPT, "constraint": pb.Constraint(regex="(unclosed")},
+        INVALID,
+        "constraint",
+    ),
+    "schema that is not JSON": (
+        {**OK_PROMPT, "constraint": pb.Constraint(json_schema="{oops")},
+        INVALID,
+        "not valid JSON",
+    ),
+    "ignore_eos with a constraint": (
+        {
+            **OK_PROMPT,
+            "constraint": pb.Constraint(regex="a+"),
+            "stopping": pb.StoppingCriteria(ignore_eos=True),
+        },
+        INVALID,
+        "ignore_eos",
     ),
 }
 

@@ -237,6 +237,43 @@ def test_static_fusion_is_the_weighted_sum_of_logits(expert_server, oracle: Orac
     assert again == tokens and alphas == []
 
 
+def test_constraint_applies_to_the_fused_distribution(
+    expert_server, oracle: Oracle, tiny_llama_dir
+) -> None:
+    """Greedy AWRS over static fusion: each token is the best fused logit among the tokens the
+    regex allows (xgrammar's mask, asked directly), EOS where the regex is complete."""
+    import xgrammar
+    from transformers import PreTrainedTokenizerFast
+
+    pattern = "[a-z]{2,4}[0-9]{2}"
+    deltas, final = expert_server.generate(
+        token_ids=PROMPT,
+        experts=[pb.ExpertRef(expert_id="full", weight=0.5)],
+        fusion=pb.FusionOptions(mode=STATIC),
+        sampling=pb.SamplingParams(temperature=0.0),
+        stopping=pb.StoppingCriteria(max_new_tokens=20),
+        constraint=pb.Constraint(regex=pattern, engine=pb.GRAMMAR_ENGINE_XGRAMMAR),
+    )
+    tokens = [token for delta in deltas for token in delta.token_ids]
+    assert final.finish_reason == pb.FINISH_REASON_EOS
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tiny_llama_dir / "tokenizer.json"))
+    info = xgrammar.TokenizerInfo.from_huggingface(
+        tokenizer, vocab_size=oracle.large.config.vocab_size, stop_token_ids=[2]
+    )
+    matcher = xgrammar.GrammarMatcher(xgrammar.GrammarCompiler(info).compile_regex(pattern))
+    bitmask = xgrammar.allocate_token_bitmask(1, info.vocab_size)
+    expected: list[int] = []
+    while not matcher.is_terminated():
+        fused = oracle.fused(PROMPT + expected, {"full": 0.5})
+        matcher.fill_next_token_bitmask(bitmask)
+        bits = (bitmask[0, :, None] >> torch.arange(32, dtype=torch.int32)) & 1
+        allowed = bits.flatten()[: info.vocab_size].bool()
+        expected.append(int(fused.masked_fill(~allowed, -math.inf).argmax()))
+        assert matcher.accept_token(expected[-1])
+    assert tokens == expected
+    assert tokens != oracle.static_greedy(PROMPT, {"full": 0.5}, len(tokens))
+
+
 def test_static_weight_zero_is_the_plain_model(expert_server, hf_model) -> None:
     plain, alphas, _ = generate(expert_server)
     assert alphas == []

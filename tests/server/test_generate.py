@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import torch
 
 from tandem.v1 import tandem_pb2 as pb
@@ -124,6 +127,60 @@ def _tandem(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(script), *args], capture_output=True, text=True, timeout=60, check=False
     )
+
+
+def test_constrained_generate_over_grpc(server) -> None:
+    """A regex and a JSON schema over real gRPC: every output matches (re.fullmatch, the
+    jsonschema validator), the final reports the checks, and SMC reports its particles."""
+    pattern = r"[a-z]{3,6}-[0-9]{2}"
+    for method in (pb.CONSTRAINT_METHOD_AWRS, pb.CONSTRAINT_METHOD_MASK):
+        deltas, final = server.generate(
+            model="tiny-llama",
+            text="Hello",
+            sampling=pb.SamplingParams(temperature=1.0, seed=3),
+            stopping=pb.StoppingCriteria(max_new_tokens=40),
+            constraint=pb.Constraint(regex=pattern, method=method),
+        )
+        assert final.finish_reason == pb.FINISH_REASON_EOS
+        assert re.fullmatch(pattern, "".join(d.text for d in deltas))
+        if method == pb.CONSTRAINT_METHOD_AWRS:
+            assert final.usage.constraint_checks >= final.usage.completion_tokens
+        else:
+            assert final.usage.constraint_mask_steps == final.usage.completion_tokens
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+        "required": ["ok", "n"],
+        "additionalProperties": False,
+    }
+    deltas, final = server.generate(
+        model="tiny-llama",
+        text="Hello",
+        sampling=pb.SamplingParams(temperature=0.7, seed=1),
+        stopping=pb.StoppingCriteria(max_new_tokens=40),
+        constraint=pb.Constraint(json_schema=json.dumps(schema)),
+    )
+    assert final.finish_reason == pb.FINISH_REASON_EOS
+    jsonschema.validate(json.loads("".join(d.text for d in deltas)), schema)
+
+
+def test_cli_generate_with_a_constraint(server, tmp_path) -> None:
+    result = _tandem(
+        "generate", "Hello", "--model", "tiny-llama", "--address", server.address,
+        "--regex", "[a-z]{3}-[0-9]", "--temperature", "1", "--seed", "4",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch("[a-z]{3}-[0-9]", result.stdout)
+    assert "finish: eos" in result.stderr and "constraint checks" in result.stderr
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"enum": ["red", "green"]}))
+    result = _tandem(
+        "generate", "Hello", "--model", "tiny-llama", "--address", server.address,
+        "--json-schema", f"@{schema}", "--constraint-method", "smc", "--particles", "3",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) in ("red", "green")
+    assert "log weight" in result.stderr
 
 
 def test_cli_generate_streams_text_and_reports_usage(server) -> None:

@@ -12,11 +12,17 @@ import grpc
 import pytest
 
 from engine.types import (
+    Constraint,
+    ConstraintKind,
+    ConstraintMethod,
     ExpertError,
     ExpertInfo,
     FinishReason,
     FusionMode,
     FusionRouting,
+    GrammarBackend,
+    GrammarSyntax,
+    Particle,
     RequestOutput,
 )
 from server import mapping
@@ -188,11 +194,69 @@ def test_expert_ref_without_id_is_invalid() -> None:
     assert rejected.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_experts_are_no_longer_refused_before_the_engine() -> None:
-    mapping.reject_unsupported(_generate_request(experts=[pb.ExpertRef(expert_id="math")]))
-    with pytest.raises(mapping.RequestRejected) as rejected:
-        mapping.reject_unsupported(_generate_request(constraint=pb.Constraint(regex="a")))
-    assert rejected.value.code == grpc.StatusCode.UNIMPLEMENTED
+def test_constraint_maps_every_kind_and_option() -> None:
+    choice = mapping.engine_request(
+        "r",
+        _generate_request(
+            constraint=pb.Constraint(
+                choice=pb.Choices(choices=["a", "b"]),
+                method=pb.CONSTRAINT_METHOD_SMC,
+                particles=7,
+                ess_threshold=0.25,
+                engine=pb.GRAMMAR_ENGINE_LLGUIDANCE,
+            )
+        ),
+        [1, 2],
+        100,
+    ).constraint
+    assert choice == Constraint(
+        ConstraintKind.CHOICE,
+        choices=("a", "b"),
+        method=ConstraintMethod.SMC,
+        particles=7,
+        ess_threshold=0.25,
+        backend=GrammarBackend.LLGUIDANCE,
+    )
+    lark = mapping.engine_request(
+        "r",
+        _generate_request(
+            constraint=pb.Constraint(grammar="start: x", grammar_syntax=pb.GRAMMAR_SYNTAX_LARK)
+        ),
+        [1, 2],
+        100,
+    ).constraint
+    assert (lark.kind, lark.source, lark.syntax, lark.backend, lark.method) == (
+        ConstraintKind.GRAMMAR, "start: x", GrammarSyntax.LARK, None, ConstraintMethod.AWRS
+    )
+    assert mapping.engine_request("r", _generate_request(), [1, 2], 100).constraint is None
+
+
+def test_constraint_without_kind_or_with_unknown_enum_is_invalid() -> None:
+    for constraint in (pb.Constraint(), pb.Constraint(regex="a", method=99)):
+        with pytest.raises(mapping.RequestRejected) as rejected:
+            mapping.engine_request("r", _generate_request(constraint=constraint), [1, 2], 100)
+        assert rejected.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_final_reports_constraint_usage_and_particles() -> None:
+    output = RequestOutput(
+        request_id="r",
+        token_ids=[],
+        text="",
+        finish_reason=FinishReason.EOS,
+        constraint_checks=12,
+        constraint_mask_steps=1,
+        log_weight=-0.5,
+        particles=[Particle((5, 6), "ab", -0.5)],
+    )
+    final = mapping.responses("r", output)[-1].final
+    assert (final.usage.constraint_checks, final.usage.constraint_mask_steps) == (12, 1)
+    assert final.log_weight == -0.5
+    assert [(list(p.token_ids), p.text, p.log_weight) for p in final.particles] == [
+        ([5, 6], "ab", -0.5)
+    ]
+    plain = mapping.responses("r", RequestOutput("r", [], "", finish_reason=FinishReason.EOS))
+    assert not plain[-1].final.HasField("log_weight")
 
 
 def test_fusion_weights_go_into_the_delta_one_per_token() -> None:

@@ -1,0 +1,236 @@
+"""Constrained decoding: AWRS against full vocabulary masks (design.md section 7, issue 6).
+
+1. End to end on the model kit's ft-record (a trained model, SentencePiece 32k): the record
+   task's held-out prompts under its JSON schema, sampled (temperature 1, one seed per prompt),
+   unconstrained / AWRS / MASK in turn, same batch: tokens/s, and for AWRS the constraint checks
+   per token (median, p99) and how often the walk fell back to a full mask.
+2. Per-token constraint time with the 32k and the 131k (Tekken) vocabularies: the AWRS outputs
+   of part 1 are re-tokenized with each vocabulary and replayed through xgrammar; at every
+   state: the time of xgrammar's full mask, of llguidance's full mask, and of one check
+   (accept + rollback). AWRS's time at a state is its check time times the number of checks
+   part 1 made at that position of its outputs (an estimate at 131k: no trained model there).
+3. Compile time p50/p99 over the dev schemas (../shared/data/jsonschemabench-dev), xgrammar
+   (through the compile worker, serialization included) and llguidance, both vocabularies,
+   and how many each compiles.
+
+Prints figures, asserts nothing.
+
+    python bench/bench_constraint.py [--kit DIR] [--prompts 16] [--schemas 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCHEMAS = REPO_ROOT.parent / "shared" / "data" / "jsonschemabench-dev"
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def end_to_end(kit: Path, prompts: int) -> list[tuple[list[int], list[int], str]]:
+    """Part 1; returns the AWRS outputs: (checks per token, token ids, text)."""
+    from engine.llm_engine import EngineConfig, LLMEngine
+    from engine.types import (
+        Constraint,
+        ConstraintKind,
+        ConstraintMethod,
+        Request,
+        SamplingParams,
+        StoppingCriteria,
+    )
+    from kit.tasks import get_task, held_out_examples
+
+    task = get_task("record")
+    examples = held_out_examples(task)[:prompts]
+    engine = LLMEngine.from_dir(str(kit / "ft-record"), EngineConfig(max_num_seqs=prompts))
+    schema = json.dumps(task.json_schema)
+    engine.compile_constraint(Constraint(ConstraintKind.JSON_SCHEMA, schema))
+    modes = {
+        "warm-up": None,  # first forwards, kernel loading: not timed against the others
+        "unconstrained": None,
+        "awrs": Constraint(ConstraintKind.JSON_SCHEMA, schema),
+        "mask": Constraint(ConstraintKind.JSON_SCHEMA, schema, method=ConstraintMethod.MASK),
+    }
+    print(f"[1] ft-record, {prompts} record prompts in one batch, temperature 1", flush=True)
+    checks: list[tuple[list[int], list[int], str]] = []
+    base_rate = None
+    for name, constraint in modes.items():
+        requests = [
+            Request(
+                request_id=f"{name}-{i}",
+                prompt_token_ids=engine.tokenizer.encode(example.prompt),
+                sampling=SamplingParams(temperature=1.0, seed=i),
+                stopping=StoppingCriteria(max_new_tokens=task.max_new_tokens, stop=("\n",)),
+                constraint=constraint,
+            )
+            for i, example in enumerate(examples)
+        ]
+        per_token: dict[str, list[int]] = {r.request_id: [] for r in requests}
+        for request in requests:
+            engine.add_request(request)
+        start, tokens, outputs, ids = time.perf_counter(), 0, {}, {}
+        while engine.has_unfinished():
+            walking = [seq for seq in engine.scheduler.running if seq.constraint is not None]
+            before = [seq.constraint.checks for seq in walking]
+            for out in engine.step():
+                tokens += len(out.token_ids)
+                outputs[out.request_id] = outputs.get(out.request_id, "") + out.text
+                ids[out.request_id] = ids.get(out.request_id, []) + out.token_ids
+            for seq, checked in zip(walking, before, strict=True):
+                if seq.constraint.checks > checked:
+                    per_token[seq.request_id].append(seq.constraint.checks - checked)
+        rate = tokens / (time.perf_counter() - start)
+        if name == "warm-up":
+            continue
+        base_rate = base_rate or rate
+        valid = sum(_is_json(text) for text in outputs.values())
+        line = f"    {name:14s} {rate:7.1f} tok/s ({rate / base_rate:.2f}x)"
+        line += f"  valid JSON {valid}/{prompts}"
+        if name == "awrs":
+            flat = [c for steps in per_token.values() for c in steps]
+            line += (
+                f"  checks/token median {statistics.median(flat):.0f} p99 "
+                f"{_percentile(flat, 0.99):.0f} (vocabulary {engine.tokenizer.vocab_size})"
+            )
+            checks = [
+                (per_token[f"awrs-{i}"], ids[f"awrs-{i}"], outputs[f"awrs-{i}"])
+                for i in range(prompts)
+            ]
+        print(line, flush=True)
+    engine.constraints.close()
+    return checks
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def per_token_time(
+    tokenizer_dir: str, schema: str, outputs: list[tuple[list[int], list[int], str]], native: bool
+) -> None:
+    """Part 2 for one vocabulary; `native`: the outputs' own token ids (else re-encoded)."""
+    import llguidance
+    import llguidance.hf
+    import llguidance.torch
+    import xgrammar
+    from transformers import PreTrainedTokenizerFast
+
+    from engine.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend)
+    vocab = tokenizer.vocab_size
+    info = xgrammar.TokenizerInfo.from_huggingface(hf, vocab_size=vocab, stop_token_ids=[2])
+    compiled = xgrammar.GrammarCompiler(info).compile_json_schema(schema, any_whitespace=False)
+    ll_tokenizer = llguidance.hf.from_tokenizer(hf, n_vocab=vocab)
+    layout = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+    ll_grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=layout)
+    bitmask = xgrammar.allocate_token_bitmask(1, vocab)
+    mask_x, mask_l, awrs = [], [], []
+    for steps, token_ids, text in outputs:
+        ids = token_ids if native else tokenizer.encode(text, add_special_tokens=False)
+        xm, lm = xgrammar.GrammarMatcher(compiled), llguidance.LLMatcher(ll_tokenizer, ll_grammar)
+        for position, token in enumerate(ids):
+            t0 = time.perf_counter()
+            xm.fill_next_token_bitmask(bitmask)
+            t1 = time.perf_counter()
+            llguidance.torch.fill_next_token_bitmask(lm, bitmask)
+            t2 = time.perf_counter()
+            if not xm.accept_token(token):
+                break  # the text's tokenization under this vocabulary leaves the grammar
+            xm.rollback(1)
+            t3 = time.perf_counter()
+            xm.accept_token(token)
+            lm.consume_token(token)
+            checks = steps[position] if position < len(steps) else 1
+            mask_x.append(t1 - t0)
+            mask_l.append(t2 - t1)
+            awrs.append(max(checks, 1) * (t3 - t2))
+    print(f"    vocabulary {vocab}: {len(awrs)} states")
+    for name, times in (("xgrammar mask", mask_x), ("llguidance mask", mask_l), ("AWRS", awrs)):
+        print(
+            f"      {name:16s} p50 {1e6 * _percentile(times, 0.5):8.1f} us  "
+            f"p99 {1e6 * _percentile(times, 0.99):8.1f} us"
+        )
+    print(
+        f"      AWRS p99 / xgrammar-mask p99: "
+        f"{_percentile(awrs, 0.99) / _percentile(mask_x, 0.99):.3f}",
+        flush=True,
+    )
+
+
+def compile_times(tokenizer_dir: str, limit: int) -> None:
+    """Part 3 for one vocabulary."""
+    from engine.grammar import CompileLimits, ConstraintCompiler
+    from engine.tokenizer import Tokenizer
+    from engine.types import Constraint, ConstraintKind, GrammarBackend, InvalidRequest
+
+    tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    compiler = ConstraintCompiler(
+        tokenizer, tokenizer.vocab_size, (2,), CompileLimits(timeout_s=60.0, cache_size=0)
+    )
+    compiler.prepare()
+    files = sorted(SCHEMAS.glob("*.json"))[:: max(1, 300 // limit)][:limit]
+    for backend in (GrammarBackend.XGRAMMAR, GrammarBackend.LLGUIDANCE):
+        times, failed = [], 0
+        for i, path in enumerate(files):
+            constraint = Constraint(ConstraintKind.JSON_SCHEMA, path.read_text(), backend=backend)
+            start = time.perf_counter()
+            try:
+                compiler.compile(constraint).matcher()
+            except InvalidRequest:
+                failed += 1
+            times.append(time.perf_counter() - start)
+            print(f"\r      {backend.value}: {i + 1}/{len(files)}", end="", flush=True)
+        print(
+            f"\r    vocabulary {tokenizer.vocab_size} {backend.value:10s}: compiled "
+            f"{len(files) - failed}/{len(files)}, p50 {1e3 * _percentile(times, 0.5):.0f} ms, "
+            f"p99 {1e3 * _percentile(times, 0.99):.0f} ms",
+            flush=True,
+        )
+    compiler.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kit", type=Path, help="kit directory (default: the built-in kit)")
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--schemas", type=int, default=60)
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO_ROOT))
+    from engine.tokenizer import build_tekken_tokenizer_dir
+    from kit.build import default_kit_dir
+    from kit.tasks import get_task
+
+    kit = args.kit or Path(default_kit_dir())
+    outputs = end_to_end(kit, args.prompts)
+    cache = REPO_ROOT / "bench" / ".cache"
+    vocabularies = {
+        "32k": str(kit / "ft-record"),  # the kit's own SentencePiece vocabulary
+        "131k": build_tekken_tokenizer_dir(cache / "tekken"),
+    }
+    schema = json.dumps(get_task("record").json_schema)
+    print("[2] per-token constraint time, replaying the AWRS outputs", flush=True)
+    for name, directory in vocabularies.items():
+        per_token_time(directory, schema, outputs, native=name == "32k")
+    print(f"[3] compile time over {args.schemas} dev schemas", flush=True)
+    for directory in vocabularies.values():
+        compile_times(directory, args.schemas)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

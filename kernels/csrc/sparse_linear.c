@@ -1,0 +1,665 @@
+// Sparse-activation linear layer on the CPU (WINA / TEAL, kernels/sparse.py), for M <= 16 rows:
+//
+//     out[t, :] = sum over the channels j that row t keeps: x[t, j] * w[j, :]  (+ bias)
+//
+// with w = weight_t [k, n] (W.T contiguous: input channel j is the contiguous row w[j, :]) and
+// channel j of row t kept when |x[t, j]| * norms[j] >= thresholds[t] (norms NULL: |x[t, j]|).
+//
+// Decoding is memory bound, so the point is to read only the kept rows of w:
+// 1. gather (calling thread): the channels that any row keeps, ascending, as a list of row
+//    indices, and x compacted to those channels per row (0 where a row drops a channel that
+//    another row keeps);
+// 2. stream (OpenMP): the kept rows of w four at a time, side by side (four sequential streams
+//    for the hardware prefetchers, and the same position of the rows a few blocks ahead
+//    prefetched in software: the prefetchers cannot guess which rows come next), multiplied
+//    into fp32 sums of a tile of columns that stays in L1 (as wide as M rows of sums allow, so
+//    that for few rows each kept row is read as one long contiguous run). The channels below
+//    and above the middle of K are summed separately: for M <= SPLIT_K_ROWS two threads take
+//    one half each and read whole rows, otherwise each thread takes both halves of a range of
+//    the columns;
+// 3. combine: both halves' sums, the bias, one rounding, the store.
+// The arithmetic is one FMA per product (fp16, fp32; bf16 on CPUs without AVX512_BF16) or one
+// VDPBF16PS per two products (bf16). It grows with M, and the union of the rows' kept channels
+// grows with M too: one row streams at memory speed, 16 rows are bound by the arithmetic.
+//
+// Each output element is (FMA chain over its row's kept channels in the first half of K, in
+// ascending order) + (the same in the second half) + bias, whatever the tiling, the thread count
+// or the other rows of the batch (their channels add exact zeros to the chains): the kernel is
+// batch invariant and thread-count invariant, bit for bit (weights must be finite: 0 * inf would
+// not be a zero).
+//
+// Built once per weight type as a CPython extension module: -DTANDEM_BF16 gives module
+// sparse_linear_bf16, -DTANDEM_F16 sparse_linear_f16, -DTANDEM_F32 sparse_linear_f32. x has the
+// weight's type; norms and thresholds are fp32.
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>  // first, as Python requires
+
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_M 16
+#define LANES 16      // fp32 lanes of a vector
+#define GROUP 32      // columns per group: two fp32 vectors (one 64-byte load of bf16/fp16)
+#define AHEAD_MAX 64  // the index list is padded this far past its end for prefetches
+#define INLINE static inline __attribute__((always_inline))
+
+// Tuning knobs (-D overrides them for experiments). The values below measured best on a 2-core
+// AMX-capable Xeon VM, where 2 or 8 rows per block, other prefetch distances, prefetches into L2
+// or none, and narrower or wider tiles were all slower or no faster.
+#ifndef BLOCK_ROWS  // kept rows of w streamed side by side (even: VDPBF16PS takes pairs)
+#define BLOCK_ROWS 4
+#endif
+#ifndef SPLIT_K_ROWS  // up to this many rows, threads split the rows of w, above, the columns
+#define SPLIT_K_ROWS 2
+#endif
+#ifndef PARALLEL_MIN_BYTES  // below this many weight bytes read, one thread
+#define PARALLEL_MIN_BYTES (128 * 1024)
+#endif
+#ifndef TILE_ACC_BYTES  // accumulator bytes per tile (all rows): half of a 48 KB L1
+#define TILE_ACC_BYTES (24 * 1024)
+#endif
+#ifndef PREFETCH_BYTES  // weight bytes prefetched ahead of the block being multiplied, about
+#define PREFETCH_BYTES (8 * 1024)
+#endif
+#ifndef PREFETCH_HINT
+#define PREFETCH_HINT _MM_HINT_T0
+#endif
+
+// Macros, not an enum: #if compares them.
+#define BF16 1
+#define F16 2
+#define F32 3
+
+#if defined(TANDEM_BF16)
+#define DT BF16
+#define MODULE_NAME "sparse_linear_bf16"
+#define MODULE_INIT PyInit_sparse_linear_bf16
+#elif defined(TANDEM_F16)
+#define DT F16
+#define MODULE_NAME "sparse_linear_f16"
+#define MODULE_INIT PyInit_sparse_linear_f16
+#elif defined(TANDEM_F32)
+#define DT F32
+#define MODULE_NAME "sparse_linear_f32"
+#define MODULE_INIT PyInit_sparse_linear_f32
+#else
+#error "define TANDEM_BF16, TANDEM_F16 or TANDEM_F32"
+#endif
+
+#define ELEM (DT == F32 ? 4 : 2)  // bytes per element
+
+// bf16 on CPUs with AVX512_BF16 (built with -mavx512bf16): pairs of kept rows through VDPBF16PS,
+// two products per instruction, where fp16, fp32 and bf16 elsewhere take one FMA per product.
+// VDPBF16PS adds the product of the odd (high) halves and then that of the even halves, each
+// rounded as an FMA rounds (checked bit for bit against two FMAs in the tests), so with the
+// earlier row of each pair in the odd halves it computes the same chain as the FMAs, in the same
+// order, apart from its flushing of subnormals to zero.
+#if DT == BF16 && defined(__AVX512BF16__)
+#define DOT_PAIRS 1
+#else
+#define DOT_PAIRS 0
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Groups of 32 columns as two fp32 vectors of accumulators, in an order that suits the loads:
+// - fp16, fp32: the first and the second 16 columns;
+// - bf16 with FMAs: the even and the odd columns (one AND or shift each, no shuffle);
+// - bf16 with VDPBF16PS: columns 0-3, 8-11, 16-19, 24-27 and 4-7, 12-15, 20-23, 28-31, the order
+//   in which unpacking the 16-bit words of two rows into pairs leaves them.
+// load_group (weights, FMA path) and load_bias / store_group (all paths) use the same order.
+
+typedef struct {
+    __m512 a, b;
+} pair_t;
+
+INLINE pair_t widen(__m512i bits) {  // 32 bf16
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
+    return (pair_t){_mm512_castsi512_ps(_mm512_slli_epi32(bits, 16)),
+                    _mm512_castsi512_ps(_mm512_and_si512(bits, high))};
+}
+
+INLINE pair_t load_group(const char *p) {
+#if DT == BF16
+    return widen(_mm512_loadu_si512(p));
+#elif DT == F16
+    return (pair_t){_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)),
+                    _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32)))};
+#else
+    return (pair_t){_mm512_loadu_ps(p), _mm512_loadu_ps(p + 64)};
+#endif
+}
+
+// Only the columns in `mask` are read; the others are 0.
+INLINE pair_t load_group_masked(const char *p, __mmask32 mask) {
+#if DT == BF16
+    return widen(_mm512_maskz_loadu_epi16(mask, p));
+#elif DT == F16
+    return (pair_t){_mm512_cvtph_ps(_mm256_maskz_loadu_epi16((__mmask16)mask, p)),
+                    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16((__mmask16)(mask >> 16), p + 32))};
+#else
+    return (pair_t){_mm512_maskz_loadu_ps((__mmask16)mask, p),
+                    _mm512_maskz_loadu_ps((__mmask16)(mask >> 16), p + 64)};
+#endif
+}
+
+#if DT == BF16
+// fp32 bits rounded to nearest even at bit 16, as torch narrows fp32 to bf16. No NaN special
+// case: a NaN here comes from bf16 operands or is the default NaN, so its payload lies in the top
+// 16 bits and the rounding increment cannot carry it into an infinity.
+INLINE __m512i round_bf16(__m512 v) {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    return _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+}
+
+INLINE __m512i narrow_bf16(pair_t v) {  // 32 bf16 in column order
+#if DOT_PAIRS
+    // Per 128-bit lane, 4 columns from a then the next 4 from b: what packus puts side by side.
+    return _mm512_packus_epi32(_mm512_srli_epi32(round_bf16(v.a), 16),
+                               _mm512_srli_epi32(round_bf16(v.b), 16));
+#else
+    // Even columns from a, odd from b, interleaved back.
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
+    return _mm512_or_si512(_mm512_srli_epi32(round_bf16(v.a), 16),
+                           _mm512_and_si512(round_bf16(v.b), high));
+#endif
+}
+#endif
+
+#if DOT_PAIRS
+INLINE pair_t unpack_bf16(__m512i bits) {  // 32 bf16 into the VDPBF16PS order, as fp32
+    const __m512i zero = _mm512_setzero_si512();
+    return (pair_t){_mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, bits)),
+                    _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, bits))};
+}
+#endif
+
+INLINE pair_t load_bias(const char *p) {
+#if DOT_PAIRS
+    return unpack_bf16(_mm512_loadu_si512(p));
+#else
+    return load_group(p);
+#endif
+}
+
+INLINE pair_t load_bias_masked(const char *p, __mmask32 mask) {
+#if DOT_PAIRS
+    return unpack_bf16(_mm512_maskz_loadu_epi16(mask, p));
+#else
+    return load_group_masked(p, mask);
+#endif
+}
+
+#define TO_HALF(v) _mm512_cvtps_ph((v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+
+INLINE void store_group(char *p, pair_t v) {
+#if DT == BF16
+    _mm512_storeu_si512(p, narrow_bf16(v));
+#elif DT == F16
+    _mm256_storeu_si256((__m256i *)p, TO_HALF(v.a));
+    _mm256_storeu_si256((__m256i *)(p + 32), TO_HALF(v.b));
+#else
+    _mm512_storeu_ps(p, v.a);
+    _mm512_storeu_ps(p + 64, v.b);
+#endif
+}
+
+INLINE void store_group_masked(char *p, __mmask32 mask, pair_t v) {
+#if DT == BF16
+    _mm512_mask_storeu_epi16(p, mask, narrow_bf16(v));
+#elif DT == F16
+    _mm256_mask_storeu_epi16(p, (__mmask16)mask, TO_HALF(v.a));
+    _mm256_mask_storeu_epi16(p + 32, (__mmask16)(mask >> 16), TO_HALF(v.b));
+#else
+    _mm512_mask_storeu_ps(p, (__mmask16)mask, v.a);
+    _mm512_mask_storeu_ps(p + 64, (__mmask16)(mask >> 16), v.b);
+#endif
+}
+
+INLINE __m512 load16_masked(const char *p, __mmask16 mask) {  // 16 elements of x
+#if DT == BF16
+    const __m512i bits = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+#elif DT == F16
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p));
+#else
+    return _mm512_maskz_loadu_ps(mask, p);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-thread buffers, grown as needed and kept: allocating per call would fault in fresh pages
+// every time. Never freed; the threads (the caller's, OpenMP's pool) are long-lived.
+
+static __thread int32_t *index_cache;
+static __thread int64_t index_capacity;
+static __thread float *values_cache;
+static __thread int64_t values_capacity;
+static __thread float *sums_cache;
+static __thread int64_t sums_capacity;
+static __thread float *private_sums;  // of the OpenMP threads
+static __thread int64_t private_capacity;
+#if DOT_PAIRS
+static __thread uint32_t *pairs_cache;
+static __thread int64_t pairs_capacity;
+#endif
+
+static void *grow(void *buffer, int64_t *capacity, int64_t count, size_t size) {
+    if (count <= *capacity) return buffer;
+    free(buffer);
+    const size_t bytes = ((size_t)count * size + 63) / 64 * 64;
+    void *fresh = aligned_alloc(64, bytes);
+    *capacity = fresh ? count : 0;
+    return fresh;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gather: the kept channels of the union among channels [j_begin, j_end) (j_begin a multiple
+// of 16), ascending, appended at entry `kept` of `index`, and x of each row compacted to them
+// (0 where the row drops the channel) into values[t * ldv ...]. Returns the new entry count.
+
+static int64_t gather(const char *x, int64_t ldx, const float *norms, const float *thresholds,
+                      int64_t m, int64_t j_begin, int64_t j_end, int32_t *index, float *values,
+                      int64_t ldv, int64_t kept) {
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __mmask16 keep[MAX_M];
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += LANES) {
+        const __mmask16 valid =
+            j_end - j0 >= LANES ? 0xffff : (__mmask16)((1u << (j_end - j0)) - 1);
+        const __m512 norm = norms ? _mm512_maskz_loadu_ps(valid, norms + j0) : _mm512_set1_ps(1.0f);
+        __mmask16 any = 0;
+        for (int64_t t = 0; t < m; t++) {
+            const __m512 xv = load16_masked(x + (t * ldx + j0) * ELEM, valid);
+            // |x| * norm, one rounding, as channel_scores computes it (|x| * 1 is exact for
+            // TEAL); >= is false for NaN, as in torch.
+            const __m512 score = _mm512_mul_ps(_mm512_abs_ps(xv), norm);
+            keep[t] = _mm512_mask_cmp_ps_mask(valid, score, _mm512_set1_ps(thresholds[t]),
+                                              _CMP_GE_OQ);
+            any |= keep[t];
+        }
+        if (!any) continue;
+        // Full-width stores of compressed vectors (faster than compress-stores to memory); the
+        // buffers have slack past k.
+        const __m512i channels = _mm512_add_epi32(iota, _mm512_set1_epi32((int)j0));
+        _mm512_storeu_si512(index + kept, _mm512_maskz_compress_epi32(any, channels));
+        for (int64_t t = 0; t < m; t++) {
+            const __m512 xv = load16_masked(x + (t * ldx + j0) * ELEM, keep[t]);
+            _mm512_storeu_ps(values + t * ldv + kept, _mm512_maskz_compress_ps(any, xv));
+        }
+        kept += __builtin_popcount(any);
+    }
+    return kept;
+}
+
+#if DOT_PAIRS
+// The compacted x of each row as bf16 pairs, pairs[t * ldp + q] = (x of entry 2q + 1 in the low
+// half, x of entry 2q in the high half), for an even number of entries. The values are exact
+// bf16 values in fp32, so their top halves are their bf16 bits.
+static void build_pairs(const float *values, int64_t ldv, int64_t rows, int64_t entries,
+                        uint32_t *pairs, int64_t ldp) {
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
+    const int64_t count = entries / 2;  // even
+    for (int64_t t = 0; t < rows; t++) {
+        const float *v = values + t * ldv;
+        for (int64_t q = 0; q < count; q += 8) {  // 16 entries, 8 pairs
+            const __m512i first = _mm512_loadu_si512(v + 2 * q);
+            const __m512i second = _mm512_loadu_si512(v + 2 * q + 1);
+            const __m512i both = _mm512_or_si512(_mm512_and_si512(first, high),
+                                                 _mm512_srli_epi32(second, 16));
+            _mm256_storeu_si256((__m256i *)(pairs + t * ldp + q),
+                                _mm512_castsi512_si256(_mm512_maskz_compress_epi32(0x5555, both)));
+        }
+    }
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Stream.
+
+// The two halves of K (channels below and from K_SPLIT(k)) are two separate sums, added at the
+// end, so that two threads can stream whole rows of w (half of the rows each) rather than half
+// of every row, which short rows (n of 1000 or so) need to approach the memory bandwidth when
+// few input rows make the work memory bound (up to SPLIT_K_ROWS; with more, the arithmetic
+// bounds it and threads split the columns instead, each summing both halves). Always two sums,
+// however many threads and input rows, so that the result depends on neither; split at a fixed
+// channel, never by the kept channels, so that a row's result does not depend on the others.
+#define PARTS 2
+#define K_SPLIT(k) ((k) / 2 / LANES * LANES)
+
+typedef struct {
+    const char *w;                // [k, n]
+    const int32_t *index;         // [entries + AHEAD_MAX]
+    const void *x;                // [rows][ldx]: compacted x (fp32), or its bf16 pairs (DOT_PAIRS)
+    const char *bias;             // [n] or NULL
+    char *out;                    // [m, n]
+    float *sums;                  // [PARTS][rows][lds]: each half's sums
+    int64_t ldx, lds, m, n;
+    int64_t begin[PARTS + 1];     // each half's entries: [begin[p], begin[p + 1])
+    int64_t full_groups;          // groups of 32 columns without the partial last one
+    __mmask32 tail;               // columns of the partial last group
+} job_t;
+
+// One group of columns of the tile (at byte `offset` of the rows; `acc` its accumulators, row t
+// at acc + t * lda) times R kept rows: the R rows' weights loaded once, then each input row's
+// accumulators updated in entry order. x: the rows' compacted x from the first of the R entries.
+INLINE void multiply_group(const job_t *job, const char *const *row, const char *const *next,
+                           const void *x, float *acc, int64_t lda, int64_t offset,
+                           __mmask32 mask, const int T, const int R, const int MASKED) {
+    const int64_t ldx = job->ldx;  // a local: the stores below may alias *job
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) {
+#pragma GCC unroll 2
+        for (int line = 0; line < GROUP * ELEM; line += 64) {
+            if (PREFETCH_BYTES) _mm_prefetch(next[r] + offset + line, PREFETCH_HINT);
+        }
+    }
+#if DOT_PAIRS
+    // Pair q = rows 2q (earlier: the high halves) and 2q + 1 (the low halves), column by column.
+    __m512bh lo[BLOCK_ROWS / 2], hi[BLOCK_ROWS / 2];
+#pragma GCC unroll 2
+    for (int q = 0; q < R / 2; q++) {
+        const char *first = row[2 * q] + offset, *second = row[2 * q + 1] + offset;
+        const __m512i a =
+            MASKED ? _mm512_maskz_loadu_epi16(mask, first) : _mm512_loadu_si512(first);
+        const __m512i b =
+            MASKED ? _mm512_maskz_loadu_epi16(mask, second) : _mm512_loadu_si512(second);
+        lo[q] = (__m512bh)_mm512_unpacklo_epi16(b, a);
+        hi[q] = (__m512bh)_mm512_unpackhi_epi16(b, a);
+    }
+    const uint32_t *pairs = x;
+#pragma GCC unroll 16
+    for (int t = 0; t < T; t++) {
+        float *a = acc + t * lda;
+        __m512 acc_lo = _mm512_load_ps(a), acc_hi = _mm512_load_ps(a + LANES);
+#pragma GCC unroll 2
+        for (int q = 0; q < R / 2; q++) {
+            const __m512bh xp = (__m512bh)_mm512_set1_epi32((int)pairs[t * ldx + q]);
+            acc_lo = _mm512_dpbf16_ps(acc_lo, lo[q], xp);
+            acc_hi = _mm512_dpbf16_ps(acc_hi, hi[q], xp);
+        }
+        _mm512_store_ps(a, acc_lo);
+        _mm512_store_ps(a + LANES, acc_hi);
+    }
+#else
+    pair_t w[BLOCK_ROWS];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) {
+        w[r] = MASKED ? load_group_masked(row[r] + offset, mask) : load_group(row[r] + offset);
+    }
+    const float *values = x;
+#pragma GCC unroll 16
+    for (int t = 0; t < T; t++) {
+        float *a = acc + t * lda;
+        __m512 lo = _mm512_load_ps(a), hi = _mm512_load_ps(a + LANES);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            const __m512 xb = _mm512_set1_ps(values[t * ldx + r]);
+            lo = _mm512_fmadd_ps(w[r].a, xb, lo);
+            hi = _mm512_fmadd_ps(w[r].b, xb, hi);
+        }
+        _mm512_store_ps(a, lo);
+        _mm512_store_ps(a + LANES, hi);
+    }
+#endif
+}
+
+// R kept rows (entries c .. c + R - 1) into the tile's accumulators: `groups` groups from column
+// col0, the last one the partial last group of the matrix when `partial`.
+INLINE void multiply_rows(const job_t *job, float *acc, int64_t lda, int64_t col0, int64_t groups,
+                          int partial, int64_t c, int64_t ahead, const int T, const int R) {
+    const int64_t row_bytes = job->n * ELEM;
+    const char *base = job->w + col0 * ELEM;
+    const char *row[BLOCK_ROWS], *next[BLOCK_ROWS];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) {
+        row[r] = base + job->index[c + r] * row_bytes;
+        next[r] = base + job->index[c + r + ahead] * row_bytes;
+    }
+#if DOT_PAIRS
+    const void *x = (const uint32_t *)job->x + c / 2;
+#else
+    const void *x = (const float *)job->x + c;
+#endif
+    const int64_t full = groups - partial;
+    for (int64_t g = 0; g < full; g++) {
+        multiply_group(job, row, next, x, acc + g * GROUP, lda, g * GROUP * ELEM, 0, T, R, 0);
+    }
+    if (partial) {
+        multiply_group(job, row, next, x, acc + full * GROUP, lda, full * GROUP * ELEM, job->tail,
+                       T, R, 1);
+    }
+}
+
+// Accumulators in L1 for this many groups of columns (at least one).
+#define TILE_GROUPS(T) \
+    (TILE_ACC_BYTES / ((T) * GROUP * 4) > 0 ? TILE_ACC_BYTES / ((T) * GROUP * 4) : 1)
+
+// Half `part` of the kept rows into its sums, for groups [g0, g1) of the columns, in tiles of
+// columns whose accumulators (T rows) stay in L1.
+INLINE void run_part(const job_t *job, int part, int64_t g0, int64_t g1, const int T) {
+    const int64_t max_groups = TILE_GROUPS(T);
+    const int64_t tiles = (g1 - g0 + max_groups - 1) / max_groups;
+    const int64_t first = job->begin[part], end = job->begin[part + 1], lds = job->lds;
+    float *sums = job->sums + part * T * lds;
+    for (int64_t tile = 0; tile < tiles; tile++) {
+        // Tiles of equal width, give or take a group.
+        const int64_t t0 = g0 + (g1 - g0) * tile / tiles, t1 = g0 + (g1 - g0) * (tile + 1) / tiles;
+        const int64_t groups = t1 - t0, col0 = t0 * GROUP;
+        const int partial = t1 > job->full_groups;
+        float *acc = sums + col0;
+        for (int t = 0; t < T; t++) memset(acc + t * lds, 0, groups * GROUP * sizeof(float));
+        // Prefetch far enough ahead to keep about PREFETCH_BYTES in flight, whole blocks.
+        const int64_t block_bytes = BLOCK_ROWS * groups * GROUP * ELEM;
+        int64_t ahead = BLOCK_ROWS * ((PREFETCH_BYTES + block_bytes - 1) / block_bytes);
+        if (ahead > AHEAD_MAX) ahead = AHEAD_MAX;
+        // Blocks of BLOCK_ROWS entries, then the rest: pairs (DOT_PAIRS: each half has an even
+        // number of entries, completed with a zero entry) or single rows.
+        const int rest = DOT_PAIRS ? 2 : 1;
+        int64_t c = first;
+        for (; c + BLOCK_ROWS <= end; c += BLOCK_ROWS) {
+            multiply_rows(job, acc, lds, col0, groups, partial, c, ahead, T, BLOCK_ROWS);
+        }
+        for (; c < end; c += rest) {
+            multiply_rows(job, acc, lds, col0, groups, partial, c, ahead, T, rest);
+        }
+    }
+}
+
+// out[:, groups [g0, g1)] = (first half's sums + second half's) + bias, rounded once.
+static void combine(const job_t *job, int64_t g0, int64_t g1, int rows) {
+    const int64_t lds = job->lds, end = g1 < job->full_groups ? g1 : job->full_groups;
+    for (int64_t t = 0; t < job->m; t++) {
+        const float *low = job->sums + t * lds, *high = job->sums + (rows + t) * lds;
+        char *out = job->out + t * job->n * ELEM;
+        for (int64_t g = g0; g < g1; g++) {
+            const int64_t col = g * GROUP;
+            pair_t y = {_mm512_add_ps(_mm512_load_ps(low + col), _mm512_load_ps(high + col)),
+                        _mm512_add_ps(_mm512_load_ps(low + col + LANES),
+                                      _mm512_load_ps(high + col + LANES))};
+            const int last = g >= end;  // the partial last group
+            if (job->bias) {
+                const char *b = job->bias + col * ELEM;
+                const pair_t bias = last ? load_bias_masked(b, job->tail) : load_bias(b);
+                y.a = _mm512_add_ps(y.a, bias.a);
+                y.b = _mm512_add_ps(y.b, bias.b);
+            }
+            if (last) {
+                store_group_masked(out + col * ELEM, job->tail, y);
+            } else {
+                store_group(out + col * ELEM, y);
+            }
+        }
+    }
+}
+
+typedef void (*part_fn)(const job_t *, int, int64_t, int64_t);
+
+// One function per row count so the loops over rows unroll fully. Row counts above 8 run as the
+// next even one (a zero row costs arithmetic, no reads).
+#define DEFINE_PART(T)                                                            \
+    static void part_##T(const job_t *job, int part, int64_t g0, int64_t g1) { \
+        run_part(job, part, g0, g1, T);                                           \
+    }
+DEFINE_PART(1)
+DEFINE_PART(2)
+DEFINE_PART(3)
+DEFINE_PART(4)
+DEFINE_PART(5)
+DEFINE_PART(6)
+DEFINE_PART(7)
+DEFINE_PART(8)
+DEFINE_PART(10)
+DEFINE_PART(12)
+DEFINE_PART(14)
+DEFINE_PART(16)
+
+static const part_fn PARTS_FOR[MAX_M + 1] = {
+    0,       part_1,  part_2,  part_3,  part_4,  part_5,  part_6,  part_7, part_8,
+    part_10, part_10, part_12, part_12, part_14, part_14, part_16, part_16,
+};
+// The rows each entry of PARTS_FOR computes (the buffers hold that many rows).
+static const int PADDED_ROWS[MAX_M + 1] = {0,  1,  2,  3,  4,  5,  6,  7, 8,
+                                           10, 10, 12, 12, 14, 14, 16, 16};
+
+// Returns the number of kept channels, or -1 when a buffer cannot be allocated.
+static int64_t sparse_linear(const char *x, int64_t ldx, const char *w, const float *norms,
+                             const float *thresholds, const char *bias, char *out, int64_t m,
+                             int64_t n, int64_t k, int threads) {
+    const int64_t ldv = (k + 3 * LANES + 15) / 16 * 16;  // slack for full-vector stores and loads
+    // Rows of sums a whole number of groups (128 bytes) long, so that two threads' columns never
+    // share an aligned pair of cache lines (the L2 prefetcher fetches lines in pairs: a shared
+    // pair bounces between the cores on every store), and not a multiple of 4 KB long (rows of a
+    // tile all in the same L1 sets).
+    int64_t lds = (n + GROUP - 1) / GROUP * GROUP + GROUP;
+    if (lds * 4 % 4096 == 0) lds += GROUP;
+    const int rows = PADDED_ROWS[m];
+    index_cache = grow(index_cache, &index_capacity, k + 2 * LANES + AHEAD_MAX, sizeof(int32_t));
+    values_cache = grow(values_cache, &values_capacity, rows * ldv, sizeof(float));
+    sums_cache = grow(sums_cache, &sums_capacity, PARTS * rows * lds, sizeof(float));
+    if (!index_cache || !values_cache || !sums_cache) return -1;
+    job_t job = {w, index_cache, values_cache, bias, out, sums_cache, ldv, lds, m, n, {0},
+                 n / GROUP, (__mmask32)((1ull << (n % GROUP)) - 1)};
+    const int64_t split = K_SPLIT(k);
+    int64_t entries = gather(x, ldx, norms, thresholds, m, 0, split, index_cache, values_cache,
+                             ldv, 0);
+    const int64_t low = entries;
+    if (DOT_PAIRS && entries % 2) {  // an even first half: pairs never straddle the halves
+        index_cache[entries] = index_cache[entries - 1];
+        for (int64_t t = 0; t < m; t++) values_cache[t * ldv + entries] = 0.0f;
+        entries++;
+    }
+    job.begin[1] = entries;
+    entries = gather(x, ldx, norms, thresholds, m, split, k, index_cache, values_cache, ldv,
+                     entries);
+    const int64_t kept = low + entries - job.begin[1];
+    if (DOT_PAIRS && entries % 2) {
+        index_cache[entries] = entries ? index_cache[entries - 1] : 0;
+        for (int64_t t = 0; t < m; t++) values_cache[t * ldv + entries] = 0.0f;
+        entries++;
+    }
+    job.begin[2] = entries;
+    const int32_t last = entries ? index_cache[entries - 1] : 0;
+    for (int64_t i = 0; i < AHEAD_MAX; i++) index_cache[entries + i] = last;
+    for (int64_t t = m; t < rows; t++) memset(values_cache + t * ldv, 0, entries * sizeof(float));
+#if DOT_PAIRS
+    const int64_t ldp = (k / 2 + 2 * LANES + 15) / 16 * 16;
+    pairs_cache = grow(pairs_cache, &pairs_capacity, rows * ldp, sizeof(uint32_t));
+    if (!pairs_cache) return -1;
+    build_pairs(values_cache, ldv, rows, entries, pairs_cache, ldp);
+    job.x = pairs_cache;
+    job.ldx = ldp;
+#endif
+    const part_fn run = PARTS_FOR[m];
+    const int64_t groups = (n + GROUP - 1) / GROUP;
+    if (threads <= 1 || kept * n * ELEM < PARALLEL_MIN_BYTES) {
+        for (int part = 0; part < PARTS; part++) run(&job, part, 0, groups);
+        combine(&job, 0, groups, rows);
+        return kept;
+    }
+    const int by_halves = m <= SPLIT_K_ROWS;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        const int64_t thread = omp_get_thread_num(), team = omp_get_num_threads();
+        if (by_halves && team > 1) {
+            // Threads in twos, one per half of the rows of w, each two a range of the columns
+            // (an odd one out idles), into the shared sums; then every thread adds up a range.
+            const int64_t couples = team / 2, couple = thread / 2;
+            if (couple < couples) {
+                const int64_t g0 = groups * couple / couples;
+                run(&job, (int)(thread % 2), g0, groups * (couple + 1) / couples);
+            }
+#pragma omp barrier
+            combine(&job, groups * thread / team, groups * (thread + 1) / team, rows);
+        } else {
+            // Each thread both halves of a range of the columns, into sums of its own: sums that
+            // two cores write side by side slow both down (however the lines are aligned).
+            const int64_t g0 = groups * thread / team, g1 = groups * (thread + 1) / team;
+            job_t mine = job;
+            mine.sums = private_sums = grow(private_sums, &private_capacity, PARTS * rows * lds,
+                                            sizeof(float));
+            if (mine.sums == NULL) {
+                failed = 1;
+            } else if (g0 < g1) {
+                run(&mine, 0, g0, g1);
+                run(&mine, 1, g0, g1);
+                combine(&mine, g0, g1, rows);
+            }
+        }
+    }
+    return failed ? -1 : kept;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Python binding: linear(x_ptr, ldx, w_ptr, norms_ptr or 0, thresholds_ptr, bias_ptr or 0,
+// out_ptr, m, n, k, threads) -> the number of kept channels (the union over the rows); pointers
+// as the integers Tensor.data_ptr() returns. The caller (kernels/sparse.py) has checked types,
+// shapes and contiguity (x: unit element stride; w: [k, n], out: [m, n], bias: [n] contiguous;
+// norms: [k], thresholds: [m] contiguous fp32); here only what indexes tables is checked.
+
+static PyObject *py_linear(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 11) {
+        PyErr_SetString(PyExc_TypeError, "linear() takes 11 integer arguments");
+        return NULL;
+    }
+    long long v[11];
+    for (int i = 0; i < 11; i++) v[i] = PyLong_AsLongLong(args[i]);
+    if (PyErr_Occurred()) return NULL;
+    if (v[7] < 1 || v[7] > MAX_M || v[8] < 1 || v[9] < 1) {
+        PyErr_SetString(PyExc_ValueError, "linear() needs 1 <= m <= MAX_M, n >= 1 and k >= 1");
+        return NULL;
+    }
+    int64_t kept;
+    // The weights stream for tens of microseconds or more: let other Python threads run.
+    Py_BEGIN_ALLOW_THREADS
+    kept = sparse_linear((const char *)(intptr_t)v[0], v[1], (const char *)(intptr_t)v[2],
+                         (const float *)(intptr_t)v[3], (const float *)(intptr_t)v[4],
+                         (const char *)(intptr_t)v[5], (char *)(intptr_t)v[6], v[7], v[8], v[9],
+                         (int)v[10]);
+    Py_END_ALLOW_THREADS
+    if (kept < 0) return PyErr_NoMemory();
+    return PyLong_FromLongLong(kept);
+}
+
+static PyMethodDef METHODS[] = {
+    {"linear", (PyCFunction)(void (*)(void))py_linear, METH_FASTCALL, "sparse linear layer"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef MODULE = {
+    PyModuleDef_HEAD_INIT, .m_name = MODULE_NAME, .m_size = -1, .m_methods = METHODS,
+};
+
+PyMODINIT_FUNC MODULE_INIT(void) {
+    PyObject *module = PyModule_Create(&MODULE);
+    if (module != NULL && PyModule_AddIntConstant(module, "MAX_M", MAX_M) != 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}
