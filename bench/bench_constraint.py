@@ -9,7 +9,7 @@
    state: the time of xgrammar's full mask, of llguidance's full mask, and of one check
    (accept + rollback). AWRS's time at a state is its check time times the number of checks
    part 1 made at that position of its outputs (an estimate at 131k: no trained model there).
-3. Compile time p50/p99 over the dev schemas (../shared/data/jsonschemabench-dev), xgrammar
+3. Compile time p50/p99 over the dev schemas (tests/data/jsonschemabench-dev), xgrammar
    (through the compile worker, serialization included) and llguidance, both vocabularies,
    and how many each compiles.
 
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SCHEMAS = REPO_ROOT.parent / "shared" / "data" / "jsonschemabench-dev"
+SCHEMAS = REPO_ROOT / "tests" / "data" / "jsonschemabench-dev"
 
 
 def _percentile(values: list[float], q: float) -> float:

@@ -32,7 +32,8 @@ from engine.types import (
     StoppingCriteria,
 )
 
-SCHEMAS_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "jsonschemabench-dev"
+# A copy of ../shared/data/jsonschemabench-dev (see tests/data/README.md), so a clone is complete.
+SCHEMAS_DIR = Path(__file__).resolve().parents[1] / "data" / "jsonschemabench-dev"
 # Token texts the model favours: the characters that end strings, numbers and containers.
 FAVOURED = re.compile(r'^[\s"\]}:,0-9]+$|^▁?(true|false|null)$')
 
