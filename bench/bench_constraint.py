@@ -8,7 +8,8 @@
    of part 1 are re-tokenized with each vocabulary and replayed through xgrammar; at every
    state: the time of xgrammar's full mask, of llguidance's full mask, and of one check
    (accept + rollback). AWRS's time at a state is its check time times the number of checks
-   part 1 made at that position of its outputs (an estimate at 131k: no trained model there).
+   part 1 made at that position of its outputs (an estimate at 131k: no trained model there;
+   the full mask built after a rejected walk is not counted).
 3. Compile time p50/p99 over the dev schemas (tests/data/jsonschemabench-dev), xgrammar
    (through the compile worker, serialization included) and llguidance, both vocabularies,
    and how many each compiles.
