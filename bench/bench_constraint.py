@@ -129,6 +129,7 @@ def per_token_time(
     import xgrammar
     from transformers import PreTrainedTokenizerFast
 
+    from engine.grammar import LLGUIDANCE_JSON_LAYOUT
     from engine.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
@@ -137,8 +138,9 @@ def per_token_time(
     info = xgrammar.TokenizerInfo.from_huggingface(hf, vocab_size=vocab, stop_token_ids=[2])
     compiled = xgrammar.GrammarCompiler(info).compile_json_schema(schema, any_whitespace=False)
     ll_tokenizer = llguidance.hf.from_tokenizer(hf, n_vocab=vocab)
-    layout = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-    ll_grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=layout)
+    ll_grammar = llguidance.LLMatcher.grammar_from_json_schema(
+        schema, defaults=LLGUIDANCE_JSON_LAYOUT
+    )
     bitmask = xgrammar.allocate_token_bitmask(1, vocab)
     mask_x, mask_l, awrs = [], [], []
     for steps, token_ids, text in outputs:

@@ -320,6 +320,14 @@ class ConstraintCompiler:
         )
 
 
+# Python's json.dumps layout, as xgrammar's any_whitespace=False writes it.
+LLGUIDANCE_JSON_LAYOUT = {
+    "whitespace_flexible": False,
+    "item_separator": ", ",
+    "key_separator": ": ",
+}
+
+
 def _cache_key(constraint: Constraint) -> str:
     fields = [
         constraint.kind.value,
@@ -354,9 +362,7 @@ def _llguidance_grammar(constraint: Constraint) -> str:
     match constraint.kind:
         case ConstraintKind.JSON_SCHEMA:
             schema = parse_schema(constraint.source)
-            # Python's json.dumps layout, as xgrammar's any_whitespace=False writes it.
-            layout = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-            return LLMatcher.grammar_from_json_schema(schema, defaults=layout)
+            return LLMatcher.grammar_from_json_schema(schema, defaults=LLGUIDANCE_JSON_LAYOUT)
         case ConstraintKind.REGEX:
             return LLMatcher.grammar_from_regex(constraint.source)
         case ConstraintKind.CHOICE:

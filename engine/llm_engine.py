@@ -562,7 +562,7 @@ class LLMEngine:
             for i, seq in enumerate(seqs)
             if seq.constraint is not None and seq.constraint.method is not ConstraintMethod.MASK
         ]
-        drawn = [i for i in range(len(seqs)) if i not in set(walked)]
+        drawn = sorted(set(range(len(seqs))) - set(walked))
         tokens: list[int | None] = [None] * len(seqs)
         if drawn:
             rows = logits if len(drawn) == len(seqs) else logits[drawn]

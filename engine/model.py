@@ -17,7 +17,7 @@ from engine.lora import LoraBatch
 from engine.rope import RotaryEmbedding, apply_rotary_
 from engine.sparsity import GROUPS, SkipCounter, SparsityPlan, SparsitySettings
 from kernels.cpu_linear import linear
-from kernels.sparse import sparse_linear
+from kernels.sparse import channel_scores, sparse_linear
 
 # Called with (layer, group, input) before each projection group runs (calibration's tap).
 Observer = Callable[[int, str, torch.Tensor], None]
@@ -28,13 +28,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.float()
     variance = x32.pow(2).mean(-1, keepdim=True)
     return weight * (x32 * torch.rsqrt(variance + eps)).to(x.dtype)
-
-
-def _channel_scores(x: torch.Tensor, col_norms: torch.Tensor | None) -> torch.Tensor:
-    """kernels.sparse.channel_scores, the same float32 values in one op fewer (|x| is exact in
-    any dtype, and multiplying by float32 norms promotes exactly): it runs 96 times a token."""
-    scores = x.abs()
-    return scores.float() if col_norms is None else scores * col_norms
 
 
 class CausalLM:
@@ -187,7 +180,7 @@ class CausalLM:
         counting = self.skip_counter is not None
         scores = None
         if plan.needs_scores or mask_input or counting:
-            scores = _channel_scores(x, plan.col_norms)
+            scores = channel_scores(x, plan.col_norms)
         thresholds = plan.thresholds(scores)
         if scores is not None and (mask_input or counting):
             keep = scores >= thresholds[:, None]

@@ -175,6 +175,27 @@ def _exponential_noise(
     return uniform.clamp_(min=torch.finfo(uniform.dtype).tiny).log_().neg_()
 
 
+def _penalize(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    prior_token_ids: Sequence[Sequence[int]] | None,
+) -> torch.Tensor:
+    penalties = [p.repetition_penalty for p in params]
+    if all(penalty == 1.0 for penalty in penalties):
+        return logits
+    if prior_token_ids is None:
+        raise ValueError("repetition_penalty needs prior_token_ids")
+    return apply_repetition_penalty(logits, prior_token_ids, penalties)
+
+
+def _filter_rows(rows: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p on rows that sample (one params per row)."""
+    rows = apply_temperature(rows, [p.temperature for p in params])
+    rows = apply_top_k(rows, [p.top_k for p in params])
+    rows = apply_top_p(rows, [p.top_p for p in params])
+    return apply_min_p(rows, [p.min_p for p in params])
+
+
 def filter_logits(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
@@ -183,25 +204,14 @@ def filter_logits(
     """The logits `sample` draws from: repetition penalty on every row, then temperature,
     top-k, top-p and min-p on the rows that sample (greedy rows keep their penalized logits).
     `prior_token_ids[i]` (prompt + output so far) is needed only when a row has a penalty."""
-    penalties = [p.repetition_penalty for p in params]
-    if any(penalty != 1.0 for penalty in penalties):
-        if prior_token_ids is None:
-            raise ValueError("repetition_penalty needs prior_token_ids")
-        logits = apply_repetition_penalty(logits, prior_token_ids, penalties)
+    logits = _penalize(logits, params, prior_token_ids)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if not sampled:
         return logits
-    whole = len(sampled) == len(params)
-    rows = logits if whole else logits[torch.tensor(sampled, device=logits.device)]
-    chosen = [params[i] for i in sampled]
-    rows = apply_temperature(rows, [p.temperature for p in chosen])
-    rows = apply_top_k(rows, [p.top_k for p in chosen])
-    rows = apply_top_p(rows, [p.top_p for p in chosen])
-    rows = apply_min_p(rows, [p.min_p for p in chosen])
-    if whole:
-        return rows
+    if len(sampled) == len(params):
+        return _filter_rows(logits, params)
     out = logits.clone()
-    out[sampled] = rows
+    out[sampled] = _filter_rows(logits[sampled], [params[i] for i in sampled])
     return out
 
 
@@ -219,7 +229,7 @@ def sample(
     generator if None). `prior_token_ids[i]` (prompt + output so far) feeds the repetition
     penalty and is only needed when some row has one.
     """
-    logits = filter_logits(logits, params, prior_token_ids)
+    logits = _penalize(logits, params, prior_token_ids)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if len(sampled) < len(params):
         tokens = logits.argmax(dim=-1)  # greedy rows; sampled rows are overwritten below
@@ -229,6 +239,7 @@ def sample(
     else:
         tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
         rows = logits
+    rows = _filter_rows(rows, [params[i] for i in sampled])
     # Unnormalized probabilities suffice: the argmax ignores a per-row scale.
     weights = (rows - rows.max(dim=-1, keepdim=True).values).exp()
     noise = _exponential_noise(

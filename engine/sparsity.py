@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -115,21 +114,9 @@ class GroupPlan:
         for every token (threshold mode, `scores` unused)."""
         if self.keep is not None:
             assert scores is not None
-            return _top_k_thresholds(scores, self.keep)
+            return top_k_thresholds(scores, self.keep)
         assert self._threshold_row is not None
         return self._threshold_row
-
-
-def _top_k_thresholds(scores: torch.Tensor, keep: int) -> torch.Tensor:
-    """kernels.sparse.top_k_thresholds, the same values: on the CPU by numpy's introselect,
-    which takes a third of torch.topk's time at decode sizes (96 calls per token on a
-    24-layer model, where topk alone cost a sixth of the step)."""
-    width = scores.shape[-1]
-    if not scores.is_cpu or not 0 < keep < width:
-        return top_k_thresholds(scores, keep)
-    # The (width - keep)-th smallest score (from 0) is the keep-th largest.
-    values = np.partition(scores.numpy(), width - keep, axis=-1)[:, width - keep]
-    return torch.from_numpy(np.ascontiguousarray(values))
 
 
 @dataclass(frozen=True, eq=False)

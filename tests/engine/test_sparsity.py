@@ -363,28 +363,3 @@ def test_bad_sidecars_are_refused_clearly(
         SparsitySettings(0.4, mode="threshold")
     with pytest.raises(SparsityError, match=r"\[0, 1\)"):
         SparsitySettings(1.0)
-
-
-@pytest.mark.parametrize("width", [7, 64, 896])
-def test_top_k_thresholds_equal_the_kernels_reference(width: int) -> None:
-    from engine.sparsity import _top_k_thresholds
-    from kernels.sparse import top_k_thresholds
-
-    generator = torch.Generator().manual_seed(width)
-    scores = torch.rand(5, width, generator=generator)
-    scores[0, : width // 2] = 0.5  # ties
-    for keep in range(0, width + 1, max(1, width // 9)):
-        assert torch.equal(_top_k_thresholds(scores, keep), top_k_thresholds(scores, keep))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_model_scores_equal_the_kernels_reference(dtype: torch.dtype) -> None:
-    from kernels.sparse import channel_scores
-
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 50, generator=generator).to(dtype)
-    norms = torch.rand(50, generator=generator) + 0.5
-    for col in (norms, None):
-        expected = channel_scores(x, col)
-        assert torch.equal(model_module._channel_scores(x, col), expected)
-        assert model_module._channel_scores(x, col).dtype == torch.float32

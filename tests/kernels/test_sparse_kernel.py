@@ -25,6 +25,7 @@ from kernels.sparse import (
     sparse_linear_ref,
     sparse_linear_triton,
     top_k_thresholds,
+    top_k_thresholds_ref,
     uses_cpu_kernel,
 )
 
@@ -509,3 +510,23 @@ def test_triton_kernels_compile_for_a_gpu(compile_for_h100) -> None:
         compile_for_h100(kernel, constants, fp32, dtype)
         reduce_constants = {"BLOCK_N": sparse.REDUCE_BLOCK_N, "HAS_BIAS": True}
         compile_for_h100(reduce, reduce_constants, {"part_ptr": "fp32"}, dtype)
+
+
+@pytest.mark.parametrize("width", [7, 64, 896])
+def test_top_k_thresholds_equal_the_reference(width: int) -> None:
+    generator = torch.Generator().manual_seed(width)
+    scores = torch.rand(5, width, generator=generator)
+    scores[0, : width // 2] = 0.5  # ties
+    for keep in range(0, width + 1, max(1, width // 9)):
+        assert torch.equal(top_k_thresholds(scores, keep), top_k_thresholds_ref(scores, keep))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_channel_scores_are_the_float32_products(dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 50, generator=generator).to(dtype)
+    norms = torch.rand(50, generator=generator) + 0.5
+    for col in (norms, None):
+        expected = x.float().abs() if col is None else x.float().abs() * col
+        assert torch.equal(channel_scores(x, col), expected)
+        assert channel_scores(x, col).dtype == torch.float32
