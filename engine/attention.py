@@ -1,8 +1,9 @@
 """Paged causal attention on CPU over the flat per-layer KV pools of engine.kv_cache.KVCache.
 
 Layout: q [T, heads, head_dim]; key/value pools [slots, kv_heads, head_dim]. The functions take
-plain tensors plus `AttentionMetadata` (built once per forward pass, shared by all layers) so a
-C or Triton kernel can later replace `paged_attention` with the same arguments.
+plain tensors plus `AttentionMetadata` (built once per forward pass, shared by all layers).
+Decode-only steps run kernels.cpu_ops.decode_attention, which reads the cache at the slots
+directly; steps with prompt tokens gather each sequence's K/V for torch's SDPA.
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ import torch
 import torch.nn.functional as F
 
 from engine.batch import ForwardBatch
+from kernels.cpu_ops import decode_attention
 
 
 @dataclass
 class DecodeGather:
     """Every sequence's attended slots padded to one length, for one batched attention call."""
 
-    slots: torch.Tensor  # [S, L] int64; padding points at a real slot and is masked out
-    mask: torch.Tensor | None  # [S, 1, 1, L] bool, True = attend; None when nothing is padded
+    slots: torch.Tensor  # [S, L] int64; row s is used up to lengths[s], then padding
+    lengths: torch.Tensor  # [S] int64
 
 
 @dataclass
@@ -63,23 +65,12 @@ def _build_decode_gather(context_slots: list[torch.Tensor], window: int | None) 
     lengths = [s.shape[0] for s in per_sequence]
     longest = max(lengths)
     if all(n == longest for n in lengths):
-        return DecodeGather(slots=torch.stack(per_sequence), mask=None)
-    slots = torch.zeros(len(per_sequence), longest, dtype=torch.int64)
-    for row, seq_slots in zip(slots, per_sequence, strict=True):
-        row[: seq_slots.shape[0]] = seq_slots
-    mask = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]
-    return DecodeGather(slots=slots, mask=mask[:, None, None, :])
-
-
-def write_kv(
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-) -> None:
-    key_cache.index_copy_(0, slot_mapping, k)
-    value_cache.index_copy_(0, slot_mapping, v)
+        slots = torch.stack(per_sequence)
+    else:
+        slots = torch.zeros(len(per_sequence), longest, dtype=torch.int64)
+        for row, seq_slots in zip(slots, per_sequence, strict=True):
+            row[: seq_slots.shape[0]] = seq_slots
+    return DecodeGather(slots=slots, lengths=torch.tensor(lengths, dtype=torch.int64))
 
 
 def paged_attention(
@@ -93,7 +84,8 @@ def paged_attention(
     """Causal GQA attention of the new tokens' queries over their sequences' cached K/V (the new
     tokens' K/V must already be written). Returns [T, heads, head_dim] in q's dtype."""
     if meta.decode_only:
-        return _decode_attention(q, key_cache, value_cache, meta.decode_gather(window), scale)
+        gather = meta.decode_gather(window)
+        return decode_attention(q, key_cache, value_cache, gather.slots, gather.lengths, scale)
     out = torch.empty_like(q)
     start = 0
     for query_len, context_len, slots in zip(
@@ -105,22 +97,6 @@ def paged_attention(
         )
         start = end
     return out
-
-
-def _decode_attention(
-    q: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    gather: DecodeGather,
-    scale: float,
-) -> torch.Tensor:
-    # [S, L, kv_heads, d] -> [S, kv_heads, L, d]; queries [S, heads, 1, d].
-    keys = key_cache[gather.slots].transpose(1, 2)
-    values = value_cache[gather.slots].transpose(1, 2)
-    out = F.scaled_dot_product_attention(
-        q.unsqueeze(2), keys, values, attn_mask=gather.mask, scale=scale, enable_gqa=True
-    )
-    return out.squeeze(2)
 
 
 def _sequence_attention(

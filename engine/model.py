@@ -8,26 +8,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine.attention import AttentionMetadata, paged_attention, write_kv
+from engine.attention import AttentionMetadata, paged_attention
 from engine.batch import ForwardBatch
 from engine.config import ModelConfig, resolve_dtype
 from engine.kv_cache import KVCache
 from engine.loader import LayerWeights, ModelWeights, load_weights
 from engine.lora import LoraBatch
-from engine.rope import RotaryEmbedding, apply_rotary_
+from engine.rope import RotaryEmbedding
 from engine.sparsity import GROUPS, SkipCounter, SparsityPlan, SparsitySettings
 from kernels.cpu_linear import linear
+from kernels.cpu_ops import rms_norm, rope_store_kv, silu_mul
 from kernels.sparse import channel_scores, sparse_linear
 
 # Called with (layer, group, input) before each projection group runs (calibration's tap).
 Observer = Callable[[int, str, torch.Tensor], None]
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Normalise in float32 and round back before scaling, like transformers' LlamaRMSNorm."""
-    x32 = x.float()
-    variance = x32.pow(2).mean(-1, keepdim=True)
-    return weight * (x32 * torch.rsqrt(variance + eps)).to(x.dtype)
 
 
 class CausalLM:
@@ -123,14 +117,13 @@ class CausalLM:
         c = self.config
         tokens = x.shape[0]
         qkv = self._project(index, "qkv", x, w.qkv, w.qkv_bias, lora)
-        # q and k heads are adjacent in each row, so norm and rotary treat them as one block.
+        # q and k heads are adjacent in each row, so the norm treats them as one block.
         qk = qkv[:, : c.q_size + c.kv_size].view(tokens, c.num_heads + c.num_kv_heads, c.head_dim)
         if w.qk_norm is not None:
             qk = rms_norm(qk, w.qk_norm, c.rms_norm_eps)
-        apply_rotary_(qk, cos, sin)
         q, k = qk[:, : c.num_heads], qk[:, c.num_heads :]
         v = qkv[:, c.q_size + c.kv_size :].view(tokens, c.num_kv_heads, c.head_dim)
-        write_kv(kv.keys[index], kv.values[index], meta.slot_mapping, k, v)
+        rope_store_kv(q, k, v, cos, sin, kv.keys[index], kv.values[index], meta.slot_mapping)
         out = paged_attention(
             q, kv.keys[index], kv.values[index], meta, self._scale, c.sliding_windows[index]
         )
@@ -140,9 +133,7 @@ class CausalLM:
         self, index: int, w: LayerWeights, x: torch.Tensor, lora: LoraBatch | None
     ) -> torch.Tensor:
         gate_up = self._project(index, "gate_up", x, w.gate_up, None, lora)
-        gate, up = gate_up.chunk(2, dim=-1)
-        act = torch.mul(F.silu(gate, inplace=True), up)
-        return self._project(index, "down", act, w.down, None, lora)
+        return self._project(index, "down", silu_mul(gate_up), w.down, None, lora)
 
     def _project(
         self,

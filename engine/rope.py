@@ -56,20 +56,8 @@ class RotaryEmbedding:
         self._sin = angles.sin().to(self.dtype)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of the tables for `positions` [T], shaped [T, 1, head_dim // 2] to broadcast
-        over heads."""
+        """Rows of the tables for `positions` [T]: cos, sin [T, head_dim // 2]."""
         needed = int(positions.max()) + 1 if positions.numel() else 0
         if needed > self._cos.shape[0]:
             self._extend(max(needed, 2 * self._cos.shape[0]))
-        return self._cos[positions].unsqueeze(1), self._sin[positions].unsqueeze(1)
-
-
-def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """Rotate x [T, heads, head_dim] in place: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin),
-    the same products and sums as transformers' `x * cos + rotate_half(x) * sin`."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    x2_sin = x2 * sin
-    x1_sin = x1 * sin
-    x1.mul_(cos).sub_(x2_sin)
-    x2.mul_(cos).add_(x1_sin)
+        return self._cos[positions], self._sin[positions]

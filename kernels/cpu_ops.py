@@ -1,0 +1,322 @@
+"""Fused small ops of a decoder layer, for the CPU.
+
+Each op has a PyTorch reference `<op>_ref` with the same signature: the oracle of the tests and
+the path for every case the C kernel (kernels/csrc/cpu_ops.c) does not take: other devices,
+float16, autograd, unusual strides, or a machine without gcc, Python's headers or AVX2. The C
+kernels follow the references' rounding step by step; results differ only where a sum is added
+in another order (the RMS norm's variance, attention's dot products) or exp rounds differently.
+
+Why: a decoding step of a 24-layer model runs each of these ~24-50 times, and as torch ops they
+cost 5-20 us per call whatever their size; here a call costs about a microsecond.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import sysconfig
+import threading
+import warnings
+from types import ModuleType
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from kernels.build import CSRC_DIR, BuildError, build_shared_library, cpu_flags
+
+_SOURCE = CSRC_DIR / "cpu_ops.c"
+_FLAGS = (
+    "-O3",
+    "-fopenmp",
+    "-mavx2",
+    "-mfma",
+    "-fno-math-errno",
+    # Every product and sum rounded as written: the references' rounding rests on it.
+    "-ffp-contract=off",
+)
+_REQUIRED_CPU_FLAGS = frozenset({"avx2", "fma"})
+_DTYPES = {torch.bfloat16: 1, torch.float32: 0}
+
+_module: ModuleType | None = None
+_loaded = False
+_load_lock = threading.Lock()
+
+
+def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Normalise the last dimension in float32 and round back before scaling, like
+    transformers' LlamaRMSNorm."""
+    x32 = x.float()
+    variance = x32.pow(2).mean(-1, keepdim=True)
+    return weight * (x32 * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """As rms_norm_ref, for x [T, D] or [T, H, D] (rows may be strided, elements not)."""
+    module = _kernels()
+    code = _DTYPES.get(x.dtype)
+    dims = x.dim()
+    d = x.shape[-1] if dims else 0
+    if (
+        module is None
+        or code is None
+        or dims not in (2, 3)
+        or x.stride(-1) != 1
+        or weight.dtype is not x.dtype
+        or weight.shape != (d,)
+        or weight.stride(0) != 1
+        or not (x.is_cpu and weight.is_cpu)
+        or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    ):
+        return rms_norm_ref(x, weight, eps)
+    if dims == 2:
+        t, h, ld_t, ld_h = x.shape[0], 1, x.stride(0), 0
+        out = x.new_empty(t, d)
+    else:
+        t, h = x.shape[0], x.shape[1]
+        ld_t, ld_h = x.stride(0), x.stride(1)
+        out = x.new_empty(t, h, d)
+    threads = torch.get_num_threads()
+    module.rms_norm(
+        code, x.data_ptr(), ld_t, ld_h, weight.data_ptr(), out.data_ptr(), t, h, d, eps, threads
+    )
+    return out
+
+
+def rope_store_kv_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    slot_mapping: Tensor,
+) -> None:
+    """Rotate q [T, Hq, D] and k [T, Hk, D] in place by the angles of cos, sin [T, D / 2], then
+    write k and v [T, Hk, D] into the caches [slots, Hk, D] at slot_mapping [T]."""
+    for x in (q, k):
+        _rotate_(x, cos.unsqueeze(1), sin.unsqueeze(1))
+    key_cache.index_copy_(0, slot_mapping, k)
+    value_cache.index_copy_(0, slot_mapping, v)
+
+
+def _rotate_(x: Tensor, cos: Tensor, sin: Tensor) -> None:
+    """(x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin): the products and sums of transformers'
+    `x * cos + rotate_half(x) * sin`, rounded the same way."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    x2_sin = x2 * sin
+    x1_sin = x1 * sin
+    x1.mul_(cos).sub_(x2_sin)
+    x2.mul_(cos).add_(x1_sin)
+
+
+def rope_store_kv(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    slot_mapping: Tensor,
+) -> None:
+    """As rope_store_kv_ref."""
+    module = _kernels()
+    code = _DTYPES.get(q.dtype)
+    args = (q, k, v, cos, sin, key_cache, value_cache, slot_mapping)
+    if module is None or code is None or not _rope_fits(*args):
+        rope_store_kv_ref(*args)
+        return
+    t, hq, d = q.shape
+    module.rope_store_kv(
+        code, q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+        cos.data_ptr(), sin.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
+        slot_mapping.data_ptr(), t, hq, k.shape[1], d,
+    )  # fmt: skip
+
+
+def _rope_fits(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    slot_mapping: Tensor,
+) -> bool:
+    """Shapes, strides, dtypes and devices the C kernel reads correctly: checked in full
+    (it writes into the caches), as cheaply as Python allows."""
+    dtype = q.dtype
+    if q.dim() != 3 or k.dim() != 3 or key_cache.dim() != 3:
+        return False
+    t, _, d = q.shape
+    hk = k.shape[1]
+    kv_shape = (t, hk, d)
+    return (
+        d % 2 == 0
+        and k.shape == kv_shape
+        and v.shape == kv_shape
+        and q.stride(2) == 1 and q.stride(1) == d
+        and k.stride(2) == 1 and k.stride(1) == d
+        and v.stride(2) == 1 and v.stride(1) == d
+        and cos.shape == (t, d // 2) and sin.shape == cos.shape
+        and cos.is_contiguous() and sin.is_contiguous()
+        and key_cache.shape[1] == hk and key_cache.shape[2] == d
+        and value_cache.shape == key_cache.shape
+        and key_cache.is_contiguous() and value_cache.is_contiguous()
+        and slot_mapping.dtype is torch.int64 and slot_mapping.shape == (t,)
+        and slot_mapping.stride(0) == 1
+        and k.dtype is dtype and v.dtype is dtype and cos.dtype is dtype and sin.dtype is dtype
+        and key_cache.dtype is dtype and value_cache.dtype is dtype
+        and q.is_cpu and key_cache.is_cpu and value_cache.is_cpu and cos.is_cpu
+        and sin.is_cpu and slot_mapping.is_cpu
+        and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
+    )  # fmt: skip
+
+
+def decode_attention_ref(
+    q: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    slots: Tensor,
+    lengths: Tensor,
+    scale: float,
+) -> Tensor:
+    """Attention of one new query per sequence, q [S, Hq, D], over its cached keys and values
+    (caches [slots, Hk, D]; sequence s attends slots[s, :lengths[s]]; Hk divides Hq).
+    Returns [S, Hq, D] in q's dtype."""
+    longest = slots.shape[1]
+    mask = None
+    if int(lengths.min()) < longest:  # padded rows: mask the padding out
+        mask = (torch.arange(longest)[None, :] < lengths[:, None])[:, None, None, :]
+    # [S, L, Hk, D] -> [S, Hk, L, D]; queries [S, Hq, 1, D].
+    keys = key_cache[slots].transpose(1, 2)
+    values = value_cache[slots].transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+    )
+    return out.squeeze(2)
+
+
+def decode_attention(
+    q: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    slots: Tensor,
+    lengths: Tensor,
+    scale: float,
+) -> Tensor:
+    """As decode_attention_ref."""
+    module = _kernels()
+    code = _DTYPES.get(q.dtype)
+    if (
+        module is None
+        or code is None
+        or not _attention_fits(q, key_cache, value_cache, slots, lengths)
+    ):
+        return decode_attention_ref(q, key_cache, value_cache, slots, lengths, scale)
+    s, hq, d = q.shape
+    out = q.new_empty(s, hq, d)
+    module.decode_attention(
+        code, q.data_ptr(), q.stride(0), key_cache.data_ptr(), value_cache.data_ptr(),
+        slots.data_ptr(), lengths.data_ptr(), out.data_ptr(), s, slots.shape[1], hq,
+        key_cache.shape[1], d, scale, torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def _attention_fits(
+    q: Tensor, key_cache: Tensor, value_cache: Tensor, slots: Tensor, lengths: Tensor
+) -> bool:
+    """As _rope_fits, for decode_attention (slot values are the caller's to keep in range)."""
+    dtype = q.dtype
+    if q.dim() != 3 or key_cache.dim() != 3 or slots.dim() != 2:
+        return False
+    s, hq, d = q.shape
+    hk = key_cache.shape[1]
+    return (
+        key_cache.shape[2] == d
+        and hq % hk == 0
+        and value_cache.shape == key_cache.shape
+        and key_cache.is_contiguous() and value_cache.is_contiguous()
+        and q.stride(2) == 1 and q.stride(1) == d
+        and slots.shape[0] == s and slots.shape[1] > 0 and slots.is_contiguous()
+        and lengths.shape == (s,) and lengths.stride(0) == 1
+        and slots.dtype is torch.int64 and lengths.dtype is torch.int64
+        and key_cache.dtype is dtype and value_cache.dtype is dtype
+        and q.is_cpu and key_cache.is_cpu and value_cache.is_cpu and slots.is_cpu
+        and lengths.is_cpu
+        and not (torch.is_grad_enabled() and q.requires_grad)
+    )  # fmt: skip
+
+
+def silu_mul_ref(gate_up: Tensor) -> Tensor:
+    """silu(gate) * up, where gate_up [T, 2F] holds gate then up."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def silu_mul(gate_up: Tensor) -> Tensor:
+    """As silu_mul_ref."""
+    module = _kernels()
+    code = _DTYPES.get(gate_up.dtype)
+    if (
+        module is None
+        or code is None
+        or gate_up.dim() != 2
+        or gate_up.shape[1] % 2
+        or gate_up.stride(1) != 1
+        or not gate_up.is_cpu
+        or (torch.is_grad_enabled() and gate_up.requires_grad)
+    ):
+        return silu_mul_ref(gate_up)
+    t, width = gate_up.shape
+    out = gate_up.new_empty(t, width // 2)
+    module.silu_mul(
+        code, gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), t, width // 2,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def kernel_available() -> bool:
+    """Whether these ops have their compiled fast path on this machine."""
+    return _kernels() is not None
+
+
+def _kernels() -> ModuleType | None:
+    if not _loaded:
+        _load()
+    return _module
+
+
+def _load() -> None:
+    global _module, _loaded
+    with _load_lock:
+        if _loaded:
+            return
+        if _REQUIRED_CPU_FLAGS.issubset(cpu_flags()):
+            _module = _build()
+        _loaded = True
+
+
+def _build() -> ModuleType | None:
+    flags = (*_FLAGS, f"-I{sysconfig.get_paths()['include']}")
+    try:
+        path = build_shared_library(_SOURCE, flags)
+        loader = importlib.machinery.ExtensionFileLoader("cpu_ops", str(path))
+        spec = importlib.util.spec_from_file_location("cpu_ops", path, loader=loader)
+        assert spec is not None
+        module = importlib.util.module_from_spec(spec)
+        loader.exec_module(module)
+    except (BuildError, ImportError, OSError) as error:
+        warnings.warn(
+            f"cpu_ops: no fast kernels ({error}); using the torch references",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return None
+    return module

@@ -1,0 +1,532 @@
+// Small fused ops for the CPU decode path: RMS norm, rotary + KV-cache store, decode attention
+// over the paged KV cache, and SiLU-and-multiply. Each replaces several torch ops whose fixed
+// cost per call (5-20 us) dominated a decoding step's non-linear time; here one call costs about
+// a microsecond plus its arithmetic.
+//
+// One module, both element types: every op is written once as an always-inline function with a
+// constant `bf16` flag and instantiated twice, so the branches on the type fold away.
+// Rounding follows torch's ops step by step (see kernels/cpu_ops.py for the references):
+// bf16 results are rounded to nearest even wherever torch rounds a bf16 op's result.
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>  // first, as Python requires
+
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define INLINE static inline __attribute__((always_inline))
+// Elements per AVX2 vector of fp32; rows are processed 8 at a time, their tails one at a time.
+#define VEC 8
+// Below this many elements an op runs on the calling thread: waking the team costs more.
+#define PARALLEL_MIN_ELEMENTS (64 * 1024)
+
+// ---------------------------------------------------------------------------------------------
+// Element access, scalar and 8 lanes at a time. bf16 widens exactly to fp32; fp32 narrows to
+// bf16 by round to nearest even, as torch does (NaN payloads stay NaN: see cpu_linear.c).
+
+INLINE float bf16_to_f32(uint16_t value) {
+    uint32_t bits = (uint32_t)value << 16;
+    float result;
+    memcpy(&result, &bits, sizeof(result));
+    return result;
+}
+
+INLINE uint16_t f32_to_bf16(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof(bits));
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+INLINE float load(const int bf16, const void *base, int64_t i) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+}
+
+INLINE void store(const int bf16, void *base, int64_t i, float value) {
+    if (bf16) {
+        ((uint16_t *)base)[i] = f32_to_bf16(value);
+    } else {
+        ((float *)base)[i] = value;
+    }
+}
+
+// What a torch op on tensors of this type returns for an fp32 result: rounded to bf16 or kept.
+INLINE float rounded(const int bf16, float value) {
+    return bf16 ? bf16_to_f32(f32_to_bf16(value)) : value;
+}
+
+INLINE __m256 load8(const int bf16, const void *base, int64_t i) {
+    if (bf16) {
+        const __m128i half = _mm_loadu_si128((const __m128i *)((const uint16_t *)base + i));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+    }
+    return _mm256_loadu_ps((const float *)base + i);
+}
+
+// fp32 bits plus the round-to-nearest-even increment: the bf16 result is the top 16 bits.
+INLINE __m256i rounding_bits(__m256 value) {
+    const __m256i bits = _mm256_castps_si256(value);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    return _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
+}
+
+INLINE __m256 rounded8(const int bf16, __m256 value) {
+    if (!bf16) return value;
+    const __m256i top = _mm256_set1_epi32((int)0xffff0000u);
+    return _mm256_castsi256_ps(_mm256_and_si256(rounding_bits(value), top));
+}
+
+INLINE void store8(const int bf16, void *base, int64_t i, __m256 value) {
+    if (bf16) {
+        const __m256i halves = _mm256_srli_epi32(rounding_bits(value), 16);  // < 65536: no saturation
+        const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(halves),
+                                                _mm256_extracti128_si256(halves, 1));
+        _mm_storeu_si128((__m128i *)((uint16_t *)base + i), packed);
+    } else {
+        _mm256_storeu_ps((float *)base + i, value);
+    }
+}
+
+INLINE float sum8(__m256 v) {
+    __m128 folded = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    folded = _mm_add_ps(folded, _mm_movehl_ps(folded, folded));
+    folded = _mm_add_ss(folded, _mm_movehdup_ps(folded));
+    return _mm_cvtss_f32(folded);
+}
+
+// e^x to about 2 ulp: x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial,
+// 2^n put into the exponent. x is clamped to [-87, 88], where 2^n stays a normal number.
+INLINE __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln 2, high part
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);      // and the rest
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i exponent = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(exponent, 23)));
+}
+
+INLINE size_t element_size(const int bf16) { return bf16 ? 2 : 4; }
+
+// ---------------------------------------------------------------------------------------------
+// RMS norm of rows (t, h) of x [T, H, D] (strides ldx_t, ldx_h, 1) into out [T, H, D]
+// contiguous: y = weight * round(x * rsqrt(mean(x^2) + eps)), the variance in fp32.
+
+INLINE void rms_norm_row(const int bf16, const void *x, const void *weight, void *out, int64_t d,
+                         float eps) {
+    __m256 squares = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + VEC <= d; i += VEC) {
+        const __m256 v = load8(bf16, x, i);
+        squares = _mm256_fmadd_ps(v, v, squares);
+    }
+    float sum = sum8(squares);
+    for (; i < d; i++) sum += load(bf16, x, i) * load(bf16, x, i);
+    const float inverse = 1.0f / sqrtf(sum / (float)d + eps);
+    const __m256 inverse8 = _mm256_set1_ps(inverse);
+    for (i = 0; i + VEC <= d; i += VEC) {
+        const __m256 normed = rounded8(bf16, _mm256_mul_ps(load8(bf16, x, i), inverse8));
+        store8(bf16, out, i, _mm256_mul_ps(load8(bf16, weight, i), normed));
+    }
+    for (; i < d; i++) {
+        const float normed = rounded(bf16, load(bf16, x, i) * inverse);
+        store(bf16, out, i, load(bf16, weight, i) * normed);
+    }
+}
+
+INLINE void rms_norm(const int bf16, const char *x, int64_t ldx_t, int64_t ldx_h,
+                     const void *weight, char *out, int64_t t, int64_t h, int64_t d, float eps,
+                     int threads) {
+    const size_t size = element_size(bf16);
+    const int64_t rows = t * h;
+    if (threads <= 1 || rows < 2 || rows * d < PARALLEL_MIN_ELEMENTS) {
+        for (int64_t r = 0; r < rows; r++) {
+            const char *row = x + ((r / h) * ldx_t + (r % h) * ldx_h) * size;
+            rms_norm_row(bf16, row, weight, out + r * d * size, d, eps);
+        }
+        return;
+    }
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) {
+        const char *row = x + ((r / h) * ldx_t + (r % h) * ldx_h) * size;
+        rms_norm_row(bf16, row, weight, out + r * d * size, d, eps);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotary embedding (neox style) of q [T, Hq, D] and k [T, Hk, D] in place, then k and v
+// [T, Hk, D] copied into the caches [slots, Hk, D] at slot_mapping[t]. q, k and v have row
+// strides ld_q, ld_k, ld_v with heads contiguous; cos and sin are [T, D / 2] contiguous.
+// Per pair (x1, x2): x2s = x2 * sin, x1s = x1 * sin, x1 = x1 * cos - x2s, x2 = x2 * cos + x1s,
+// every product and sum rounded as torch's elementwise ops round it.
+
+INLINE void rotate_heads(const int bf16, char *x, int64_t heads, int64_t d, const void *cos,
+                         const void *sin) {
+    const size_t size = element_size(bf16);
+    const int64_t half = d / 2;
+    for (int64_t h = 0; h < heads; h++) {
+        void *head = x + h * d * size;
+        int64_t i = 0;
+        for (; i + VEC <= half; i += VEC) {
+            const __m256 c = load8(bf16, cos, i), s = load8(bf16, sin, i);
+            const __m256 x1 = load8(bf16, head, i), x2 = load8(bf16, head, i + half);
+            const __m256 x2_sin = rounded8(bf16, _mm256_mul_ps(x2, s));
+            const __m256 x1_sin = rounded8(bf16, _mm256_mul_ps(x1, s));
+            store8(bf16, head, i, _mm256_sub_ps(rounded8(bf16, _mm256_mul_ps(x1, c)), x2_sin));
+            store8(bf16, head, i + half,
+                   _mm256_add_ps(rounded8(bf16, _mm256_mul_ps(x2, c)), x1_sin));
+        }
+        for (; i < half; i++) {
+            const float c = load(bf16, cos, i), s = load(bf16, sin, i);
+            const float x1 = load(bf16, head, i), x2 = load(bf16, head, i + half);
+            const float x2_sin = rounded(bf16, x2 * s), x1_sin = rounded(bf16, x1 * s);
+            store(bf16, head, i, rounded(bf16, x1 * c) - x2_sin);
+            store(bf16, head, i + half, rounded(bf16, x2 * c) + x1_sin);
+        }
+    }
+}
+
+INLINE void rope_store_kv(const int bf16, char *q, int64_t ld_q, char *k, int64_t ld_k,
+                          const char *v, int64_t ld_v, const char *cos, const char *sin,
+                          char *key_cache, char *value_cache, const int64_t *slot_mapping,
+                          int64_t t, int64_t hq, int64_t hk, int64_t d) {
+    const size_t size = element_size(bf16);
+    const size_t kv_row = (size_t)(hk * d) * size;
+    for (int64_t i = 0; i < t; i++) {
+        const char *c = cos + i * (d / 2) * size, *s = sin + i * (d / 2) * size;
+        rotate_heads(bf16, q + i * ld_q * size, hq, d, c, s);
+        char *k_row = k + i * ld_k * size;
+        rotate_heads(bf16, k_row, hk, d, c, s);
+        memcpy(key_cache + slot_mapping[i] * kv_row, k_row, kv_row);
+        memcpy(value_cache + slot_mapping[i] * kv_row, v + i * ld_v * size, kv_row);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode attention: one new query per sequence. q [S, Hq, D] (row stride ld_q, heads
+// contiguous), caches [slots, Hk, D], slots [S, L] (sequence s attends slots[s, :lengths[s]]),
+// out [S, Hq, D] contiguous. Query head h reads KV head h / (Hq / Hk). In fp32: scores
+// q.k * scale, a max-subtracted softmax, then the probability-weighted sum of values, rounded
+// once at the end. One task per (sequence, KV head); its query heads share every K/V row load.
+
+typedef struct {
+    const char *q, *key_cache, *value_cache;
+    const int64_t *slots, *lengths;
+    char *out;
+    int64_t ld_q, hq, hk, d, max_len;
+    float scale;
+} attention_t;
+
+// [sum(a[0]), ..., sum(a[7])]: eight horizontal sums at once.
+INLINE __m256 sum8x8(const __m256 *a) {
+    const __m256 pairs0 = _mm256_hadd_ps(a[0], a[1]), pairs1 = _mm256_hadd_ps(a[2], a[3]);
+    const __m256 pairs2 = _mm256_hadd_ps(a[4], a[5]), pairs3 = _mm256_hadd_ps(a[6], a[7]);
+    // Per 128-bit half: the partial sums of a[0..3] in quads0, of a[4..7] in quads1.
+    const __m256 quads0 = _mm256_hadd_ps(pairs0, pairs1), quads1 = _mm256_hadd_ps(pairs2, pairs3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(quads0, quads1, 0x20),
+                         _mm256_permute2f128_ps(quads0, quads1, 0x31));
+}
+
+// scores[j] = query . keys[j] * scale for eight key rows: eight independent accumulator chains
+// (one chain per dot product would wait on its own FMA latency), summed together at the end.
+INLINE void score8(const int bf16, const float *query, const char *const *keys, int64_t d,
+                   float scale, float *scores) {
+    __m256 acc[VEC];
+    for (int j = 0; j < VEC; j++) acc[j] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + VEC <= d; i += VEC) {
+        const __m256 q = _mm256_loadu_ps(query + i);
+        for (int j = 0; j < VEC; j++) acc[j] = _mm256_fmadd_ps(q, load8(bf16, keys[j], i), acc[j]);
+    }
+    float tails[VEC] = {0};
+    for (; i < d; i++) {
+        for (int j = 0; j < VEC; j++) tails[j] += query[i] * load(bf16, keys[j], i);
+    }
+    const __m256 sums = _mm256_add_ps(sum8x8(acc), _mm256_loadu_ps(tails));
+    _mm256_storeu_ps(scores, _mm256_mul_ps(sums, _mm256_set1_ps(scale)));
+}
+
+// Elements of a value row accumulated in registers at once (8 vectors).
+#define VALUE_BLOCK (8 * VEC)
+
+// out[g][i] = sum_j p[g][j] * value_j[i] for i in [i0, i0 + VALUE_BLOCK) (or to d): the sums
+// live in registers across all rows j, one chain per vector of elements.
+INLINE void weigh_values(const int bf16, const float *scores, int64_t stride, int64_t group,
+                         const char *values, const int64_t *slots, size_t kv_stride, int64_t length,
+                         int64_t i0, int64_t d, float *out) {
+    const int64_t vectors = (d - i0 >= VALUE_BLOCK ? VALUE_BLOCK : (d - i0) / VEC * VEC) / VEC;
+    for (int64_t g = 0; g < group; g++) {
+        const float *p = scores + g * stride;
+        __m256 acc[VALUE_BLOCK / VEC];
+        for (int64_t v = 0; v < VALUE_BLOCK / VEC; v++) acc[v] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < length; j++) {
+            const __m256 weight = _mm256_set1_ps(p[j]);
+            const char *row = values + slots[j] * kv_stride;
+            for (int64_t v = 0; v < vectors; v++) {
+                acc[v] = _mm256_fmadd_ps(weight, load8(bf16, row, i0 + v * VEC), acc[v]);
+            }
+        }
+        for (int64_t v = 0; v < vectors; v++) _mm256_storeu_ps(out + g * d + i0 + v * VEC, acc[v]);
+    }
+}
+
+// As weigh_values for the last d % 8 elements, one at a time.
+INLINE void weigh_value_tail(const int bf16, const float *scores, int64_t stride, int64_t group,
+                             const char *values, const int64_t *slots, size_t kv_stride,
+                             int64_t length, int64_t i0, int64_t d, float *out) {
+    for (int64_t g = 0; g < group; g++) {
+        for (int64_t i = i0; i < d; i++) {
+            float sum = 0.0f;
+            for (int64_t j = 0; j < length; j++) {
+                sum += scores[g * stride + j] * load(bf16, values + slots[j] * kv_stride, i);
+            }
+            out[g * d + i] = sum;
+        }
+    }
+}
+
+// Scores per query head: max_len rounded up to whole vectors, so exp runs 8 lanes at a time
+// (lanes past the length compute unused values and are never summed).
+INLINE int64_t score_stride(int64_t max_len) { return (max_len + VEC - 1) / VEC * VEC; }
+
+// Scratch: G query rows, G accumulators, G score rows.
+INLINE void attend(const int bf16, const attention_t *a, int64_t task, float *scratch) {
+    const size_t size = element_size(bf16);
+    const int64_t s = task / a->hk, kv_head = task % a->hk, group = a->hq / a->hk, d = a->d;
+    const int64_t length = a->lengths[s], stride = score_stride(a->max_len);
+    const int64_t *slots = a->slots + s * a->max_len;
+    float *query = scratch, *acc = query + group * d, *scores = acc + group * d;
+    for (int64_t g = 0; g < group; g++) {
+        const char *q_head = a->q + (s * a->ld_q + (kv_head * group + g) * d) * size;
+        for (int64_t i = 0; i < d; i++) query[g * d + i] = load(bf16, q_head, i);
+    }
+    const size_t kv_stride = (size_t)(a->hk * d) * size;
+    const size_t head_offset = (size_t)(kv_head * d) * size;
+    for (int64_t j0 = 0; j0 < length; j0 += VEC) {
+        // Past the length the last row repeats; its scores land in the padding of the row.
+        const char *keys[VEC];
+        for (int64_t j = 0; j < VEC; j++) {
+            const int64_t slot = slots[j0 + j < length ? j0 + j : length - 1];
+            keys[j] = a->key_cache + slot * kv_stride + head_offset;
+        }
+        for (int64_t g = 0; g < group; g++) {
+            score8(bf16, query + g * d, keys, d, a->scale, scores + g * stride + j0);
+        }
+    }
+    // Past the length the scores repeat the last key's, so the max may read whole vectors.
+    const int64_t padded = score_stride(length), whole = length / VEC * VEC;
+    float totals[group];
+    for (int64_t g = 0; g < group; g++) {
+        float *p = scores + g * stride;
+        __m256 top8 = _mm256_loadu_ps(p);
+        for (int64_t j = VEC; j < padded; j += VEC) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(p + j));
+        __m128 top4 = _mm_max_ps(_mm256_castps256_ps128(top8), _mm256_extractf128_ps(top8, 1));
+        top4 = _mm_max_ps(top4, _mm_movehl_ps(top4, top4));
+        top4 = _mm_max_ss(top4, _mm_movehdup_ps(top4));
+        const __m256 top = _mm256_set1_ps(_mm_cvtss_f32(top4));
+        __m256 sum8_acc = _mm256_setzero_ps();
+        for (int64_t j = 0; j < padded; j += VEC) {
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + j), top));
+            _mm256_storeu_ps(p + j, e);
+            if (j < whole) sum8_acc = _mm256_add_ps(sum8_acc, e);
+        }
+        float total = sum8(sum8_acc);
+        for (int64_t j = whole; j < length; j++) total += p[j];
+        totals[g] = total;
+    }
+    const char *values = a->value_cache + head_offset;
+    int64_t i0 = 0;
+    for (; i0 + VEC <= d; i0 += VALUE_BLOCK) {
+        weigh_values(bf16, scores, stride, group, values, slots, kv_stride, length, i0, d, acc);
+    }
+    i0 = d / VEC * VEC;
+    if (i0 < d) {
+        weigh_value_tail(bf16, scores, stride, group, values, slots, kv_stride, length, i0, d,
+                         acc);
+    }
+    for (int64_t g = 0; g < group; g++) {
+        char *out = a->out + ((s * a->hq) + kv_head * group + g) * d * size;
+        for (int64_t i = 0; i < d; i++) store(bf16, out, i, acc[g * d + i] / totals[g]);
+    }
+}
+
+// Returns 0, or -1 when scratch memory cannot be allocated.
+INLINE int decode_attention(const int bf16, const attention_t *a, int64_t sequences,
+                            int threads) {
+    const int64_t tasks = sequences * a->hk, group = a->hq / a->hk;
+    const size_t scratch_bytes =
+        (size_t)(2 * group * a->d + group * score_stride(a->max_len)) * sizeof(float);
+    const int64_t work = sequences * a->max_len * a->hq * a->d;
+    if (threads <= 1 || tasks < 2 || work < PARALLEL_MIN_ELEMENTS) {
+        float *scratch = malloc(scratch_bytes);
+        if (scratch == NULL) return -1;
+        for (int64_t task = 0; task < tasks; task++) attend(bf16, a, task, scratch);
+        free(scratch);
+        return 0;
+    }
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *scratch = malloc(scratch_bytes);
+        failed = scratch == NULL;
+        // Every thread reaches the loop, so the team never waits on a missing member.
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < tasks; task++) {
+            if (scratch != NULL) attend(bf16, a, task, scratch);
+        }
+        free(scratch);
+    }
+    return failed ? -1 : 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// out [T, F] = round(silu(gate)) * up, where gate_up [T, 2F] (row stride ld) holds gate then up;
+// silu(x) = x / (1 + exp(-x)) in fp32, rounded as torch's silu rounds it.
+
+INLINE void silu_mul_row(const int bf16, const void *gate, const void *up, void *out,
+                         int64_t f) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    int64_t i = 0;
+    for (; i + VEC <= f; i += VEC) {
+        const __m256 g = load8(bf16, gate, i);
+        const __m256 denominator = _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g)));
+        const __m256 activated = rounded8(bf16, _mm256_div_ps(g, denominator));
+        store8(bf16, out, i, _mm256_mul_ps(activated, load8(bf16, up, i)));
+    }
+    for (; i < f; i++) {
+        const float g = load(bf16, gate, i);
+        store(bf16, out, i, rounded(bf16, g / (1.0f + expf(-g))) * load(bf16, up, i));
+    }
+}
+
+INLINE void silu_mul(const int bf16, const char *gate_up, int64_t ld, char *out, int64_t t,
+                     int64_t f, int threads) {
+    const size_t size = element_size(bf16);
+    if (threads <= 1 || t < 2 || t * f < PARALLEL_MIN_ELEMENTS) {
+        for (int64_t r = 0; r < t; r++) {
+            const char *gate = gate_up + r * ld * size;
+            silu_mul_row(bf16, gate, gate + f * size, out + r * f * size, f);
+        }
+        return;
+    }
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < t; r++) {
+        const char *gate = gate_up + r * ld * size;
+        silu_mul_row(bf16, gate, gate + f * size, out + r * f * size, f);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Python bindings. Arguments are integers (pointers as Tensor.data_ptr() gives them) and one
+// float; the first is the element type, 1 for bf16 and 0 for fp32. kernels/cpu_ops.py checks
+// dtypes, shapes, strides and devices; here only the argument count and types are checked.
+
+static int parse_ints(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t expected,
+                      long long *values, const char *name) {
+    if (nargs != expected) {
+        PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments", name, expected);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < expected; i++) {
+        values[i] = PyFloat_Check(args[i]) ? 0 : PyLong_AsLongLong(args[i]);
+    }
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+#define PTR(v) ((void *)(intptr_t)(v))
+
+// rms_norm(bf16, x, ldx_t, ldx_h, weight, out, t, h, d, eps, threads)
+static PyObject *py_rms_norm(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    long long v[11];
+    if (parse_ints(args, nargs, 11, v, "rms_norm") != 0) return NULL;
+    const float eps = (float)PyFloat_AsDouble(args[9]);
+    if (PyErr_Occurred()) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    if (v[0]) {
+        rms_norm(1, PTR(v[1]), v[2], v[3], PTR(v[4]), PTR(v[5]), v[6], v[7], v[8], eps, (int)v[10]);
+    } else {
+        rms_norm(0, PTR(v[1]), v[2], v[3], PTR(v[4]), PTR(v[5]), v[6], v[7], v[8], eps, (int)v[10]);
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+// rope_store_kv(bf16, q, ld_q, k, ld_k, v, ld_v, cos, sin, key_cache, value_cache, slot_mapping,
+//               t, hq, hk, d)
+static PyObject *py_rope_store_kv(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    long long v[16];
+    if (parse_ints(args, nargs, 16, v, "rope_store_kv") != 0) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    if (v[0]) {
+        rope_store_kv(1, PTR(v[1]), v[2], PTR(v[3]), v[4], PTR(v[5]), v[6], PTR(v[7]), PTR(v[8]),
+                      PTR(v[9]), PTR(v[10]), PTR(v[11]), v[12], v[13], v[14], v[15]);
+    } else {
+        rope_store_kv(0, PTR(v[1]), v[2], PTR(v[3]), v[4], PTR(v[5]), v[6], PTR(v[7]), PTR(v[8]),
+                      PTR(v[9]), PTR(v[10]), PTR(v[11]), v[12], v[13], v[14], v[15]);
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+// decode_attention(bf16, q, ld_q, key_cache, value_cache, slots, lengths, out, s, max_len, hq,
+//                  hk, d, scale, threads)
+static PyObject *py_decode_attention(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    long long v[15];
+    if (parse_ints(args, nargs, 15, v, "decode_attention") != 0) return NULL;
+    const float scale = (float)PyFloat_AsDouble(args[13]);
+    if (PyErr_Occurred()) return NULL;
+    const attention_t a = {PTR(v[1]), PTR(v[3]), PTR(v[4]), PTR(v[5]), PTR(v[6]), PTR(v[7]),
+                           v[2],      v[10],     v[11],     v[12],     v[9],      scale};
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = v[0] ? decode_attention(1, &a, v[8], (int)v[14])
+                  : decode_attention(0, &a, v[8], (int)v[14]);
+    Py_END_ALLOW_THREADS
+    if (status != 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+// silu_mul(bf16, gate_up, ld, out, t, f, threads)
+static PyObject *py_silu_mul(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    long long v[7];
+    if (parse_ints(args, nargs, 7, v, "silu_mul") != 0) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    if (v[0]) {
+        silu_mul(1, PTR(v[1]), v[2], PTR(v[3]), v[4], v[5], (int)v[6]);
+    } else {
+        silu_mul(0, PTR(v[1]), v[2], PTR(v[3]), v[4], v[5], (int)v[6]);
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+#define FASTCALL(f) (PyCFunction)(void (*)(void))(f), METH_FASTCALL
+
+static PyMethodDef METHODS[] = {
+    {"rms_norm", FASTCALL(py_rms_norm), "RMS norm of [T, H, D] rows"},
+    {"rope_store_kv", FASTCALL(py_rope_store_kv), "rotary on q and k, then k and v to the cache"},
+    {"decode_attention", FASTCALL(py_decode_attention), "one query per sequence, paged KV"},
+    {"silu_mul", FASTCALL(py_silu_mul), "silu(gate) * up"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef MODULE = {
+    PyModuleDef_HEAD_INIT, .m_name = "cpu_ops", .m_size = -1, .m_methods = METHODS,
+};
+
+PyMODINIT_FUNC PyInit_cpu_ops(void) { return PyModule_Create(&MODULE); }

@@ -1,0 +1,200 @@
+"""kernels.cpu_ops: each C op against its PyTorch reference, plus a float64 oracle for attention
+and the fallbacks for what the kernels do not take."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from kernels import cpu_ops
+from kernels.build import cpu_flags
+
+DTYPES = [torch.bfloat16, torch.float32]
+# One unit in the last place at 1.0, the size of a rounding difference of a reordered sum.
+ULP = {torch.bfloat16: 2.0**-7, torch.float32: 2.0**-23}
+
+pytestmark = pytest.mark.skipif(
+    not cpu_ops._REQUIRED_CPU_FLAGS.issubset(cpu_flags()), reason="this CPU lacks AVX2/FMA"
+)
+
+
+@pytest.fixture(autouse=True)
+def kernels_built() -> None:
+    assert cpu_ops.kernel_available(), "gcc and Python's headers are part of the set-up"
+
+
+def _within_ulps(actual: torch.Tensor, expected: torch.Tensor, ulps: float) -> None:
+    scale = expected.float().abs().clamp_min(1.0)
+    error = ((actual.float() - expected.float()).abs() / scale).max().item()
+    assert error <= ulps * ULP[expected.dtype], error
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 896), (5, 7), (3, 33), (2, 4, 64), (1, 16, 128)])
+def test_rms_norm_matches_reference(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=generator) * 3).to(dtype)
+    weight = torch.randn(shape[-1], generator=generator).to(dtype)
+    got = cpu_ops.rms_norm(x, weight, 1e-6)
+    assert got.dtype == dtype and got.shape == x.shape
+    # The variance sums in another order: the normalised value may round one step apart, and
+    # the weight multiplies that step.
+    _within_ulps(got, cpu_ops.rms_norm_ref(x, weight, 1e-6), 2 * weight.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_of_strided_heads(dtype: torch.dtype) -> None:
+    """The q/k heads of a fused qkv row: rows strided by the row width, heads contiguous."""
+    generator = torch.Generator().manual_seed(1)
+    qkv = torch.randn(3, 10 * 16, generator=generator).to(dtype)
+    heads = qkv[:, : 6 * 16].view(3, 6, 16)
+    weight = torch.rand(16, generator=generator).to(dtype)
+    _within_ulps(
+        cpu_ops.rms_norm(heads, weight, 1e-5), cpu_ops.rms_norm_ref(heads, weight, 1e-5), 2
+    )
+
+
+def _rope_case(dtype: torch.dtype, t: int, hq: int, hk: int, d: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(t, (hq + 2 * hk) * d, generator=generator).to(dtype)
+    angles = torch.rand(t, d // 2, generator=generator) * 6.3
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    caches = torch.zeros(2, 40, hk, d, dtype=dtype)
+    slots = torch.randperm(40, generator=generator)[:t]
+    return qkv, cos, sin, caches, slots
+
+
+def _rope_views(qkv: torch.Tensor, hq: int, hk: int, d: int):
+    t = qkv.shape[0]
+    q = qkv[:, : hq * d].view(t, hq, d)
+    k = qkv[:, hq * d : (hq + hk) * d].view(t, hk, d)
+    v = qkv[:, (hq + hk) * d :].view(t, hk, d)
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("t", "hq", "hk", "d"), [(1, 14, 2, 64), (7, 4, 4, 8), (3, 6, 2, 2)])
+def test_rope_store_kv_equals_reference_bit_for_bit(
+    dtype: torch.dtype, t: int, hq: int, hk: int, d: int
+) -> None:
+    results = []
+    for op in (cpu_ops.rope_store_kv, cpu_ops.rope_store_kv_ref):
+        qkv, cos, sin, caches, slots = _rope_case(dtype, t, hq, hk, d, seed=t + d)
+        op(*_rope_views(qkv, hq, hk, d), cos, sin, caches[0], caches[1], slots)
+        results.append((qkv, caches))
+    (qkv, caches), (qkv_ref, caches_ref) = results
+    assert torch.equal(qkv, qkv_ref)
+    assert torch.equal(caches, caches_ref)
+    assert caches.abs().sum() > 0
+
+
+def test_rope_store_kv_matches_transformers_rotation() -> None:
+    """An independent oracle: transformers' x * cos + rotate_half(x) * sin in float64."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    qkv, cos, sin, caches, slots = _rope_case(torch.float32, 4, 4, 2, 16, seed=3)
+    q, k, v = (x.clone() for x in _rope_views(qkv, 4, 2, 16))
+    cos_full = torch.cat([cos, cos], dim=-1).double()[:, None]
+    sin_full = torch.cat([sin, sin], dim=-1).double()[:, None]
+    expected_q = q.double() * cos_full + rotate_half(q.double()) * sin_full
+    expected_k = k.double() * cos_full + rotate_half(k.double()) * sin_full
+    cpu_ops.rope_store_kv(q, k, v, cos, sin, caches[0], caches[1], slots)
+    torch.testing.assert_close(q.double(), expected_q, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(caches[0][slots].double(), expected_k, rtol=1e-6, atol=1e-6)
+    assert torch.equal(caches[1][slots], v)
+
+
+def _attention_case(dtype: torch.dtype, lengths: list[int], hq: int, hk: int, d: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    pool = 64
+    caches = torch.randn(2, pool, hk, d, generator=generator).to(dtype)
+    longest = max(lengths)
+    slots = torch.zeros(len(lengths), longest, dtype=torch.int64)
+    for row, length in zip(slots, lengths, strict=True):
+        row[:length] = torch.randperm(pool, generator=generator)[:length]
+    q = torch.randn(len(lengths), hq, d, generator=generator).to(dtype)
+    return q, caches[0], caches[1], slots, torch.tensor(lengths, dtype=torch.int64)
+
+
+def _attention_oracle(q, keys, values, slots, lengths, scale) -> torch.Tensor:
+    """Per sequence and head in float64, by the definition."""
+    out = torch.empty(q.shape, dtype=torch.float64)
+    group = q.shape[1] // keys.shape[1]
+    for s, length in enumerate(lengths.tolist()):
+        used = slots[s, :length]
+        for h in range(q.shape[1]):
+            k = keys[used, h // group].double()
+            v = values[used, h // group].double()
+            weights = torch.softmax(k @ q[s, h].double() * scale, dim=0)
+            out[s, h] = weights @ v
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("lengths", "hq", "hk", "d"),
+    [([1], 14, 2, 64), ([5, 33, 1], 4, 2, 16), ([20, 20], 3, 3, 7), ([64], 8, 1, 128)],
+)
+def test_decode_attention_matches_reference_and_oracle(
+    dtype: torch.dtype, lengths: list[int], hq: int, hk: int, d: int
+) -> None:
+    q, keys, values, slots, lens = _attention_case(dtype, lengths, hq, hk, d, seed=len(lengths))
+    scale = d**-0.5
+    got = cpu_ops.decode_attention(q, keys, values, slots, lens, scale)
+    reference = cpu_ops.decode_attention_ref(q, keys, values, slots, lens, scale)
+    oracle = _attention_oracle(q, keys, values, slots, lens, scale)
+    assert got.dtype == dtype and got.shape == q.shape
+    tolerance = 1e-2 if dtype is torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got.double(), oracle, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(got, reference, rtol=tolerance, atol=tolerance)
+
+
+def test_decode_attention_ignores_padding_slots() -> None:
+    """What sits past a sequence's length in its slot row must not matter."""
+    q, keys, values, slots, lens = _attention_case(torch.float32, [3, 9], 2, 1, 8, seed=5)
+    first = cpu_ops.decode_attention(q, keys, values, slots, lens, 0.3)
+    slots[0, 3:] = torch.arange(6) + 50
+    assert torch.equal(cpu_ops.decode_attention(q, keys, values, slots, lens, 0.3), first)
+
+
+def test_decode_attention_is_batch_invariant() -> None:
+    """A sequence's output is the same bits alone or among others of other lengths."""
+    q, keys, values, slots, lens = _attention_case(torch.bfloat16, [7, 30, 2], 4, 2, 64, seed=9)
+    together = cpu_ops.decode_attention(q, keys, values, slots, lens, 0.125)
+    for s, length in enumerate(lens.tolist()):
+        alone = cpu_ops.decode_attention(
+            q[s : s + 1],
+            keys,
+            values,
+            slots[s : s + 1, :length].contiguous(),
+            lens[s : s + 1],
+            0.125,
+        )
+        assert torch.equal(alone[0], together[s])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 2 * 4864), (6, 2 * 37), (300, 2 * 256)])
+def test_silu_mul_matches_reference(dtype: torch.dtype, shape: tuple[int, int]) -> None:
+    generator = torch.Generator().manual_seed(shape[0])
+    gate_up = (torch.randn(shape, generator=generator) * 4).to(dtype)
+    got = cpu_ops.silu_mul(gate_up)
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    expected = gate * torch.sigmoid(gate) * up
+    assert got.dtype == dtype and got.shape == (shape[0], shape[1] // 2)
+    # silu rounds once (exp may round one unit apart), the product once more.
+    _within_ulps(got, cpu_ops.silu_mul_ref(gate_up), 2 * up.abs().max().item())
+    torch.testing.assert_close(got.double(), expected, rtol=3 * ULP[dtype], atol=1e-6)
+
+
+def test_fallbacks_take_what_the_kernels_do_not() -> None:
+    """float16 and autograd inputs go to the references and give their results."""
+    x = torch.randn(2, 3, 16, dtype=torch.float16)
+    weight = torch.randn(16, dtype=torch.float16)
+    assert torch.equal(cpu_ops.rms_norm(x, weight, 1e-6), cpu_ops.rms_norm_ref(x, weight, 1e-6))
+    gate_up = torch.randn(3, 8, requires_grad=True)
+    out = cpu_ops.silu_mul(gate_up)
+    assert out.requires_grad
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(out, F.silu(gate) * up)
