@@ -7,7 +7,9 @@ kernels follow the references' rounding step by step; results differ only where 
 in another order (the RMS norm's variance, attention's dot products) or exp rounds differently.
 
 Why: a decoding step of a 24-layer model runs each of these ~24-50 times, and as torch ops they
-cost 5-20 us per call whatever their size; here a call costs about a microsecond.
+cost 5-20 us per call whatever their size; here a call costs about a microsecond. The fusion
+sweep (kernels.fusion's dynamic mode) is one pass per alpha over the vocabulary instead of a
+[pairs, alphas, V] tensor pushed through five torch ops.
 """
 
 from __future__ import annotations
@@ -280,6 +282,68 @@ def silu_mul(gate_up: Tensor) -> Tensor:
         torch.get_num_threads(),
     )  # fmt: skip
     return out
+
+
+# fusion_sweep_ref computes this many z entries (candidates x vocabulary) at a time at most.
+SWEEP_CHUNK_ELEMENTS = 1 << 20
+
+
+def fusion_sweep_ref(a: Tensor, d: Tensor, alphas: Tensor) -> tuple[Tensor, Tensor]:
+    """Dynamic logit fusion's sweep (kernels.fusion): for a [B, V], d [P, V] (pair p moves row
+    p // (P / B) of a) and alphas [G], with z = a + alpha * d, returns lse [P, G] = LSE(z) and
+    mean [P, G] = E_softmax(z)[d]; both 0 where no z is finite. a is finite or -inf, d finite.
+    In a's dtype (float32 or float64)."""
+    pairs, vocab = d.shape
+    experts = pairs // a.shape[0]
+    a_rows = a.unsqueeze(1).expand(a.shape[0], experts, vocab).reshape(pairs, vocab)
+    num_alphas = alphas.numel()
+    lse = torch.empty(pairs, num_alphas, dtype=a.dtype, device=a.device)
+    mean = torch.empty_like(lse)
+    step = max(1, SWEEP_CHUNK_ELEMENTS // max(1, num_alphas * vocab))
+    for first in range(0, pairs, step):
+        rows = slice(first, first + step)
+        z = torch.addcmul(a_rows[rows, None, :], alphas[None, :, None], d[rows, None, :])
+        top = z.amax(-1, keepdim=True)
+        top = torch.where(torch.isfinite(top), top, 0.0)
+        ex = z.sub_(top).exp_()
+        total = ex.sum(-1)
+        weighted = (ex @ d[rows, :, None]).squeeze(-1)
+        safe = torch.where(total > 0, total, 1.0)
+        lse[rows] = top.squeeze(-1) + torch.log(safe)
+        mean[rows] = weighted / safe
+    return lse, mean
+
+
+def fusion_sweep(a: Tensor, d: Tensor, alphas: Tensor) -> tuple[Tensor, Tensor]:
+    """As fusion_sweep_ref; float32 on the CPU runs the C kernel (its exp differs from torch's
+    by an ulp or two, its sums add in another order)."""
+    module = _kernels()
+    if (
+        module is None
+        or a.dtype is not torch.float32
+        or d.dtype is not torch.float32
+        or alphas.dtype is not torch.float32
+        or a.dim() != 2
+        or d.dim() != 2
+        or d.shape[1] != a.shape[1]
+        or a.shape[0] == 0
+        or d.shape[0] % a.shape[0]
+        or a.stride(1) != 1
+        or d.stride(1) != 1
+        or not (a.is_cpu and d.is_cpu and alphas.is_cpu)
+        or (torch.is_grad_enabled() and (a.requires_grad or d.requires_grad))
+    ):
+        return fusion_sweep_ref(a, d, alphas)
+    alphas = alphas.contiguous()
+    pairs, vocab = d.shape
+    num_alphas = alphas.numel()
+    lse = a.new_empty(pairs, num_alphas)
+    mean = a.new_empty(pairs, num_alphas)
+    module.fusion_sweep(
+        a.data_ptr(), a.stride(0), d.data_ptr(), d.stride(0), pairs, pairs // a.shape[0], vocab,
+        alphas.data_ptr(), num_alphas, lse.data_ptr(), mean.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return lse, mean
 
 
 def kernel_available() -> bool:

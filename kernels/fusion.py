@@ -44,10 +44,11 @@ fused comes back in ``large``'s dtype):
 
 - ``fuse_static_ref`` / ``fuse_static_triton``;
 - ``fuse_dynamic_naive``: a full softmax per candidate, float64 (the test oracle and the
-  benchmark's baseline); ``fuse_dynamic_ref``: the single-pass formula vectorised in PyTorch
-  (the CPU path); ``fuse_dynamic_triton``: the single sweep as a Triton kernel, split over the
-  vocabulary into shares that a second small kernel merges (and picks the winner), then an
-  elementwise kernel writes fused;
+  benchmark's baseline); ``fuse_dynamic_ref``: the single-pass formula, its sweep over the
+  vocabulary by kernels.cpu_ops.fusion_sweep (a C kernel for float32 on the CPU, PyTorch
+  otherwise) and the rest in PyTorch (the CPU path); ``fuse_dynamic_triton``: the single sweep
+  as a Triton kernel, split over the vocabulary into shares that a second small kernel merges
+  (and picks the winner), then an elementwise kernel writes fused;
 - ``fuse_static`` / ``fuse_dynamic``: Triton for CUDA tensors, the PyTorch path otherwise.
 
 ``dynamic_costs_naive`` / ``dynamic_costs_ref`` / ``dynamic_costs_triton`` return the costs
@@ -63,6 +64,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from kernels.cpu_ops import fusion_sweep
+
 try:  # Triton is optional: the PyTorch path needs none.
     import triton
     import triton.language as tl
@@ -73,9 +76,6 @@ except ImportError:  # pragma: no cover - depends on the installation
 DEFAULT_GRID: tuple[float, ...] = tuple(i / 10 for i in range(21))
 
 Grid = Sequence[float] | Tensor | None
-
-# fuse_dynamic_ref computes this many z entries (candidates x vocabulary) at a time at most.
-REF_CHUNK_ELEMENTS = 1 << 20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,27 +259,10 @@ def _costs_ref(
     lse_a, _, a_valid = _lse_mean(a, torch.zeros((), dtype=dtype, device=a.device))
     moved = ((d != 0) & (a > -math.inf).unsqueeze(1)).any(-1)  # P~ != P for alpha != 0: [B, E]
     p = torch.softmax(torch.where(a_valid[:, None], a, 0.0), -1)
-    mean_a = (d @ p.unsqueeze(-1)).squeeze(-1)  # E_P[d_t]: [B, E]
+    mean_a = (d * p.unsqueeze(1)).sum(-1)  # E_P[d_t]: [B, E] (bmm is slower here on the CPU)
 
     num_alphas = values.numel()
-    pairs = batch * num_experts
-    a_rows = a.unsqueeze(1).expand(batch, num_experts, vocab).reshape(pairs, vocab)
-    d_rows = d.reshape(pairs, vocab)
-    lse_z = torch.empty(pairs, num_alphas, dtype=dtype, device=a.device)
-    mean_z = torch.empty_like(lse_z)
-    step = max(1, REF_CHUNK_ELEMENTS // max(1, num_alphas * vocab))
-    for first in range(0, pairs, step):
-        rows = slice(first, first + step)
-        dr = d_rows[rows, None, :]
-        z = torch.addcmul(a_rows[rows, None, :], values[None, :, None], dr)  # [n, G, V]
-        m = z.amax(-1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, 0.0)
-        ex = z.sub_(m).exp_()
-        s = ex.sum(-1)
-        w = (ex @ d_rows[rows, :, None]).squeeze(-1)
-        safe = torch.where(s > 0, s, 1.0)
-        lse_z[rows] = m.squeeze(-1) + torch.log(safe)
-        mean_z[rows] = w / safe
+    lse_z, mean_z = fusion_sweep(a, d.reshape(batch * num_experts, vocab), values)
     lse_z = lse_z.view(batch, num_experts, num_alphas)
     mean_z = mean_z.view(batch, num_experts, num_alphas)
 

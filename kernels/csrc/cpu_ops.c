@@ -1,7 +1,7 @@
 // Small fused ops for the CPU decode path: RMS norm, rotary + KV-cache store, decode attention
-// over the paged KV cache, and SiLU-and-multiply. Each replaces several torch ops whose fixed
-// cost per call (5-20 us) dominated a decoding step's non-linear time; here one call costs about
-// a microsecond plus its arithmetic.
+// over the paged KV cache, SiLU-and-multiply, and dynamic logit fusion's sweep over its alpha
+// grid. Each replaces several torch ops whose fixed cost per call (5-20 us) dominated a
+// decoding step's non-linear time; here one call costs about a microsecond plus its arithmetic.
 //
 // One module, both element types: every op is written once as an always-inline function with a
 // constant `bf16` flag and instantiated twice, so the branches on the type fold away.
@@ -99,8 +99,11 @@ INLINE float sum8(__m256 v) {
 }
 
 // e^x to about 2 ulp: x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial,
-// 2^n put into the exponent. x is clamped to [-87, 88], where 2^n stays a normal number.
+// 2^n put into the exponent. Below -87 (where e^x is under 2^-125) the result is 0, so e^-inf
+// is 0 as it must be; above 88 it stays e^88 (no caller goes there but silu's large -x, whose
+// quotient x / (1 + e^88) rounds to 0 either way).
 INLINE __m256 exp8(__m256 x) {
+    const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
     x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -114,7 +117,8 @@ INLINE __m256 exp8(__m256 x) {
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
     const __m256i exponent = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(exponent, 23)));
+    const __m256 result = _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(exponent, 23)));
+    return _mm256_andnot_ps(underflow, result);
 }
 
 INLINE size_t element_size(const int bf16) { return bf16 ? 2 : 4; }
@@ -428,6 +432,70 @@ INLINE void silu_mul(const int bf16, const char *gate_up, int64_t ld, char *out,
 }
 
 // ---------------------------------------------------------------------------------------------
+// Dynamic logit fusion's sweep (kernels/fusion.py): for every pair p (row b = p / E of a [B, V],
+// row p of d [P, V]) and every alpha of the grid, z = a + alpha * d and
+//     lse[p, g] = m + log(s),  mean[p, g] = w / s,  s = sum exp(z - m),  w = sum exp(z - m) d,
+// m = max z (0 where no z is finite; where s is 0, s counts as 1). fp32; a is finite or -inf.
+// One task per (pair, alpha): a pass for the max, a pass for the sums.
+
+typedef struct {
+    const float *a, *d, *alphas;
+    float *lse, *mean;
+    int64_t lda, ldd, experts, vocab, num_alphas;
+} sweep_t;
+
+INLINE void sweep(const sweep_t *job, int64_t task) {
+    const int64_t pair = task / job->num_alphas, g = task % job->num_alphas, v = job->vocab;
+    const float *a = job->a + (pair / job->experts) * job->lda, *d = job->d + pair * job->ldd;
+    const float alpha = job->alphas[g];
+    const __m256 alpha8 = _mm256_set1_ps(alpha);
+    __m256 top8 = _mm256_set1_ps(-INFINITY);
+    int64_t i = 0;
+    for (; i + VEC <= v; i += VEC) {
+        const __m256 z = _mm256_add_ps(_mm256_loadu_ps(a + i),
+                                       _mm256_mul_ps(alpha8, _mm256_loadu_ps(d + i)));
+        top8 = _mm256_max_ps(top8, z);
+    }
+    __m128 top4 = _mm_max_ps(_mm256_castps256_ps128(top8), _mm256_extractf128_ps(top8, 1));
+    top4 = _mm_max_ps(top4, _mm_movehl_ps(top4, top4));
+    top4 = _mm_max_ss(top4, _mm_movehdup_ps(top4));
+    float top = _mm_cvtss_f32(top4);
+    for (int64_t j = i; j < v; j++) {
+        const float z = a[j] + alpha * d[j];
+        top = z > top ? z : top;
+    }
+    if (!isfinite(top)) top = 0.0f;
+    const __m256 top_8 = _mm256_set1_ps(top);
+    __m256 sum8_acc = _mm256_setzero_ps(), weighted8 = _mm256_setzero_ps();
+    for (i = 0; i + VEC <= v; i += VEC) {
+        const __m256 dv = _mm256_loadu_ps(d + i);
+        const __m256 z = _mm256_add_ps(_mm256_loadu_ps(a + i), _mm256_mul_ps(alpha8, dv));
+        const __m256 e = exp8(_mm256_sub_ps(z, top_8));
+        sum8_acc = _mm256_add_ps(sum8_acc, e);
+        weighted8 = _mm256_fmadd_ps(e, dv, weighted8);
+    }
+    float total = sum8(sum8_acc), weighted = sum8(weighted8);
+    for (; i < v; i++) {
+        const float e = expf(a[i] + alpha * d[i] - top);
+        total += e;
+        weighted += e * d[i];
+    }
+    const float safe = total > 0.0f ? total : 1.0f;
+    job->lse[pair * job->num_alphas + g] = top + logf(safe);
+    job->mean[pair * job->num_alphas + g] = weighted / safe;
+}
+
+static void fusion_sweep(const sweep_t *job, int64_t pairs, int threads) {
+    const int64_t tasks = pairs * job->num_alphas;
+    if (threads <= 1 || tasks < 2 || tasks * job->vocab < PARALLEL_MIN_ELEMENTS) {
+        for (int64_t task = 0; task < tasks; task++) sweep(job, task);
+        return;
+    }
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t task = 0; task < tasks; task++) sweep(job, task);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Python bindings. Arguments are integers (pointers as Tensor.data_ptr() gives them) and one
 // float; the first is the element type, 1 for bf16 and 0 for fp32. kernels/cpu_ops.py checks
 // dtypes, shapes, strides and devices; here only the argument count and types are checked.
@@ -515,6 +583,19 @@ static PyObject *py_silu_mul(PyObject *module, PyObject *const *args, Py_ssize_t
     Py_RETURN_NONE;
 }
 
+// fusion_sweep(a, lda, d, ldd, pairs, experts, vocab, alphas, num_alphas, lse, mean, threads)
+static PyObject *py_fusion_sweep(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    long long v[12];
+    if (parse_ints(args, nargs, 12, v, "fusion_sweep") != 0) return NULL;
+    const sweep_t job = {PTR(v[0]), PTR(v[2]), PTR(v[7]), PTR(v[9]), PTR(v[10]),
+                         v[1],      v[3],      v[5],      v[6],      v[8]};
+    Py_BEGIN_ALLOW_THREADS
+    fusion_sweep(&job, v[4], (int)v[11]);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 #define FASTCALL(f) (PyCFunction)(void (*)(void))(f), METH_FASTCALL
 
 static PyMethodDef METHODS[] = {
@@ -522,6 +603,7 @@ static PyMethodDef METHODS[] = {
     {"rope_store_kv", FASTCALL(py_rope_store_kv), "rotary on q and k, then k and v to the cache"},
     {"decode_attention", FASTCALL(py_decode_attention), "one query per sequence, paged KV"},
     {"silu_mul", FASTCALL(py_silu_mul), "silu(gate) * up"},
+    {"fusion_sweep", FASTCALL(py_fusion_sweep), "LSE and mean of d over a grid of alphas"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -198,3 +198,56 @@ def test_fallbacks_take_what_the_kernels_do_not() -> None:
     assert out.requires_grad
     gate, up = gate_up.chunk(2, dim=-1)
     torch.testing.assert_close(out, F.silu(gate) * up)
+
+
+def _sweep_case(batch: int, experts: int, vocab: int, masked: bool, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.randn(batch, vocab, generator=generator) * 4
+    d = torch.randn(batch * experts, vocab, generator=generator) * 2
+    if masked:
+        a[:, ::3] = -torch.inf  # the large model's masked tokens
+        a[-1] = -torch.inf  # a row with no finite logit
+        d[:, ::5] = 0.0  # tokens the pair has no opinion on
+    return a, d, torch.linspace(0.0, 2.0, 21)
+
+
+def _sweep_oracle(a: torch.Tensor, d: torch.Tensor, alphas: torch.Tensor):
+    """LSE and softmax-weighted mean of d by the definition, in float64."""
+    experts = d.shape[0] // a.shape[0]
+    lse = torch.zeros(d.shape[0], alphas.numel(), dtype=torch.float64)
+    mean = torch.zeros_like(lse)
+    for p in range(d.shape[0]):
+        for g, alpha in enumerate(alphas.double().tolist()):
+            z = a[p // experts].double() + alpha * d[p].double()
+            if torch.isfinite(z).any():
+                lse[p, g] = torch.logsumexp(z, 0)
+                mean[p, g] = (torch.softmax(z, 0) * d[p].double()).sum()
+    return lse, mean
+
+
+@pytest.mark.parametrize(
+    ("batch", "experts", "vocab", "masked"),
+    [(1, 1, 32768, False), (3, 2, 301, True), (2, 3, 7, True), (8, 1, 4096, False)],
+)
+def test_fusion_sweep_matches_oracle_and_reference(
+    batch: int, experts: int, vocab: int, masked: bool
+) -> None:
+    a, d, alphas = _sweep_case(batch, experts, vocab, masked, seed=vocab)
+    lse, mean = cpu_ops.fusion_sweep(a, d, alphas)
+    lse_ref, mean_ref = cpu_ops.fusion_sweep_ref(a, d, alphas)
+    lse_oracle, mean_oracle = _sweep_oracle(a, d, alphas)
+    assert lse.shape == mean.shape == (batch * experts, 21) and lse.dtype == torch.float32
+    for got, reference, oracle in ((lse, lse_ref, lse_oracle), (mean, mean_ref, mean_oracle)):
+        torch.testing.assert_close(got.double(), oracle, rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(got, reference, rtol=2e-5, atol=2e-5)
+    if masked:  # no finite logit: both are exactly 0
+        assert not lse[-experts:].any() and not mean[-experts:].any()
+
+
+def test_fusion_sweep_float64_takes_the_reference() -> None:
+    a, d, alphas = _sweep_case(2, 2, 50, True, seed=4)
+    a, d, alphas = a.double(), d.double(), alphas.double()
+    for got, expected in zip(
+        cpu_ops.fusion_sweep(a, d, alphas), cpu_ops.fusion_sweep_ref(a, d, alphas), strict=True
+    ):
+        assert got.dtype == torch.float64 and torch.equal(got, expected)
