@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import math
 import sysconfig
 import threading
 import warnings
@@ -346,6 +347,91 @@ def fusion_sweep(a: Tensor, d: Tensor, alphas: Tensor) -> tuple[Tensor, Tensor]:
     return lse, mean
 
 
+# The columns of fusion_stats' statistics, per pair (row b, expert t); flags are 0 or 1.
+FUSION_STATS = (
+    "lse_s",  # LSE of the small base's logits where the pair's logits are both finite (else 0)
+    "mean_s",  # E_Q[d], Q their softmax (0 where none is finite)
+    "lse_e",  # the same for the expert's logits
+    "mean_e",  # E_Qt[d]
+    "valid",  # whether the pair has a token where both are finite
+    "moved",  # whether d != 0 anywhere
+    "moved_a",  # whether d != 0 where the large logit is > -inf
+    "lse_a",  # LSE of the large logits (0 where none is finite)
+    "valid_a",  # whether a large logit is finite
+    "mean_a",  # E_P[d], P = softmax(a) (the plain mean of d where no large logit is finite)
+)
+
+
+def fusion_stats_ref(a: Tensor, small: Tensor, experts: Tensor) -> tuple[Tensor, Tensor]:
+    """Dynamic logit fusion's statistics (kernels.fusion) of a [B, V] (large), small [B, V]
+    and experts [B, E, V]: d [B, E, V] = experts - small where both are finite, else 0, and
+    stats [B * E, len(FUSION_STATS)] in a's dtype (float32 or float64)."""
+    batch, num_experts, _ = experts.shape
+    small = small.unsqueeze(1)
+    both = torch.isfinite(small) & torch.isfinite(experts)
+    d = torch.where(both, experts - small, 0.0)
+    neg_inf = torch.tensor(-math.inf, dtype=d.dtype, device=d.device)
+    lse_s, mean_s, valid = _lse_mean(torch.where(both, small, neg_inf), d)
+    lse_e, mean_e, _ = _lse_mean(torch.where(both, experts, neg_inf), d)
+    nonzero = d != 0
+    moved = nonzero.any(-1)
+    moved_a = (nonzero & (a > -math.inf).unsqueeze(1)).any(-1)
+    lse_a, _, valid_a = _lse_mean(a, torch.zeros((), dtype=a.dtype, device=a.device))
+    p = torch.softmax(torch.where(valid_a[:, None], a, 0.0), -1)
+    mean_a = (d * p.unsqueeze(1)).sum(-1)  # bmm is slower for this shape on the CPU
+    per_row = (batch, num_experts)
+    lse_a, valid_a = lse_a[:, None].expand(per_row), valid_a[:, None].expand(per_row)
+    columns = (lse_s, mean_s, lse_e, mean_e, valid, moved, moved_a, lse_a, valid_a, mean_a)
+    stats = torch.stack([column.to(a.dtype) for column in columns], dim=-1)
+    return d, stats.reshape(batch * num_experts, len(FUSION_STATS))
+
+
+def _lse_mean(z: Tensor, d: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Over the last dimension: LSE(z), E_softmax(z)[d] and whether any entry is finite (both
+    0 where none is)."""
+    top = z.amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    ex = torch.exp(z - top)
+    total = ex.sum(-1)
+    weighted = (ex * d).sum(-1)
+    valid = total > 0
+    safe = torch.where(valid, total, 1.0)
+    lse = torch.where(valid, top.squeeze(-1) + torch.log(safe), 0.0)
+    return lse, torch.where(valid, weighted / safe, 0.0), valid
+
+
+def fusion_stats(a: Tensor, small: Tensor, experts: Tensor) -> tuple[Tensor, Tensor]:
+    """As fusion_stats_ref; float32 on the CPU runs the C kernel (its exp differs from torch's
+    by an ulp or two, its sums add in another order; d is the same bits)."""
+    module = _kernels()
+    if (
+        module is None
+        or a.dtype is not torch.float32
+        or small.dtype is not torch.float32
+        or experts.dtype is not torch.float32
+        or a.dim() != 2
+        or experts.dim() != 3
+        or small.shape != a.shape
+        or experts.shape[0] != a.shape[0]
+        or experts.shape[2] != a.shape[1]
+        or a.stride(1) != 1
+        or small.stride(1) != 1
+        or experts.stride(2) != 1
+        or not (a.is_cpu and small.is_cpu and experts.is_cpu)
+        or (torch.is_grad_enabled() and (a.requires_grad or experts.requires_grad))
+    ):
+        return fusion_stats_ref(a, small, experts)
+    batch, num_experts, vocab = experts.shape
+    d = a.new_empty(batch, num_experts, vocab)
+    stats = a.new_empty(batch * num_experts, module.FUSION_STATS)
+    module.fusion_stats(
+        a.data_ptr(), a.stride(0), small.data_ptr(), small.stride(0), experts.data_ptr(),
+        experts.stride(0), experts.stride(1), batch, num_experts, vocab, d.data_ptr(),
+        stats.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return d, stats
+
+
 def kernel_available() -> bool:
     """Whether these ops have their compiled fast path on this machine."""
     return _kernels() is not None
@@ -376,6 +462,8 @@ def _build() -> ModuleType | None:
         assert spec is not None
         module = importlib.util.module_from_spec(spec)
         loader.exec_module(module)
+        if len(FUSION_STATS) != module.FUSION_STATS:
+            raise ImportError(f"{path} has {module.FUSION_STATS} fusion statistics")
     except (BuildError, ImportError, OSError) as error:
         warnings.warn(
             f"cpu_ops: no fast kernels ({error}); using the torch references",

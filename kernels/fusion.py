@@ -64,7 +64,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from kernels.cpu_ops import fusion_sweep
+from kernels.cpu_ops import FUSION_STATS, fusion_stats, fusion_sweep
 
 try:  # Triton is optional: the PyTorch path needs none.
     import triton
@@ -133,32 +133,6 @@ def _pair_logits(small: Tensor, experts: Tensor) -> tuple[Tensor, Tensor, Tensor
     d = torch.where(both, experts - small, 0.0)
     neg_inf = torch.tensor(-math.inf, dtype=d.dtype, device=d.device)
     return d, torch.where(both, small, neg_inf), torch.where(both, experts, neg_inf)
-
-
-def _lse_mean(z: Tensor, d: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Over the last dimension: LSE(z), E_softmax(z)[d] and whether any entry is finite (both
-    0 where none is)."""
-    m = z.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, 0.0)
-    ex = torch.exp(z - m)
-    s = ex.sum(-1)
-    w = (ex * d).sum(-1)
-    valid = s > 0
-    safe = torch.where(valid, s, 1.0)
-    lse = torch.where(valid, m.squeeze(-1) + torch.log(safe), 0.0)
-    return lse, torch.where(valid, w / safe, 0.0), valid
-
-
-def _pair_kls(small: Tensor, experts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """d [B, E, V] and KL(Q_t || Q), KL(Q || Q_t) [B, E] by the LSE formula."""
-    d, zs, ze = _pair_logits(small, experts)
-    lse_s, mean_s, valid = _lse_mean(zs, d)
-    lse_e, mean_e, _ = _lse_mean(ze, d)
-    moved = (d != 0).any(-1)
-    keep = valid & moved
-    kl_eq = torch.where(keep, (mean_e - lse_e + lse_s).clamp_min(0.0), 0.0)
-    kl_qe = torch.where(keep, (lse_e - lse_s - mean_s).clamp_min(0.0), 0.0)
-    return d, kl_eq, kl_qe
 
 
 def _choose(costs: Tensor, grid: Tensor) -> tuple[Tensor, Tensor]:
@@ -255,11 +229,17 @@ def _costs_ref(
     dtype = _compute_dtype(large)
     values = sorted_grid(grid).to(device=large.device, dtype=dtype)
     a = large.to(dtype)
-    d, kl_eq, kl_qe = _pair_kls(small.to(dtype), experts.to(dtype))
-    lse_a, _, a_valid = _lse_mean(a, torch.zeros((), dtype=dtype, device=a.device))
-    moved = ((d != 0) & (a > -math.inf).unsqueeze(1)).any(-1)  # P~ != P for alpha != 0: [B, E]
-    p = torch.softmax(torch.where(a_valid[:, None], a, 0.0), -1)
-    mean_a = (d * p.unsqueeze(1)).sum(-1)  # E_P[d_t]: [B, E] (bmm is slower here on the CPU)
+    d, stats = fusion_stats(a, small.to(dtype), experts.to(dtype))
+    columns = dict(zip(FUSION_STATS, stats.view(batch, num_experts, -1).unbind(-1), strict=True))
+    # KL(Q_t || Q) and KL(Q || Q_t) by the LSE formula: 0 for a pair with no common finite
+    # token or whose d is 0 everywhere.
+    keep_q = (columns["valid"] > 0) & (columns["moved"] > 0)
+    lse_s, lse_e = columns["lse_s"], columns["lse_e"]
+    kl_eq = torch.where(keep_q, (columns["mean_e"] - lse_e + lse_s).clamp_min(0.0), 0.0)
+    kl_qe = torch.where(keep_q, (lse_e - lse_s - columns["mean_s"]).clamp_min(0.0), 0.0)
+    lse_a, a_valid = columns["lse_a"][:, 0], columns["valid_a"][:, 0] > 0
+    moved = columns["moved_a"] > 0  # P~ != P for alpha != 0: [B, E]
+    mean_a = columns["mean_a"]  # E_P[d_t]: [B, E]
 
     num_alphas = values.numel()
     lse_z, mean_z = fusion_sweep(a, d.reshape(batch * num_experts, vocab), values)

@@ -495,6 +495,126 @@ static void fusion_sweep(const sweep_t *job, int64_t pairs, int threads) {
     for (int64_t task = 0; task < tasks; task++) sweep(job, task);
 }
 
+// Dynamic logit fusion's statistics (kernels/fusion.py) for every pair p = (b, t), with a the
+// large logits [B, V], s the small base's [B, V] and e expert t's [B, E, V]; fp32:
+//   d[p] = e - s where both are finite, else 0 (written to d [P, V]);
+//   over the tokens where both are finite: LSE and softmax-mean of d of s and of e (0, 0 where
+//   there is none), and whether any d != 0;
+//   whether any d != 0 where a > -inf; LSE(a) and whether a has a finite entry; E_softmax(a)[d]
+//   (the plain mean of d where a has none).
+// stats [P, STATS] holds them in that order (flags as 0 or 1). One task per pair, two passes.
+
+enum {
+    STAT_LSE_S, STAT_MEAN_S, STAT_LSE_E, STAT_MEAN_E, STAT_VALID, STAT_MOVED,
+    STAT_MOVED_A, STAT_LSE_A, STAT_VALID_A, STAT_MEAN_A, STATS
+};
+
+typedef struct {
+    const float *a, *small, *experts;
+    float *d, *stats;
+    int64_t lda, lds, ld_expert_row, ld_expert, experts_per_row, vocab;
+} stats_t;
+
+INLINE __m256 finite8(__m256 x) {
+    return _mm256_cmp_ps(_mm256_sub_ps(x, x), _mm256_setzero_ps(), _CMP_EQ_OQ);
+}
+
+INLINE float max8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+// m where finite, else 0: the shift that keeps exp in range (and exp(-inf - 0) = 0).
+INLINE float shift(float m) { return isfinite(m) ? m : 0.0f; }
+
+INLINE void pair_stats(const stats_t *job, int64_t pair) {
+    const int64_t b = pair / job->experts_per_row, t = pair % job->experts_per_row;
+    const int64_t v = job->vocab;
+    const float *a = job->a + b * job->lda, *s = job->small + b * job->lds;
+    const float *e = job->experts + b * job->ld_expert_row + t * job->ld_expert;
+    float *d = job->d + pair * v;
+    const __m256 neg_inf = _mm256_set1_ps(-INFINITY), zero = _mm256_setzero_ps();
+    __m256 top_s8 = neg_inf, top_e8 = neg_inf, top_a8 = neg_inf;
+    __m256 moved8 = zero, moved_a8 = zero;
+    int64_t i = 0;
+    for (; i + VEC <= v; i += VEC) {
+        const __m256 sv = _mm256_loadu_ps(s + i), ev = _mm256_loadu_ps(e + i);
+        const __m256 av = _mm256_loadu_ps(a + i);
+        const __m256 both = _mm256_and_ps(finite8(sv), finite8(ev));
+        const __m256 dv = _mm256_and_ps(both, _mm256_sub_ps(ev, sv));
+        _mm256_storeu_ps(d + i, dv);
+        top_s8 = _mm256_max_ps(top_s8, _mm256_blendv_ps(neg_inf, sv, both));
+        top_e8 = _mm256_max_ps(top_e8, _mm256_blendv_ps(neg_inf, ev, both));
+        top_a8 = _mm256_max_ps(top_a8, av);
+        const __m256 nonzero = _mm256_cmp_ps(dv, zero, _CMP_NEQ_OQ);
+        moved8 = _mm256_or_ps(moved8, nonzero);
+        moved_a8 = _mm256_or_ps(moved_a8, _mm256_and_ps(nonzero, _mm256_cmp_ps(av, neg_inf, _CMP_GT_OQ)));
+    }
+    float top_s = max8(top_s8), top_e = max8(top_e8), top_a = max8(top_a8);
+    int moved = _mm256_movemask_ps(moved8) != 0, moved_a = _mm256_movemask_ps(moved_a8) != 0;
+    for (int64_t j = i; j < v; j++) {
+        const int both = isfinite(s[j]) && isfinite(e[j]);
+        d[j] = both ? e[j] - s[j] : 0.0f;
+        if (both) {
+            top_s = s[j] > top_s ? s[j] : top_s;
+            top_e = e[j] > top_e ? e[j] : top_e;
+        }
+        top_a = a[j] > top_a ? a[j] : top_a;
+        moved |= d[j] != 0.0f;
+        moved_a |= d[j] != 0.0f && a[j] > -INFINITY;
+    }
+    top_s = shift(top_s), top_e = shift(top_e), top_a = shift(top_a);
+    const __m256 ts = _mm256_set1_ps(top_s), te = _mm256_set1_ps(top_e), ta = _mm256_set1_ps(top_a);
+    __m256 sum_s8 = zero, w_s8 = zero, sum_e8 = zero, w_e8 = zero, sum_a8 = zero, w_a8 = zero;
+    __m256 sum_d8 = zero;
+    for (i = 0; i + VEC <= v; i += VEC) {
+        const __m256 sv = _mm256_loadu_ps(s + i), ev = _mm256_loadu_ps(e + i);
+        const __m256 dv = _mm256_loadu_ps(d + i);
+        const __m256 both = _mm256_and_ps(finite8(sv), finite8(ev));
+        const __m256 es = _mm256_and_ps(both, exp8(_mm256_sub_ps(sv, ts)));
+        const __m256 ee = _mm256_and_ps(both, exp8(_mm256_sub_ps(ev, te)));
+        const __m256 ea = exp8(_mm256_sub_ps(_mm256_loadu_ps(a + i), ta));
+        sum_s8 = _mm256_add_ps(sum_s8, es), w_s8 = _mm256_fmadd_ps(es, dv, w_s8);
+        sum_e8 = _mm256_add_ps(sum_e8, ee), w_e8 = _mm256_fmadd_ps(ee, dv, w_e8);
+        sum_a8 = _mm256_add_ps(sum_a8, ea), w_a8 = _mm256_fmadd_ps(ea, dv, w_a8);
+        sum_d8 = _mm256_add_ps(sum_d8, dv);
+    }
+    float sum_s = sum8(sum_s8), w_s = sum8(w_s8), sum_e = sum8(sum_e8), w_e = sum8(w_e8);
+    float sum_a = sum8(sum_a8), w_a = sum8(w_a8), sum_d = sum8(sum_d8);
+    for (; i < v; i++) {
+        const int both = isfinite(s[i]) && isfinite(e[i]);
+        const float es = both ? expf(s[i] - top_s) : 0.0f, ee = both ? expf(e[i] - top_e) : 0.0f;
+        const float ea = expf(a[i] - top_a);
+        sum_s += es, w_s += es * d[i];
+        sum_e += ee, w_e += ee * d[i];
+        sum_a += ea, w_a += ea * d[i];
+        sum_d += d[i];
+    }
+    float *out = job->stats + pair * STATS;
+    const int valid = sum_s > 0.0f, valid_a = sum_a > 0.0f;
+    out[STAT_LSE_S] = valid ? top_s + logf(sum_s) : 0.0f;
+    out[STAT_MEAN_S] = valid ? w_s / sum_s : 0.0f;
+    out[STAT_LSE_E] = sum_e > 0.0f ? top_e + logf(sum_e) : 0.0f;
+    out[STAT_MEAN_E] = sum_e > 0.0f ? w_e / sum_e : 0.0f;
+    out[STAT_VALID] = (float)valid;
+    out[STAT_MOVED] = (float)moved;
+    out[STAT_MOVED_A] = (float)moved_a;
+    out[STAT_LSE_A] = valid_a ? top_a + logf(sum_a) : 0.0f;
+    out[STAT_VALID_A] = (float)valid_a;
+    // Where a has no finite entry its softmax is taken of zeros: the plain mean.
+    out[STAT_MEAN_A] = valid_a ? w_a / sum_a : sum_d / (float)v;
+}
+
+static void fusion_stats(const stats_t *job, int64_t pairs, int threads) {
+    if (threads <= 1 || pairs < 2 || pairs * job->vocab < PARALLEL_MIN_ELEMENTS) {
+        for (int64_t p = 0; p < pairs; p++) pair_stats(job, p);
+        return;
+    }
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t p = 0; p < pairs; p++) pair_stats(job, p);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Python bindings. Arguments are integers (pointers as Tensor.data_ptr() gives them) and one
 // float; the first is the element type, 1 for bf16 and 0 for fp32. kernels/cpu_ops.py checks
@@ -596,6 +716,20 @@ static PyObject *py_fusion_sweep(PyObject *module, PyObject *const *args, Py_ssi
     Py_RETURN_NONE;
 }
 
+// fusion_stats(a, lda, small, lds, experts, ld_expert_row, ld_expert, batch, experts_per_row,
+//              vocab, d, stats, threads)
+static PyObject *py_fusion_stats(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    long long v[13];
+    if (parse_ints(args, nargs, 13, v, "fusion_stats") != 0) return NULL;
+    const stats_t job = {PTR(v[0]), PTR(v[2]), PTR(v[4]), PTR(v[10]), PTR(v[11]),
+                         v[1],      v[3],      v[5],      v[6],       v[8],       v[9]};
+    Py_BEGIN_ALLOW_THREADS
+    fusion_stats(&job, v[7] * v[8], (int)v[12]);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 #define FASTCALL(f) (PyCFunction)(void (*)(void))(f), METH_FASTCALL
 
 static PyMethodDef METHODS[] = {
@@ -604,6 +738,7 @@ static PyMethodDef METHODS[] = {
     {"decode_attention", FASTCALL(py_decode_attention), "one query per sequence, paged KV"},
     {"silu_mul", FASTCALL(py_silu_mul), "silu(gate) * up"},
     {"fusion_sweep", FASTCALL(py_fusion_sweep), "LSE and mean of d over a grid of alphas"},
+    {"fusion_stats", FASTCALL(py_fusion_stats), "d and the per-pair statistics of fusion"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -611,4 +746,11 @@ static struct PyModuleDef MODULE = {
     PyModuleDef_HEAD_INIT, .m_name = "cpu_ops", .m_size = -1, .m_methods = METHODS,
 };
 
-PyMODINIT_FUNC PyInit_cpu_ops(void) { return PyModule_Create(&MODULE); }
+PyMODINIT_FUNC PyInit_cpu_ops(void) {
+    PyObject *module = PyModule_Create(&MODULE);
+    if (module != NULL && PyModule_AddIntConstant(module, "FUSION_STATS", STATS) != 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}

@@ -251,3 +251,61 @@ def test_fusion_sweep_float64_takes_the_reference() -> None:
         cpu_ops.fusion_sweep(a, d, alphas), cpu_ops.fusion_sweep_ref(a, d, alphas), strict=True
     ):
         assert got.dtype == torch.float64 and torch.equal(got, expected)
+
+
+def _stats_case(batch: int, experts: int, vocab: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    large = torch.randn(batch, vocab, generator=generator) * 4
+    small = torch.randn(batch, vocab, generator=generator) * 4
+    expert = small[:, None] + torch.randn(batch, experts, vocab, generator=generator)
+    large[0, ::4] = -torch.inf  # the large model's mask
+    small[0, 1::5] = -torch.inf  # the small base's
+    expert[0, 0, 2::7] = torch.nan  # counts as -inf
+    expert[0, -1, 3::9] = torch.inf  # so does +inf
+    large[-1] = -torch.inf  # a row with no finite large logit
+    small[-1, :] = -torch.inf  # ... and no common finite token
+    expert[:, -1] = small[:, None, :].expand(batch, 1, vocab)[:, 0]  # an expert that never moves
+    return large, small, expert
+
+
+@pytest.mark.parametrize(
+    ("batch", "experts", "vocab"), [(1, 1, 32768), (3, 2, 301), (2, 3, 9), (4, 2, 1000)]
+)
+def test_fusion_stats_match_reference(batch: int, experts: int, vocab: int) -> None:
+    large, small, expert = _stats_case(batch, experts, vocab, seed=vocab)
+    d, stats = cpu_ops.fusion_stats(large, small, expert)
+    d_ref, stats_ref = cpu_ops.fusion_stats_ref(large, small, expert)
+    assert torch.equal(d, d_ref)  # one subtraction: the same bits
+    assert stats.shape == (batch * experts, len(cpu_ops.FUSION_STATS))
+    assert torch.isfinite(stats).all()
+    torch.testing.assert_close(stats, stats_ref, rtol=2e-5, atol=2e-5)
+    column = dict(zip(cpu_ops.FUSION_STATS, stats.T, strict=True))
+    column_ref = dict(zip(cpu_ops.FUSION_STATS, stats_ref.T, strict=True))
+    for flag in ("valid", "moved", "moved_a", "valid_a"):  # flags are exact
+        assert torch.equal(column[flag], column_ref[flag])
+    assert not column["valid_a"][-experts:].any() and not column["valid"][-experts:].any()
+    assert not column["moved"].view(batch, experts)[:, -1].any()
+
+
+def test_fusion_stats_against_their_definitions() -> None:
+    """LSE and softmax means from torch.logsumexp / torch.softmax in float64 over the tokens
+    where the pair is finite: an oracle independent of both implementations."""
+    large, small, expert = _stats_case(2, 2, 500, seed=8)
+    d, stats = cpu_ops.fusion_stats(large, small, expert)
+    per_pair = stats.double().view(2, 2, -1).unbind(-1)
+    column = dict(zip(cpu_ops.FUSION_STATS, per_pair, strict=True))
+    b = 0  # row 1 has nothing finite
+    for t in range(2):
+        both = torch.isfinite(small[b]) & torch.isfinite(expert[b, t])
+        zs, ze = small[b, both].double(), expert[b, t, both].double()
+        dd = d[b, t, both].double()
+        expected = {
+            "lse_s": torch.logsumexp(zs, 0),
+            "mean_s": (torch.softmax(zs, 0) * dd).sum(),
+            "lse_e": torch.logsumexp(ze, 0),
+            "mean_e": (torch.softmax(ze, 0) * dd).sum(),
+            "lse_a": torch.logsumexp(large[b].double(), 0),
+            "mean_a": (torch.softmax(large[b].double(), 0) * d[b, t].double()).sum(),
+        }
+        for name, value in expected.items():
+            torch.testing.assert_close(column[name][b, t], value, rtol=1e-5, atol=1e-5)
