@@ -634,6 +634,19 @@ static int parse_ints(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t expect
 
 #define PTR(v) ((void *)(intptr_t)(v))
 
+// Releasing the GIL lets another Python thread (the server's event loop) take it, and taking it
+// back then waits until that thread lets go: for a call of a microsecond or two that wait is
+// all it would buy, so only calls over this many elements release it.
+#define RELEASE_MIN_ELEMENTS (64 * 1024)
+
+INLINE PyThreadState *release_gil_for(int64_t elements) {
+    return elements >= RELEASE_MIN_ELEMENTS ? PyEval_SaveThread() : NULL;
+}
+
+INLINE void reacquire_gil(PyThreadState *state) {
+    if (state != NULL) PyEval_RestoreThread(state);
+}
+
 // rms_norm(bf16, x, ldx_t, ldx_h, weight, out, t, h, d, eps, threads)
 static PyObject *py_rms_norm(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
@@ -641,13 +654,13 @@ static PyObject *py_rms_norm(PyObject *module, PyObject *const *args, Py_ssize_t
     if (parse_ints(args, nargs, 11, v, "rms_norm") != 0) return NULL;
     const float eps = (float)PyFloat_AsDouble(args[9]);
     if (PyErr_Occurred()) return NULL;
-    Py_BEGIN_ALLOW_THREADS
+    PyThreadState *state = release_gil_for(v[6] * v[7] * v[8]);
     if (v[0]) {
         rms_norm(1, PTR(v[1]), v[2], v[3], PTR(v[4]), PTR(v[5]), v[6], v[7], v[8], eps, (int)v[10]);
     } else {
         rms_norm(0, PTR(v[1]), v[2], v[3], PTR(v[4]), PTR(v[5]), v[6], v[7], v[8], eps, (int)v[10]);
     }
-    Py_END_ALLOW_THREADS
+    reacquire_gil(state);
     Py_RETURN_NONE;
 }
 
@@ -657,7 +670,7 @@ static PyObject *py_rope_store_kv(PyObject *module, PyObject *const *args, Py_ss
     (void)module;
     long long v[16];
     if (parse_ints(args, nargs, 16, v, "rope_store_kv") != 0) return NULL;
-    Py_BEGIN_ALLOW_THREADS
+    PyThreadState *state = release_gil_for(v[12] * (v[13] + v[14]) * v[15]);
     if (v[0]) {
         rope_store_kv(1, PTR(v[1]), v[2], PTR(v[3]), v[4], PTR(v[5]), v[6], PTR(v[7]), PTR(v[8]),
                       PTR(v[9]), PTR(v[10]), PTR(v[11]), v[12], v[13], v[14], v[15]);
@@ -665,7 +678,7 @@ static PyObject *py_rope_store_kv(PyObject *module, PyObject *const *args, Py_ss
         rope_store_kv(0, PTR(v[1]), v[2], PTR(v[3]), v[4], PTR(v[5]), v[6], PTR(v[7]), PTR(v[8]),
                       PTR(v[9]), PTR(v[10]), PTR(v[11]), v[12], v[13], v[14], v[15]);
     }
-    Py_END_ALLOW_THREADS
+    reacquire_gil(state);
     Py_RETURN_NONE;
 }
 
@@ -679,11 +692,10 @@ static PyObject *py_decode_attention(PyObject *module, PyObject *const *args, Py
     if (PyErr_Occurred()) return NULL;
     const attention_t a = {PTR(v[1]), PTR(v[3]), PTR(v[4]), PTR(v[5]), PTR(v[6]), PTR(v[7]),
                            v[2],      v[10],     v[11],     v[12],     v[9],      scale};
-    int status;
-    Py_BEGIN_ALLOW_THREADS
-    status = v[0] ? decode_attention(1, &a, v[8], (int)v[14])
-                  : decode_attention(0, &a, v[8], (int)v[14]);
-    Py_END_ALLOW_THREADS
+    PyThreadState *state = release_gil_for(v[8] * v[9] * v[10] * v[12]);
+    const int status = v[0] ? decode_attention(1, &a, v[8], (int)v[14])
+                            : decode_attention(0, &a, v[8], (int)v[14]);
+    reacquire_gil(state);
     if (status != 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
@@ -693,13 +705,13 @@ static PyObject *py_silu_mul(PyObject *module, PyObject *const *args, Py_ssize_t
     (void)module;
     long long v[7];
     if (parse_ints(args, nargs, 7, v, "silu_mul") != 0) return NULL;
-    Py_BEGIN_ALLOW_THREADS
+    PyThreadState *state = release_gil_for(v[4] * v[5]);
     if (v[0]) {
         silu_mul(1, PTR(v[1]), v[2], PTR(v[3]), v[4], v[5], (int)v[6]);
     } else {
         silu_mul(0, PTR(v[1]), v[2], PTR(v[3]), v[4], v[5], (int)v[6]);
     }
-    Py_END_ALLOW_THREADS
+    reacquire_gil(state);
     Py_RETURN_NONE;
 }
 
