@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -349,6 +350,15 @@ def _text_or_file(value: str) -> str:
     return Path(value[1:]).read_text() if value.startswith("@") else value
 
 
+def _prefer_passive_openmp_waits() -> None:
+    """OMP_WAIT_POLICY=PASSIVE unless the environment chose: in the server, the event loop and
+    gRPC's threads need the cores that spinning OpenMP workers would hold between parallel
+    regions (measured: batch-8 decode steps 15% slower with spinning workers, the same speed
+    as the bare engine with passive ones). OpenMP reads it once, when torch loads it."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -394,6 +404,7 @@ def _serve(args: argparse.Namespace) -> int:
     if unknown:
         print(f"error: --sparsity* name models not served: {', '.join(unknown)}", file=sys.stderr)
         return 2
+    _prefer_passive_openmp_waits()
     # Imported here: it loads the engine (and torch), which the client commands never need.
     from server.app import StartupError, serve
 

@@ -4,6 +4,7 @@ the pure parts of the server (command-line specs, message mapping) do what they 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,25 @@ def test_client_and_servicer_modules_do_not_import_torch() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_serve_makes_openmp_waits_passive_unless_told(given: str | None, expected: str) -> None:
+    """Before torch loads OpenMP (after, the setting could no longer take effect), and never
+    over the user's own choice."""
+    code = (
+        "import os, sys, server.cli; server.cli._prefer_passive_openmp_waits(); "
+        "import torch; print(os.environ['OMP_WAIT_POLICY'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False,
+        env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
 
 
 @pytest.mark.parametrize(
