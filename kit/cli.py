@@ -69,6 +69,14 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument(
         "--sparsity-file", metavar="FILE", help="the model's sidecar (tandem calibrate)"
     )
+    evaluate.add_argument(
+        "--constraint",
+        metavar="SPEC",
+        help="decode every answer under a constraint: schema (the task's JSON schema), "
+        "regex:PATTERN or json-schema:TEXT|@FILE (the answer after its leading space)",
+    )
+    evaluate.add_argument("--constraint-method", choices=("awrs", "mask", "smc"), default="awrs")
+    evaluate.add_argument("--particles", type=int, default=5, help="SMC particles")
     evaluate.add_argument("--limit", type=int, help="first N held-out examples")
     evaluate.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     evaluate.add_argument(
@@ -126,6 +134,9 @@ def _eval(args: argparse.Namespace) -> int:
         sparsity_rule=args.sparsity_rule,
         sparsity_mode=args.sparsity_mode,
         sparsity_file=args.sparsity_file,
+        constraint=args.constraint,
+        constraint_method=args.constraint_method,
+        particles=args.particles,
     )
     try:
         result = evaluate(options)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -188,3 +189,76 @@ def test_report_sparsity_table(micro_kit: str) -> None:
     assert all(f"{task} (lora) WINA / TEAL" in lines[0] for task in TASKS)
     assert lines[2].startswith("| 0% (dense) |")
     assert [line.split(" | ")[0] for line in lines[3:]] == [f"| {level:.0%}" for level in levels]
+
+
+def _satisfies_or_ran_out(example: dict, accept) -> bool:
+    """A constrained answer satisfies its constraint, unless the token budget cut it short."""
+    return accept(example["output"]) or example["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("method", ["awrs", "mask", "smc"])
+def test_eval_under_the_task_schema_gives_valid_answers(micro_kit: str, method: str) -> None:
+    """The micro kit's record model (a few training steps: its free answers rarely parse)
+    constrained by the task's schema: every answer that ended validates (Draft 2020-12)."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(TASKS["record"].json_schema)
+
+    def accept(output: str) -> bool:
+        if not output.startswith(" "):
+            return False
+        try:
+            return validator.is_valid(json.loads(output[1:]))
+        except json.JSONDecodeError:
+            return False
+
+    model_dir = str(Path(micro_kit) / "ft-record")
+    options = EvalOptions(
+        task="record", model=model_dir, limit=6, details=True, constraint="schema",
+        constraint_method=method, particles=3,
+    )  # fmt: skip
+    result = evaluate(options)
+    examples = result["examples"]
+    assert all(_satisfies_or_ran_out(example, accept) for example in examples), examples
+    ended = [example for example in examples if example["finish_reason"] != "length"]
+    assert result["constraint_valid"] == sum(accept(e["output"]) for e in examples) / 6
+    assert result["schema_valid"] == result["constraint_valid"]
+    assert ended, "no answer ended within the budget: the test checked nothing"
+    # Unconstrained, the same model's answers do not parse (the constraint did the work).
+    free = evaluate(EvalOptions(task="record", model=model_dir, limit=6))
+    assert free["schema_valid"] < result["schema_valid"]
+    if method == "awrs":
+        assert result["constraint_checks_per_token"] >= 1.0
+    if method == "mask":
+        assert result["constraint_masks_per_token"] == 1.0
+
+
+def test_eval_under_a_regex_constraint(micro_kit: str) -> None:
+    model_dir = str(Path(micro_kit) / "base-small")
+    options = EvalOptions(
+        task="add", model=model_dir, limit=8, details=True, constraint="regex:[0-9]{1,3}"
+    )
+    result = evaluate(options)
+    for example in result["examples"]:
+        assert _satisfies_or_ran_out(
+            example, lambda out: re.fullmatch(" [0-9]{1,3}", out) is not None
+        ), example
+    assert result["constraint_valid"] > 0
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("schema", "task 'add' has no JSON schema"),
+        ("regex:(", "--constraint regex:"),
+        ("json-schema:{", "not JSON"),
+        ('json-schema:{"type": 5}', "--constraint json-schema:"),
+        ("xml", "expected schema, regex:PATTERN or json-schema"),
+    ],
+)
+def test_eval_command_refuses_bad_constraints(
+    micro_kit: str, capsys: pytest.CaptureFixture[str], spec: str, message: str
+) -> None:
+    model_dir = str(Path(micro_kit) / "ft-add")
+    assert main(["eval", "--task", "add", "--model", model_dir, "--constraint", spec]) == 2
+    assert message in capsys.readouterr().err
