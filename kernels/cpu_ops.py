@@ -1,4 +1,5 @@
-"""Fused small ops of a decoder layer, for the CPU.
+"""Fused small ops for the CPU: a decoder layer's non-linear ops, and dynamic logit fusion's
+passes over the vocabulary.
 
 Each op has a PyTorch reference `<op>_ref` with the same signature: the oracle of the tests and
 the path for every case the C kernel (kernels/csrc/cpu_ops.c) does not take: other devices,
@@ -8,8 +9,9 @@ in another order (the RMS norm's variance, attention's dot products) or exp roun
 
 Why: a decoding step of a 24-layer model runs each of these ~24-50 times, and as torch ops they
 cost 5-20 us per call whatever their size; here a call costs about a microsecond. The fusion
-sweep (kernels.fusion's dynamic mode) is one pass per alpha over the vocabulary instead of a
-[pairs, alphas, V] tensor pushed through five torch ops.
+statistics and sweep (kernels.fusion's dynamic mode) are two passes over the vocabulary (per
+pair, and per pair and alpha) instead of some twenty torch ops over [B, E, V] and a
+[pairs, alphas, V] tensor.
 """
 
 from __future__ import annotations
