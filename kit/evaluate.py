@@ -34,6 +34,7 @@ from pathlib import Path
 
 import jsonschema
 
+from engine.grammar import LLGUIDANCE_JSON_LAYOUT
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.scoring import token_logprobs
 from engine.sparsity import GROUPS, SkipCounter, SparsitySettings, apply_sparsity
@@ -285,8 +286,8 @@ class AnswerConstraint:
         """A Lark grammar: the leading space, the answer, an optional newline (the stop)."""
         if self.schema is not None:
             # The JSON layout of every other JSON constraint (json.dumps's separators).
-            layout = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-            answer = f"%json {json.dumps({**self.schema, 'x-guidance': layout})}"
+            layout = {**self.schema, "x-guidance": LLGUIDANCE_JSON_LAYOUT}
+            answer = f"%json {json.dumps(layout)}"
         else:
             answer = f"/{self.regex}/"
         grammar = f'start: " " answer NEWLINE?\nanswer: {answer}\nNEWLINE: "\\n"\n'
