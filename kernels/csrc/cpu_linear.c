@@ -336,6 +336,27 @@ static void multiply_group(const amx_job_t *job, const elem_t *group) {
     }
 }
 
+// Output columns n0..n0+15 of every input row from the C tile, sums[r][i] (16 lanes at a time:
+// with short K, a scalar loop here cost more than the tile products): plus the bias, rounded to
+// bf16 exactly as from_f32 does, then stored where `keep` has a bit.
+static void store_group(const float (*sums)[MAX_M], const elem_t *bias, elem_t *out, int64_t ldo,
+                        int64_t m, __mmask16 keep) {
+    const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7,
+                                                               6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(MAX_M));
+    const __m512 b = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)bias)), 16))
+                          : _mm512_setzero_ps();
+    for (int64_t i = 0; i < m; i++) {
+        const __m512 sum = _mm512_add_ps(_mm512_i32gather_ps(column, &sums[0][i], 4), b);
+        __m512i bits = _mm512_castps_si512(sum);
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+        bits = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+        const __m256i rounded = _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16));
+        _mm256_mask_storeu_epi16(out + i * ldo, keep, rounded);
+    }
+}
+
 // Groups [begin, end) of 16 weight rows. The last group of a matrix whose n is not a multiple
 // of 16 is shifted back to end at row n: it recomputes rows of the group before it (the same
 // values, as each row of C depends only on its own row of A) and writes only its new rows.
@@ -348,12 +369,8 @@ static void amx_groups(const amx_job_t *job, int64_t begin, int64_t end) {
         multiply_group(job, job->w + n0 * job->k);
         _tile_stored(0, sums, MAX_M * 4);
         MEMORY_BARRIER();
-        for (int64_t r = first - n0; r < TILE_ROWS; r++) {
-            const float b = job->bias ? to_f32(job->bias[n0 + r]) : 0.0f;
-            for (int64_t i = 0; i < job->m; i++) {
-                job->out[i * job->n + n0 + r] = from_f32(sums[r][i] + b);
-            }
-        }
+        store_group(sums, job->bias ? job->bias + n0 : NULL, job->out + n0, job->n, job->m,
+                    (__mmask16)(0xffffu << (first - n0)));
     }
     // Hand the tile state back so context switches stop saving 8 KB of it for this thread.
     _tile_release();
