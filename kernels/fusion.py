@@ -362,9 +362,7 @@ def _score_kernel(
         mask = offs < end
         a = tl.load(large_ptr + row * stride_lb + offs, mask=mask, other=neg_inf)
         zs = tl.load(small_ptr + row * stride_sb + offs, mask=mask, other=neg_inf)
-        ze = tl.load(
-            experts_ptr + row * stride_eb + t * stride_ee + offs, mask=mask, other=neg_inf
-        )
+        ze = tl.load(experts_ptr + row * stride_eb + t * stride_ee + offs, mask=mask, other=neg_inf)
         a = a.to(tl.float32)
         zs = zs.to(tl.float32)
         ze = ze.to(tl.float32)

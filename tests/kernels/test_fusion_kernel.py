@@ -421,7 +421,6 @@ def test_shapes_are_checked() -> None:
     assert torch.equal(fuse_static_ref(large, small, experts[:, :0], torch.ones(2, 0)), large)
 
 
-
 def test_triton_kernels_compile_for_a_gpu(compile_for_h100) -> None:
     """No GPU here: compile the three kernels (bf16 logits) to SASS for an H100 (sm_90), which
     catches what the interpreter lets through (types, shapes, control flow)."""

@@ -198,7 +198,6 @@ def test_stack_checks_its_shapes() -> None:
         LoraStack(torch.zeros(1, 6, 8), torch.zeros(5, 6), ((0, 4),), (2, 4))
 
 
-
 def test_triton_kernels_compile_for_a_gpu(compile_for_h100) -> None:
     """No GPU here: compile both kernels (bf16, the serving dtype) to PTX and SASS for an H100
     (sm_90), which catches what the interpreter lets through (types, dot shapes, control

@@ -246,7 +246,11 @@ def test_constraint_maps_every_kind_and_option() -> None:
         100,
     ).constraint
     assert (lark.kind, lark.source, lark.syntax, lark.backend, lark.method) == (
-        ConstraintKind.GRAMMAR, "start: x", GrammarSyntax.LARK, None, ConstraintMethod.AWRS
+        ConstraintKind.GRAMMAR,
+        "start: x",
+        GrammarSyntax.LARK,
+        None,
+        ConstraintMethod.AWRS,
     )
     assert mapping.engine_request("r", _generate_request(), [1, 2], 100).constraint is None
 
