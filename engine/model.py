@@ -169,10 +169,8 @@ class CausalLM:
         assert self._plan is not None
         plan = self._plan.layers[index][group]
         counting = self.skip_counter is not None
-        scores = None
-        if plan.needs_scores or mask_input or counting:
-            scores = channel_scores(x, plan.col_norms)
-        thresholds = plan.thresholds(scores)
+        scores = channel_scores(x, plan.col_norms) if mask_input or counting else None
+        thresholds = plan.thresholds(x, scores)
         if scores is not None and (mask_input or counting):
             keep = scores >= thresholds[:, None]
             if self.skip_counter is not None:

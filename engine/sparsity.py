@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from engine.batch import ForwardBatch
 from engine.config import ModelConfig
 from engine.types import EngineError
-from kernels.sparse import channel_scores, top_k_thresholds
+from kernels.sparse import channel_scores, input_top_k_thresholds, top_k_thresholds
 
 if TYPE_CHECKING:
     from engine.loader import LayerWeights, ModelWeights
@@ -105,18 +105,15 @@ class GroupPlan:
             row = torch.tensor([self.threshold], dtype=torch.float32, device=self.device)
             object.__setattr__(self, "_threshold_row", row)
 
-    @property
-    def needs_scores(self) -> bool:
-        return self.keep is not None
-
-    def thresholds(self, scores: torch.Tensor | None) -> torch.Tensor:
-        """float32 [T] per token (top-k, from `scores`, the input's channel_scores), or [1]
-        for every token (threshold mode, `scores` unused)."""
-        if self.keep is not None:
-            assert scores is not None
-            return top_k_thresholds(scores, self.keep)
-        assert self._threshold_row is not None
-        return self._threshold_row
+    def thresholds(self, x: torch.Tensor, scores: torch.Tensor | None) -> torch.Tensor:
+        """float32 [T] per token of the input x (top-k; from `scores`, x's channel_scores, when
+        the caller has them), or [1] for every token (threshold mode, x and scores unused)."""
+        if self.keep is None:
+            assert self._threshold_row is not None
+            return self._threshold_row
+        if scores is None:
+            return input_top_k_thresholds(x, self.col_norms, self.keep)
+        return top_k_thresholds(scores, self.keep)
 
 
 @dataclass(frozen=True, eq=False)

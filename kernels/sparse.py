@@ -89,11 +89,50 @@ def top_k_thresholds(scores: Tensor, keep: int) -> Tensor:
     """top_k_thresholds_ref's values; on the CPU by numpy's introselect, a third of
     torch.topk's time at decode sizes (topk alone was a sixth of a decode step)."""
     width = scores.shape[-1]
-    if not scores.is_cpu or scores.dtype != torch.float32 or not 0 < keep < width:
+    # numpy takes no autograd tensors
+    if not scores.is_cpu or scores.dtype != torch.float32 or scores.requires_grad:
+        return top_k_thresholds_ref(scores, keep)
+    if not 0 < keep < width:
         return top_k_thresholds_ref(scores, keep)
     # The (width - keep)-th smallest score (from 0) is the keep-th largest.
     values = np.partition(scores.numpy(), width - keep, axis=-1)[:, width - keep]
     return torch.from_numpy(np.ascontiguousarray(values))
+
+
+def input_top_k_thresholds(x: Tensor, col_norms: Tensor | None, keep: int) -> Tensor:
+    """top_k_thresholds(channel_scores(x, col_norms), keep), bit for bit; where the CPU kernel
+    applies (x [T, K] with T <= MAX_ROWS, no autograd), one C call that never materialises the
+    scores: the two torch ops and numpy's selection cost about 30 us per projection group."""
+    kernel = _top_k_kernel(x, col_norms, keep)
+    if kernel is None:
+        return top_k_thresholds(channel_scores(x, col_norms), keep)
+    rows, k = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    norms = None if col_norms is None else _fp32_vector(col_norms, k)
+    out = torch.empty(rows, dtype=torch.float32)
+    kernel(
+        x.data_ptr(),
+        x.stride(0),
+        0 if norms is None else norms.data_ptr(),
+        out.data_ptr(),
+        rows,
+        k,
+        keep,
+    )
+    return out
+
+
+def _top_k_kernel(x: Tensor, col_norms: Tensor | None, keep: int) -> Callable[..., None] | None:
+    if not x.is_cpu or x.dim() != 2 or not 0 < x.shape[0] <= MAX_ROWS:
+        return None
+    if not 0 < keep < x.shape[1] or (torch.is_grad_enabled() and x.requires_grad):
+        return None
+    if col_norms is not None and not (col_norms.is_cpu and col_norms.shape == (x.shape[1],)):
+        return None
+    if _kernels.get(x.dtype, _NOT_LOADED) is _NOT_LOADED:
+        _load_kernel(x.dtype)
+    return _top_k_kernels.get(x.dtype)
 
 
 def sparse_linear_ref(
@@ -157,6 +196,8 @@ KernelFn = Callable[..., int]
 
 # dtype -> the compiled kernel, or None where the CPU, compiler or platform has none.
 _kernels: dict[torch.dtype, KernelFn | None] = {}
+# dtype -> the same module's top-k threshold selection (input_top_k_thresholds).
+_top_k_kernels: dict[torch.dtype, Callable[..., None]] = {}
 _NOT_LOADED = object()
 _load_lock = threading.Lock()
 _warned = False
@@ -306,6 +347,7 @@ def _build_kernel(dtype: torch.dtype, dot_pairs: bool | None = None) -> KernelFn
         return None
     if module.MAX_M != MAX_ROWS:
         raise RuntimeError(f"{path} was built for batches of up to {module.MAX_M} rows")
+    _top_k_kernels[dtype] = module.top_k_thresholds
     return module.linear
 
 

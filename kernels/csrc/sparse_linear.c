@@ -36,6 +36,7 @@
 #include <Python.h>  // first, as Python requires
 
 #include <immintrin.h>
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -615,6 +616,71 @@ static int64_t sparse_linear(const char *x, int64_t ldx, const char *w, const fl
 }
 
 // ---------------------------------------------------------------------------------------------
+// Top-k thresholds (kernels/sparse.py, input_top_k_thresholds): per row t of x, the keep-th
+// largest score |x[t, j]| * norms[j] (norms NULL: |x[t, j]|), each score one fp32 product as
+// torch computes channel_scores. Non-negative floats order as their bit patterns, so the score
+// is found by radix selection on the bits, a digit at a time from the top: a histogram of the
+// candidates' digit, the bucket that holds the wanted rank, its members the next candidates.
+// NaN scores (sign bit cleared) order above infinity, as torch.topk orders them.
+
+static __thread uint32_t *keys_cache;
+static __thread int64_t keys_capacity;
+
+// The rank-th smallest (from 0) of count keys below 2^31; reorders the keys. Three digits (bits
+// 30-20: the exponent and 3 bits of mantissa, then 19-10, then 9-0): the first splits the
+// scores of a row finely, the later ones only see the few candidates left.
+static uint32_t select_key(uint32_t *keys, int64_t count, int64_t rank) {
+    static const int shifts[3] = {20, 10, 0}, widths[3] = {11, 10, 10};
+    for (int pass = 0; pass < 3; pass++) {
+        const int shift = shifts[pass];
+        const uint32_t mask = (1u << widths[pass]) - 1;
+        uint32_t histogram[1 << 11];
+        memset(histogram, 0, sizeof(uint32_t) << widths[pass]);
+        for (int64_t i = 0; i < count; i++) histogram[(keys[i] >> shift) & mask]++;
+        uint32_t bucket = 0;
+        while (rank >= histogram[bucket]) rank -= histogram[bucket++];
+        // The bucket's keys to the front, 16 at a time (the last, partial vector masked).
+        const __m512i wanted = _mm512_set1_epi32((int)bucket), digit = _mm512_set1_epi32((int)mask);
+        int64_t kept = 0;
+        for (int64_t i = 0; i < count; i += LANES) {
+            const __mmask16 lanes = count - i >= LANES ? 0xffff : (__mmask16)((1u << (count - i)) - 1);
+            const __m512i v = _mm512_maskz_loadu_epi32(lanes, keys + i);
+            const __m512i d = _mm512_and_si512(_mm512_srli_epi32(v, shift), digit);
+            const __mmask16 hit = _mm512_mask_cmpeq_epi32_mask(lanes, d, wanted);
+            _mm512_mask_compressstoreu_epi32(keys + kept, hit, v);
+            kept += __builtin_popcount(hit);
+        }
+        count = kept;
+    }
+    return keys[0];  // every candidate left has the same bits
+}
+
+static int top_k_thresholds(const char *x, int64_t ldx, const float *norms, float *out,
+                            int64_t m, int64_t k, int64_t keep) {
+    uint32_t *keys = keys_cache = grow(keys_cache, &keys_capacity, k + LANES, sizeof(uint32_t));
+    if (keys == NULL) return -1;
+    const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+    const __m512i infinity = _mm512_set1_epi32(0x7f800000);
+    for (int64_t t = 0; t < m; t++) {
+        const char *row = x + t * ldx * ELEM;
+        __mmask16 nan_seen = 0;
+        for (int64_t j = 0; j < k; j += LANES) {
+            const __mmask16 lanes = k - j >= LANES ? 0xffff : (__mmask16)((1u << (k - j)) - 1);
+            __m512 score = _mm512_abs_ps(load16_masked(row + j * ELEM, lanes));
+            if (norms != NULL) score = _mm512_mul_ps(score, _mm512_maskz_loadu_ps(lanes, norms + j));
+            const __m512i bits = _mm512_and_si512(_mm512_castps_si512(score), magnitude);
+            nan_seen |= _mm512_mask_cmpgt_epu32_mask(lanes, bits, infinity);
+            _mm512_mask_storeu_epi32(keys + j, lanes, bits);
+        }
+        const uint32_t key = select_key(keys, k, k - keep);
+        // A NaN score is among the top keep (it orders above all): torch's min over them is NaN.
+        out[t] = nan_seen ? NAN : 0.0f;
+        if (!nan_seen) memcpy(&out[t], &key, sizeof(float));
+    }
+    return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Python binding: linear(x_ptr, ldx, w_ptr, norms_ptr or 0, thresholds_ptr, bias_ptr or 0,
 // out_ptr, m, n, k, threads) -> the number of kept channels (the union over the rows); pointers
 // as the integers Tensor.data_ptr() returns. The caller (kernels/sparse.py) has checked types,
@@ -646,8 +712,31 @@ static PyObject *py_linear(PyObject *module, PyObject *const *args, Py_ssize_t n
     return PyLong_FromLongLong(kept);
 }
 
+// top_k_thresholds(x_ptr, ldx, norms_ptr or 0, out_ptr, m, k, keep) -> None; out: fp32 [m].
+static PyObject *py_top_k_thresholds(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "top_k_thresholds() takes 7 integer arguments");
+        return NULL;
+    }
+    long long v[7];
+    for (int i = 0; i < 7; i++) v[i] = PyLong_AsLongLong(args[i]);
+    if (PyErr_Occurred()) return NULL;
+    if (v[4] < 1 || v[5] < 1 || v[6] < 1 || v[6] >= v[5]) {
+        PyErr_SetString(PyExc_ValueError, "top_k_thresholds() needs m, k >= 1 and 1 <= keep < k");
+        return NULL;
+    }
+    if (top_k_thresholds((const char *)(intptr_t)v[0], v[1], (const float *)(intptr_t)v[2],
+                         (float *)(intptr_t)v[3], v[4], v[5], v[6]) != 0) {
+        return PyErr_NoMemory();
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef METHODS[] = {
     {"linear", (PyCFunction)(void (*)(void))py_linear, METH_FASTCALL, "sparse linear layer"},
+    {"top_k_thresholds", (PyCFunction)(void (*)(void))py_top_k_thresholds, METH_FASTCALL,
+     "keep-th largest channel score per row"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -20,6 +20,7 @@ from kernels.build import cpu_flags
 from kernels.sparse import (
     MAX_ROWS,
     channel_scores,
+    input_top_k_thresholds,
     sparse_linear,
     sparse_linear_cpu,
     sparse_linear_ref,
@@ -519,6 +520,47 @@ def test_top_k_thresholds_equal_the_reference(width: int) -> None:
     scores[0, : width // 2] = 0.5  # ties
     for keep in range(0, width + 1, max(1, width // 9)):
         assert torch.equal(top_k_thresholds(scores, keep), top_k_thresholds_ref(scores, keep))
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_input_top_k_thresholds_equal_the_reference_bit_for_bit(dtype: torch.dtype) -> None:
+    """The C selection against torch.topk over the float32 scores: random widths, row counts,
+    keeps; WINA and TEAL; ties, zeros, infinities and NaN (torch's min over a top-k holding a
+    NaN is NaN); strided rows."""
+    generator = torch.Generator().manual_seed(0)
+    assert sparse._top_k_kernel(torch.zeros(1, 8, dtype=dtype), None, 4) is not None
+    for trial in range(120):
+        rows = int(torch.randint(1, MAX_ROWS + 1, (1,), generator=generator))
+        width = int(torch.randint(2, 5000, (1,), generator=generator))
+        x = (torch.randn(rows, width + 3, generator=generator) * 3).to(dtype)[:, 3:]  # strided
+        if trial % 3 == 0:
+            x[:, : width // 3] = 0
+        if trial % 4 == 0:
+            x = x.round()  # many ties
+        if trial % 5 == 0:
+            x[0, 0], x[-1, -1] = float("nan"), float("inf")
+        norms = None if trial % 2 else torch.rand(width, generator=generator) * 2
+        keep = int(torch.randint(1, width, (1,), generator=generator))
+        got = input_top_k_thresholds(x, norms, keep)
+        expected = top_k_thresholds_ref(channel_scores(x, norms), keep)
+        assert torch.equal(got.isnan(), expected.isnan())
+        assert torch.equal(got.nan_to_num(), expected.nan_to_num()), (trial, rows, width, keep)
+
+
+def test_input_top_k_thresholds_outside_the_kernel() -> None:
+    """More rows than the kernel takes, keeps of none or all, autograd: the composed path."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(MAX_ROWS + 1, 300, generator=generator)
+    norms = torch.rand(300, generator=generator)
+    for keep in (0, 7, 300):
+        expected = top_k_thresholds_ref(channel_scores(x, norms), keep)
+        assert torch.equal(input_top_k_thresholds(x, norms, keep), expected)
+    leaf = x[:2].clone().requires_grad_()
+    assert sparse._top_k_kernel(leaf, norms, 7) is None
+    with torch.no_grad():
+        expected = top_k_thresholds_ref(channel_scores(leaf, norms), 7)
+    assert torch.equal(input_top_k_thresholds(leaf, norms, 7).detach(), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
