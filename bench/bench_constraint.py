@@ -3,13 +3,14 @@
 1. End to end on the model kit's ft-record (a trained model, SentencePiece 32k): the record
    task's held-out prompts under its JSON schema, sampled (temperature 1, one seed per prompt),
    unconstrained / AWRS / MASK in turn, same batch: tokens/s, and for AWRS the constraint checks
-   per token (median, p99) and how often the walk fell back to a full mask.
+   per token (median, p99) and how often a walk ended with a full mask (after all its candidates,
+   or once its checks would cost more than a mask: engine.grammar.GrammarCosts).
 2. Per-token constraint time with the 32k and the 131k (Tekken) vocabularies: the AWRS outputs
    of part 1 are re-tokenized with each vocabulary and replayed through xgrammar; at every
    state: the time of xgrammar's full mask, of llguidance's full mask, and of one check
    (accept + rollback). AWRS's time at a state is its check time times the number of checks
-   part 1 made at that position of its outputs (an estimate at 131k: no trained model there;
-   the full mask built after a rejected walk is not counted).
+   part 1 made at that position of its outputs, plus xgrammar's full mask there where part 1's
+   walk ended with one (an estimate at 131k: no trained model there).
 3. Compile time p50/p99 over the dev schemas (tests/data/jsonschemabench-dev), xgrammar
    (through the compile worker, serialization included) and llguidance, both vocabularies,
    and how many each compiles.
@@ -37,8 +38,17 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def end_to_end(kit: Path, prompts: int) -> list[tuple[list[int], list[int], str]]:
-    """Part 1; returns the AWRS outputs: (checks per token, token ids, text)."""
+Steps = list[tuple[int, bool]]  # per generated token: (constraint checks, ended with a mask)
+
+
+Outputs = list[tuple[Steps, list[int], str]]
+
+
+def end_to_end(kit: Path, prompts: int) -> dict[str, Outputs]:
+    """Part 1; returns the outputs of AWRS and of AWRS with full walks (every candidate checked
+    before a mask, the walk of earlier sessions): (checks and mask per token, token ids, text).
+    Both sample the same tokens; only their checks differ."""
+    from engine.grammar import GrammarCosts
     from engine.llm_engine import EngineConfig, LLMEngine
     from engine.types import (
         Constraint,
@@ -58,11 +68,15 @@ def end_to_end(kit: Path, prompts: int) -> list[tuple[list[int], list[int], str]
     modes = {
         "warm-up": None,  # first forwards, kernel loading: not timed against the others
         "unconstrained": None,
+        # Full walks first: they time the grammar's checks and masks, so AWRS then walks with
+        # its limit from the first token on, as a server that has seen the schema before.
+        "awrs-full-walks": Constraint(ConstraintKind.JSON_SCHEMA, schema),
         "awrs": Constraint(ConstraintKind.JSON_SCHEMA, schema),
         "mask": Constraint(ConstraintKind.JSON_SCHEMA, schema, method=ConstraintMethod.MASK),
     }
+    walk_limit = GrammarCosts.walk_limit
     print(f"[1] ft-record, {prompts} record prompts in one batch, temperature 1", flush=True)
-    checks: list[tuple[list[int], list[int], str]] = []
+    checks: dict[str, Outputs] = {}
     base_rate = None
     for name, constraint in modes.items():
         requests = [
@@ -75,20 +89,24 @@ def end_to_end(kit: Path, prompts: int) -> list[tuple[list[int], list[int], str]
             )
             for i, example in enumerate(examples)
         ]
-        per_token: dict[str, list[int]] = {r.request_id: [] for r in requests}
+        per_token: dict[str, Steps] = {r.request_id: [] for r in requests}
+        full_walks = name == "awrs-full-walks"
+        GrammarCosts.walk_limit = (lambda _, n: n) if full_walks else walk_limit  # type: ignore
         for request in requests:
             engine.add_request(request)
         start, tokens, outputs, ids = time.perf_counter(), 0, {}, {}
         while engine.has_unfinished():
             walking = [seq for seq in engine.scheduler.running if seq.constraint is not None]
-            before = [seq.constraint.checks for seq in walking]
+            before = [(seq.constraint.checks, seq.constraint.mask_steps) for seq in walking]
             for out in engine.step():
                 tokens += len(out.token_ids)
                 outputs[out.request_id] = outputs.get(out.request_id, "") + out.text
                 ids[out.request_id] = ids.get(out.request_id, []) + out.token_ids
-            for seq, checked in zip(walking, before, strict=True):
-                if seq.constraint.checks > checked:
-                    per_token[seq.request_id].append(seq.constraint.checks - checked)
+            for seq, (checked, masked) in zip(walking, before, strict=True):
+                state = seq.constraint
+                if state.checks > checked or state.mask_steps > masked:
+                    steps = per_token[seq.request_id]
+                    steps.append((state.checks - checked, state.mask_steps > masked))
         rate = tokens / (time.perf_counter() - start)
         if name == "warm-up":
             continue
@@ -96,17 +114,20 @@ def end_to_end(kit: Path, prompts: int) -> list[tuple[list[int], list[int], str]
         valid = sum(_is_json(text) for text in outputs.values())
         line = f"    {name:14s} {rate:7.1f} tok/s ({rate / base_rate:.2f}x)"
         line += f"  valid JSON {valid}/{prompts}"
-        if name == "awrs":
-            flat = [c for steps in per_token.values() for c in steps]
+        if name.startswith("awrs"):
+            flat = [c for steps in per_token.values() for c, _ in steps]
+            masks = sum(m for steps in per_token.values() for _, m in steps)
             line += (
                 f"  checks/token median {statistics.median(flat):.0f} p99 "
-                f"{_percentile(flat, 0.99):.0f} (vocabulary {engine.tokenizer.vocab_size})"
+                f"{_percentile(flat, 0.99):.0f} (vocabulary {engine.tokenizer.vocab_size}),"
+                f" {masks} of {len(flat)} tokens ended with a full mask"
             )
-            checks = [
-                (per_token[f"awrs-{i}"], ids[f"awrs-{i}"], outputs[f"awrs-{i}"])
+            checks[name] = [
+                (per_token[f"{name}-{i}"], ids[f"{name}-{i}"], outputs[f"{name}-{i}"])
                 for i in range(prompts)
             ]
         print(line, flush=True)
+    GrammarCosts.walk_limit = walk_limit  # type: ignore[method-assign]
     engine.constraints.close()
     return checks
 
@@ -119,9 +140,7 @@ def _is_json(text: str) -> bool:
     return True
 
 
-def per_token_time(
-    tokenizer_dir: str, schema: str, outputs: list[tuple[list[int], list[int], str]], native: bool
-) -> None:
+def per_token_time(tokenizer_dir: str, schema: str, runs: dict[str, Outputs], native: bool) -> None:
     """Part 2 for one vocabulary; `native`: the outputs' own token ids (else re-encoded)."""
     import llguidance
     import llguidance.hf
@@ -142,37 +161,42 @@ def per_token_time(
         schema, defaults=LLGUIDANCE_JSON_LAYOUT
     )
     bitmask = xgrammar.allocate_token_bitmask(1, vocab)
-    mask_x, mask_l, awrs = [], [], []
-    for steps, token_ids, text in outputs:
-        ids = token_ids if native else tokenizer.encode(text, add_special_tokens=False)
-        xm, lm = xgrammar.GrammarMatcher(compiled), llguidance.LLMatcher(ll_tokenizer, ll_grammar)
-        for position, token in enumerate(ids):
-            t0 = time.perf_counter()
-            xm.fill_next_token_bitmask(bitmask)
-            t1 = time.perf_counter()
-            llguidance.torch.fill_next_token_bitmask(lm, bitmask)
-            t2 = time.perf_counter()
-            if not xm.accept_token(token):
-                break  # the text's tokenization under this vocabulary leaves the grammar
-            xm.rollback(1)
-            t3 = time.perf_counter()
-            xm.accept_token(token)
-            lm.consume_token(token)
-            checks = steps[position] if position < len(steps) else 1
-            mask_x.append(t1 - t0)
-            mask_l.append(t2 - t1)
-            awrs.append(max(checks, 1) * (t3 - t2))
-    print(f"    vocabulary {vocab}: {len(awrs)} states")
-    for name, times in (("xgrammar mask", mask_x), ("llguidance mask", mask_l), ("AWRS", awrs)):
+    mask_x, mask_l = [], []
+    awrs: dict[str, list[float]] = {name: [] for name in runs}
+    for name, outputs in runs.items():
+        for steps, token_ids, text in outputs:
+            ids = token_ids if native else tokenizer.encode(text, add_special_tokens=False)
+            xm = xgrammar.GrammarMatcher(compiled)
+            lm = llguidance.LLMatcher(ll_tokenizer, ll_grammar)
+            for position, token in enumerate(ids):
+                t0 = time.perf_counter()
+                xm.fill_next_token_bitmask(bitmask)
+                t1 = time.perf_counter()
+                llguidance.torch.fill_next_token_bitmask(lm, bitmask)
+                t2 = time.perf_counter()
+                if not xm.accept_token(token):
+                    break  # the text's tokenization under this vocabulary leaves the grammar
+                xm.rollback(1)
+                t3 = time.perf_counter()
+                xm.accept_token(token)
+                lm.consume_token(token)
+                checks, masked = steps[position] if position < len(steps) else (1, False)
+                if name == "awrs":  # the masks once: both runs replay the same tokens
+                    mask_x.append(t1 - t0)
+                    mask_l.append(t2 - t1)
+                awrs[name].append(max(checks, 1) * (t3 - t2) + (t1 - t0 if masked else 0.0))
+    print(f"    vocabulary {vocab}: {len(mask_x)} states")
+    for name, times in (("xgrammar mask", mask_x), ("llguidance mask", mask_l), *awrs.items()):
         print(
             f"      {name:16s} p50 {1e6 * _percentile(times, 0.5):8.1f} us  "
             f"p99 {1e6 * _percentile(times, 0.99):8.1f} us"
         )
-    print(
-        f"      AWRS p99 / xgrammar-mask p99: "
-        f"{_percentile(awrs, 0.99) / _percentile(mask_x, 0.99):.3f}",
-        flush=True,
-    )
+    for name, times in awrs.items():
+        print(
+            f"      {name} p99 / xgrammar-mask p99: "
+            f"{_percentile(times, 0.99) / _percentile(mask_x, 0.99):.3f}",
+            flush=True,
+        )
 
 
 def compile_times(tokenizer_dir: str, limit: int) -> None:

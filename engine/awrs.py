@@ -9,10 +9,12 @@ with R rejections in both loops and the loop-0 rejected mass m,
     weight = Z_left / (R + 1),  Z_left = 1 - m  (p is normalised),
 is an unbiased estimate of the allowed mass Z.
 
-Only k candidates per row are drawn. When all k are rejected the walk goes on with the full
-mask instead of further checks: the first allowed token in the same key order is the argmax of
-the keys over allowed tokens, and the tokens the walk would still have rejected are exactly the
-disallowed ones with a larger key. Sample and weight are therefore those of the unbounded walk.
+Only k candidates per row are drawn, and the walk stops earlier once its checks would cost more
+than one full mask of the grammar (GrammarCosts.walk_limit, from the measured times of both):
+then the full mask finishes the walk. The first allowed token in the same key order is the
+argmax of the keys over allowed tokens, and the tokens the walk would still have rejected are
+exactly the disallowed ones with a larger key. Sample and weight are therefore those of the
+unbounded walk, wherever it stops: the timings change only how many checks are made.
 
 Greedy rows (temperature 0) take the allowed token of highest logit (no noise, no weight).
 """
@@ -20,6 +22,7 @@ Greedy rows (temperature 0) take the allowed token of highest logit (no noise, n
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -29,7 +32,7 @@ from engine.grammar import Matcher, allocate_bitmask, bitmask_to_bool
 from engine.types import ConstraintMethod
 from kernels.gumbel import gumbel_topk
 
-# Candidates drawn per row before falling back to the full mask.
+# Candidates drawn per row: the most checks a walk makes before the full mask.
 CANDIDATES = 32
 
 
@@ -52,6 +55,8 @@ def allowed_mask(matcher: Matcher, width: int) -> torch.Tensor:
     bitmask = allocate_bitmask(1, matcher.vocab_size)
     matcher.fill_bitmask(bitmask, 0)
     allowed = bitmask_to_bool(bitmask, matcher.vocab_size)[0]
+    if width == allowed.shape[0]:  # the usual case: the copy of a pad costs as much as a fill
+        return allowed
     return torch.nn.functional.pad(allowed[:width], (0, max(0, width - allowed.shape[0])))
 
 
@@ -102,16 +107,24 @@ def _first_allowed(
     `full_keys()` gives every token's key: only the fallback needs it."""
     rejected: list[int] = []
     checks = 0
-    for key, token in zip(keys.tolist(), ids.tolist(), strict=True):
+    limit = matcher.costs.walk_limit(keys.shape[-1])
+    started = time.perf_counter()
+    for key, token in zip(keys[:limit].tolist(), ids[:limit].tolist(), strict=True):
         if key == -math.inf:  # every token of nonzero probability was rejected
+            matcher.costs.add_checks(checks, time.perf_counter() - started)
             return StepOutcome(None, checks, False, -math.inf), rejected
         checks += 1
         if matcher.check(token):
+            matcher.costs.add_checks(checks, time.perf_counter() - started)
             return StepOutcome(token, checks, False), rejected
         rejected.append(token)
-    # All candidates rejected: the unbounded walk's result, read off the full mask.
+    matcher.costs.add_checks(checks, time.perf_counter() - started)
+    # The walk's limit rejected: the unbounded walk's result, read off the full mask.
     every_key = full_keys()
-    allowed = allowed_mask(matcher, every_key.shape[-1]) & (every_key > -math.inf)
+    started = time.perf_counter()
+    allowed = allowed_mask(matcher, every_key.shape[-1])
+    matcher.costs.add_mask(time.perf_counter() - started)
+    allowed &= every_key > -math.inf
     if not allowed.any():
         return StepOutcome(None, checks, True, -math.inf), rejected
     token = int(torch.where(allowed, every_key, -math.inf).argmax())

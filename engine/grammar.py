@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import select
 import struct
@@ -28,9 +29,10 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any, BinaryIO, Protocol
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, ClassVar, Protocol
 
+import numpy as np
 import torch
 
 from engine.tokenizer import Tokenizer
@@ -43,8 +45,39 @@ from engine.types import (
 )
 
 
+@dataclass
+class GrammarCosts:
+    """Running means of what one compiled grammar's operations take (seconds), shared by all its
+    matchers: AWRS stops a walk of rejected checks once more checks would cost more than the
+    full mask that ends the walk anyway (engine/awrs.py)."""
+
+    check_seconds: float = 0.0
+    mask_seconds: float = 0.0
+
+    SMOOTHING: ClassVar[float] = 0.1  # weight of each new measurement
+
+    def add_checks(self, count: int, seconds: float) -> None:
+        if count > 0:
+            self.check_seconds = _running_mean(self.check_seconds, seconds / count)
+
+    def add_mask(self, seconds: float) -> None:
+        self.mask_seconds = _running_mean(self.mask_seconds, seconds)
+
+    def walk_limit(self, candidates: int) -> int:
+        """Checks worth making before the full mask: as many as one mask costs (at least one,
+        at most `candidates`); all candidates until both costs have been measured."""
+        if self.check_seconds <= 0.0 or self.mask_seconds <= 0.0:
+            return candidates
+        return max(1, min(candidates, math.ceil(self.mask_seconds / self.check_seconds)))
+
+
+def _running_mean(mean: float, value: float) -> float:
+    return value if mean <= 0.0 else mean + GrammarCosts.SMOOTHING * (value - mean)
+
+
 class Matcher(Protocol):
     vocab_size: int  # the width of the bitmask it fills
+    costs: GrammarCosts  # shared by the matchers of one compiled grammar
 
     def check(self, token: int) -> bool: ...
 
@@ -64,15 +97,16 @@ def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
 
 def bitmask_to_bool(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """bool [rows, V] from allocate_bitmask's layout."""
-    shifts = torch.arange(32, dtype=torch.int32)
-    bits = (bitmask[:, :, None] >> shifts) & 1
-    return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
+    # Little-endian words: byte b of word w holds tokens 32 w + 8 b ..., lowest bit first.
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=-1, bitorder="little")
+    return torch.from_numpy(bits[:, :vocab_size].view(np.bool_))
 
 
 class _XGrammarMatcher:
-    def __init__(self, matcher: Any, vocab_size: int) -> None:
+    def __init__(self, matcher: Any, vocab_size: int, costs: GrammarCosts) -> None:
         self._matcher = matcher
         self.vocab_size = vocab_size
+        self.costs = costs
 
     def check(self, token: int) -> bool:
         # xgrammar has no side-effect-free test: accept, then undo.
@@ -92,16 +126,19 @@ class _XGrammarMatcher:
         return self._matcher.is_terminated()
 
     def fork(self) -> _XGrammarMatcher:
-        return _XGrammarMatcher(self._matcher.fork(), self.vocab_size)
+        return _XGrammarMatcher(self._matcher.fork(), self.vocab_size, self.costs)
 
 
 class _LLGuidanceMatcher:
     """llguidance stops by itself once nothing but the end can follow, and its token test does
     not cover EOS: end of sequence is handled here (allowed iff the matcher accepts)."""
 
-    def __init__(self, matcher: Any, vocab_size: int, eos_token_ids: frozenset[int]) -> None:
+    def __init__(
+        self, matcher: Any, vocab_size: int, eos_token_ids: frozenset[int], costs: GrammarCosts
+    ) -> None:
         self._matcher = matcher
         self.vocab_size = vocab_size
+        self.costs = costs
         self._eos = eos_token_ids
         self._ended = False
 
@@ -143,7 +180,9 @@ class _LLGuidanceMatcher:
         return self._ended
 
     def fork(self) -> _LLGuidanceMatcher:
-        child = _LLGuidanceMatcher(self._matcher.deep_copy(), self.vocab_size, self._eos)
+        child = _LLGuidanceMatcher(
+            self._matcher.deep_copy(), self.vocab_size, self._eos, self.costs
+        )
         child._ended = self._ended
         return child
 
@@ -156,12 +195,14 @@ class CompiledConstraint:
     _tokenizer: Any = None  # llguidance.LLTokenizer
     _limits: Any = None
     _eos_token_ids: frozenset[int] = frozenset()
+    costs: GrammarCosts = field(default_factory=GrammarCosts, compare=False)
 
     def matcher(self) -> Matcher:
         if self.backend is GrammarBackend.XGRAMMAR:
             import xgrammar
 
-            return _XGrammarMatcher(xgrammar.GrammarMatcher(self._grammar), self.vocab_size)
+            matcher = xgrammar.GrammarMatcher(self._grammar)
+            return _XGrammarMatcher(matcher, self.vocab_size, self.costs)
         import llguidance
 
         matcher = llguidance.LLMatcher(
@@ -169,7 +210,7 @@ class CompiledConstraint:
         )
         if matcher.is_error():
             raise InvalidRequest(f"constraint: {matcher.get_error()}")
-        return _LLGuidanceMatcher(matcher, self.vocab_size, self._eos_token_ids)
+        return _LLGuidanceMatcher(matcher, self.vocab_size, self._eos_token_ids, self.costs)
 
 
 @dataclass(frozen=True)

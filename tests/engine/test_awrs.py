@@ -9,12 +9,13 @@ grammar engines are exercised in test_constrained.py.
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
 
 from engine import awrs
-from engine.grammar import allocate_bitmask
+from engine.grammar import GrammarCosts, allocate_bitmask, bitmask_to_bool
 
 VOCAB = 12
 # Critical chi-square values at p = 0.001 by degrees of freedom (scipy is not a dependency).
@@ -24,9 +25,12 @@ CHI2_CRITICAL_0_001 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.4
 class SetMatcher:
     """Allows a fixed set of tokens at every step; counts its checks."""
 
-    def __init__(self, allowed: set[int], vocab_size: int = VOCAB) -> None:
+    def __init__(
+        self, allowed: set[int], vocab_size: int = VOCAB, costs: GrammarCosts | None = None
+    ) -> None:
         self.allowed = allowed
         self.vocab_size = vocab_size
+        self.costs = costs or GrammarCosts()
         self.checks = 0
 
     def check(self, token: int) -> bool:
@@ -45,7 +49,7 @@ class SetMatcher:
         return False
 
     def fork(self) -> SetMatcher:
-        return SetMatcher(self.allowed, self.vocab_size)
+        return SetMatcher(self.allowed, self.vocab_size, self.costs)
 
 
 def _logprobs(seed: int) -> torch.Tensor:
@@ -70,9 +74,26 @@ def _chi_square(counts: torch.Tensor, expected_probs: torch.Tensor) -> tuple[flo
     return statistic, int(support.sum()) - 1
 
 
-@pytest.mark.parametrize("candidates", [awrs.CANDIDATES, 2], ids=["walk", "mask-fallback"])
-def test_one_step_samples_p_restricted_to_allowed_tokens(monkeypatch, candidates) -> None:
+# (candidates, walk limit): the whole walk; the mask after 2 candidates; after 1 check (a
+# grammar whose mask costs no more than a check).
+WALKS = {
+    "walk": (awrs.CANDIDATES, None),
+    "mask-fallback": (2, None),
+    "limit-1": (awrs.CANDIDATES, 1),
+}
+
+
+def _set_walk(monkeypatch, walk: str) -> int:
+    candidates, limit = WALKS[walk]
     monkeypatch.setattr(awrs, "CANDIDATES", candidates)
+    if limit is not None:
+        monkeypatch.setattr(GrammarCosts, "walk_limit", lambda self, candidates: limit)
+    return candidates if limit is None else limit
+
+
+@pytest.mark.parametrize("walk", WALKS)
+def test_one_step_samples_p_restricted_to_allowed_tokens(monkeypatch, walk) -> None:
+    candidates = _set_walk(monkeypatch, walk)
     logprobs = _logprobs(0)
     allowed = {1, 4, 5, 9, 11}
     outcomes = _draw(logprobs, SetMatcher(allowed), 6000, False, seed=1)
@@ -82,8 +103,9 @@ def test_one_step_samples_p_restricted_to_allowed_tokens(monkeypatch, candidates
     restricted[list(allowed)] = logprobs.double().exp()[list(allowed)]
     statistic, dof = _chi_square(counts, restricted / restricted.sum())
     assert statistic < CHI2_CRITICAL_0_001[dof]
-    if candidates == 2:
+    if candidates <= 2:
         assert any(o.used_mask for o in outcomes)
+        assert max(o.checks for o in outcomes) <= candidates
 
 
 def test_sampler_test_detects_a_wrong_distribution() -> None:
@@ -98,12 +120,12 @@ def test_sampler_test_detects_a_wrong_distribution() -> None:
     assert statistic > CHI2_CRITICAL_0_001[dof]
 
 
-@pytest.mark.parametrize("candidates", [awrs.CANDIDATES, 2], ids=["walk", "mask-fallback"])
+@pytest.mark.parametrize("walk", WALKS)
 @pytest.mark.parametrize(
     "allowed", [{3}, {0, 2, 7}, set(range(VOCAB))], ids=["one", "three", "all"]
 )
-def test_mean_weight_is_the_allowed_mass(monkeypatch, candidates, allowed) -> None:
-    monkeypatch.setattr(awrs, "CANDIDATES", candidates)
+def test_mean_weight_is_the_allowed_mass(monkeypatch, walk, allowed) -> None:
+    _set_walk(monkeypatch, walk)
     logprobs = _logprobs(2)
     outcomes = _draw(logprobs, SetMatcher(allowed), 6000, True, seed=3)
     weights = torch.tensor([math.exp(o.log_weight) for o in outcomes], dtype=torch.float64)
@@ -122,6 +144,61 @@ def test_checks_are_rejections_plus_one() -> None:
     assert matcher.checks == sum(o.checks for o in outcomes)
     # The most likely token is allowed: most steps need exactly one check.
     assert sorted(o.checks for o in outcomes)[len(outcomes) // 2] == 1
+
+
+def test_bitmask_to_bool_reads_bit_j_of_word_w_as_token_32w_plus_j() -> None:
+    generator = torch.Generator().manual_seed(0)
+    bitmask = torch.randint(-(2**31), 2**31, (3, 5), dtype=torch.int32, generator=generator)
+    vocab = 150  # not a multiple of 32: the last word's high bits are ignored
+    expected = torch.tensor(
+        [[(int(row[t // 32]) >> (t % 32)) & 1 == 1 for t in range(vocab)] for row in bitmask]
+    )
+    assert torch.equal(bitmask_to_bool(bitmask, vocab), expected)
+
+
+def test_walk_limit_is_the_checks_one_mask_costs() -> None:
+    costs = GrammarCosts()
+    assert costs.walk_limit(32) == 32  # nothing measured yet
+    costs.add_checks(4, 4e-6)  # 1 us a check
+    assert costs.walk_limit(32) == 32  # no mask measured yet
+    costs.add_mask(5.5e-6)
+    assert costs.walk_limit(32) == 6
+    assert costs.walk_limit(4) == 4
+    costs.add_mask(0.0)  # running means: one cheap mask lowers the limit, not to nothing
+    assert 1 <= costs.walk_limit(32) < 6
+    slow_checks = GrammarCosts(check_seconds=1e-3, mask_seconds=1e-5)
+    assert slow_checks.walk_limit(32) == 1
+
+
+class SlowCheckMatcher(SetMatcher):
+    """Checks cost a millisecond; its masks are cheap."""
+
+    def check(self, token: int) -> bool:
+        time.sleep(1e-3)
+        return super().check(token)
+
+
+def test_walks_stop_where_checks_cost_more_than_the_mask_and_sample_the_same(
+    monkeypatch,
+) -> None:
+    """Only the two least likely tokens are allowed: walks reject a lot. Once a mask has been
+    timed, walks stop after one check (per loop); the sampled tokens and weights are those of
+    full walks."""
+    monkeypatch.setattr(awrs, "CANDIDATES", 6)
+    logprobs = _logprobs(8)
+    allowed = {int(logprobs.argmin()), int(logprobs.argsort()[1])}
+    adaptive = SlowCheckMatcher(allowed)
+    outcomes = _draw(logprobs, adaptive, 30, True, seed=9)
+    first_mask = next(i for i, o in enumerate(outcomes) if o.used_mask)
+    assert outcomes[first_mask].checks > 2  # walked before any mask was timed
+    assert adaptive.costs.walk_limit(6) == 1
+    later = outcomes[first_mask + 1 :]
+    assert later and all(o.checks <= 2 for o in later)  # one check in each loop
+    unbounded = SetMatcher(allowed, costs=GrammarCosts())
+    unbounded.costs.walk_limit = lambda candidates: candidates  # never measured: full walks
+    reference = _draw(logprobs, unbounded, 30, True, seed=9)
+    assert [o.token for o in outcomes] == [o.token for o in reference]
+    assert [o.log_weight for o in outcomes] == pytest.approx([o.log_weight for o in reference])
 
 
 def test_greedy_takes_the_best_allowed_token() -> None:
