@@ -171,7 +171,7 @@ class CausalLM:
         counting = self.skip_counter is not None
         scores = channel_scores(x, plan.col_norms) if mask_input or counting else None
         thresholds = plan.thresholds(x, scores)
-        if scores is not None and (mask_input or counting):
+        if scores is not None:
             keep = scores >= thresholds[:, None]
             if self.skip_counter is not None:
                 self.skip_counter.add(group, keep)

@@ -674,8 +674,11 @@ static int top_k_thresholds(const char *x, int64_t ldx, const float *norms, floa
         }
         const uint32_t key = select_key(keys, k, k - keep);
         // A NaN score is among the top keep (it orders above all): torch's min over them is NaN.
-        out[t] = nan_seen ? NAN : 0.0f;
-        if (!nan_seen) memcpy(&out[t], &key, sizeof(float));
+        if (nan_seen) {
+            out[t] = NAN;
+        } else {
+            memcpy(&out[t], &key, sizeof(float));
+        }
     }
     return 0;
 }
