@@ -19,7 +19,6 @@ import importlib.util
 import statistics
 import sys
 import sysconfig
-import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -43,38 +42,16 @@ def load_amx_kernel(source: Path):
     return module.linear_amx
 
 
-def step_times(engine, kernels: dict, adapter_ids: list[str | None], steps: int) -> dict:
-    """Decode-step times per kernel version, the version switched at every step."""
+def kernel_installers(kernels: dict) -> dict:
+    """Per version, the function that makes it the bf16 kernel of kernels.cpu_linear."""
     import torch
 
-    from engine.types import Request, SamplingParams, StoppingCriteria
     from kernels import cpu_linear
 
-    generator = torch.Generator().manual_seed(0)
-    for i, adapter_id in enumerate(adapter_ids):
-        engine.add_request(
-            Request(
-                request_id=f"ab{i}-{time.monotonic_ns()}",
-                prompt_token_ids=torch.randint(3, 30000, (32,), generator=generator).tolist(),
-                sampling=SamplingParams(temperature=0.0),
-                stopping=StoppingCriteria(max_new_tokens=steps, ignore_eos=True),
-                adapters=((adapter_id, 1.0),) if adapter_id else (),
-            )
-        )
-    names = list(kernels)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    step = 0
-    while engine.has_unfinished():
-        running = engine.scheduler.running
-        decoding = all(s.num_uncomputed == 1 for s in running) and not engine.scheduler.waiting
-        name = names[step % len(names)]
-        step += 1
-        cpu_linear._kernels[torch.bfloat16] = kernels[name]
-        started = time.perf_counter()
-        engine.step()
-        if decoding and len(running) == len(adapter_ids):
-            times[name].append(time.perf_counter() - started)
-    return times
+    def installer(kernel):
+        return lambda: cpu_linear._kernels.__setitem__(torch.bfloat16, kernel)
+
+    return {name: installer(kernel) for name, kernel in kernels.items()}
 
 
 def main() -> None:
@@ -87,6 +64,7 @@ def main() -> None:
     import torch
 
     from bench.bench_lora import CACHE, write_adapter
+    from bench.interleave import interleaved_step_times
     from bench.make_bench_model import build_bench_model
     from engine.llm_engine import EngineConfig, LLMEngine
     from kernels.build import CSRC_DIR
@@ -98,16 +76,17 @@ def main() -> None:
         "current": load_amx_kernel(CSRC_DIR / "cpu_linear.c"),
         "other": load_amx_kernel(args.other),
     }
+    installers = kernel_installers(kernels)
     engine = LLMEngine.from_dir(build_bench_model(), EngineConfig(dtype="bfloat16", max_num_seqs=8))
     ids = []
     for i in range(8):
         path = write_adapter(CACHE / f"lora-r16-{i}", engine.model.config, 16, seed=i)
         engine.load_adapter(f"a{i}", path)
         ids.append(f"a{i}")
-    step_times(engine, kernels, ids, 4)  # warm-up
+    interleaved_step_times(engine, installers, ids, 4)  # warm-up
     for round_index in range(args.rounds):
-        base = step_times(engine, kernels, [None] * 8, args.steps)
-        lora = step_times(engine, kernels, ids, args.steps)
+        base = interleaved_step_times(engine, installers, [None] * 8, args.steps)
+        lora = interleaved_step_times(engine, installers, ids, args.steps)
         for name in kernels:
             base_ms = statistics.median(base[name]) * 1e3
             lora_ms = statistics.median(lora[name]) * 1e3

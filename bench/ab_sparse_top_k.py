@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -25,44 +24,21 @@ if str(REPO_ROOT) not in sys.path:
 
 def step_times(engine, batch: int, steps: int, sparsity: float) -> dict[str, list[float]]:
     """Decode-step times, the selection switched between "fused" and "composed" every step."""
-    import torch
-
+    from bench.interleave import interleaved_step_times
     from engine.sparsity import SparsitySettings, apply_sparsity
-    from engine.types import Request, SamplingParams, StoppingCriteria
     from kernels import sparse
 
     settings = SparsitySettings(sparsity, "wina", "top-k", "") if sparsity else None
     apply_sparsity(engine.model, settings)
-    generator = torch.Generator().manual_seed(0)
-    for i in range(batch):
-        engine.add_request(
-            Request(
-                request_id=f"topk{i}-{time.monotonic_ns()}",
-                prompt_token_ids=torch.randint(3, 30000, (32,), generator=generator).tolist(),
-                sampling=SamplingParams(temperature=0.0),
-                stopping=StoppingCriteria(max_new_tokens=steps, ignore_eos=True),
-            )
-        )
     kernels = dict(sparse._top_k_kernels)
-    times: dict[str, list[float]] = {"fused": [], "composed": []}
-    step = 0
+    variants = {
+        "fused": lambda: sparse._top_k_kernels.update(kernels),
+        "composed": sparse._top_k_kernels.clear,
+    }
     try:
-        while engine.has_unfinished():
-            scheduler = engine.scheduler
-            decoding = all(s.num_uncomputed == 1 for s in scheduler.running)
-            decoding = decoding and not scheduler.waiting
-            name = ("fused", "composed")[step % 2]
-            step += 1
-            sparse._top_k_kernels.clear()
-            if name == "fused":
-                sparse._top_k_kernels.update(kernels)
-            started = time.perf_counter()
-            engine.step()
-            if decoding:
-                times[name].append(time.perf_counter() - started)
+        return interleaved_step_times(engine, variants, [None] * batch, steps)
     finally:
         sparse._top_k_kernels.update(kernels)
-    return times
 
 
 def main() -> None:
