@@ -3,7 +3,8 @@
 On CPU: fuse_dynamic_ref (the single-pass formula, vectorised; the engine's CPU path) against
 fuse_dynamic_naive (a full softmax per candidate in float64, the oracle) for B rows, E experts
 and a V-token vocabulary, with the default 21-candidate grid. On CUDA, when there is a GPU:
-fuse_dynamic_triton (and fuse_static_triton, and fuse_dynamic_ref on the GPU for comparison).
+fuse_dynamic_triton (and fuse_static_triton, and fuse_dynamic_ref and fuse_dynamic_naive on the
+GPU for comparison).
 Each figure is the best of --repeats calls after one warm-up call. Prints figures, asserts
 nothing; compare the ratios of one run (the machine's load moves absolute times).
 
@@ -94,10 +95,14 @@ def bench_cuda(fusion, batch: int, num_experts: int, vocab: int, args) -> str:
     _, index, alpha = fusion.fuse_dynamic_triton(large, small, experts)
     _, index_r, alpha_r = fusion.fuse_dynamic_ref(large, small, experts)
     agree = bool(torch.equal(index, index_r) and torch.equal(alpha, alpha_r))
-    return (
+    line = (
         f"{batch:>3} {num_experts:>2} {vocab:>7} | {dyn * 1e6:>13.1f} {static * 1e6:>10.1f} "
-        f"{ref * 1e6:>16.1f} {ref / dyn:>5.1f}x | {agree}"
+        f"{ref * 1e6:>16.1f} {ref / dyn:>5.1f}x"
     )
+    if args.skip_naive:
+        return f"{line} | {agree}"
+    naive = cuda_time(lambda: fusion.fuse_dynamic_naive(large, small, experts), args.repeats)
+    return f"{line} {naive * 1e6:>18.1f} {naive / dyn:>6.1f}x | {agree}"
 
 
 def main() -> None:
@@ -136,7 +141,9 @@ def main() -> None:
     print(f"\nCUDA ({torch.cuda.get_device_name()}), float32 logits, best of {args.repeats}")
     print(
         f"{'B':>3} {'E':>2} {'V':>7} | {'dyn triton us':>13} {'static us':>10} "
-        f"{'dyn ref (GPU) us':>16} {'ratio':>6} | agree"
+        f"{'dyn ref (GPU) us':>16} {'ratio':>6}"
+        + ("" if args.skip_naive else f" {'naive fp64 (GPU) us':>18} {'ratio':>7}")
+        + " | agree"
     )
     for config in configs:
         print(bench_cuda(fusion, *config, args), flush=True)

@@ -446,11 +446,12 @@ def test_triton_matches_reference(
 def test_triton_gpu_blocks_and_split_k(
     dtype: str, shares: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The GPU's block sizes, and K split over several programs (the GPU path for decode-sized
-    N) with the partial sums added by the second kernel."""
-    monkeypatch.setattr(sparse, "INTERPRETER_BLOCKS", sparse.GPU_BLOCKS)
+    """The GPU's block sizes (the one-row kernel's for 1 row), and K split over several programs
+    (the GPU path for decode-sized N) with the partial sums added by the second kernel."""
     monkeypatch.setattr(sparse, "_num_shares", lambda *_: shares)
-    for rows, sparsity in [(1, 0.0), (5, 0.5), (16, 0.9)]:
+    for rows, sparsity in [(1, 0.0), (1, 0.5), (5, 0.5), (16, 0.9)]:
+        blocks = sparse.GEMV_BLOCKS if rows == 1 else sparse.GPU_BLOCKS
+        monkeypatch.setattr(sparse, "INTERPRETER_BLOCKS", blocks)
         args = make_case(300, 200, rows, sparsity, DTYPES[dtype], seed=rows)
         check_interpreted(sparse_linear_triton(*args), *args)
         x, weight_t, _, thresholds, _ = args
@@ -460,8 +461,9 @@ def test_triton_gpu_blocks_and_split_k(
 
 
 @pytest.mark.usefixtures("interpret")
-def test_triton_reads_only_kept_rows() -> None:
-    x, weight_t, norms, thresholds, bias = make_case(600, 200, 3, 0.7, torch.float32, seed=10)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_triton_reads_only_kept_rows(rows: int) -> None:
+    x, weight_t, norms, thresholds, bias = make_case(600, 200, rows, 0.7, torch.float32, seed=10)
     union = (channel_scores(x, norms) >= thresholds[:, None]).any(dim=0)
     poisoned = weight_t.clone()
     poisoned[~union] = torch.nan
@@ -487,10 +489,10 @@ def test_triton_strided_inputs_and_limits() -> None:
 
 
 def test_triton_kernels_compile_for_a_gpu(compile_for_h100) -> None:
-    """No GPU here: compile both kernels to SASS for an H100 (sm_90) in the serving dtype (bf16,
-    with and without norms, bias and split K) and in fp32, which catches what the interpreter lets
-    through (types, dot shapes, control flow)."""
-    kernel, reduce = sparse._jitted(False)
+    """No GPU here: compile the three kernels to SASS for an H100 (sm_90) in the serving dtype
+    (bf16, with and without norms, bias and split K) and in fp32, which catches what the
+    interpreter lets through (types, dot shapes, control flow)."""
+    kernel, gemv, reduce = sparse._jitted(False)
     block_k, block_n = sparse.GPU_BLOCKS
     fp32 = {"norm_ptr": "fp32", "thr_ptr": "fp32", "part_ptr": "fp32"}
     for dtype, upcast, norms, split in [
@@ -509,6 +511,15 @@ def test_triton_kernels_compile_for_a_gpu(compile_for_h100) -> None:
             "PRECISION": "ieee" if upcast else "tf32",
         }
         compile_for_h100(kernel, constants, fp32, dtype)
+        gemv_block_k, gemv_block_n = sparse.GEMV_BLOCKS
+        gemv_constants = {
+            "BLOCK_K": gemv_block_k,
+            "BLOCK_N": gemv_block_n,
+            "HAS_NORMS": norms,
+            "HAS_BIAS": not split,
+            "SPLIT": split,
+        }
+        compile_for_h100(gemv, gemv_constants, fp32, dtype)
         reduce_constants = {"BLOCK_N": sparse.REDUCE_BLOCK_N, "HAS_BIAS": True}
         compile_for_h100(reduce, reduce_constants, {"part_ptr": "fp32"}, dtype)
 
