@@ -1,10 +1,12 @@
 """Write the benchmark model: a Qwen2.5-0.5B-shaped Qwen2ForCausalLM with random bf16 weights.
 
 Only the shapes matter for decode speed, so the weights are random (fixed seed) and the
-vocabulary is the real 32768-token SentencePiece tokenizer shipped in mistral_common, which
-keeps the LM head and embedding sizes realistic. The directory is cached under bench/.cache/.
+vocabulary is a real tokenizer shipped in mistral_common, which keeps the LM head and embedding
+sizes realistic: the 32768-token SentencePiece one (the default), or the 131072-token Tekken one
+(`--vocab tekken131k`, for constrained decoding where the vocabulary's size matters). The
+directory is cached under bench/.cache/.
 
-    python bench/make_bench_model.py [--out DIR]
+    python bench/make_bench_model.py [--vocab sp32k|tekken131k] [--out DIR]
 """
 
 from __future__ import annotations
@@ -17,17 +19,26 @@ import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL_DIR = REPO_ROOT / "bench" / ".cache" / "qwen2.5-0.5b-shape-sp32k"
+CACHE_DIR = REPO_ROOT / "bench" / ".cache"
+# vocabulary name -> (size, engine.tokenizer function that writes the tokenizer files)
+VOCABS = {
+    "sp32k": (32768, "build_sentencepiece_tokenizer_dir"),
+    "tekken131k": (131072, "build_tekken_tokenizer_dir"),
+}
 SEED = 1234
 # The weights file is moved into place last, so its presence means the directory is complete.
 COMPLETE_MARKER = "model.safetensors"
 
 
-def qwen25_05b_config():
+def model_dir(vocab: str) -> Path:
+    return CACHE_DIR / f"qwen2.5-0.5b-shape-{vocab}"
+
+
+def qwen25_05b_config(vocab: str = "sp32k"):
     from transformers import Qwen2Config
 
     return Qwen2Config(
-        vocab_size=32768,  # the SentencePiece tokenizer's size, not Qwen's 151936
+        vocab_size=VOCABS[vocab][0],  # the tokenizer's size, not Qwen's 151936
         hidden_size=896,
         intermediate_size=4864,
         num_hidden_layers=24,
@@ -45,27 +56,28 @@ def qwen25_05b_config():
     )
 
 
-def _write_model(tmp: Path) -> None:
+def _write_model(tmp: Path, vocab: str) -> None:
     import torch
     from transformers import Qwen2ForCausalLM
 
-    from engine.tokenizer import build_sentencepiece_tokenizer_dir
+    from engine import tokenizer
 
-    build_sentencepiece_tokenizer_dir(tmp)
+    getattr(tokenizer, VOCABS[vocab][1])(tmp)
     torch.manual_seed(SEED)
-    model = Qwen2ForCausalLM(qwen25_05b_config()).to(torch.bfloat16)
+    model = Qwen2ForCausalLM(qwen25_05b_config(vocab)).to(torch.bfloat16)
     model.save_pretrained(str(tmp))
 
 
-def build_bench_model(out_dir: str | os.PathLike[str] = DEFAULT_MODEL_DIR) -> str:
-    """Write the model to out_dir unless it is already complete; return the directory."""
-    out = Path(out_dir)
+def build_bench_model(out_dir: str | os.PathLike[str] | None = None, vocab: str = "sp32k") -> str:
+    """Write the model to out_dir (default: model_dir(vocab)) unless it is already complete;
+    return the directory."""
+    out = Path(out_dir) if out_dir is not None else model_dir(vocab)
     if (out / COMPLETE_MARKER).is_file():
         return str(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out.parent))
     try:
-        _write_model(tmp)
+        _write_model(tmp, vocab)
         out.mkdir(exist_ok=True)
         names = sorted(os.listdir(tmp), key=lambda name: name == COMPLETE_MARKER)
         for name in names:
@@ -77,9 +89,10 @@ def build_bench_model(out_dir: str | os.PathLike[str] = DEFAULT_MODEL_DIR) -> st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(DEFAULT_MODEL_DIR), help="model directory")
+    parser.add_argument("--vocab", choices=sorted(VOCABS), default="sp32k")
+    parser.add_argument("--out", help="model directory (default: bench/.cache/, by vocabulary)")
     args = parser.parse_args()
-    print(build_bench_model(args.out))
+    print(build_bench_model(args.out, args.vocab))
 
 
 if __name__ == "__main__":
