@@ -27,6 +27,7 @@ import torch
 
 from engine.batch import ForwardBatch
 from engine.experts import Expert, SmallBase
+from engine.kv_cache import OutOfBlocks
 from engine.lora import LoraAdapter
 from engine.model import CausalLM
 from engine.types import FusionMode, FusionRouting
@@ -83,6 +84,27 @@ class FusionState:
         for table in self.tables:
             while len(table) < num_blocks:
                 table.append(allocator.allocate())
+
+    def fork(self, num_computed: int) -> FusionState:
+        """A copy for an SMC particle whose rows have computed `num_computed` tokens: full
+        blocks shared (reference counts), a partly filled last block copied, the routing
+        evidence copied. Raises OutOfBlocks, having taken no block, when the pool cannot hold
+        the copies."""
+        child = FusionState(self.experts, self.alphas, self.mode, self.routing)
+        assert self.evidence is not None
+        child.evidence = self.evidence.clone()
+        child.last_logits = self.last_logits  # never written in place: add_evidence replaces it
+        base = self.small_base
+        full, partial = divmod(num_computed, base.kv.block_size)
+        if partial and base.allocator.num_free < self.num_rows:
+            raise OutOfBlocks("no blocks to copy a particle's small-model rows into")
+        for table, copy in zip(self.tables, child.tables, strict=True):
+            copy.extend(base.allocator.fork(block) for block in table[:full])
+            if partial:
+                block = base.allocator.allocate()
+                base.kv.copy_block(table[full], block)
+                copy.append(block)
+        return child
 
     def free(self) -> None:
         """Give the blocks back (finished, or preempted: then every token is recomputed, so the

@@ -88,3 +88,12 @@ class KVCache:
     ) -> int:
         itemsize = torch.empty((), dtype=dtype).element_size()
         return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
+
+    def copy_block(self, source: int, target: int) -> None:
+        """Every layer's keys and values of block `source` into block `target`."""
+        size = self.block_size
+        src = slice(source * size, (source + 1) * size)
+        dst = slice(target * size, (target + 1) * size)
+        for keys, values in zip(self.keys, self.values, strict=True):
+            keys[dst] = keys[src]
+            values[dst] = values[src]

@@ -191,8 +191,6 @@ class LLMEngine:
                 "ignore_eos cannot be combined with a constraint: a constrained output ends "
                 "where the constraint does"
             )
-        if constraint.method is ConstraintMethod.SMC and request.experts:
-            raise InvalidRequest("SMC with experts is not supported; use AWRS or MASK")
 
     def compile_constraint(self, constraint: Constraint) -> CompiledConstraint:
         """Compile (or find in the cache) a request's constraint: blocking, up to the compile
@@ -475,6 +473,8 @@ class LLMEngine:
         chosen = group.choose()
         lead = self._seqs.pop(chosen.request_id)
         self.adapters.release(lead.adapters)
+        if lead.fusion is not None:
+            self.experts.release(lead.fusion.experts)
         particles = [
             Particle(tuple(p.pending_token_ids), "".join(p.pending_text), weight)
             for p, weight in zip(group.particles, group.log_weights(), strict=True)

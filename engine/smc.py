@@ -92,13 +92,15 @@ def fork_sequence(
     generator: torch.Generator | None,
 ) -> Sequence:
     """A copy of `seq` that shares its full KV blocks; a partly filled last block is copied
-    (the two would otherwise write their next tokens into the same slots). Raises
-    OutOfBlocks when that copy finds no free block."""
+    (the two would otherwise write their next tokens into the same slots). The same for the
+    rows of its small models in their pool when it fuses experts (they have computed the same
+    tokens). Raises OutOfBlocks, having taken no block, when a copy finds no free block."""
     child = copy.copy(seq)
     child.token_ids = list(seq.token_ids)
     child.pending_token_ids = list(seq.pending_token_ids)
     child.pending_text = list(seq.pending_text)
     child.pending_logprobs = list(seq.pending_logprobs)
+    child.pending_fusion_weights = list(seq.pending_fusion_weights)
     child.detokenizer = seq.detokenizer.fork()
     child.stop_matcher = copy.copy(seq.stop_matcher)
     child.generator = generator
@@ -106,27 +108,21 @@ def fork_sequence(
         child.constraint = copy.copy(seq.constraint)
         child.constraint.matcher = seq.constraint.matcher.fork()
     child.block_table = []
-    if seq.is_finished:
-        return child
-    full = seq.num_computed // block_size
-    partial = seq.num_computed % block_size != 0
+    computed = 0 if seq.is_finished else seq.num_computed
+    full, partial = divmod(computed, block_size)
     if partial and allocator.num_free == 0:
         raise OutOfBlocks("no block to copy a particle's last block into")
+    if seq.fusion is not None:
+        child.fusion = seq.fusion.fork(computed)  # may raise OutOfBlocks: nothing taken yet
+    if seq.is_finished:
+        return child
     child.block_table = [allocator.fork(block) for block in seq.block_table[:full]]
     if partial:
         block = allocator.allocate()
-        _copy_block(kv, seq.block_table[full], block, block_size)
+        kv.copy_block(seq.block_table[full], block)
         child.block_table.append(block)
     # Blocks reserved beyond the computed tokens are not shared: the child grows its own.
     return child
-
-
-def _copy_block(kv: KVCache, source: int, target: int, block_size: int) -> None:
-    src = slice(source * block_size, (source + 1) * block_size)
-    dst = slice(target * block_size, (target + 1) * block_size)
-    for keys, values in zip(kv.keys, kv.values, strict=True):
-        keys[dst] = keys[src]
-        values[dst] = values[src]
 
 
 def resample(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,11 @@ from engine.model import CausalLM
 from engine.tokenizer import Tokenizer
 from engine.types import (
     AlreadyExists,
+    Constraint,
+    ConstraintKind,
+    ConstraintMethod,
     ExpertError,
+    FinishReason,
     FusionMode,
     FusionRouting,
     InvalidRequest,
@@ -160,10 +165,12 @@ def oracle(
     mode: FusionMode,
     routing: FusionRouting = FusionRouting.LIKELIHOOD,
     weights: list[float] | None = None,
+    follow: list[int] | None = None,
 ) -> tuple[list[int], list[torch.Tensor], list[tuple[float, ...]]]:
-    """Greedy tokens, fused log-probabilities and alphas per step, one model call at a time."""
+    """Greedy tokens (or the tokens `follow`), fused log-probabilities and alphas per step, one
+    model call at a time."""
     ids, log_probs, alphas = list(prompt), [], []
-    for _ in range(NEW_TOKENS):
+    for step in range(NEW_TOKENS if follow is None else len(follow)):
         zl = _all_logits(family["large"].hf, ids)[-1]
         small_all = _all_logits(family["small"].hf, ids)
         experts_all = [_all_logits(family[e].hf, ids) for e in experts]
@@ -185,7 +192,7 @@ def oracle(
             fused = zl + a * (ze[t] - zs)
         log_probs.append(torch.log_softmax(fused, -1))
         alphas.append(chosen)
-        ids.append(int(fused.argmax()))
+        ids.append(int(fused.argmax()) if follow is None else follow[step])
     return ids[len(prompt) :], log_probs, alphas
 
 
@@ -301,6 +308,57 @@ def test_preemption_in_the_small_pool_recomputes_the_same_answer(family: dict) -
         assert_matches(outputs[f"r{i}"], oracle(family, prompt, experts, FusionMode.DYNAMIC))
     base = engine.experts._small_bases  # every row's blocks came back
     assert all(b.allocator.num_used == 0 for b in base.values())
+
+
+@pytest.mark.parametrize(
+    "case", ["static-weights", "dynamic-likelihood-three"], ids=["static", "dynamic-likelihood"]
+)
+def test_smc_particles_fork_the_small_models_rows(family: dict, case: str) -> None:
+    """SMC over a fused distribution: particles fork the small models' rows too (full blocks
+    shared, the partly filled last block copied, the routing evidence copied) and resample at
+    every step where their weights differ. The chosen particle's log-probabilities are the
+    oracle's fused ones along its own tokens, its text matches the regex, and every block of
+    both pools comes back."""
+    experts, mode, routing, weights = CASES[case]
+    engine = make_engine(family)
+    load_all(engine, family)
+    prompt = prompt_of(30, 6)  # 6 tokens in blocks of 4: the first forks copy a partial block
+    regex = "[a-z ]{1,40}"
+    smc = Request(
+        "smc",
+        prompt,
+        SamplingParams(temperature=1.0, seed=3),
+        StoppingCriteria(max_new_tokens=NEW_TOKENS),
+        OutputOptions(logprobs=True, fusion_weights=True, particles=True),
+        experts=tuple(zip(experts, weights or [None] * len(experts), strict=True)),
+        fusion_mode=mode,
+        fusion_routing=routing or FusionRouting.LIKELIHOOD,
+        constraint=Constraint(
+            ConstraintKind.REGEX,
+            regex,
+            method=ConstraintMethod.SMC,
+            particles=4,
+            ess_threshold=1.0,
+        ),
+    )
+    output = engine.generate([smc])["smc"]
+    assert len(output.particles) == 4 and math.isfinite(output.log_weight)
+    tokens = output.token_ids
+    expected = oracle(
+        family, prompt, experts, mode, routing or FusionRouting.LIKELIHOOD, weights, tokens
+    )
+    assert len(output.logprobs) == len(tokens) >= 1
+    for entry, reference in zip(output.logprobs, expected[1], strict=True):
+        assert math.isclose(entry.logprob, float(reference[entry.token_id]), abs_tol=ATOL)
+    assert [tuple(round(a, 6) for a in row) for row in output.fusion_weights] == [
+        tuple(round(a, 6) for a in row) for row in expected[2]
+    ]
+    assert re.fullmatch("[a-z ]*", output.text)  # a prefix of a match at least
+    if output.finish_reason is FinishReason.EOS:
+        assert re.fullmatch(regex, output.text)
+    assert engine.allocator.num_used == 0
+    assert all(b.allocator.num_used == 0 for b in engine.experts._small_bases.values())
+    assert all(e.num_requests == 0 for e in engine.expert_infos())
 
 
 # ---- the registry ------------------------------------------------------------------------------
