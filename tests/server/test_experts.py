@@ -11,6 +11,7 @@ must give the tokens the server streams.
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -272,6 +273,40 @@ def test_constraint_applies_to_the_fused_distribution(
         assert matcher.accept_token(expected[-1])
     assert tokens == expected
     assert tokens != oracle.static_greedy(PROMPT, {"full": 0.5}, len(tokens))
+
+
+def test_smc_over_the_fused_distribution(expert_server, oracle: Oracle) -> None:
+    """SMC particles over static fusion (a full expert and a LoRA one) over real gRPC: the
+    streamed answer and every complete particle match the regex, the weights are reported, the
+    same seed gives the same answer, and the server stays healthy (the particles' blocks in both
+    KV pools come back: tests/engine/test_fusion.py checks them and the fused log-probabilities)."""
+    pattern = "[a-z]{2,4}[0-9]{2}"
+
+    def run():
+        return expert_server.generate(
+            token_ids=PROMPT,
+            experts=[pb.ExpertRef(expert_id="full", weight=0.5), pb.ExpertRef(expert_id="lora")],
+            fusion=pb.FusionOptions(mode=STATIC),
+            sampling=pb.SamplingParams(temperature=1.0, seed=11),
+            stopping=pb.StoppingCriteria(max_new_tokens=20),
+            output=pb.OutputOptions(particles=True),
+            constraint=pb.Constraint(
+                regex=pattern, method=pb.CONSTRAINT_METHOD_SMC, particles=4, ess_threshold=1.0
+            ),
+        )
+
+    deltas, final = run()
+    text = "".join(delta.text for delta in deltas)
+    assert final.finish_reason == pb.FINISH_REASON_EOS and re.fullmatch(pattern, text)
+    assert len(final.particles) == 4 and math.isfinite(final.log_weight)
+    assert text in [particle.text for particle in final.particles]
+    for particle in final.particles:
+        assert re.fullmatch(pattern, particle.text) or particle.log_weight == -math.inf
+    again_deltas, again = run()
+    assert "".join(delta.text for delta in again_deltas) == text
+    assert [p.text for p in again.particles] == [p.text for p in final.particles]
+    assert experts_of(expert_server)["full"].num_requests == 0
+    _assert_healthy(expert_server, oracle)
 
 
 def test_static_weight_zero_is_the_plain_model(expert_server, hf_model) -> None:
