@@ -552,7 +552,7 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _num_shares(n_blocks: int, k_blocks: int, device: torch.device, per_sm: int = 4) -> int:
+def _num_shares(n_blocks: int, k_blocks: int, device: torch.device, per_sm: int) -> int:
     """Shares of K per block of N: about `per_sm` programs per SM (decode-sized N leaves most of
     the GPU idle otherwise), rounded down to a power of two (equal shares of the usual K: on an
     H100 the one-row kernel was 1.40x cuBLAS at s = 0.5 with the count rounded up, 1.57x with
