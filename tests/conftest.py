@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Before anything imports grpc (it reads this once). Servers are started with a preexec_fn, so
+# Python forks instead of vforking, and with fork support on, gRPC's fork handlers restart its
+# poller in the child, which then aborts on the epoll descriptor close_fds closed
+# (grpc/grpc#43055): about 2% of server starts died before exec while other tests' channels were
+# live. The tests never use gRPC in a forked child, so they need no fork support.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from engine.tokenizer import (
     Tokenizer,
