@@ -30,7 +30,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] where the new tokens' K/V go
     query_lens: list[int]
     context_lens: list[int]
-    context_slots: list[torch.Tensor]  # per sequence [context_len]
+    slot_table: torch.Tensor  # [S, L]: ForwardBatch.slot_table
     decode_only: bool
     # Layers may differ in sliding window (Qwen2), so the decode gather is cached per window.
     _decode_gathers: dict[int | None, DecodeGather] = field(
@@ -43,13 +43,25 @@ class AttentionMetadata:
             slot_mapping=batch.slot_mapping,
             query_lens=batch.query_lens,
             context_lens=batch.context_lens,
-            context_slots=batch.context_slots,
+            slot_table=batch.slot_table,
             decode_only=batch.is_decode_only,
         )
 
+    @property
+    def context_slots(self) -> list[torch.Tensor]:
+        """Per sequence, its KV slots [context_len]."""
+        return [row[:n] for row, n in zip(self.slot_table, self.context_lens, strict=True)]
+
     def decode_gather(self, window: int | None) -> DecodeGather:
         if window not in self._decode_gathers:
-            self._decode_gathers[window] = _build_decode_gather(self.context_slots, window)
+            if window is None or window >= max(self.context_lens):
+                # No window cuts in: the slot table is the gather as it stands.
+                gather = DecodeGather(
+                    self.slot_table, torch.tensor(self.context_lens, dtype=torch.int64)
+                )
+            else:
+                gather = _build_decode_gather(self.context_slots, window)
+            self._decode_gathers[window] = gather
         return self._decode_gathers[window]
 
 

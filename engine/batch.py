@@ -23,8 +23,17 @@ class ForwardBatch:
     slot_mapping: torch.Tensor  # [T] int64: KV slot of each new token
     query_lens: list[int]
     context_lens: list[int]
-    context_slots: list[torch.Tensor]  # per sequence [context_len] int64
+    # [S, L] int64: row i holds sequence i's KV slots in position order up to context_lens[i],
+    # then padding (slots of block 0); L is the longest block table's span.
+    slot_table: torch.Tensor
     logits_indices: torch.Tensor  # [S] int64 rows of the flat batch to project to logits
+
+    @property
+    def context_slots(self) -> list[torch.Tensor]:
+        """Per sequence, its KV slots [context_len] (views of slot_table)."""
+        return [
+            row[:length] for row, length in zip(self.slot_table, self.context_lens, strict=True)
+        ]
 
     @property
     def num_tokens(self) -> int:
@@ -44,20 +53,35 @@ class ForwardBatch:
         logits_rows: list[bool] | None = None,
     ) -> ForwardBatch:
         """token_ids[i]: the new tokens of sequence i; context_lens[i]: its length after them."""
+        # Small Python lists and one vectorised op for the slot table: a decode step builds a
+        # batch per model it runs (the fused experts' too), and per-sequence tensor ops cost
+        # tens of microseconds each there.
+        spans = [-(-ctx // block_size) for ctx in context_lens]
+        width = max(spans, default=0)
+        blocks = torch.tensor(
+            [
+                table[:span] + [0] * (width - span)
+                for table, span in zip(block_tables, spans, strict=True)
+            ],
+            dtype=torch.int64,
+        ).view(len(spans), width)
+        offsets = torch.arange(block_size, dtype=torch.int64)
+        slot_table = (blocks[:, :, None] * block_size + offsets).view(
+            len(spans), width * block_size
+        )
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        context_slots = []
         logits_indices = []
         for i, (new, ctx, table) in enumerate(
             zip(token_ids, context_lens, block_tables, strict=True)
         ):
             start = ctx - len(new)
-            seq_slots = _slots(table, ctx, block_size)
             input_ids.extend(new)
             positions.extend(range(start, ctx))
-            slots.extend(seq_slots[start:].tolist())
-            context_slots.append(seq_slots)
+            slots.extend(
+                table[p // block_size] * block_size + p % block_size for p in range(start, ctx)
+            )
             if logits_rows is None or logits_rows[i]:
                 logits_indices.append(len(input_ids) - 1)
         return cls(
@@ -66,12 +90,6 @@ class ForwardBatch:
             slot_mapping=torch.tensor(slots, dtype=torch.int64),
             query_lens=[len(t) for t in token_ids],
             context_lens=list(context_lens),
-            context_slots=context_slots,
+            slot_table=slot_table,
             logits_indices=torch.tensor(logits_indices, dtype=torch.int64),
         )
-
-
-def _slots(block_table: list[int], length: int, block_size: int) -> torch.Tensor:
-    blocks = torch.tensor(block_table[: (length + block_size - 1) // block_size], dtype=torch.int64)
-    offsets = torch.arange(block_size, dtype=torch.int64)
-    return (blocks[:, None] * block_size + offsets[None, :]).flatten()[:length]

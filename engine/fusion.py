@@ -31,7 +31,8 @@ from engine.kv_cache import OutOfBlocks
 from engine.lora import LoraAdapter
 from engine.model import CausalLM
 from engine.types import FusionMode, FusionRouting
-from kernels.fusion import fuse_dynamic, fuse_static
+from kernels.cpu_ops import fusion_apply
+from kernels.fusion import choose_dynamic
 
 
 @dataclass(eq=False)
@@ -240,24 +241,27 @@ def fuse(
         groups.setdefault(key, []).append(i)
     alphas: list[tuple[float, ...]] = [()] * len(states)
     for (mode, _, vocab), indices in groups.items():
-        targets = torch.tensor([rows[i] for i in indices])
-        large = logits[targets, :vocab]
-        base = torch.stack([small[i][0] for i in indices])
-        experts = torch.stack(
-            [torch.stack([small[i][1 + t] for t in candidates[i]]) for i in indices]
-        )
+        targets = [rows[i] for i in indices]
+        base = [small[i][0] for i in indices]
+        offered = [[small[i][1 + t] for t in candidates[i]] for i in indices]
         if mode is FusionMode.STATIC:
-            weights = torch.tensor([states[i].alphas for i in indices], dtype=torch.float32)
-            fused = fuse_static(large, base, experts, weights)
             chosen = [states[i].alphas for i in indices]
+            fusion_apply(
+                logits, targets, base, offered, torch.tensor(chosen, dtype=torch.float32), vocab
+            )
         else:
-            fused, expert, alpha = fuse_dynamic(large, base, experts)
+            expert, alpha = choose_dynamic(
+                logits[targets, :vocab],
+                torch.stack(base),
+                torch.stack([torch.stack(row) for row in offered]),
+            )
+            picks = expert.tolist()
+            steer = [[row[e]] for row, e in zip(offered, picks, strict=True)]
+            fusion_apply(logits, targets, base, steer, alpha[:, None].float(), vocab)
             chosen = [
                 _one_hot(len(states[i].experts), candidates[i][e], a)
-                for i, e, a in zip(indices, expert.tolist(), alpha.tolist(), strict=True)
+                for i, e, a in zip(indices, picks, alpha.tolist(), strict=True)
             ]
-        logits[targets, :vocab] = fused
-        logits[targets, vocab:] = -torch.inf
         for i, row_alphas in zip(indices, chosen, strict=True):
             alphas[i] = tuple(row_alphas)
     return alphas

@@ -11,7 +11,7 @@ Why: a decoding step of a 24-layer model runs each of these ~24-50 times, and as
 cost 5-20 us per call whatever their size; here a call costs about a microsecond. The fusion
 statistics and sweep (kernels.fusion's dynamic mode) are two passes over the vocabulary (per
 pair, and per pair and alpha) instead of some twenty torch ops over [B, E, V] and a
-[pairs, alphas, V] tensor.
+[pairs, alphas, V] tensor; the fused logits are then written in place, one pass per row.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import math
 import sysconfig
 import threading
 import warnings
+from collections.abc import Sequence
 from types import ModuleType
 
 import torch
@@ -432,6 +433,79 @@ def fusion_stats(a: Tensor, small: Tensor, experts: Tensor) -> tuple[Tensor, Ten
         stats.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return d, stats
+
+
+def fusion_apply_ref(
+    logits: Tensor,
+    rows: Sequence[int],
+    small: Sequence[Tensor],
+    experts: Sequence[Sequence[Tensor]],
+    alphas: Tensor,
+    vocab: int,
+) -> None:
+    """Fused logits in place (kernels.fusion.fuse_static_ref's formula, row by row): for i,
+    logits[rows[i], :vocab] += sum_t alphas[i, t] * d_it, d_it = experts[i][t] - small[i]
+    (0 wherever either is not finite) accumulated expert by expert in float32, an expert whose
+    alphas are all 0 skipped; logits[rows[i], vocab:] = -inf. logits [N, W] float32; small[i]
+    and experts[i][t] hold at least vocab floats; alphas [len(rows), E] float32."""
+    index = torch.tensor(list(rows), dtype=torch.int64)
+    fused = logits[index, :vocab]
+    base = torch.stack([row[:vocab] for row in small])
+    base_finite = torch.isfinite(base)
+    for t in range(alphas.shape[1]):
+        column = alphas[:, t : t + 1]
+        if not bool((column != 0).any()):
+            continue
+        expert = torch.stack([row[t][:vocab] for row in experts])
+        fused += column * torch.where(base_finite & torch.isfinite(expert), expert - base, 0.0)
+    logits[index, :vocab] = fused
+    logits[index, vocab:] = -torch.inf
+
+
+def fusion_apply(
+    logits: Tensor,
+    rows: Sequence[int],
+    small: Sequence[Tensor],
+    experts: Sequence[Sequence[Tensor]],
+    alphas: Tensor,
+    vocab: int,
+) -> None:
+    """As fusion_apply_ref; on the CPU one pass per row in C (the same bits), where the
+    reference's dozen torch ops over [B, V] cost milliseconds at batch 8. Rows must differ."""
+    module = _kernels()
+    pieces = [*small, *(t for row in experts for t in row)]
+    if (
+        module is None
+        or logits.dtype is not torch.float32
+        or alphas.dtype is not torch.float32
+        or logits.dim() != 2
+        or not logits.is_contiguous()
+        or not (logits.is_cpu and alphas.is_cpu)
+        or tuple(alphas.shape) != (len(rows), len(experts[0]) if experts else 0)
+        or len(small) != len(rows)
+        or len(experts) != len(rows)
+        or any(len(row) != alphas.shape[1] for row in experts)
+        or not 0 < vocab <= logits.shape[1]
+        or any(
+            t.dtype is not torch.float32 or not t.is_cpu or t.dim() != 1 or t.stride(0) != 1
+            or t.shape[0] < vocab
+            for t in pieces
+        )
+        or not all(0 <= r < logits.shape[0] for r in rows)
+        or len(set(rows)) != len(rows)
+        or (torch.is_grad_enabled() and logits.requires_grad)
+    ):  # fmt: skip
+        fusion_apply_ref(logits, rows, small, experts, alphas, vocab)
+        return
+    index = torch.tensor(list(rows), dtype=torch.int64)
+    pointers = torch.tensor([t.data_ptr() for t in pieces], dtype=torch.int64)
+    weights = alphas.contiguous()
+    batch = len(rows)
+    module.fusion_apply(
+        logits.data_ptr(), logits.stride(0), index.data_ptr(), pointers.data_ptr(),
+        pointers.data_ptr() + 8 * batch, weights.data_ptr(), batch, weights.shape[1], vocab,
+        logits.shape[1], torch.get_num_threads(),
+    )  # fmt: skip
 
 
 def kernel_available() -> bool:

@@ -638,6 +638,20 @@ def fuse_dynamic_triton(
 # Dispatchers
 
 
+def choose_dynamic(
+    large: Tensor, small: Tensor, experts: Tensor, grid: Grid = None
+) -> tuple[Tensor, Tensor]:
+    """(expert index [B] int64, alpha [B]) of fuse_dynamic, without its fused logits (the
+    engine applies the choice in place, kernels.cpu_ops.fusion_apply)."""
+    if large.is_cuda and triton is not None:
+        _, index, alpha = fuse_dynamic_triton(large, small, experts, grid)
+        return index, alpha
+    if experts.shape[1] == 0:
+        raise ValueError("dynamic fusion needs at least one expert")
+    costs, _, values = _costs_ref(large, small, experts, grid)
+    return _choose(costs, values)
+
+
 def fuse_static(
     large: Tensor, small: Tensor, experts: Tensor, alphas: Tensor | Sequence[float]
 ) -> Tensor:

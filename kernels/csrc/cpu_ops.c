@@ -11,6 +11,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>  // first, as Python requires
 
+#include <float.h>
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -616,6 +617,58 @@ static void fusion_stats(const stats_t *job, int64_t pairs, int threads) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Fused logits, in place: for each row b, logits[rows[b], v] += alphas[b, t] * d_bt[v] for the
+// experts t in ascending order, d_bt = expert_bt - small_b (0 wherever either is not finite),
+// over v < vocab; the row's columns from vocab to width become -inf. The products and sums
+// round as kernels.cpu_ops.fusion_apply_ref's do (one product, then one sum, per expert); an
+// expert whose alpha is 0 in every row is skipped, as there.
+
+typedef struct {
+    float *logits;
+    const int64_t *rows;         // [batch] rows of logits
+    const float *const *small;   // [batch] rows of vocab floats
+    const float *const *experts; // [batch * num_experts]
+    const float *alphas;         // [batch, num_experts]
+    int64_t ld, batch, num_experts, vocab, width;
+} apply_t;
+
+static void apply_row(const apply_t *job, const int *active, int64_t b) {
+    const int64_t e = job->num_experts;
+    float *restrict out = job->logits + job->rows[b] * job->ld;
+    const float *restrict small = job->small[b];
+    for (int64_t t = 0; t < e; t++) {
+        if (!active[t]) continue;
+        const float alpha = job->alphas[b * e + t];
+        const float *restrict expert = job->experts[b * e + t];
+        for (int64_t v = 0; v < job->vocab; v++) {
+            // |x| <= FLT_MAX is isfinite(x) in a form the compiler vectorises.
+            const int both = (fabsf(small[v]) <= FLT_MAX) & (fabsf(expert[v]) <= FLT_MAX);
+            const float d = both ? expert[v] - small[v] : 0.0f;
+            out[v] = out[v] + alpha * d;
+        }
+    }
+    for (int64_t v = job->vocab; v < job->width; v++) out[v] = -INFINITY;
+}
+
+// Returns -1 when the flags cannot be allocated.
+static int fusion_apply(const apply_t *job, int threads) {
+    const int64_t e = job->num_experts;
+    int *active = calloc((size_t)(e > 0 ? e : 1), sizeof(int));
+    if (active == NULL) return -1;
+    for (int64_t t = 0; t < e; t++) {
+        for (int64_t b = 0; b < job->batch; b++) active[t] |= job->alphas[b * e + t] != 0.0f;
+    }
+    if (threads <= 1 || job->batch < 2 || job->batch * job->vocab < PARALLEL_MIN_ELEMENTS) {
+        for (int64_t b = 0; b < job->batch; b++) apply_row(job, active, b);
+    } else {
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t b = 0; b < job->batch; b++) apply_row(job, active, b);
+    }
+    free(active);
+    return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Python bindings. Arguments are integers (pointers as Tensor.data_ptr() gives them) and one
 // float; the first is the element type, 1 for bf16 and 0 for fp32. kernels/cpu_ops.py checks
 // dtypes, shapes, strides and devices; here only the argument count and types are checked.
@@ -742,6 +795,22 @@ static PyObject *py_fusion_stats(PyObject *module, PyObject *const *args, Py_ssi
     Py_RETURN_NONE;
 }
 
+// fusion_apply(logits, ld, rows, small_ptrs, expert_ptrs, alphas, batch, num_experts, vocab,
+//              width, threads)
+static PyObject *py_fusion_apply(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    long long v[11];
+    if (parse_ints(args, nargs, 11, v, "fusion_apply") != 0) return NULL;
+    const apply_t job = {PTR(v[0]), PTR(v[2]), PTR(v[3]), PTR(v[4]), PTR(v[5]),
+                         v[1],      v[6],      v[7],      v[8],      v[9]};
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = fusion_apply(&job, (int)v[10]);
+    Py_END_ALLOW_THREADS
+    if (status != 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 #define FASTCALL(f) (PyCFunction)(void (*)(void))(f), METH_FASTCALL
 
 static PyMethodDef METHODS[] = {
@@ -751,6 +820,7 @@ static PyMethodDef METHODS[] = {
     {"silu_mul", FASTCALL(py_silu_mul), "silu(gate) * up"},
     {"fusion_sweep", FASTCALL(py_fusion_sweep), "LSE and mean of d over a grid of alphas"},
     {"fusion_stats", FASTCALL(py_fusion_stats), "d and the per-pair statistics of fusion"},
+    {"fusion_apply", FASTCALL(py_fusion_apply), "fused logits in place, row by row"},
     {NULL, NULL, 0, NULL},
 };
 

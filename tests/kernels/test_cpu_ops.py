@@ -309,3 +309,74 @@ def test_fusion_stats_against_their_definitions() -> None:
         }
         for name, value in expected.items():
             torch.testing.assert_close(column[name][b, t], value, rtol=1e-5, atol=1e-5)
+
+
+def _apply_case(batch: int, experts: int, vocab: int, width: int, seed: int):
+    """Large-model logits [batch + 2, width] (two rows no fusion touches) and per-row small and
+    expert logits as the engine hands them over: 1-D views into wider tensors."""
+    large, small, expert = _stats_case(batch, experts, vocab, seed)
+    logits = torch.randn(batch + 2, width, generator=torch.Generator().manual_seed(seed))
+    rows = [batch + 1 - i for i in range(batch)]  # reversed order, row 0 and the last left alone
+    logits[rows, :vocab] = large
+    small_wide = torch.cat([small, torch.zeros(batch, 5)], 1)
+    expert_wide = torch.cat([expert, torch.zeros(batch, experts, 3)], 2)
+    small_rows = [small_wide[b, :vocab] for b in range(batch)]
+    expert_rows = [[expert_wide[b, t, :vocab] for t in range(experts)] for b in range(batch)]
+    return logits, rows, small_rows, expert_rows, (large, small, expert)
+
+
+@pytest.mark.parametrize(
+    ("batch", "experts", "vocab", "width"),
+    [(1, 1, 32768, 32768), (3, 2, 301, 320), (2, 3, 9, 9), (8, 1, 1000, 1024)],
+)
+def test_fusion_apply_equals_reference_and_fuse_static_bit_for_bit(
+    batch: int, experts: int, vocab: int, width: int
+) -> None:
+    from kernels.fusion import fuse_static_ref
+
+    logits, rows, small, expert, (large, small_t, expert_t) = _apply_case(
+        batch, experts, vocab, width, seed=vocab
+    )
+    alphas = torch.randn(batch, experts, generator=torch.Generator().manual_seed(1))
+    alphas[:, -1] = 0.0  # an expert no row uses: skipped
+    if batch > 1:
+        alphas[0, 0] = 0.0  # a row that does not use an expert others use
+    out, out_ref = logits.clone(), logits.clone()
+    cpu_ops.fusion_apply(out, rows, small, expert, alphas, vocab)
+    cpu_ops.fusion_apply_ref(out_ref, rows, small, expert, alphas, vocab)
+    assert torch.equal(out, out_ref)
+    # The oracle: kernels.fusion's static fusion over the stacked rows, then the padding.
+    expected = logits.clone()
+    expected[rows, :vocab] = fuse_static_ref(large, small_t, expert_t, alphas)
+    expected[rows, vocab:] = -torch.inf
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert torch.equal(out.nan_to_num(), expected.nan_to_num())
+    untouched = [r for r in range(batch + 2) if r not in rows]
+    assert torch.equal(out[untouched], logits[untouched])
+
+
+def test_fusion_apply_takes_the_reference_for_what_the_kernel_does_not() -> None:
+    logits, rows, small, expert, _ = _apply_case(2, 1, 50, 64, seed=3)
+    alphas = torch.ones(2, 1)
+    out = logits.clone()
+    cpu_ops.fusion_apply(out, rows, small, expert, alphas.double(), 50)  # float64 alphas
+    expected = logits.clone()
+    cpu_ops.fusion_apply_ref(expected, rows, small, expert, alphas, 50)
+    assert torch.equal(out.nan_to_num(), expected.nan_to_num())
+    wide = torch.zeros(logits.shape[0], 2 * logits.shape[1])
+    wide[:, ::2] = logits
+    strided = torch.zeros(len(small), 100)
+    strided[:, ::2] = torch.stack(small)
+    cpu_ops.fusion_apply(wide[:, ::2], rows, list(strided[:, ::2]), expert, alphas, 50)
+    assert torch.equal(wide[:, ::2].nan_to_num(), expected.nan_to_num())
+
+
+def test_choose_dynamic_is_fuse_dynamics_choice() -> None:
+    from kernels.fusion import choose_dynamic, fuse_dynamic_naive, fuse_dynamic_ref
+
+    large, small, expert = _stats_case(4, 3, 700, seed=11)
+    index, alpha = choose_dynamic(large, small, expert)
+    _, index_ref, alpha_ref = fuse_dynamic_ref(large, small, expert)
+    _, index_naive, alpha_naive = fuse_dynamic_naive(large, small, expert)
+    assert torch.equal(index, index_ref) and torch.equal(alpha, alpha_ref)
+    assert torch.equal(index, index_naive) and torch.equal(alpha.double(), alpha_naive.double())
