@@ -25,7 +25,7 @@ import importlib.util
 import sysconfig
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -96,6 +96,120 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         torch.get_num_threads(),
     )
     return out
+
+
+def linear_add_(out: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+    """out += x @ weight.T in place, exactly as out.add_(linear(x, weight)) (the product rounded
+    to out's dtype, then the sum), without the product's temporary: the kernel adds each result
+    as it stores it. out [m, n] may be a column slice of a wider matrix (rows strided)."""
+    kernel = _kernels.get(weight.dtype, _NOT_LOADED)
+    if kernel is _NOT_LOADED:
+        kernel = _load_kernel(weight.dtype)
+    rows = None if kernel is None else _kernel_rows(x, weight, None)
+    if (
+        rows is None
+        or x.dim() != 2
+        or out.dtype is not weight.dtype
+        or not out.is_cpu
+        or out.shape != (rows.shape[0], weight.shape[0])
+        or out.stride(1) != 1
+        or (out.shape[0] > 1 and out.stride(0) < out.shape[1])
+        or _shares_storage(out, x)
+        or _shares_storage(out, weight)
+        or (torch.is_grad_enabled() and out.requires_grad)
+    ):
+        return out.add_(linear(x, weight))
+    m, k = rows.shape
+    row_stride, element_stride = rows.stride()
+    if element_stride != 1:
+        rows = rows.contiguous()
+        row_stride = k
+    kernel(
+        rows.data_ptr(),
+        row_stride,
+        weight.data_ptr(),
+        0,
+        out.data_ptr(),
+        m,
+        weight.shape[0],
+        k,
+        torch.get_num_threads(),
+        max(out.stride(0), weight.shape[0]),
+        1,
+    )
+    return out
+
+
+def lora_dense_(
+    y: Tensor,
+    x: Tensor,
+    a: Tensor,
+    mask: Tensor | None,
+    b: Tensor,
+    slices: Sequence[tuple[int, int]],
+) -> bool:
+    """Multi-LoRA's dense decode step in one C call, the same bits as kernels.lora's ops:
+    shrunk = linear(x, a) viewed [m, P, C]; shrunk &= mask (int16 0 / -1) or *= mask ([m, C],
+    broadcast over the P slices; None: no mask); then for each slice p, (start, width):
+    y[:, start : start + width] += linear(shrunk[:, p], B_p), B_p the next `width` rows of b.
+    a: [P * C, K], b: [sum of widths, C], both contiguous. Returns False, having done nothing,
+    where the kernel does not apply (the caller then runs the ops one by one)."""
+    kernel = _kernels.get(a.dtype, _NOT_LOADED)
+    if kernel is _NOT_LOADED:
+        kernel = _load_kernel(a.dtype)
+    rows = None if kernel is None else _kernel_rows(x, a, None)
+    if rows is None or x.dim() != 2 or rows.stride(1) != 1:
+        return False
+    m, k = rows.shape
+    total = a.shape[0]
+    num_slices = len(slices)
+    columns = total // num_slices if num_slices else 0
+    widths = [width for _, width in slices]
+    if (
+        not num_slices
+        or columns * num_slices != total
+        or b.dtype is not a.dtype
+        or not b.is_cpu
+        or not b.is_contiguous()
+        or tuple(b.shape) != (sum(widths), columns)
+        or y.dtype is not a.dtype
+        or not y.is_cpu
+        or y.dim() != 2
+        or y.shape[0] != m
+        or y.stride(1) != 1
+        or (m > 1 and y.stride(0) < y.shape[1])
+        or any(start < 0 or width < 1 or start + width > y.shape[1] for start, width in slices)
+        or (torch.is_grad_enabled() and y.requires_grad)
+        or _shares_storage(y, x)
+    ):
+        return False
+    mask_kind = 0
+    if mask is not None:
+        if (
+            not mask.is_cpu
+            or not mask.is_contiguous()
+            or tuple(mask.shape) != (m, columns)
+            or mask.dtype not in (a.dtype, torch.int16)
+            or (mask.dtype is torch.int16 and a.dtype.itemsize != 2)
+        ):
+            return False
+        mask_kind = 1 if mask.dtype is torch.int16 else 2
+    module = kernel.__self__
+    shrunk = x.new_empty(m, total)
+    layout = torch.tensor([start for start, _ in slices] + widths, dtype=torch.int64)
+    module.lora_dense(
+        rows.data_ptr(), rows.stride(0), a.data_ptr(), shrunk.data_ptr(),
+        0 if mask is None else mask.data_ptr(), mask_kind, b.data_ptr(), y.data_ptr(),
+        y.stride(0) if m > 1 else y.shape[1], layout.data_ptr(), layout.data_ptr() + 8 * num_slices,
+        num_slices, columns, m, k, int(kernel is getattr(module, "linear_amx", None)),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return True
+
+
+def _shares_storage(a: Tensor, b: Tensor) -> bool:
+    # The kernel reads its inputs while it writes out: views of one buffer take the safe path.
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def kernel_available(dtype: torch.dtype) -> bool:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from kernels.cpu_linear import linear
+from kernels.cpu_linear import linear, linear_add_, lora_dense_
 
 try:  # Triton is optional: the PyTorch path needs none.
     import triton
@@ -242,9 +242,12 @@ def _use_dense(stack: LoraStack, mapping: LoraMapping) -> bool:
 
 
 def _dense(y: Tensor, x: Tensor, stack: LoraStack, mapping: LoraMapping) -> None:
+    mask = mapping.column_mask(stack.slot_ranks, x.dtype)
+    # Decode batches: the ops below in one C call (a step makes ~100 of these).
+    if lora_dense_(y, x, stack.a2d, mask, stack.b, stack.slices):
+        return
     tokens = x.shape[0]
     shrunk = linear(x, stack.a2d).view(tokens, len(stack.slices), stack.num_columns)
-    mask = mapping.column_mask(stack.slot_ranks, shrunk.dtype)
     if mask is None:
         pass
     elif mask.dtype == torch.int16:
@@ -253,7 +256,8 @@ def _dense(y: Tensor, x: Tensor, stack: LoraStack, mapping: LoraMapping) -> None
         shrunk.mul_(mask.unsqueeze(1))
     for p, ((start, width), b) in enumerate(zip(stack.slices, stack.b_slices, strict=True)):
         # The C GEMV (B row-major): torch's bf16 GEMMs of these shapes are several times slower.
-        y[:, start : start + width].add_(linear(shrunk[:, p], b))
+        # It adds into y as it stores (a temporary and a bf16 add per slice cost ~20 us).
+        linear_add_(y[:, start : start + width], shrunk[:, p], b)
 
 
 def _segmented(y: Tensor, x: Tensor, stack: LoraStack, mapping: LoraMapping) -> None:

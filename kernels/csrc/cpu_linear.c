@@ -106,21 +106,24 @@ INLINE int64_t clamp_row(int r, int valid) { return r < valid ? r : valid - 1; }
 
 // The end of a block, shared by every M (kept out of line: it runs once per block, and one copy
 // instead of sixteen keeps compile time down): the partial last chunk of K with masked loads
-// (masked-off lanes are zeros, adding exact zeros), the horizontal sum, the bias, the store.
+// (masked-off lanes are zeros, adding exact zeros), the horizontal sum, the bias, the store
+// (of the valid rows only: a repeated row must not be added twice). `accumulate` adds the
+// rounded result to what `out` holds and rounds again, as out.add_(linear(...)) would.
 static void finish_block(const __m512 *partial, const elem_t *const *row, const elem_t *x,
                          const elem_t *bias, elem_t *out, int64_t k, int64_t kk, int64_t ldx,
-                         int64_t ldo, int m, int rows, int valid) {
+                         int64_t ldo, int m, int valid, int accumulate) {
     const lane_mask_t tail = (lane_mask_t)((1ull << (k - kk)) - 1);
-    for (int r = 0; r < rows; r++) {
-        const int64_t n = clamp_row(r, valid);
-        const float b = bias ? to_f32(bias[n]) : 0.0f;
+    for (int r = 0; r < valid; r++) {
+        const float b = bias ? to_f32(bias[r]) : 0.0f;
         for (int i = 0; i < m; i++) {
             __m512 acc = partial[r * MAX_M + i];
             if (kk < k) {
                 const vec_t wv = load_lanes(tail, row[r] + kk);
                 acc = multiply_add(acc, wv, load_lanes(tail, x + i * ldx + kk));
             }
-            out[i * ldo + n] = from_f32(_mm512_reduce_add_ps(acc) + b);
+            elem_t *target = out + i * ldo + r;
+            const elem_t value = from_f32(_mm512_reduce_add_ps(acc) + b);
+            *target = accumulate ? from_f32(to_f32(*target) + to_f32(value)) : value;
         }
     }
 }
@@ -128,7 +131,7 @@ static void finish_block(const __m512 *partial, const elem_t *const *row, const 
 // One block: `rows` weight rows (a compile-time count) times `m` input rows.
 INLINE void dot_block(const elem_t *restrict w, const elem_t *restrict x, const elem_t *bias,
                       elem_t *restrict out, int64_t k, int64_t ldx, int64_t ldo, const int m,
-                      const int rows, int valid) {
+                      const int rows, int valid, int accumulate) {
     const elem_t *row[MAX_BLOCK_ROWS];
     __m512 acc[MAX_BLOCK_ROWS][MAX_M];
 #pragma GCC unroll 4
@@ -154,7 +157,7 @@ INLINE void dot_block(const elem_t *restrict w, const elem_t *restrict x, const 
             for (int r = 0; r < rows; r++) acc[r][i] = multiply_add(acc[r][i], wv[r], xv);
         }
     }
-    finish_block(&acc[0][0], row, x, bias, out, k, kk, ldx, ldo, m, rows, valid);
+    finish_block(&acc[0][0], row, x, bias, out, k, kk, ldx, ldo, m, valid, accumulate);
 }
 
 // One function per M so the loops above unroll fully and the accumulators live in registers.
@@ -162,12 +165,12 @@ INLINE void dot_block(const elem_t *restrict w, const elem_t *restrict x, const 
 #define ROWS_FOR(M) ((M) <= 4 ? 4 : (M) <= 8 ? 2 : 1)
 
 typedef void (*block_fn)(const elem_t *, const elem_t *, const elem_t *, elem_t *, int64_t,
-                         int64_t, int64_t, int);
+                         int64_t, int64_t, int, int);
 
 #define DEFINE_BLOCK(M)                                                                         \
     static void block_##M(const elem_t *w, const elem_t *x, const elem_t *bias, elem_t *out,    \
-                          int64_t k, int64_t ldx, int64_t ldo, int valid) {                     \
-        dot_block(w, x, bias, out, k, ldx, ldo, M, ROWS_FOR(M), valid);                         \
+                          int64_t k, int64_t ldx, int64_t ldo, int valid, int accumulate) {     \
+        dot_block(w, x, bias, out, k, ldx, ldo, M, ROWS_FOR(M), valid, accumulate);             \
     }
 
 DEFINE_BLOCK(1)
@@ -195,23 +198,25 @@ static const block_fn BLOCKS[MAX_M + 1] = {
 typedef struct {
     const elem_t *x, *w, *bias;
     elem_t *out;
-    int64_t ldx, n, k;
+    int64_t ldx, ldo, n, k;
     block_fn block;
     int64_t rows;  // per block
+    int accumulate;
 } job_t;
 
 static void run_block(const job_t *job, int64_t b) {
     const int64_t n0 = b * job->rows;
     const int valid = (int)(job->n - n0 < job->rows ? job->n - n0 : job->rows);
     job->block(job->w + n0 * job->k, job->x, job->bias ? job->bias + n0 : NULL, job->out + n0,
-               job->k, job->ldx, job->n, valid);
+               job->k, job->ldx, job->ldo, valid, job->accumulate);
 }
 
 // x: [m, k] with row stride ldx (elements); w: [n, k] contiguous; bias: [n] or NULL;
-// out: [m, n] contiguous; 1 <= m <= MAX_M.
+// out: [m, n] with row stride ldo; 1 <= m <= MAX_M. `accumulate`: out += the result.
 static void linear_avx512(const elem_t *x, int64_t ldx, const elem_t *w, const elem_t *bias,
-                          elem_t *out, int64_t m, int64_t n, int64_t k, int threads) {
-    const job_t job = {x, w, bias, out, ldx, n, k, BLOCKS[m], ROWS_FOR(m)};
+                          elem_t *out, int64_t ldo, int64_t m, int64_t n, int64_t k,
+                          int accumulate, int threads) {
+    const job_t job = {x, w, bias, out, ldx, ldo, n, k, BLOCKS[m], ROWS_FOR(m), accumulate};
     const int64_t blocks = (n + job.rows - 1) / job.rows;
     if (threads <= 1 || n * k * (int64_t)sizeof(elem_t) < PARALLEL_MIN_BYTES) {
         // Not even an OpenMP call: small matrices are most calls in a small model's forward.
@@ -305,7 +310,8 @@ typedef struct {
     const elem_t *w, *bias;
     const uint32_t *packed;
     elem_t *out;
-    int64_t m, n, k;
+    int64_t ldo, m, n, k;
+    int accumulate;
 } amx_job_t;
 
 // Weight rows [n0, n0 + 16) into the C tile. The prefetches fetch the same position of the
@@ -339,8 +345,19 @@ static void multiply_group(const amx_job_t *job, const elem_t *group) {
 // Output columns n0..n0+15 of every input row from the C tile, sums[r][i] (16 lanes at a time:
 // with short K, a scalar loop here cost more than the tile products): plus the bias, rounded to
 // bf16 exactly as from_f32 does, then stored where `keep` has a bit.
+INLINE __m256i round_to_bf16(__m512 sum) {
+    __m512i bits = _mm512_castps_si512(sum);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    bits = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16));
+}
+
+INLINE __m512 widen_bf16(__m256i values) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(values), 16));
+}
+
 static void store_group(const float (*sums)[MAX_M], const elem_t *bias, elem_t *out, int64_t ldo,
-                        int64_t m, __mmask16 keep) {
+                        int64_t m, __mmask16 keep, int accumulate) {
     const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7,
                                                                6, 5, 4, 3, 2, 1, 0),
                                               _mm512_set1_epi32(MAX_M));
@@ -349,10 +366,11 @@ static void store_group(const float (*sums)[MAX_M], const elem_t *bias, elem_t *
                           : _mm512_setzero_ps();
     for (int64_t i = 0; i < m; i++) {
         const __m512 sum = _mm512_add_ps(_mm512_i32gather_ps(column, &sums[0][i], 4), b);
-        __m512i bits = _mm512_castps_si512(sum);
-        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-        bits = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
-        const __m256i rounded = _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16));
+        __m256i rounded = round_to_bf16(sum);
+        if (accumulate) {
+            const __m256i held = _mm256_maskz_loadu_epi16(keep, out + i * ldo);
+            rounded = round_to_bf16(_mm512_add_ps(widen_bf16(held), widen_bf16(rounded)));
+        }
         _mm256_mask_storeu_epi16(out + i * ldo, keep, rounded);
     }
 }
@@ -369,8 +387,8 @@ static void amx_groups(const amx_job_t *job, int64_t begin, int64_t end) {
         multiply_group(job, job->w + n0 * job->k);
         _tile_stored(0, sums, MAX_M * 4);
         MEMORY_BARRIER();
-        store_group(sums, job->bias ? job->bias + n0 : NULL, job->out + n0, job->n, job->m,
-                    (__mmask16)(0xffffu << (first - n0)));
+        store_group(sums, job->bias ? job->bias + n0 : NULL, job->out + n0, job->ldo, job->m,
+                    (__mmask16)(0xffffu << (first - n0)), job->accumulate);
     }
     // Hand the tile state back so context switches stop saving 8 KB of it for this thread.
     _tile_release();
@@ -379,16 +397,17 @@ static void amx_groups(const amx_job_t *job, int64_t begin, int64_t end) {
 // As linear_avx512; matrices of fewer than 16 rows go to linear_avx512 whatever m is.
 // Returns 0, or -1 when the packing buffer cannot be allocated.
 static int linear_amx(const elem_t *x, int64_t ldx, const elem_t *w, const elem_t *bias,
-                      elem_t *out, int64_t m, int64_t n, int64_t k, int threads) {
+                      elem_t *out, int64_t ldo, int64_t m, int64_t n, int64_t k, int accumulate,
+                      int threads) {
     if (n < TILE_ROWS) {
-        linear_avx512(x, ldx, w, bias, out, m, n, k, threads);
+        linear_avx512(x, ldx, w, bias, out, ldo, m, n, k, accumulate, threads);
         return 0;
     }
     const int64_t chunks = (k + TILE_K - 1) / TILE_K;
     uint32_t *packed = packed_buffer(chunks * (TILE_K / 2) * MAX_M);
     if (packed == NULL) return -1;
     pack_pairs(x, ldx, (int)m, k, chunks, packed);
-    const amx_job_t job = {w, bias, packed, out, m, n, k};
+    const amx_job_t job = {w, bias, packed, out, ldo, m, n, k, accumulate};
     const int64_t groups = (n + TILE_ROWS - 1) / TILE_ROWS;
     if (threads <= 1 || n * k * (int64_t)sizeof(elem_t) < PARALLEL_MIN_BYTES) {
         amx_groups(&job, 0, groups);
@@ -405,33 +424,103 @@ static int linear_amx(const elem_t *x, int64_t ldx, const elem_t *w, const elem_
 #endif
 
 // ---------------------------------------------------------------------------------------------
-// Python binding: linear(x_ptr, ldx, w_ptr, bias_ptr or 0, out_ptr, m, n, k, threads) -> None,
+// Multi-LoRA for a batch (kernels/lora.py's dense path) in one call: the shrink of x by every
+// slot's A of every slice, the rows' slot weights applied to the shrunk columns, then per slice
+// y[:, start : start + width] += shrunk[:, slice] @ B_slice^T. The very operations (and bits) of
+// the torch ops it replaces: linear into a bf16 temporary, a bitwise AND with an int16 mask of
+// 0 / -1 (mask_kind 1) or a product rounded to elem_t (mask_kind 2), and linear adds into y.
+
+typedef struct {
+    const elem_t *x, *a, *b, *mask;
+    elem_t *shrunk, *y;
+    const int64_t *starts, *widths;
+    int64_t ldx, ldy, slices, columns, m, k;
+    int mask_kind, amx, threads;
+} lora_t;
+
+static int project(const lora_t *job, const elem_t *x, int64_t ldx, const elem_t *w,
+                   elem_t *out, int64_t ldo, int64_t n, int64_t k, int accumulate) {
+#if defined(TANDEM_BF16)
+    if (job->amx) return linear_amx(x, ldx, w, NULL, out, ldo, job->m, n, k, accumulate,
+                                    job->threads);
+#endif
+    linear_avx512(x, ldx, w, NULL, out, ldo, job->m, n, k, accumulate, job->threads);
+    return 0;
+}
+
+static void apply_mask(const lora_t *job) {
+    const int64_t total = job->slices * job->columns;
+    for (int64_t i = 0; i < job->m; i++) {
+        for (int64_t p = 0; p < job->slices; p++) {
+            elem_t *row = job->shrunk + i * total + p * job->columns;
+            const elem_t *weights = job->mask + i * job->columns;
+            for (int64_t c = 0; c < job->columns; c++) {
+#if defined(TANDEM_BF16)
+                if (job->mask_kind == 1) {
+                    row[c] &= weights[c];
+                    continue;
+                }
+#endif
+                row[c] = from_f32(to_f32(row[c]) * to_f32(weights[c]));
+            }
+        }
+    }
+}
+
+static int lora_dense(const lora_t *job) {
+    const int64_t total = job->slices * job->columns;
+    if (project(job, job->x, job->ldx, job->a, job->shrunk, total, total, job->k, 0) != 0) {
+        return -1;
+    }
+    if (job->mask_kind != 0) apply_mask(job);
+    const elem_t *b = job->b;
+    for (int64_t p = 0; p < job->slices; p++) {
+        if (project(job, job->shrunk + p * job->columns, total, b, job->y + job->starts[p],
+                    job->ldy, job->widths[p], job->columns, 1) != 0) {
+            return -1;
+        }
+        b += job->widths[p] * job->columns;
+    }
+    return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Python binding: linear(x_ptr, ldx, w_ptr, bias_ptr or 0, out_ptr, m, n, k, threads
+// [, ldo, accumulate]) -> None (without the last two: out contiguous, overwritten),
 // pointers as the integers Tensor.data_ptr() returns, and linear_amx with the same arguments
 // once enable_amx() has returned True. The caller (kernels/cpu_linear.py) has checked dtypes,
-// shapes and contiguity; here only m, which indexes BLOCKS, is checked.
+// shapes and contiguity; here only m, which indexes BLOCKS, and ldo >= n are checked.
 
 typedef struct {
     const elem_t *x, *w, *bias;
     elem_t *out;
-    int64_t ldx, m, n, k;
-    int threads;
+    int64_t ldx, ldo, m, n, k;
+    int accumulate, threads;
 } call_t;
 
 static int parse_call(PyObject *const *args, Py_ssize_t nargs, call_t *call) {
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError, "linear() takes 9 integer arguments");
+    if (nargs != 9 && nargs != 11) {
+        PyErr_SetString(PyExc_TypeError, "linear() takes 9 or 11 integer arguments");
         return -1;
     }
-    long long v[9];
-    for (int i = 0; i < 9; i++) v[i] = PyLong_AsLongLong(args[i]);
+    long long v[11];
+    for (int i = 0; i < nargs; i++) v[i] = PyLong_AsLongLong(args[i]);
     if (PyErr_Occurred()) return -1;
+    if (nargs == 9) {
+        v[9] = v[6];  // out contiguous
+        v[10] = 0;    // overwritten
+    }
     if (v[5] < 1 || v[5] > MAX_M) {
         PyErr_SetString(PyExc_ValueError, "linear() needs 1 <= m <= MAX_M");
         return -1;
     }
+    if (v[9] < v[6]) {
+        PyErr_SetString(PyExc_ValueError, "linear() needs ldo >= n");
+        return -1;
+    }
     *call = (call_t){(const elem_t *)(intptr_t)v[0], (const elem_t *)(intptr_t)v[2],
                      (const elem_t *)(intptr_t)v[3], (elem_t *)(intptr_t)v[4],
-                     v[1], v[5], v[6], v[7], (int)v[8]};
+                     v[1], v[9], v[5], v[6], v[7], v[10] != 0, (int)v[8]};
     return 0;
 }
 
@@ -441,7 +530,7 @@ static PyObject *py_linear(PyObject *module, PyObject *const *args, Py_ssize_t n
     if (parse_call(args, nargs, &c) != 0) return NULL;
     // The weights stream for tens of microseconds or more: let other Python threads run.
     Py_BEGIN_ALLOW_THREADS
-    linear_avx512(c.x, c.ldx, c.w, c.bias, c.out, c.m, c.n, c.k, c.threads);
+    linear_avx512(c.x, c.ldx, c.w, c.bias, c.out, c.ldo, c.m, c.n, c.k, c.accumulate, c.threads);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -453,7 +542,8 @@ static PyObject *py_linear_amx(PyObject *module, PyObject *const *args, Py_ssize
     if (parse_call(args, nargs, &c) != 0) return NULL;
     int status;
     Py_BEGIN_ALLOW_THREADS
-    status = linear_amx(c.x, c.ldx, c.w, c.bias, c.out, c.m, c.n, c.k, c.threads);
+    status = linear_amx(c.x, c.ldx, c.w, c.bias, c.out, c.ldo, c.m, c.n, c.k, c.accumulate,
+                        c.threads);
     Py_END_ALLOW_THREADS
     if (status != 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
@@ -466,8 +556,41 @@ static PyObject *py_enable_amx(PyObject *module, PyObject *unused) {
 }
 #endif
 
+// lora_dense(x, ldx, a, shrunk, mask or 0, mask_kind, b, y, ldy, starts, widths, slices,
+//            columns, m, k, amx, threads): see lora_dense above; starts and widths are int64
+// arrays of `slices` entries, shrunk an [m, slices * columns] buffer.
+static PyObject *py_lora_dense(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 17) {
+        PyErr_SetString(PyExc_TypeError, "lora_dense() takes 17 integer arguments");
+        return NULL;
+    }
+    long long v[17];
+    for (int i = 0; i < 17; i++) v[i] = PyLong_AsLongLong(args[i]);
+    if (PyErr_Occurred()) return NULL;
+    if (v[13] < 1 || v[13] > MAX_M) {
+        PyErr_SetString(PyExc_ValueError, "lora_dense() needs 1 <= m <= MAX_M");
+        return NULL;
+    }
+    const lora_t job = {
+        (const elem_t *)(intptr_t)v[0], (const elem_t *)(intptr_t)v[2],
+        (const elem_t *)(intptr_t)v[6], (const elem_t *)(intptr_t)v[4],
+        (elem_t *)(intptr_t)v[3], (elem_t *)(intptr_t)v[7],
+        (const int64_t *)(intptr_t)v[9], (const int64_t *)(intptr_t)v[10],
+        v[1], v[8], v[11], v[12], v[13], v[14], (int)v[5], (int)v[15], (int)v[16],
+    };
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = lora_dense(&job);
+    Py_END_ALLOW_THREADS
+    if (status != 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef METHODS[] = {
     {"linear", (PyCFunction)(void (*)(void))py_linear, METH_FASTCALL, "AVX-512 kernel"},
+    {"lora_dense", (PyCFunction)(void (*)(void))py_lora_dense, METH_FASTCALL,
+     "multi-LoRA shrink, slot weights and expand in one call"},
 #if defined(TANDEM_BF16)
     {"linear_amx", (PyCFunction)(void (*)(void))py_linear_amx, METH_FASTCALL, "AMX kernel"},
     {"enable_amx", py_enable_amx, METH_NOARGS, "Ask Linux for AMX state; True if granted"},

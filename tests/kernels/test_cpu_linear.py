@@ -20,6 +20,7 @@ from kernels.cpu_linear import (
     MAX_ROWS,
     kernel_available,
     linear,
+    linear_add_,
     set_variant,
     uses_fast_path,
     variants,
@@ -217,6 +218,45 @@ def test_non_contiguous_inputs(kernel_dtype: torch.dtype) -> None:
 
 
 @needs_fast_kernels
+@needs_fast_kernels
+@pytest.mark.parametrize("shape", SHAPES)
+def test_linear_add_equals_adding_the_linear_bit_for_bit(
+    kernel_dtype: torch.dtype, shape: tuple[int, int]
+) -> None:
+    """Into a column slice of a wider matrix (strided rows), for every batch size: the same bits
+    as out.add_(linear(x, w)), whose product is itself checked against float64 above. Blocks
+    whose last rows repeat (N not a multiple of the block) must not add those rows twice."""
+    n, k = shape
+    weight = make((n, k), kernel_dtype, seed=n)
+    for m in range(1, MAX_ROWS + 1):
+        x = make((m, k), kernel_dtype, seed=m)
+        wide = make((m, n + 7), kernel_dtype, seed=m + 100)
+        expected = wide.clone()
+        expected[:, 3 : 3 + n].add_(linear(x, weight))
+        assert uses_fast_path(x, weight)
+        linear_add_(wide[:, 3 : 3 + n], x, weight)
+        assert torch.equal(wide, expected), (m, n, k)
+
+
+@needs_fast_kernels
+def test_linear_add_takes_torchs_path_for_what_the_kernel_does_not() -> None:
+    weight = make((40, 64), torch.bfloat16, seed=1)
+    x = make((3, 64), torch.bfloat16, seed=2)
+    out = make((3, 40), torch.bfloat16, seed=3)
+    expected = out.clone().add_(linear(x, weight))
+    linear_add_(out, x, weight)
+    assert torch.equal(out, expected)
+    # float32 out for bf16 weights, a transposed out, and an out that is x itself.
+    out32 = make((3, 40), torch.float32, seed=4)
+    assert torch.equal(linear_add_(out32.clone(), x, weight), out32 + linear(x, weight).float())
+    out_t = make((40, 3), torch.bfloat16, seed=5).t()
+    assert torch.equal(linear_add_(out_t.clone(), x, weight), out_t.clone().add_(linear(x, weight)))
+    square = make((64, 64), torch.bfloat16, seed=6)
+    rows = make((3, 64), torch.bfloat16, seed=7)
+    expected = rows.clone().add_(linear(rows, square))
+    assert torch.equal(linear_add_(rows, rows, square), expected)
+
+
 @pytest.mark.parametrize("m", [MAX_ROWS + 1, 64])
 def test_large_batches_fall_back_to_torch(m: int) -> None:
     weight = make((48, 64), torch.bfloat16, seed=15)

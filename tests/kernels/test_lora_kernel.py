@@ -224,3 +224,49 @@ def test_triton_kernels_compile_for_a_gpu(compile_for_h100) -> None:
     ]
     for kernel, constants in kernels:
         compile_for_h100(kernel, constants, pointers, "i32")
+
+
+@pytest.mark.parametrize(
+    ("ranks", "runs", "mask_kind"),
+    [
+        ((16, 16, 8), [(0, 2, [(0, 1.0)]), (2, 3, [(2, 1.0)]), (5, 1, [])], "int16"),
+        ((4, 0, 17, 1, 8), CASES[0][5], "float"),
+        ((16,), [(0, 3, [(0, 1.0)])], "none"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("dtype", "variant"),
+    [(torch.bfloat16, "amx"), (torch.bfloat16, "avx512"), (torch.float32, "avx512")],
+)
+def test_dense_in_one_c_call_equals_the_ops_one_by_one(
+    ranks: tuple, runs: list, mask_kind: str, dtype: torch.dtype, variant: str
+) -> None:
+    """kernels.cpu_linear.lora_dense_ (what the dense path runs for decode batches) against the
+    same dense path op by op: the same bits, whichever mask the rows' weights give."""
+    from kernels import cpu_linear
+
+    if variant not in cpu_linear.variants(dtype):
+        pytest.skip(f"this CPU cannot run the {variant} kernel")
+    slices = ((0, 40), (56, 24), (80, 136))  # a gap between slices; the last wide
+    stack = make_stack(ranks, slices, 72, dtype)
+    tokens = max(first + count for first, count, _ in runs)
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(tokens, 72, generator=generator).to(dtype)
+    y = torch.randn(tokens, 230, generator=generator).to(dtype)
+    mapping = LoraMapping.build(tokens, len(ranks), runs)
+    mask = mapping.column_mask(stack.slot_ranks, dtype)
+    kinds = {None: "none", torch.int16: "int16", dtype: "float"}
+    wanted = "float" if mask_kind == "int16" and dtype.itemsize == 4 else mask_kind  # no int16 bits
+    assert kinds[None if mask is None else mask.dtype] == wanted
+    default = cpu_linear.variants(dtype)[0]
+    cpu_linear.set_variant(dtype, variant)
+    try:
+        fused, one_by_one = y.clone(), y.clone()
+        assert cpu_linear.lora_dense_(fused, x, stack.a2d, mask, stack.b, stack.slices)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(lora, "lora_dense_", lambda *args: False)
+            lora._dense(one_by_one, x, stack, mapping)
+    finally:
+        cpu_linear.set_variant(dtype, default)
+    assert torch.equal(fused, one_by_one)
+    assert not torch.equal(fused, y)  # the adapters did add something
