@@ -445,7 +445,7 @@ typedef struct {
     int64_t lda, ldd, experts, vocab, num_alphas;
 } sweep_t;
 
-INLINE void sweep(const sweep_t *job, int64_t task) {
+static void sweep(const sweep_t *job, int64_t task) {
     const int64_t pair = task / job->num_alphas, g = task % job->num_alphas, v = job->vocab;
     const float *a = job->a + (pair / job->experts) * job->lda, *d = job->d + pair * job->ldd;
     const float alpha = job->alphas[g];
@@ -486,14 +486,77 @@ INLINE void sweep(const sweep_t *job, int64_t task) {
     job->mean[pair * job->num_alphas + g] = weighted / safe;
 }
 
+// The sweep again with AVX-512 where the CPU has it (chosen at run time; the module is built for
+// AVX2): the exponentials are the sweep's cost, and 16 lanes do them at twice the rate. exp16 is
+// exp8 lane for lane (the same operations), so only the order of the sums differs.
+#define AVX512 __attribute__((target("avx512f")))
+
+AVX512 static inline __m512 exp16(__m512 x) {
+    const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    const __m512i exponent = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
+    const __m512 result = _mm512_mul_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(exponent, 23)));
+    return _mm512_maskz_mov_ps((__mmask16)~underflow, result);
+}
+
+AVX512 static void sweep16(const sweep_t *job, int64_t task) {
+    const int64_t pair = task / job->num_alphas, g = task % job->num_alphas, v = job->vocab;
+    const float *a = job->a + (pair / job->experts) * job->lda, *d = job->d + pair * job->ldd;
+    const float alpha = job->alphas[g];
+    const __m512 alpha16 = _mm512_set1_ps(alpha);
+    __m512 top16 = _mm512_set1_ps(-INFINITY);
+    int64_t i = 0;
+    for (; i + 16 <= v; i += 16) {
+        const __m512 z = _mm512_add_ps(_mm512_loadu_ps(a + i),
+                                       _mm512_mul_ps(alpha16, _mm512_loadu_ps(d + i)));
+        top16 = _mm512_max_ps(top16, z);
+    }
+    float top = _mm512_reduce_max_ps(top16);
+    for (int64_t j = i; j < v; j++) {
+        const float z = a[j] + alpha * d[j];
+        top = z > top ? z : top;
+    }
+    if (!isfinite(top)) top = 0.0f;
+    const __m512 top_16 = _mm512_set1_ps(top);
+    __m512 sum16 = _mm512_setzero_ps(), weighted16 = _mm512_setzero_ps();
+    for (i = 0; i + 16 <= v; i += 16) {
+        const __m512 dv = _mm512_loadu_ps(d + i);
+        const __m512 z = _mm512_add_ps(_mm512_loadu_ps(a + i), _mm512_mul_ps(alpha16, dv));
+        const __m512 e = exp16(_mm512_sub_ps(z, top_16));
+        sum16 = _mm512_add_ps(sum16, e);
+        weighted16 = _mm512_fmadd_ps(e, dv, weighted16);
+    }
+    float total = _mm512_reduce_add_ps(sum16), weighted = _mm512_reduce_add_ps(weighted16);
+    for (; i < v; i++) {
+        const float e = expf(a[i] + alpha * d[i] - top);
+        total += e;
+        weighted += e * d[i];
+    }
+    const float safe = total > 0.0f ? total : 1.0f;
+    job->lse[pair * job->num_alphas + g] = top + logf(safe);
+    job->mean[pair * job->num_alphas + g] = weighted / safe;
+}
+
 static void fusion_sweep(const sweep_t *job, int64_t pairs, int threads) {
     const int64_t tasks = pairs * job->num_alphas;
+    void (*run)(const sweep_t *, int64_t) = __builtin_cpu_supports("avx512f") ? sweep16 : sweep;
     if (threads <= 1 || tasks < 2 || tasks * job->vocab < PARALLEL_MIN_ELEMENTS) {
-        for (int64_t task = 0; task < tasks; task++) sweep(job, task);
+        for (int64_t task = 0; task < tasks; task++) run(job, task);
         return;
     }
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t task = 0; task < tasks; task++) sweep(job, task);
+    for (int64_t task = 0; task < tasks; task++) run(job, task);
 }
 
 // Dynamic logit fusion's statistics (kernels/fusion.py) for every pair p = (b, t), with a the
