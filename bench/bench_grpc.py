@@ -9,6 +9,7 @@ reported with the best of each. Whichever side is not being measured is idle (th
 stepping thread blocks on its inbox).
 
     python bench/bench_grpc.py [--model DIR] [--repeats 5] [--max-new-tokens 64] [--batch 1 8]
+        [--server-env NAME=VALUE ...]
 
 Prints figures, asserts nothing. Greedy, EOS ignored, 32-token random prompts, a fresh prompt
 for every call.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import random
 import statistics
 import subprocess
@@ -41,6 +43,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set in the server's environment only (e.g. OpenMP's wait policy), repeatable",
+    )
     args = parser.parse_args()
 
     import grpc
@@ -55,6 +64,7 @@ def main() -> None:
         [sys.executable, "-m", "server.cli", "serve", "--model", model, "--port", str(port),
          "--dtype", "bfloat16"],
         cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, **dict(item.split("=", 1) for item in args.server_env)},
     )  # fmt: skip
     try:
         progress("loading the engine in this process")
