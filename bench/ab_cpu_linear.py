@@ -6,7 +6,9 @@ example the previous commit's: `git show HEAD~1:kernels/csrc/cpu_linear.c > /tmp
 two modules, then runs batch-8 decode on the benchmark model (bench/make_bench_model.py), with
 no adapter and with 8 distinct rank-16 LoRA adapters (bench/bench_lora.py's), switching the
 bf16 kernel between the two versions at every step. Prints the median step time of each version;
-both see the same drift. Nothing is asserted.
+both see the same drift. Nothing is asserted. The other version must take the 11-argument call
+(output row stride, accumulate) that kernels.cpu_linear.linear_add_ makes: sources from before
+it (commit 9898dc5) fail on the adapter steps.
 
     python bench/ab_cpu_linear.py --other /tmp/old.c [--steps 60] [--rounds 2]
 """

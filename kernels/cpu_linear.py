@@ -194,14 +194,16 @@ def lora_dense_(
         ):
             return False
         mask_kind = 1 if mask.dtype is torch.int16 else 2
-    module = kernel.__self__
+    fused = getattr(kernel.__self__, "lora_dense", None)  # absent from builds before it
+    if fused is None:
+        return False
     shrunk = x.new_empty(m, total)
     layout = torch.tensor([start for start, _ in slices] + widths, dtype=torch.int64)
-    module.lora_dense(
+    fused(
         rows.data_ptr(), rows.stride(0), a.data_ptr(), shrunk.data_ptr(),
         0 if mask is None else mask.data_ptr(), mask_kind, b.data_ptr(), y.data_ptr(),
         y.stride(0) if m > 1 else y.shape[1], layout.data_ptr(), layout.data_ptr() + 8 * num_slices,
-        num_slices, columns, m, k, int(kernel is getattr(module, "linear_amx", None)),
+        num_slices, columns, m, k, int(kernel is getattr(kernel.__self__, "linear_amx", None)),
         torch.get_num_threads(),
     )  # fmt: skip
     return True
