@@ -147,13 +147,16 @@ def lora_dense_(
     mask: Tensor | None,
     b: Tensor,
     slices: Sequence[tuple[int, int]],
+    skip: Tensor | None = None,
 ) -> bool:
     """Multi-LoRA's dense decode step in one C call, the same bits as kernels.lora's ops:
     shrunk = linear(x, a) viewed [m, P, C]; shrunk &= mask (int16 0 / -1) or *= mask ([m, C],
     broadcast over the P slices; None: no mask); then for each slice p, (start, width):
     y[:, start : start + width] += linear(shrunk[:, p], B_p), B_p the next `width` rows of b.
-    a: [P * C, K], b: [sum of widths, C], both contiguous. Returns False, having done nothing,
-    where the kernel does not apply (the caller then runs the ops one by one)."""
+    a: [P * C, K], b: [sum of widths, C], both contiguous. skip: uint8 [ceil(P * C / 16)], 1 for
+    the 16-row groups of a whose rows no mask lets through (the AMX kernel then does not read
+    them; their shrunk columns are 0 before the mask instead). Returns False, having done
+    nothing, where the kernel does not apply (the caller then runs the ops one by one)."""
     kernel = _kernels.get(a.dtype, _NOT_LOADED)
     if kernel is _NOT_LOADED:
         kernel = _load_kernel(a.dtype)
@@ -197,6 +200,12 @@ def lora_dense_(
     fused = getattr(kernel.__self__, "lora_dense", None)  # absent from builds before it
     if fused is None:
         return False
+    if skip is not None and (
+        skip.dtype is not torch.uint8
+        or not skip.is_contiguous()
+        or skip.shape != ((total + 15) // 16,)
+    ):
+        return False
     shrunk = x.new_empty(m, total)
     layout = torch.tensor([start for start, _ in slices] + widths, dtype=torch.int64)
     fused(
@@ -204,7 +213,7 @@ def lora_dense_(
         0 if mask is None else mask.data_ptr(), mask_kind, b.data_ptr(), y.data_ptr(),
         y.stride(0) if m > 1 else y.shape[1], layout.data_ptr(), layout.data_ptr() + 8 * num_slices,
         num_slices, columns, m, k, int(kernel is getattr(kernel.__self__, "linear_amx", None)),
-        torch.get_num_threads(),
+        torch.get_num_threads(), 0 if skip is None else skip.data_ptr(),
     )  # fmt: skip
     return True
 

@@ -129,6 +129,7 @@ class LoraMapping:
     segments: tuple[tuple[int, int, int], ...]  # host copy: (slot, first entry, length)
     waves: tuple[tuple[int, int], ...]  # (first segment, number of segments) of each wave
     _column_masks: dict[tuple, Tensor | None] = field(default_factory=dict, init=False, repr=False)
+    _idle_groups: dict[tuple, Tensor | None] = field(default_factory=dict, init=False, repr=False)
     _slot_weights: Tensor | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -194,6 +195,24 @@ class LoraMapping:
             self._slot_weights = weights
         return self._slot_weights
 
+    def idle_groups(self, slot_ranks: tuple[int, ...], num_slices: int) -> Tensor | None:
+        """uint8 [ceil(num_slices * sum(slot_ranks) / 16)]: 1 for each 16-row group of a stack's
+        A (slices one after the other, slots in order within each) that holds no row of a slot
+        this batch uses; None when every group holds one."""
+        key = (slot_ranks, num_slices)
+        if key not in self._idle_groups:
+            used = {slot for slot, _, _ in self.segments}
+            rows = torch.tensor(
+                [slot in used for slot, rank in enumerate(slot_ranks) for _ in range(rank)],
+                dtype=torch.bool,
+            ).repeat(num_slices)
+            groups = -(-rows.numel() // 16)
+            padded = torch.zeros(groups * 16, dtype=torch.bool)
+            padded[: rows.numel()] = rows
+            idle = ~padded.view(groups, 16).any(1)
+            self._idle_groups[key] = idle.to(torch.uint8) if bool(idle.any()) else None
+        return self._idle_groups[key]
+
     def column_mask(self, slot_ranks: tuple[int, ...], dtype: torch.dtype) -> Tensor | None:
         """[T, sum(slot_ranks)]: each row's weight for every column of a stack with these ranks,
         or None when it is 1 everywhere (one slot used by every row). For 16-bit `dtype` and
@@ -243,8 +262,10 @@ def _use_dense(stack: LoraStack, mapping: LoraMapping) -> bool:
 
 def _dense(y: Tensor, x: Tensor, stack: LoraStack, mapping: LoraMapping) -> None:
     mask = mapping.column_mask(stack.slot_ranks, x.dtype)
-    # Decode batches: the ops below in one C call (a step makes ~100 of these).
-    if lora_dense_(y, x, stack.a2d, mask, stack.b, stack.slices):
+    # Decode batches: the ops below in one C call (a step makes ~100 of these), which does not
+    # read the A rows of slots that no row uses.
+    skip = mapping.idle_groups(stack.slot_ranks, len(stack.slices))
+    if lora_dense_(y, x, stack.a2d, mask, stack.b, stack.slices, skip):
         return
     tokens = x.shape[0]
     shrunk = linear(x, stack.a2d).view(tokens, len(stack.slices), stack.num_columns)

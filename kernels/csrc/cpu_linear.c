@@ -315,15 +315,15 @@ typedef struct {
 } amx_job_t;
 
 // Weight rows [n0, n0 + 16) into the C tile. The prefetches fetch the same position of the
-// next group of rows, as the AVX-512 kernel does.
-static void multiply_group(const amx_job_t *job, const elem_t *group) {
+// next group of rows this thread will multiply (`next`), as the AVX-512 kernel does.
+static void multiply_group(const amx_job_t *job, const elem_t *group, const elem_t *next) {
     const int64_t k = job->k, full_chunks = k / TILE_K;
     MEMORY_BARRIER();  // the packed x
     _tile_zero(0);
     for (int64_t c = 0; c < full_chunks; c++) {
         const elem_t *chunk = group + c * TILE_K;
         for (int r = 0; r < TILE_ROWS; r++) {
-            _mm_prefetch((const char *)(chunk + (r + TILE_ROWS) * k), _MM_HINT_T0);
+            _mm_prefetch((const char *)(next + r * k + c * TILE_K), _MM_HINT_T0);
         }
         _tile_loadd(1, chunk, k * 2);
         _tile_loadd(2, job->packed + c * (TILE_K / 2) * MAX_M, MAX_M * 4);
@@ -378,13 +378,16 @@ static void store_group(const float (*sums)[MAX_M], const elem_t *bias, elem_t *
 // Groups [begin, end) of 16 weight rows. The last group of a matrix whose n is not a multiple
 // of 16 is shifted back to end at row n: it recomputes rows of the group before it (the same
 // values, as each row of C depends only on its own row of A) and writes only its new rows.
-static void amx_groups(const amx_job_t *job, int64_t begin, int64_t end) {
+static void amx_groups(const amx_job_t *job, const int64_t *list, int64_t begin, int64_t end) {
     float sums[TILE_ROWS][MAX_M] __attribute__((aligned(64)));
     configure_tiles((int)job->m);
-    for (int64_t g = begin; g < end; g++) {
+    for (int64_t index = begin; index < end; index++) {
+        const int64_t g = list ? list[index] : index;
         const int64_t first = g * TILE_ROWS;
         const int64_t n0 = first + TILE_ROWS <= job->n ? first : job->n - TILE_ROWS;
-        multiply_group(job, job->w + n0 * job->k);
+        // The next group in the list, or (at the end, and without a list) the adjacent one.
+        const int64_t after = list && index + 1 < end ? list[index + 1] * TILE_ROWS : n0 + TILE_ROWS;
+        multiply_group(job, job->w + n0 * job->k, job->w + after * job->k);
         _tile_stored(0, sums, MAX_M * 4);
         MEMORY_BARRIER();
         store_group(sums, job->bias ? job->bias + n0 : NULL, job->out + n0, job->ldo, job->m,
@@ -395,10 +398,12 @@ static void amx_groups(const amx_job_t *job, int64_t begin, int64_t end) {
 }
 
 // As linear_avx512; matrices of fewer than 16 rows go to linear_avx512 whatever m is.
-// Returns 0, or -1 when the packing buffer cannot be allocated.
-static int linear_amx(const elem_t *x, int64_t ldx, const elem_t *w, const elem_t *bias,
-                      elem_t *out, int64_t ldo, int64_t m, int64_t n, int64_t k, int accumulate,
-                      int threads) {
+// skip (NULL: none): per 16-row group, 1 where its outputs are not wanted; they are set to 0
+// (plus the bias) instead of computed, and the threads share the other groups.
+// Returns 0, or -1 when a buffer cannot be allocated.
+static int linear_amx_skipping(const elem_t *x, int64_t ldx, const elem_t *w, const elem_t *bias,
+                               elem_t *out, int64_t ldo, int64_t m, int64_t n, int64_t k,
+                               int accumulate, const uint8_t *skip, int threads) {
     if (n < TILE_ROWS) {
         linear_avx512(x, ldx, w, bias, out, ldo, m, n, k, accumulate, threads);
         return 0;
@@ -408,18 +413,45 @@ static int linear_amx(const elem_t *x, int64_t ldx, const elem_t *w, const elem_
     if (packed == NULL) return -1;
     pack_pairs(x, ldx, (int)m, k, chunks, packed);
     const amx_job_t job = {w, bias, packed, out, ldo, m, n, k, accumulate};
-    const int64_t groups = (n + TILE_ROWS - 1) / TILE_ROWS;
+    int64_t groups = (n + TILE_ROWS - 1) / TILE_ROWS;
+    int64_t *list = NULL;
+    if (skip != NULL) {
+        list = malloc((size_t)groups * sizeof(int64_t));
+        if (list == NULL) return -1;
+        int64_t kept = 0;
+        for (int64_t g = 0; g < groups; g++) {
+            if (!skip[g]) {
+                list[kept++] = g;
+                continue;
+            }
+            const int64_t end = (g + 1) * TILE_ROWS < n ? (g + 1) * TILE_ROWS : n;
+            for (int64_t i = 0; i < m; i++) {
+                for (int64_t row = g * TILE_ROWS; row < end; row++) {
+                    const elem_t zero = from_f32(bias ? to_f32(bias[row]) : 0.0f);
+                    out[i * ldo + row] = accumulate ? out[i * ldo + row] : zero;
+                }
+            }
+        }
+        groups = kept;
+    }
     if (threads <= 1 || n * k * (int64_t)sizeof(elem_t) < PARALLEL_MIN_BYTES) {
-        amx_groups(&job, 0, groups);
-        return 0;
-    }
+        amx_groups(&job, list, 0, groups);
+    } else {
 #pragma omp parallel num_threads(threads)
-    {
-        const int64_t thread = omp_get_thread_num(), team = omp_get_num_threads();
-        const int64_t begin = groups * thread / team, end = groups * (thread + 1) / team;
-        if (begin < end) amx_groups(&job, begin, end);
+        {
+            const int64_t thread = omp_get_thread_num(), team = omp_get_num_threads();
+            const int64_t begin = groups * thread / team, end = groups * (thread + 1) / team;
+            if (begin < end) amx_groups(&job, list, begin, end);
+        }
     }
+    free(list);
     return 0;
+}
+
+static int linear_amx(const elem_t *x, int64_t ldx, const elem_t *w, const elem_t *bias,
+                      elem_t *out, int64_t ldo, int64_t m, int64_t n, int64_t k, int accumulate,
+                      int threads) {
+    return linear_amx_skipping(x, ldx, w, bias, out, ldo, m, n, k, accumulate, NULL, threads);
 }
 #endif
 
@@ -434,15 +466,21 @@ typedef struct {
     const elem_t *x, *a, *b, *mask;
     elem_t *shrunk, *y;
     const int64_t *starts, *widths;
+    const uint8_t *skip;  // per 16-row group of a, 1 where no row's slot is used; or NULL
     int64_t ldx, ldy, slices, columns, m, k;
     int mask_kind, amx, threads;
 } lora_t;
 
 static int project(const lora_t *job, const elem_t *x, int64_t ldx, const elem_t *w,
-                   elem_t *out, int64_t ldo, int64_t n, int64_t k, int accumulate) {
+                   elem_t *out, int64_t ldo, int64_t n, int64_t k, int accumulate,
+                   const uint8_t *skip) {
 #if defined(TANDEM_BF16)
-    if (job->amx) return linear_amx(x, ldx, w, NULL, out, ldo, job->m, n, k, accumulate,
-                                    job->threads);
+    if (job->amx) {
+        return linear_amx_skipping(x, ldx, w, NULL, out, ldo, job->m, n, k, accumulate, skip,
+                                   job->threads);
+    }
+#else
+    (void)skip;
 #endif
     linear_avx512(x, ldx, w, NULL, out, ldo, job->m, n, k, accumulate, job->threads);
     return 0;
@@ -469,14 +507,16 @@ static void apply_mask(const lora_t *job) {
 
 static int lora_dense(const lora_t *job) {
     const int64_t total = job->slices * job->columns;
-    if (project(job, job->x, job->ldx, job->a, job->shrunk, total, total, job->k, 0) != 0) {
+    // Groups of A whose slots no row uses are not read: their columns would be masked to 0.
+    if (project(job, job->x, job->ldx, job->a, job->shrunk, total, total, job->k, 0, job->skip) !=
+        0) {
         return -1;
     }
     if (job->mask_kind != 0) apply_mask(job);
     const elem_t *b = job->b;
     for (int64_t p = 0; p < job->slices; p++) {
         if (project(job, job->shrunk + p * job->columns, total, b, job->y + job->starts[p],
-                    job->ldy, job->widths[p], job->columns, 1) != 0) {
+                    job->ldy, job->widths[p], job->columns, 1, NULL) != 0) {
             return -1;
         }
         b += job->widths[p] * job->columns;
@@ -557,16 +597,17 @@ static PyObject *py_enable_amx(PyObject *module, PyObject *unused) {
 #endif
 
 // lora_dense(x, ldx, a, shrunk, mask or 0, mask_kind, b, y, ldy, starts, widths, slices,
-//            columns, m, k, amx, threads): see lora_dense above; starts and widths are int64
-// arrays of `slices` entries, shrunk an [m, slices * columns] buffer.
+//            columns, m, k, amx, threads, skip or 0): see lora_dense above; starts and widths
+// are int64 arrays of `slices` entries, shrunk an [m, slices * columns] buffer, skip a uint8
+// array with one entry per 16 rows of a (rounded up).
 static PyObject *py_lora_dense(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
-    if (nargs != 17) {
-        PyErr_SetString(PyExc_TypeError, "lora_dense() takes 17 integer arguments");
+    if (nargs != 18) {
+        PyErr_SetString(PyExc_TypeError, "lora_dense() takes 18 integer arguments");
         return NULL;
     }
-    long long v[17];
-    for (int i = 0; i < 17; i++) v[i] = PyLong_AsLongLong(args[i]);
+    long long v[18];
+    for (int i = 0; i < 18; i++) v[i] = PyLong_AsLongLong(args[i]);
     if (PyErr_Occurred()) return NULL;
     if (v[13] < 1 || v[13] > MAX_M) {
         PyErr_SetString(PyExc_ValueError, "lora_dense() needs 1 <= m <= MAX_M");
@@ -577,6 +618,7 @@ static PyObject *py_lora_dense(PyObject *module, PyObject *const *args, Py_ssize
         (const elem_t *)(intptr_t)v[6], (const elem_t *)(intptr_t)v[4],
         (elem_t *)(intptr_t)v[3], (elem_t *)(intptr_t)v[7],
         (const int64_t *)(intptr_t)v[9], (const int64_t *)(intptr_t)v[10],
+        (const uint8_t *)(intptr_t)v[17],
         v[1], v[8], v[11], v[12], v[13], v[14], (int)v[5], (int)v[15], (int)v[16],
     };
     int status;

@@ -270,3 +270,37 @@ def test_dense_in_one_c_call_equals_the_ops_one_by_one(
         cpu_linear.set_variant(dtype, default)
     assert torch.equal(fused, one_by_one)
     assert not torch.equal(fused, y)  # the adapters did add something
+
+
+def test_dense_in_one_c_call_does_not_read_the_a_of_idle_slots() -> None:
+    """Four rank-16 slots, the batch uses 0 and 2: the groups of A of slots 1 and 3 are idle.
+    Poisoned with NaN there, the result is still the op-by-op result of a clean stack (with
+    0/1 weights the int16 mask clears NaN too; with 0.5 only a kernel that never read them
+    stays finite, which the AMX kernel is)."""
+    from kernels import cpu_linear
+
+    slices = ((0, 40), (40, 24))
+    runs_by_weight = {
+        1.0: [(0, 2, [(0, 1.0)]), (2, 2, [(2, 1.0)])],
+        0.5: [(0, 2, [(0, 0.5)]), (2, 2, [(2, 0.5)])],
+    }
+    for weight, runs in runs_by_weight.items():
+        clean = make_stack((16, 16, 16, 16), slices, 64, torch.bfloat16)
+        poisoned = LoraStack(clean.a.clone(), clean.b, slices, clean.slot_ranks)
+        for slot in (1, 3):
+            poisoned.a[:, 16 * slot : 16 * slot + 16] = torch.nan
+        mapping = LoraMapping.build(4, 4, runs)
+        skip = mapping.idle_groups(clean.slot_ranks, len(slices))
+        assert skip.tolist() == [0, 1, 0, 1, 0, 1, 0, 1]
+        generator = torch.Generator().manual_seed(3)
+        x = torch.randn(4, 64, generator=generator).to(torch.bfloat16)
+        y = torch.randn(4, 64, generator=generator).to(torch.bfloat16)
+        expected = y.clone()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(lora, "lora_dense_", lambda *args: False)
+            lora._dense(expected, x, clean, mapping)
+        if weight == 0.5 and "amx" not in cpu_linear.variants(torch.bfloat16):
+            continue  # the AVX-512 kernel reads every row; only the AMX kernel skips groups
+        out = y.clone()
+        lora._dense(out, x, poisoned, mapping)
+        assert torch.equal(out, expected), weight
