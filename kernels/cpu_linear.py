@@ -6,6 +6,9 @@ weight byte once, where torch's bf16 GEMV reaches about half the memory bandwidt
 case (prefill, other dtypes, autograd, other devices) goes to F.linear. Kernel variants, chosen
 once per process: "amx" (bf16 on Sapphire Rapids and later, as fast at 16 rows as at 1) and
 "avx512" (bf16 and fp32; its arithmetic grows with the rows, halving its speed by M = 16).
+Two uses of the same kernels for multi-LoRA decoding (kernels/lora.py): `linear_add_` adds the
+product into a slice of an existing output as it stores it, and `lora_dense_` runs a projection
+group's shrink, slot weights and expands in one call, skipping the A rows of idle slots.
 
 The kernels are batch invariant: row r of linear(X) equals linear(X[r:r+1]) bit for bit for
 any batch of up to MAX_ROWS rows, because each output element is computed by the same sequence
