@@ -65,7 +65,7 @@ def main() -> None:
 
     import torch
 
-    from bench.bench_lora import CACHE, write_adapter
+    from bench.bench_lora import load_bench_adapters
     from bench.interleave import interleaved_step_times
     from bench.make_bench_model import build_bench_model
     from engine.llm_engine import EngineConfig, LLMEngine
@@ -80,11 +80,7 @@ def main() -> None:
     }
     installers = kernel_installers(kernels)
     engine = LLMEngine.from_dir(build_bench_model(), EngineConfig(dtype="bfloat16", max_num_seqs=8))
-    ids = []
-    for i in range(8):
-        path = write_adapter(CACHE / f"lora-r16-{i}", engine.model.config, 16, seed=i)
-        engine.load_adapter(f"a{i}", path)
-        ids.append(f"a{i}")
+    ids = load_bench_adapters(engine, 8)
     interleaved_step_times(engine, installers, ids, 4)  # warm-up
     for round_index in range(args.rounds):
         base = interleaved_step_times(engine, installers, [None] * 8, args.steps)

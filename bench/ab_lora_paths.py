@@ -54,17 +54,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
-    from bench.bench_lora import CACHE, write_adapter
+    from bench.bench_lora import load_bench_adapters
     from bench.interleave import interleaved_step_times
     from bench.make_bench_model import build_bench_model
     from engine.llm_engine import EngineConfig, LLMEngine
 
     engine = LLMEngine.from_dir(build_bench_model(), EngineConfig(dtype="bfloat16", max_num_seqs=8))
-    ids = []
-    for i in range(16):
-        path = write_adapter(CACHE / f"lora-r16-{i}", engine.model.config, 16, seed=i)
-        engine.load_adapter(f"a{i}", path)
-        ids.append(f"a{i}")
+    ids = load_bench_adapters(engine, 16)
     installs = variants()
     interleaved_step_times(engine, installs, ids[:8], 4)  # warm-up; 8 slots filled
     for filled, used in ((8, ids[:8]), (16, ids[:8])):

@@ -29,6 +29,17 @@ CACHE = REPO_ROOT / "bench" / ".cache"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def load_bench_adapters(engine, count: int, rank: int = 16) -> list[str]:
+    """Register adapters a0..a{count-1} (random, cached, seeds 0..count-1) with the engine;
+    returns their ids."""
+    ids = []
+    for i in range(count):
+        path = write_adapter(CACHE / f"lora-r{rank}-{i}", engine.model.config, rank, seed=i)
+        engine.load_adapter(f"a{i}", path)
+        ids.append(f"a{i}")
+    return ids
+
+
 def write_adapter(out: Path, config, rank: int, seed: int) -> str:
     """A random PEFT LoRA directory on every projection of every layer (cached)."""
     import torch
@@ -122,13 +133,7 @@ def main() -> None:
 
     model_dir = build_bench_model()
     engine = LLMEngine.from_dir(model_dir, EngineConfig(dtype="bfloat16", max_num_seqs=8))
-    ids = []
-    for i in range(args.adapters):
-        path = write_adapter(
-            CACHE / f"lora-r{args.rank}-{i}", engine.model.config, args.rank, seed=i
-        )
-        engine.load_adapter(f"a{i}", path)
-        ids.append(f"a{i}")
+    ids = load_bench_adapters(engine, args.adapters, args.rank)
     batch = len(ids)
     others = [f"other{i}" for i in range(args.resident)]
     for i, other in enumerate(others):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from engine.batch import ForwardBatch
+from engine.batch import ForwardBatch, sequence_slots
 from kernels.cpu_ops import decode_attention
 
 
@@ -50,7 +50,7 @@ class AttentionMetadata:
     @property
     def context_slots(self) -> list[torch.Tensor]:
         """Per sequence, its KV slots [context_len]."""
-        return [row[:n] for row, n in zip(self.slot_table, self.context_lens, strict=True)]
+        return sequence_slots(self.slot_table, self.context_lens)
 
     def decode_gather(self, window: int | None) -> DecodeGather:
         if window not in self._decode_gathers:

@@ -31,9 +31,7 @@ class ForwardBatch:
     @property
     def context_slots(self) -> list[torch.Tensor]:
         """Per sequence, its KV slots [context_len] (views of slot_table)."""
-        return [
-            row[:length] for row, length in zip(self.slot_table, self.context_lens, strict=True)
-        ]
+        return sequence_slots(self.slot_table, self.context_lens)
 
     @property
     def num_tokens(self) -> int:
@@ -93,3 +91,8 @@ class ForwardBatch:
             slot_table=slot_table,
             logits_indices=torch.tensor(logits_indices, dtype=torch.int64),
         )
+
+
+def sequence_slots(slot_table: torch.Tensor, context_lens: list[int]) -> list[torch.Tensor]:
+    """Row i of a slot table cut to context_lens[i]: sequence i's KV slots (views)."""
+    return [row[:length] for row, length in zip(slot_table, context_lens, strict=True)]

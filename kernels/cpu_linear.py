@@ -23,6 +23,7 @@ Without gcc, Python's headers or AVX-512, `linear` is F.linear (with one warning
 
 from __future__ import annotations
 
+import functools
 import importlib.machinery
 import importlib.util
 import sysconfig
@@ -73,9 +74,7 @@ _load_lock = threading.Lock()
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """y = x @ weight.T + bias, exactly as torch.nn.functional.linear."""
-    kernel = _kernels.get(weight.dtype, _NOT_LOADED)
-    if kernel is _NOT_LOADED:
-        kernel = _load_kernel(weight.dtype)
+    kernel = _kernel(weight.dtype)
     rows = None if kernel is None else _kernel_rows(x, weight, bias)
     if rows is None:
         return F.linear(x, weight, bias)
@@ -105,9 +104,7 @@ def linear_add_(out: Tensor, x: Tensor, weight: Tensor) -> Tensor:
     """out += x @ weight.T in place, exactly as out.add_(linear(x, weight)) (the product rounded
     to out's dtype, then the sum), without the product's temporary: the kernel adds each result
     as it stores it. out [m, n] may be a column slice of a wider matrix (rows strided)."""
-    kernel = _kernels.get(weight.dtype, _NOT_LOADED)
-    if kernel is _NOT_LOADED:
-        kernel = _load_kernel(weight.dtype)
+    kernel = _kernel(weight.dtype)
     rows = None if kernel is None else _kernel_rows(x, weight, None)
     if (
         rows is None
@@ -160,9 +157,7 @@ def lora_dense_(
     the 16-row groups of a whose rows no mask lets through (the AMX kernel then does not read
     them; their shrunk columns are 0 before the mask instead). Returns False, having done
     nothing, where the kernel does not apply (the caller then runs the ops one by one)."""
-    kernel = _kernels.get(a.dtype, _NOT_LOADED)
-    if kernel is _NOT_LOADED:
-        kernel = _load_kernel(a.dtype)
+    kernel = _kernel(a.dtype)
     rows = None if kernel is None else _kernel_rows(x, a, None)
     if rows is None or x.dim() != 2 or rows.stride(1) != 1:
         return False
@@ -210,7 +205,7 @@ def lora_dense_(
     ):
         return False
     shrunk = x.new_empty(m, total)
-    layout = torch.tensor([start for start, _ in slices] + widths, dtype=torch.int64)
+    layout = _slice_layout(tuple(slices))
     fused(
         rows.data_ptr(), rows.stride(0), a.data_ptr(), shrunk.data_ptr(),
         0 if mask is None else mask.data_ptr(), mask_kind, b.data_ptr(), y.data_ptr(),
@@ -219,6 +214,17 @@ def lora_dense_(
         torch.get_num_threads(), 0 if skip is None else skip.data_ptr(),
     )  # fmt: skip
     return True
+
+
+def _kernel(dtype: torch.dtype) -> KernelFn | None:
+    kernel = _kernels.get(dtype, _NOT_LOADED)
+    return _load_kernel(dtype) if kernel is _NOT_LOADED else kernel
+
+
+@functools.lru_cache(maxsize=256)
+def _slice_layout(slices: tuple[tuple[int, int], ...]) -> Tensor:
+    # lora_dense_'s starts then widths, int64: a model has a handful of distinct slice tuples.
+    return torch.tensor([s for s, _ in slices] + [w for _, w in slices], dtype=torch.int64)
 
 
 def _shares_storage(a: Tensor, b: Tensor) -> bool:

@@ -448,17 +448,15 @@ def fusion_apply_ref(
     (0 wherever either is not finite) accumulated expert by expert in float32, an expert whose
     alphas are all 0 skipped; logits[rows[i], vocab:] = -inf. logits [N, W] float32; small[i]
     and experts[i][t] hold at least vocab floats; alphas [len(rows), E] float32."""
+    from kernels.fusion import fuse_static_ref  # kernels.fusion imports this module
+
     index = torch.tensor(list(rows), dtype=torch.int64)
-    fused = logits[index, :vocab]
-    base = torch.stack([row[:vocab] for row in small])
-    base_finite = torch.isfinite(base)
-    for t in range(alphas.shape[1]):
-        column = alphas[:, t : t + 1]
-        if not bool((column != 0).any()):
-            continue
-        expert = torch.stack([row[t][:vocab] for row in experts])
-        fused += column * torch.where(base_finite & torch.isfinite(expert), expert - base, 0.0)
-    logits[index, :vocab] = fused
+    logits[index, :vocab] = fuse_static_ref(
+        logits[index, :vocab],
+        torch.stack([row[:vocab] for row in small]),
+        torch.stack([torch.stack([t[:vocab] for t in row]) for row in experts]),
+        alphas,
+    )
     logits[index, vocab:] = -torch.inf
 
 
