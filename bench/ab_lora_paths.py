@@ -3,7 +3,8 @@
 Variants switched at every step (bench/interleave.py), so all see the same bandwidth drift:
 - "ops one by one": kernels/lora.py's dense path as separate calls (shrink, mask, an expand
   and a bf16 add per slice), as before session 9;
-- "one C call": kernels.cpu_linear.lora_dense_ (the default);
+- "one C call": kernels.cpu_linear.LoraDense, prepared once per stack (the default; with the
+  AMX kernel the shrink and every expand share one parallel region);
 - "one C call, reading idle slots": the same without skipping the A rows of slots no row uses.
 Batches: no adapter, and 8 adapters while 8 slots are filled, then while 16 are (the other 8
 served in between). Prints median step times and the ratios to no adapter; asserts nothing.
@@ -28,23 +29,23 @@ def variants() -> dict:
     from kernels import lora
     from kernels.cpu_linear import linear
 
-    fused, add, idle = lora.lora_dense_, lora.linear_add_, lora.LoraMapping.idle_groups
+    prepared, add, idle = lora.LoraStack.dense_call, lora.linear_add_, lora.LoraMapping.idle_groups
 
     def one_by_one_add(out, x, weight):
         return out.add_(linear(x, weight))
 
-    def install(fused_call, add_call, idle_groups):
+    def install(dense_call, add_call, idle_groups):
         def go() -> None:
-            lora.lora_dense_ = fused_call
+            lora.LoraStack.dense_call = dense_call
             lora.linear_add_ = add_call
             lora.LoraMapping.idle_groups = idle_groups
 
         return go
 
     return {
-        "ops one by one": install(lambda *args: False, one_by_one_add, idle),
-        "one C call": install(fused, add, idle),
-        "one C call, reading idle slots": install(fused, add, lambda self, *args: None),
+        "ops one by one": install(lambda self: None, one_by_one_add, idle),
+        "one C call": install(prepared, add, idle),
+        "one C call, reading idle slots": install(prepared, add, lambda self, *args: None),
     }
 
 

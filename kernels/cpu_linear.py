@@ -8,7 +8,8 @@ once per process: "amx" (bf16 on Sapphire Rapids and later, as fast at 16 rows a
 "avx512" (bf16 and fp32; its arithmetic grows with the rows, halving its speed by M = 16).
 Two uses of the same kernels for multi-LoRA decoding (kernels/lora.py): `linear_add_` adds the
 product into a slice of an existing output as it stores it, and `lora_dense_` runs a projection
-group's shrink, slot weights and expands in one call, skipping the A rows of idle slots.
+group's shrink, slot weights and expands in one call, skipping the A rows of idle slots (with
+the AMX kernel in one parallel region; `LoraDense` is that call with its weights checked once).
 
 The kernels are batch invariant: row r of linear(X) equals linear(X[r:r+1]) bit for bit for
 any batch of up to MAX_ROWS rows, because each output element is computed by the same sequence
@@ -156,69 +157,121 @@ def lora_dense_(
     a: [P * C, K], b: [sum of widths, C], both contiguous. skip: uint8 [ceil(P * C / 16)], 1 for
     the 16-row groups of a whose rows no mask lets through (the AMX kernel then does not read
     them; their shrunk columns are 0 before the mask instead). Returns False, having done
-    nothing, where the kernel does not apply (the caller then runs the ops one by one)."""
-    kernel = _kernel(a.dtype)
-    rows = None if kernel is None else _kernel_rows(x, a, None)
-    if rows is None or x.dim() != 2 or rows.stride(1) != 1:
-        return False
-    m, k = rows.shape
-    total = a.shape[0]
-    num_slices = len(slices)
-    columns = total // num_slices if num_slices else 0
-    widths = [width for _, width in slices]
-    if (
-        not num_slices
-        or columns * num_slices != total
-        or b.dtype is not a.dtype
-        or not b.is_cpu
-        or not b.is_contiguous()
-        or tuple(b.shape) != (sum(widths), columns)
-        or y.dtype is not a.dtype
-        or not y.is_cpu
-        or y.dim() != 2
-        or y.shape[0] != m
-        or y.stride(1) != 1
-        or (m > 1 and y.stride(0) < y.shape[1])
-        or any(start < 0 or width < 1 or start + width > y.shape[1] for start, width in slices)
-        or (torch.is_grad_enabled() and y.requires_grad)
-        or _shares_storage(y, x)
-    ):
-        return False
-    mask_kind = 0
-    if mask is not None:
+    nothing, where the kernel does not apply (the caller then runs the ops one by one).
+    A caller that runs the same a, b and slices again should keep LoraDense.prepare's call."""
+    call = LoraDense.prepare(a, b, slices)
+    return call is not None and call(y, x, mask, skip)
+
+
+class LoraDense:
+    """lora_dense_ for one (a, b, slices), checked once: a decode step runs each projection
+    group's adapters ~24 times with the same stacks, and checking them costs more than the
+    kernel's small calls. Holds a and b, so their memory stays while it lives."""
+
+    __slots__ = ("a", "b", "columns", "k", "layout", "min_width", "num_slices", "total")
+
+    def __init__(self, a: Tensor, b: Tensor, slices: tuple[tuple[int, int], ...]) -> None:
+        self.a, self.b = a, b
+        self.total, self.k = a.shape
+        self.num_slices = len(slices)
+        self.columns = self.total // self.num_slices
+        self.layout = _slice_layout(slices)
+        self.min_width = max(start + width for start, width in slices)
+
+    @classmethod
+    def prepare(cls, a: Tensor, b: Tensor, slices: Sequence[tuple[int, int]]) -> LoraDense | None:
+        """The call, or None where the kernel cannot take these weights."""
+        slices = tuple(slices)
+        if _kernel(a.dtype) is None or getattr(_module(a.dtype), "lora_dense", None) is None:
+            return None  # no kernel, or a build from before lora_dense
+        if not slices or a.dim() != 2 or not a.is_cpu or not a.is_contiguous():
+            return None
+        total, k = a.shape
+        widths = [width for _, width in slices]
+        columns = total // len(slices)
         if (
-            not mask.is_cpu
-            or not mask.is_contiguous()
-            or tuple(mask.shape) != (m, columns)
-            or mask.dtype not in (a.dtype, torch.int16)
-            or (mask.dtype is torch.int16 and a.dtype.itemsize != 2)
+            k < 1
+            or columns < 1
+            or columns * len(slices) != total
+            or b.dtype is not a.dtype
+            or not b.is_cpu
+            or not b.is_contiguous()
+            or tuple(b.shape) != (sum(widths), columns)
+            or any(start < 0 or width < 1 for start, width in slices)
+            or a.requires_grad
+            or b.requires_grad
+        ):
+            return None
+        return cls(a, b, slices)
+
+    def __call__(self, y: Tensor, x: Tensor, mask: Tensor | None, skip: Tensor | None) -> bool:
+        """As lora_dense_ with this call's a, b and slices. Every check reads as few tensor
+        attributes as it can: each costs a fraction of a microsecond, the kernel tens."""
+        dtype = self.a.dtype
+        kernel = _kernels.get(dtype)
+        if kernel is None or x.dtype is not dtype or y.dtype is not dtype:
+            return False
+        x_shape, y_shape = x.shape, y.shape
+        if len(x_shape) != 2 or len(y_shape) != 2 or not (x.is_cpu and y.is_cpu):
+            return False
+        m, k = x_shape
+        width = y_shape[1]
+        x_stride, x_element_stride = x.stride()
+        y_stride, y_element_stride = y.stride()
+        if m > 1 and y_stride < width:
+            return False
+        x_at, y_at, size = x.data_ptr(), y.data_ptr(), dtype.itemsize
+        x_end = x_at + ((m - 1) * x_stride + k) * size
+        y_end = y_at + ((m - 1) * y_stride + width) * size
+        if (
+            k != self.k
+            or not 0 < m <= MAX_ROWS
+            or y_shape[0] != m
+            or width < self.min_width
+            or x_element_stride != 1
+            or y_element_stride != 1
+            or (x_at < y_end and y_at < x_end)  # y overlaps x: it would change what is read
+            or (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad))
         ):
             return False
-        mask_kind = 1 if mask.dtype is torch.int16 else 2
-    fused = getattr(kernel.__self__, "lora_dense", None)  # absent from builds before it
-    if fused is None:
-        return False
-    if skip is not None and (
-        skip.dtype is not torch.uint8
-        or not skip.is_contiguous()
-        or skip.shape != ((total + 15) // 16,)
-    ):
-        return False
-    shrunk = x.new_empty(m, total)
-    layout = _slice_layout(tuple(slices))
-    fused(
-        rows.data_ptr(), rows.stride(0), a.data_ptr(), shrunk.data_ptr(),
-        0 if mask is None else mask.data_ptr(), mask_kind, b.data_ptr(), y.data_ptr(),
-        y.stride(0) if m > 1 else y.shape[1], layout.data_ptr(), layout.data_ptr() + 8 * num_slices,
-        num_slices, columns, m, k, int(kernel is getattr(kernel.__self__, "linear_amx", None)),
-        torch.get_num_threads(), 0 if skip is None else skip.data_ptr(),
-    )  # fmt: skip
-    return True
+        mask_kind = 0
+        if mask is not None:
+            if (
+                mask.shape != (m, self.columns)
+                or not mask.is_cpu
+                or not mask.is_contiguous()
+                or mask.dtype not in (dtype, torch.int16)
+                or (mask.dtype is torch.int16 and size != 2)
+            ):
+                return False
+            mask_kind = 1 if mask.dtype is torch.int16 else 2
+        if skip is not None and (
+            skip.shape != ((self.total + 15) // 16,)
+            or skip.dtype is not torch.uint8
+            or not skip.is_contiguous()
+        ):
+            return False
+        module = kernel.__self__
+        layout = self.layout.data_ptr()
+        module.lora_dense(
+            x_at, x_stride, self.a.data_ptr(), 0, 0 if mask is None else mask.data_ptr(),
+            mask_kind, self.b.data_ptr(), y_at, y_stride if m > 1 else width, layout,
+            layout + 8 * self.num_slices, self.num_slices, self.columns, m, k,
+            int(kernel is getattr(module, "linear_amx", None)), torch.get_num_threads(),
+            0 if skip is None else skip.data_ptr(),
+        )  # fmt: skip
+        return True
 
 
 def _kernel(dtype: torch.dtype) -> KernelFn | None:
     kernel = _kernels.get(dtype, _NOT_LOADED)
     return _load_kernel(dtype) if kernel is _NOT_LOADED else kernel
+
+
+def _module(dtype: torch.dtype):
+    """The extension module behind dtype's kernels (any variant), or None."""
+    kernel = next(iter(_variants.get(dtype, {}).values()), None)
+    return None if kernel is None else kernel.__self__
 
 
 @functools.lru_cache(maxsize=256)

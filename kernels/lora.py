@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from kernels.cpu_linear import linear, linear_add_, lora_dense_
+from kernels.cpu_linear import LoraDense, linear, linear_add_
 
 try:  # Triton is optional: the PyTorch path needs none.
     import triton
@@ -46,6 +46,7 @@ except ImportError:  # pragma: no cover - depends on the installation
 # Batches of at most this many (row, slot) cells are computed densely (every row against every
 # slot); larger ones segment by segment.
 DENSE_MAX_CELLS = 1024
+_UNPREPARED = object()  # LoraStack._dense_call before its first use
 
 
 @dataclass
@@ -63,6 +64,7 @@ class LoraStack:
     _device_meta: dict[torch.device, tuple[Tensor, ...]] = field(
         default_factory=dict, init=False, repr=False
     )
+    _dense_call: object = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         offsets, total = [], 0
@@ -81,6 +83,7 @@ class LoraStack:
         self.max_rank = max(self.slot_ranks, default=0)
         self.a2d = self.a.view(num_slices * columns, self.a.shape[2])
         self.b_slices = tuple(self.b.split(widths))
+        self._dense_call = _UNPREPARED
 
     @property
     def num_slots(self) -> int:
@@ -89,6 +92,12 @@ class LoraStack:
     @property
     def num_columns(self) -> int:
         return self.a.shape[1]
+
+    def dense_call(self) -> LoraDense | None:
+        """The dense path's one-C-call kernel for this stack (checked once), or None."""
+        if self._dense_call is _UNPREPARED:
+            self._dense_call = LoraDense.prepare(self.a2d, self.b, self.slices)
+        return self._dense_call
 
     def device_meta(self, device: torch.device) -> tuple[Tensor, ...]:
         """(slot offsets, slot ranks, slice first columns, slice widths, slice first B rows) as
@@ -265,7 +274,8 @@ def _dense(y: Tensor, x: Tensor, stack: LoraStack, mapping: LoraMapping) -> None
     # Decode batches: the ops below in one C call (a step makes ~100 of these), which does not
     # read the A rows of slots that no row uses.
     skip = mapping.idle_groups(stack.slot_ranks, len(stack.slices))
-    if lora_dense_(y, x, stack.a2d, mask, stack.b, stack.slices, skip):
+    call = stack.dense_call()
+    if call is not None and call(y, x, mask, skip):
         return
     tokens = x.shape[0]
     shrunk = linear(x, stack.a2d).view(tokens, len(stack.slices), stack.num_columns)

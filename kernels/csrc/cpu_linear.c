@@ -505,8 +505,123 @@ static void apply_mask(const lora_t *job) {
     }
 }
 
-static int lora_dense(const lora_t *job) {
+#if defined(TANDEM_BF16)
+// The AMX variant in one parallel region: the threads share the shrink's groups of A, then
+// (after one thread has applied the mask and packed each slice's shrunk columns) the expands'
+// groups of every slice as one list. Separate calls each paid for their own packing, tile setup
+// and thread wake-up, and ran the expands of small slices on one thread. The same operations
+// on every element as the separate calls, so the same bits.
+typedef struct {
+    const lora_t *job;
+    const int64_t *list;  // the shrink's groups of A to multiply
+    int64_t kept;         // entries of list
+    uint32_t *packed_x, *packed_shrunk;
+    int64_t slice_pairs;  // uint32s of packed_shrunk per slice
+    const int64_t *first_group;  // per slice, its first group in the expands' list; then the end
+} lora_amx_t;
+
+static void lora_amx_part(const lora_amx_t *ctx, int64_t thread, int64_t team) {
+    const lora_t *job = ctx->job;
     const int64_t total = job->slices * job->columns;
+    const amx_job_t shrink = {job->a, NULL, ctx->packed_x, job->shrunk, total,
+                              job->m, total, job->k, 0};
+    const int64_t begin = ctx->kept * thread / team, end = ctx->kept * (thread + 1) / team;
+    if (begin < end) amx_groups(&shrink, ctx->list, begin, end);
+#pragma omp barrier
+#pragma omp single
+    {
+        if (job->mask_kind != 0) apply_mask(job);
+        const int64_t chunks = ctx->slice_pairs / ((TILE_K / 2) * MAX_M);
+        for (int64_t p = 0; p < job->slices; p++) {
+            pack_pairs(job->shrunk + p * job->columns, total, (int)job->m, job->columns, chunks,
+                       ctx->packed_shrunk + p * ctx->slice_pairs);
+        }
+    }
+    const int64_t groups = ctx->first_group[job->slices];
+    const int64_t from = groups * thread / team, to = groups * (thread + 1) / team;
+    const elem_t *b = job->b;
+    for (int64_t p = 0; p < job->slices; b += job->widths[p] * job->columns, p++) {
+        const int64_t lo = from > ctx->first_group[p] ? from : ctx->first_group[p];
+        const int64_t hi = to < ctx->first_group[p + 1] ? to : ctx->first_group[p + 1];
+        if (lo >= hi) continue;
+        const amx_job_t expand = {b, NULL, ctx->packed_shrunk + p * ctx->slice_pairs,
+                                  job->y + job->starts[p], job->ldy, job->m, job->widths[p],
+                                  job->columns, 1};
+        amx_groups(&expand, NULL, lo - ctx->first_group[p], hi - ctx->first_group[p]);
+    }
+}
+
+// Returns 1 where it does not apply (a slice narrower than a tile: the caller runs the calls
+// one by one), -1 when a buffer cannot be allocated, else 0.
+static int lora_dense_amx(const lora_t *job) {
+    const int64_t total = job->slices * job->columns;
+    if (total < TILE_ROWS) return 1;
+    for (int64_t p = 0; p < job->slices; p++) {
+        if (job->widths[p] < TILE_ROWS) return 1;
+    }
+    const int64_t x_pairs = (job->k + TILE_K - 1) / TILE_K * (TILE_K / 2) * MAX_M;
+    const int64_t slice_pairs = (job->columns + TILE_K - 1) / TILE_K * (TILE_K / 2) * MAX_M;
+    uint32_t *packed = packed_buffer(x_pairs + job->slices * slice_pairs);
+    const int64_t a_groups = (total + TILE_ROWS - 1) / TILE_ROWS;
+    int64_t *list = malloc((size_t)(a_groups + job->slices + 1) * sizeof(int64_t));
+    if (packed == NULL || list == NULL) {
+        free(list);
+        return -1;
+    }
+    int64_t *first_group = list + a_groups;
+    pack_pairs(job->x, job->ldx, (int)job->m, job->k, x_pairs / ((TILE_K / 2) * MAX_M), packed);
+    int64_t kept = 0;
+    for (int64_t g = 0; g < a_groups; g++) {
+        if (job->skip == NULL || !job->skip[g]) {
+            list[kept++] = g;
+            continue;
+        }
+        const int64_t end = (g + 1) * TILE_ROWS < total ? (g + 1) * TILE_ROWS : total;
+        for (int64_t i = 0; i < job->m; i++) {
+            memset(job->shrunk + i * total + g * TILE_ROWS, 0,
+                   (size_t)(end - g * TILE_ROWS) * sizeof(elem_t));
+        }
+    }
+    first_group[0] = 0;
+    for (int64_t p = 0; p < job->slices; p++) {
+        first_group[p + 1] = first_group[p] + (job->widths[p] + TILE_ROWS - 1) / TILE_ROWS;
+    }
+    const lora_amx_t ctx = {job, list, kept, packed, packed + x_pairs, slice_pairs, first_group};
+    if (job->threads <= 1) {
+        lora_amx_part(&ctx, 0, 1);
+    } else {
+#pragma omp parallel num_threads(job->threads)
+        lora_amx_part(&ctx, omp_get_thread_num(), omp_get_num_threads());
+    }
+    free(list);
+    return 0;
+}
+#endif
+
+// The shrunk columns when the caller passes none: one buffer per calling thread, kept.
+static __thread elem_t *shrunk_cache;
+static __thread int64_t shrunk_capacity;
+
+static int lora_dense(const lora_t *caller_job) {
+    lora_t local = *caller_job;
+    const lora_t *job = &local;
+    const int64_t total = job->slices * job->columns;
+    if (local.shrunk == NULL) {
+        if (job->m * total > shrunk_capacity) {
+            const size_t bytes = (size_t)job->m * total * sizeof(elem_t);
+            free(shrunk_cache);
+            shrunk_cache = aligned_alloc(64, (bytes + 63) / 64 * 64);  // a multiple, as it must
+            shrunk_capacity = shrunk_cache ? job->m * total : 0;
+            if (shrunk_cache == NULL) return -1;
+        }
+        local.shrunk = shrunk_cache;
+    }
+#if defined(TANDEM_BF16)
+    if (job->amx) {
+        const int status = lora_dense_amx(job);
+        if (status != 1) return status;
+    }
+#endif
     // Groups of A whose slots no row uses are not read: their columns would be masked to 0.
     if (project(job, job->x, job->ldx, job->a, job->shrunk, total, total, job->k, 0, job->skip) !=
         0) {
@@ -598,8 +713,8 @@ static PyObject *py_enable_amx(PyObject *module, PyObject *unused) {
 
 // lora_dense(x, ldx, a, shrunk, mask or 0, mask_kind, b, y, ldy, starts, widths, slices,
 //            columns, m, k, amx, threads, skip or 0): see lora_dense above; starts and widths
-// are int64 arrays of `slices` entries, shrunk an [m, slices * columns] buffer, skip a uint8
-// array with one entry per 16 rows of a (rounded up).
+// are int64 arrays of `slices` entries, shrunk an [m, slices * columns] buffer (or 0: a buffer
+// kept per calling thread), skip a uint8 array with one entry per 16 rows of a (rounded up).
 static PyObject *py_lora_dense(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
     if (nargs != 18) {

@@ -238,16 +238,32 @@ def test_triton_kernels_compile_for_a_gpu(compile_for_h100) -> None:
     ("dtype", "variant"),
     [(torch.bfloat16, "amx"), (torch.bfloat16, "avx512"), (torch.float32, "avx512")],
 )
+@pytest.mark.parametrize(
+    ("slices", "threads"),
+    [
+        # A gap between slices, the last wide: the AMX kernel runs it in one parallel region.
+        (((0, 40), (56, 24), (80, 136)), 2),
+        (((0, 40), (56, 24), (80, 136)), 1),
+        # A slice narrower than a tile: the AMX kernel's calls one after the other.
+        (((0, 40), (56, 8), (80, 136)), 2),
+    ],
+)
 def test_dense_in_one_c_call_equals_the_ops_one_by_one(
-    ranks: tuple, runs: list, mask_kind: str, dtype: torch.dtype, variant: str
+    ranks: tuple,
+    runs: list,
+    mask_kind: str,
+    dtype: torch.dtype,
+    variant: str,
+    slices: tuple,
+    threads: int,
 ) -> None:
     """kernels.cpu_linear.lora_dense_ (what the dense path runs for decode batches) against the
-    same dense path op by op: the same bits, whichever mask the rows' weights give."""
+    same dense path op by op: the same bits, whichever mask the rows' weights give, on one
+    thread or two."""
     from kernels import cpu_linear
 
     if variant not in cpu_linear.variants(dtype):
         pytest.skip(f"this CPU cannot run the {variant} kernel")
-    slices = ((0, 40), (56, 24), (80, 136))  # a gap between slices; the last wide
     stack = make_stack(ranks, slices, 72, dtype)
     tokens = max(first + count for first, count, _ in runs)
     generator = torch.Generator().manual_seed(2)
@@ -258,18 +274,57 @@ def test_dense_in_one_c_call_equals_the_ops_one_by_one(
     kinds = {None: "none", torch.int16: "int16", dtype: "float"}
     wanted = "float" if mask_kind == "int16" and dtype.itemsize == 4 else mask_kind  # no int16 bits
     assert kinds[None if mask is None else mask.dtype] == wanted
-    default = cpu_linear.variants(dtype)[0]
+    default, default_threads = cpu_linear.variants(dtype)[0], torch.get_num_threads()
     cpu_linear.set_variant(dtype, variant)
+    torch.set_num_threads(threads)
     try:
         fused, one_by_one = y.clone(), y.clone()
         assert cpu_linear.lora_dense_(fused, x, stack.a2d, mask, stack.b, stack.slices)
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(lora, "lora_dense_", lambda *args: False)
+            patch.setattr(LoraStack, "dense_call", lambda self: None)
             lora._dense(one_by_one, x, stack, mapping)
     finally:
         cpu_linear.set_variant(dtype, default)
+        torch.set_num_threads(default_threads)
     assert torch.equal(fused, one_by_one)
     assert not torch.equal(fused, y)  # the adapters did add something
+
+
+def test_dense_c_call_refuses_what_it_cannot_take_and_leaves_y() -> None:
+    """LoraDense checks its stack once and every call's tensors each time; a call it cannot
+    take returns False with y untouched (kernels.lora then runs the ops one by one)."""
+    from kernels import cpu_linear
+
+    if not cpu_linear.kernel_available(torch.bfloat16):
+        pytest.skip("no compiled kernel on this CPU")
+    slices = ((0, 40), (40, 24))
+    stack = make_stack((16, 16), slices, 64, torch.bfloat16)
+    call = stack.dense_call()
+    assert call is not None and stack.dense_call() is call  # prepared once
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(17, 64, generator=generator).to(torch.bfloat16)
+    y = torch.randn(17, 64, generator=generator).to(torch.bfloat16)
+    mask = LoraMapping.build(4, 2, [(0, 2, [(0, 1.0)]), (2, 2, [(1, 1.0)])]).column_mask(
+        stack.slot_ranks, torch.bfloat16
+    )
+    shared = torch.randn(4, 128, generator=generator).to(torch.bfloat16)
+    before = y.clone()
+    refused = {
+        "17 rows": (y, x, None),
+        "x float32": (y[:4], x[:4].float(), mask),
+        "y narrower than the slices": (y[:4, :63], x[:4], mask),
+        "x strided": (y[:4], torch.randn(4, 128, generator=generator).to(y.dtype)[:, ::2], mask),
+        "mask for 2 rows": (y[:4], x[:4], mask[:2]),
+        "y overlaps x": (shared[:, 64:], shared[:, :64], mask),
+    }
+    for name, (out, rows, row_mask) in refused.items():
+        assert call(out, rows, row_mask, None) is False, name
+    assert torch.equal(y, before)
+    assert call(y[:4], x[:4], mask, torch.zeros(1, dtype=torch.uint8)) is False  # skip length
+    column_major = stack.b.t().contiguous().t()
+    assert cpu_linear.LoraDense.prepare(stack.a2d, column_major, slices) is None
+    assert cpu_linear.LoraDense.prepare(stack.a2d, stack.b[:-1], slices) is None  # B short
+    assert call(y[:4], x[:4], mask, None) is True
 
 
 def test_dense_in_one_c_call_does_not_read_the_a_of_idle_slots() -> None:
@@ -297,7 +352,7 @@ def test_dense_in_one_c_call_does_not_read_the_a_of_idle_slots() -> None:
         y = torch.randn(4, 64, generator=generator).to(torch.bfloat16)
         expected = y.clone()
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(lora, "lora_dense_", lambda *args: False)
+            patch.setattr(LoraStack, "dense_call", lambda self: None)
             lora._dense(expected, x, clean, mapping)
         if weight == 0.5 and "amx" not in cpu_linear.variants(torch.bfloat16):
             continue  # the AVX-512 kernel reads every row; only the AMX kernel skips groups
