@@ -89,6 +89,42 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return out
 
 
+def add_rms_norm_ref(hidden: Tensor, delta: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """hidden += delta in place, then rms_norm_ref of the sum: a decoder layer's residual add
+    and the next norm."""
+    hidden.add_(delta)
+    return rms_norm_ref(hidden, weight, eps)
+
+
+def add_rms_norm(hidden: Tensor, delta: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """As add_rms_norm_ref, for hidden and delta [T, D] (rows may be strided, elements not)."""
+    module = _kernels()
+    code = _DTYPES.get(hidden.dtype)
+    if (
+        module is None
+        or code is None
+        or hidden.dim() != 2
+        or delta.shape != hidden.shape
+        or delta.dtype is not hidden.dtype
+        or weight.dtype is not hidden.dtype
+        or weight.shape != (hidden.shape[1],)
+        or hidden.stride(1) != 1
+        or delta.stride(1) != 1
+        or weight.stride(0) != 1
+        or not (hidden.is_cpu and delta.is_cpu and weight.is_cpu)
+        or (torch.is_grad_enabled() and (delta.requires_grad or weight.requires_grad))
+        or hidden.untyped_storage().data_ptr() == delta.untyped_storage().data_ptr()
+    ):
+        return add_rms_norm_ref(hidden, delta, weight, eps)
+    t, d = hidden.shape
+    out = hidden.new_empty(t, d)
+    module.add_rms_norm(
+        code, hidden.data_ptr(), hidden.stride(0), delta.data_ptr(), delta.stride(0),
+        weight.data_ptr(), out.data_ptr(), t, d, eps, torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
 def rope_store_kv_ref(
     q: Tensor,
     k: Tensor,

@@ -169,6 +169,43 @@ INLINE void rms_norm(const int bf16, const char *x, int64_t ldx_t, int64_t ldx_h
     }
 }
 
+// hidden[t] += delta[t], each sum rounded as torch's add_ rounds it, then out[t] = the RMS norm
+// of the updated row (as rms_norm): the residual add and the next norm of a decoder layer in one
+// call and one pass over the row. hidden and delta have row strides ld_h and ld_d; out [T, D] is
+// contiguous.
+
+INLINE void add_row(const int bf16, void *hidden, const void *delta, int64_t d) {
+    int64_t i = 0;
+    for (; i + VEC <= d; i += VEC) {
+        store8(bf16, hidden, i, _mm256_add_ps(load8(bf16, hidden, i), load8(bf16, delta, i)));
+    }
+    for (; i < d; i++) store(bf16, hidden, i, load(bf16, hidden, i) + load(bf16, delta, i));
+}
+
+INLINE void add_rms_norm_row(const int bf16, char *hidden, const char *delta, const void *weight,
+                             char *out, int64_t d, float eps) {
+    add_row(bf16, hidden, delta, d);
+    rms_norm_row(bf16, hidden, weight, out, d, eps);
+}
+
+INLINE void add_rms_norm(const int bf16, char *hidden, int64_t ld_h, const char *delta,
+                         int64_t ld_d, const void *weight, char *out, int64_t t, int64_t d,
+                         float eps, int threads) {
+    const size_t size = element_size(bf16);
+    if (threads <= 1 || t < 2 || t * d < PARALLEL_MIN_ELEMENTS) {
+        for (int64_t r = 0; r < t; r++) {
+            add_rms_norm_row(bf16, hidden + r * ld_h * size, delta + r * ld_d * size, weight,
+                             out + r * d * size, d, eps);
+        }
+        return;
+    }
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < t; r++) {
+        add_rms_norm_row(bf16, hidden + r * ld_h * size, delta + r * ld_d * size, weight,
+                         out + r * d * size, d, eps);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Rotary embedding (neox style) of q [T, Hq, D] and k [T, Hk, D] in place, then k and v
 // [T, Hk, D] copied into the caches [slots, Hk, D] at slot_mapping[t]. q, k and v have row
@@ -780,6 +817,25 @@ static PyObject *py_rms_norm(PyObject *module, PyObject *const *args, Py_ssize_t
     Py_RETURN_NONE;
 }
 
+// add_rms_norm(bf16, hidden, ld_h, delta, ld_d, weight, out, t, d, eps, threads)
+static PyObject *py_add_rms_norm(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    long long v[11];
+    if (parse_ints(args, nargs, 11, v, "add_rms_norm") != 0) return NULL;
+    const float eps = (float)PyFloat_AsDouble(args[9]);
+    if (PyErr_Occurred()) return NULL;
+    PyThreadState *state = release_gil_for(v[7] * v[8]);
+    if (v[0]) {
+        add_rms_norm(1, PTR(v[1]), v[2], PTR(v[3]), v[4], PTR(v[5]), PTR(v[6]), v[7], v[8], eps,
+                     (int)v[10]);
+    } else {
+        add_rms_norm(0, PTR(v[1]), v[2], PTR(v[3]), v[4], PTR(v[5]), PTR(v[6]), v[7], v[8], eps,
+                     (int)v[10]);
+    }
+    reacquire_gil(state);
+    Py_RETURN_NONE;
+}
+
 // rope_store_kv(bf16, q, ld_q, k, ld_k, v, ld_v, cos, sin, key_cache, value_cache, slot_mapping,
 //               t, hq, hk, d)
 static PyObject *py_rope_store_kv(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
@@ -878,6 +934,7 @@ static PyObject *py_fusion_apply(PyObject *module, PyObject *const *args, Py_ssi
 
 static PyMethodDef METHODS[] = {
     {"rms_norm", FASTCALL(py_rms_norm), "RMS norm of [T, H, D] rows"},
+    {"add_rms_norm", FASTCALL(py_add_rms_norm), "residual add, then the RMS norm of the sum"},
     {"rope_store_kv", FASTCALL(py_rope_store_kv), "rotary on q and k, then k and v to the cache"},
     {"decode_attention", FASTCALL(py_decode_attention), "one query per sequence, paged KV"},
     {"silu_mul", FASTCALL(py_silu_mul), "silu(gate) * up"},

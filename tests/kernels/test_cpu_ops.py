@@ -55,6 +55,47 @@ def test_rms_norm_of_strided_heads(dtype: torch.dtype) -> None:
     )
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 896), (5, 7), (3, 33), (64, 1100)])
+def test_add_rms_norm_is_the_add_then_the_norm(dtype: torch.dtype, shape: tuple[int, int]) -> None:
+    """The residual add as torch's add_ rounds it, bit for bit, then the norm of the sum as
+    rms_norm computes it, bit for bit; hidden rows strided like a slice of a wider buffer. 64
+    rows of 1100 take the threaded path."""
+    generator = torch.Generator().manual_seed(5)
+    rows, d = shape
+    buffer = (torch.randn(rows, d + 9, generator=generator) * 3).to(dtype)
+    delta = (torch.randn(rows, d, generator=generator) * 2).to(dtype)
+    weight = torch.randn(d, generator=generator).to(dtype)
+    hidden = buffer[:, 2 : 2 + d]
+    expected_hidden = hidden.clone().add_(delta)
+    expected = cpu_ops.rms_norm(expected_hidden, weight, 1e-6)
+    left, right = buffer[:, :2].clone(), buffer[:, 2 + d :].clone()
+    got = cpu_ops.add_rms_norm(hidden, delta, weight, 1e-6)
+    assert torch.equal(hidden, expected_hidden)
+    assert torch.equal(got, expected)
+    assert torch.equal(buffer[:, :2], left) and torch.equal(buffer[:, 2 + d :], right)
+    _within_ulps(got, cpu_ops.rms_norm_ref(expected_hidden, weight, 1e-6), 2 * weight.abs().max())
+
+
+def test_add_rms_norm_fallbacks_add_in_place_too() -> None:
+    """float16, autograd and a delta that shares hidden's memory go to the reference."""
+    for hidden, delta in (
+        (torch.randn(2, 16, dtype=torch.float16), torch.randn(2, 16, dtype=torch.float16)),
+        (torch.randn(2, 16), torch.randn(2, 16, requires_grad=True)),
+    ):
+        weight = torch.randn(16, dtype=hidden.dtype)
+        before = hidden.clone()
+        with torch.no_grad() if not delta.requires_grad else torch.enable_grad():
+            out = cpu_ops.add_rms_norm(hidden, delta, weight, 1e-6)
+        torch.testing.assert_close(hidden, before + delta.detach())
+        torch.testing.assert_close(out, cpu_ops.rms_norm_ref(hidden, weight, 1e-6))
+    shared, weight = torch.randn(2, 32), torch.randn(16)
+    copy = shared.clone()
+    out = cpu_ops.add_rms_norm(shared[:, :16], shared[:, 8:24], weight, 1e-6)
+    assert torch.equal(out, cpu_ops.add_rms_norm_ref(copy[:, :16], copy[:, 8:24], weight, 1e-6))
+    assert torch.equal(shared, copy)
+
+
 def _rope_case(dtype: torch.dtype, t: int, hq: int, hk: int, d: int, seed: int):
     generator = torch.Generator().manual_seed(seed)
     qkv = torch.randn(t, (hq + 2 * hk) * d, generator=generator).to(dtype)
