@@ -16,12 +16,14 @@ from engine.loader import LayerWeights, ModelWeights, load_weights
 from engine.lora import LoraBatch
 from engine.rope import RotaryEmbedding
 from engine.sparsity import GROUPS, SkipCounter, SparsityPlan, SparsitySettings
+from kernels.cpu_decode import DecodeLayers, DecodeShape
 from kernels.cpu_linear import linear
 from kernels.cpu_ops import add_rms_norm, rms_norm, rope_store_kv, silu_mul
 from kernels.sparse import channel_scores, sparse_linear
 
 # Called with (layer, group, input) before each projection group runs (calibration's tap).
 Observer = Callable[[int, str, torch.Tensor], None]
+_UNPREPARED = object()  # CausalLM._decode_layers before its first use
 
 
 class CausalLM:
@@ -38,6 +40,8 @@ class CausalLM:
         self.sparsity: SparsitySettings | None = None
         self.observer: Observer | None = None
         self.skip_counter: SkipCounter | None = None  # set to count skipped channels
+        # kernels.cpu_decode's one-call decode step, prepared at first use (None: not possible).
+        self._decode_layers: DecodeLayers | object | None = _UNPREPARED
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, dtype: torch.dtype | str | None = None) -> CausalLM:
@@ -64,6 +68,7 @@ class CausalLM:
                     setattr(layer, group, weight.contiguous())
         self._plan = plan if sparse else None
         self.sparsity = None if plan is None else plan.settings
+        self._decode_layers = _UNPREPARED  # the weights may have moved
 
     def new_kv_cache(self, num_blocks: int, block_size: int) -> KVCache:
         c = self.config
@@ -84,9 +89,48 @@ class CausalLM:
         layers = self.weights.layers
         norms = [layer.input_norm for layer in layers] + [self.weights.final_norm]
         x = rms_norm(hidden, norms[0], self.config.rms_norm_eps)
-        for index, (layer, following_norm) in enumerate(zip(layers, norms[1:], strict=True)):
-            x = self._layer(index, layer, hidden, x, following_norm, cos, sin, meta, kv, lora)
+        if not self._decode_in_one_call(hidden, x, cos, sin, meta, kv, lora):
+            for index, (layer, following_norm) in enumerate(zip(layers, norms[1:], strict=True)):
+                x = self._layer(index, layer, hidden, x, following_norm, cos, sin, meta, kv, lora)
         return linear(x[batch.logits_indices], self.weights.lm_head).float()
+
+    def _decode_in_one_call(
+        self,
+        hidden: torch.Tensor,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+        kv: KVCache,
+        lora: LoraBatch | None,
+    ) -> bool:
+        """Every layer of a decode-only step in one C call (kernels.cpu_decode: the same
+        kernels in the same order as _layer, so the same bits, without Python between them),
+        where nothing needs the Python path: no adapters, no sparsity, no observer."""
+        if lora is not None or self._plan is not None or self.observer is not None:
+            return False
+        if not meta.decode_only:
+            return False
+        if self._decode_layers is _UNPREPARED:
+            self._decode_layers = self._prepare_decode_layers()
+        step = self._decode_layers
+        if step is None:
+            return False
+        gathers = [meta.decode_gather(window) for window in self.config.sliding_windows]
+        pairs = [(gather.slots, gather.lengths) for gather in gathers]
+        return step(hidden, x, kv.keys, kv.values, pairs, cos, sin, meta.slot_mapping)
+
+    def _prepare_decode_layers(self) -> DecodeLayers | None:
+        c, layers = self.config, self.weights.layers
+        tensors = [
+            (w.qkv, w.qkv_bias, w.qk_norm, w.o, w.o_bias, w.post_attention_norm, w.gate_up, w.down)
+            for w in layers
+        ]
+        norms_after = [w.input_norm for w in layers[1:]] + [self.weights.final_norm]
+        shape = DecodeShape(
+            c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
+        )
+        return DecodeLayers.prepare(tensors, norms_after, shape, c.rms_norm_eps, self._scale)
 
     def _layer(
         self,

@@ -285,6 +285,25 @@ def _shares_storage(a: Tensor, b: Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
+_entries: dict[KernelFn, int] = {}
+
+
+def entry_address(dtype: torch.dtype) -> int:
+    """The address of the C kernel `linear` runs for dtype, for C callers (kernels.cpu_decode):
+    int f(x, ldx, w, bias or NULL, out, m, n, k, threads), out contiguous [m, n], m <= MAX_ROWS;
+    0 where there is none."""
+    kernel = _kernel(dtype)
+    if kernel is None:
+        return 0
+    address = _entries.get(kernel)
+    if address is None:
+        module = kernel.__self__
+        lookup = getattr(module, "entry_address", None)  # absent from builds before it
+        name = "amx" if kernel is getattr(module, "linear_amx", None) else "avx512"
+        address = _entries[kernel] = lookup(name) if lookup is not None else 0
+    return address
+
+
 def kernel_available(dtype: torch.dtype) -> bool:
     """Whether `linear` has a compiled fast path for weights of `dtype` on this machine."""
     return bool(variants(dtype))

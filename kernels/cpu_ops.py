@@ -1,5 +1,6 @@
-"""Fused small ops for the CPU: a decoder layer's non-linear ops, and dynamic logit fusion's
-passes over the vocabulary.
+"""Fused small ops for the CPU: a decoder layer's non-linear ops (the residual add and the
+norm after it in one), and dynamic logit fusion's passes over the vocabulary. The C module
+also runs a decode step's layers in one call for kernels.cpu_decode.
 
 Each op has a PyTorch reference `<op>_ref` with the same signature: the oracle of the tests and
 the path for every case the C kernel (kernels/csrc/cpu_ops.c) does not take: other devices,
@@ -58,19 +59,21 @@ def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """As rms_norm_ref, for x [T, D] or [T, H, D] (rows may be strided, elements not)."""
+    """As rms_norm_ref, for x [T, D] or [T, H, D] (rows may be strided, elements not) and weight
+    [D], or [H, D] for x [T, H, D] (one weight per head)."""
     module = _kernels()
     code = _DTYPES.get(x.dtype)
     dims = x.dim()
     d = x.shape[-1] if dims else 0
+    per_head = dims == 3 and weight.dim() == 2
     if (
         module is None
         or code is None
         or dims not in (2, 3)
         or x.stride(-1) != 1
         or weight.dtype is not x.dtype
-        or weight.shape != (d,)
-        or weight.stride(0) != 1
+        or weight.shape != ((x.shape[1], d) if per_head else (d,))
+        or not weight.is_contiguous()
         or not (x.is_cpu and weight.is_cpu)
         or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     ):
@@ -82,10 +85,10 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
         t, h = x.shape[0], x.shape[1]
         ld_t, ld_h = x.stride(0), x.stride(1)
         out = x.new_empty(t, h, d)
-    threads = torch.get_num_threads()
     module.rms_norm(
-        code, x.data_ptr(), ld_t, ld_h, weight.data_ptr(), out.data_ptr(), t, h, d, eps, threads
-    )
+        code, x.data_ptr(), ld_t, ld_h, weight.data_ptr(), d if per_head else 0, out.data_ptr(),
+        t, h, d, eps, torch.get_num_threads(),
+    )  # fmt: skip
     return out
 
 

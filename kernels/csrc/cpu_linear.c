@@ -744,8 +744,37 @@ static PyObject *py_lora_dense(PyObject *module, PyObject *const *args, Py_ssize
     Py_RETURN_NONE;
 }
 
+// The kernels by address, for C callers in other modules (kernels/csrc/cpu_ops.c's decode
+// step): y = x @ w.T (+ bias) into y contiguous [m, n], x with row stride ldx; 1 <= m <= MAX_M.
+// Returns 0, or -1 when a buffer cannot be allocated.
+static int avx512_entry(const void *x, int64_t ldx, const void *w, const void *bias, void *out,
+                        int64_t m, int64_t n, int64_t k, int threads) {
+    linear_avx512(x, ldx, w, bias, out, n, m, n, k, 0, threads);
+    return 0;
+}
+
+#if defined(TANDEM_BF16)
+static int amx_entry(const void *x, int64_t ldx, const void *w, const void *bias, void *out,
+                     int64_t m, int64_t n, int64_t k, int threads) {
+    return linear_amx(x, ldx, w, bias, out, n, m, n, k, 0, threads);
+}
+#endif
+
+// entry_address("amx" or "avx512") -> the kernel's address as an int (0: none)
+static PyObject *py_entry_address(PyObject *module, PyObject *name) {
+    (void)module;
+    const char *text = PyUnicode_AsUTF8(name);
+    if (text == NULL) return NULL;
+    void *entry = strcmp(text, "avx512") == 0 ? (void *)avx512_entry : NULL;
+#if defined(TANDEM_BF16)
+    if (strcmp(text, "amx") == 0) entry = (void *)amx_entry;
+#endif
+    return PyLong_FromVoidPtr(entry);
+}
+
 static PyMethodDef METHODS[] = {
     {"linear", (PyCFunction)(void (*)(void))py_linear, METH_FASTCALL, "AVX-512 kernel"},
+    {"entry_address", py_entry_address, METH_O, "a kernel's address, for C callers"},
     {"lora_dense", (PyCFunction)(void (*)(void))py_lora_dense, METH_FASTCALL,
      "multi-LoRA shrink, slot weights and expand in one call"},
 #if defined(TANDEM_BF16)

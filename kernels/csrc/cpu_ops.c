@@ -1,7 +1,9 @@
-// Small fused ops for the CPU decode path: RMS norm, rotary + KV-cache store, decode attention
-// over the paged KV cache, SiLU-and-multiply, and dynamic logit fusion's sweep over its alpha
-// grid. Each replaces several torch ops whose fixed cost per call (5-20 us) dominated a
-// decoding step's non-linear time; here one call costs about a microsecond plus its arithmetic.
+// Small fused ops for the CPU decode path: RMS norm (alone, or after the residual add),
+// rotary + KV-cache store, decode attention over the paged KV cache, SiLU-and-multiply, and
+// dynamic logit fusion's sweep over its alpha grid. Each replaces several torch ops whose fixed
+// cost per call (5-20 us) dominated a decoding step's non-linear time; here one call costs
+// about a microsecond plus its arithmetic. decode_layers runs a whole decode step's layers
+// with them (and the projections of kernels/csrc/cpu_linear.c, by address) in one call.
 //
 // One module, both element types: every op is written once as an always-inline function with a
 // constant `bf16` flag and instantiated twice, so the branches on the type fold away.
@@ -126,7 +128,9 @@ INLINE size_t element_size(const int bf16) { return bf16 ? 2 : 4; }
 
 // ---------------------------------------------------------------------------------------------
 // RMS norm of rows (t, h) of x [T, H, D] (strides ldx_t, ldx_h, 1) into out [T, H, D]
-// contiguous: y = weight * round(x * rsqrt(mean(x^2) + eps)), the variance in fp32.
+// contiguous: y = weight * round(x * rsqrt(mean(x^2) + eps)), the variance in fp32. Head h
+// takes the weight at weight + h * ld_w (ld_w 0: one weight for every head; D: one per head,
+// as Qwen3's q and k norms are stored).
 
 INLINE void rms_norm_row(const int bf16, const void *x, const void *weight, void *out, int64_t d,
                          float eps) {
@@ -151,21 +155,21 @@ INLINE void rms_norm_row(const int bf16, const void *x, const void *weight, void
 }
 
 INLINE void rms_norm(const int bf16, const char *x, int64_t ldx_t, int64_t ldx_h,
-                     const void *weight, char *out, int64_t t, int64_t h, int64_t d, float eps,
-                     int threads) {
+                     const char *weight, int64_t ld_w, char *out, int64_t t, int64_t h, int64_t d,
+                     float eps, int threads) {
     const size_t size = element_size(bf16);
     const int64_t rows = t * h;
     if (threads <= 1 || rows < 2 || rows * d < PARALLEL_MIN_ELEMENTS) {
         for (int64_t r = 0; r < rows; r++) {
             const char *row = x + ((r / h) * ldx_t + (r % h) * ldx_h) * size;
-            rms_norm_row(bf16, row, weight, out + r * d * size, d, eps);
+            rms_norm_row(bf16, row, weight + (r % h) * ld_w * size, out + r * d * size, d, eps);
         }
         return;
     }
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t r = 0; r < rows; r++) {
         const char *row = x + ((r / h) * ldx_t + (r % h) * ldx_h) * size;
-        rms_norm_row(bf16, row, weight, out + r * d * size, d, eps);
+        rms_norm_row(bf16, row, weight + (r % h) * ld_w * size, out + r * d * size, d, eps);
     }
 }
 
@@ -769,6 +773,108 @@ static int fusion_apply(const apply_t *job, int threads) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// A decode step's decoder layers in one call (engine.model's decode-only path): per layer the
+// very calls the Python path makes, in its order, so the same bits, with no Python between
+// them. Between two projections the Python path ran cold: the weights a projection streams
+// evict the interpreter's and torch's code and data from the caches, and every Python-level
+// op after it paid ~20 us to bring them back.
+//
+// The projections run through `linear` (kernels/cpu_linear.c's kernel for this dtype, by
+// address): y = x @ w.T (+ bias), x with row stride ldx, y contiguous [m, n].
+typedef int (*linear_fn)(const void *x, int64_t ldx, const void *w, const void *bias, void *out,
+                         int64_t m, int64_t n, int64_t k, int threads);
+
+// Per layer, the addresses (0: none) and numbers a step reads, int64 each, in this order.
+enum {
+    LAYER_QKV,          // [(hq + 2 hk) d, hidden]
+    LAYER_QKV_BIAS,     // [(hq + 2 hk) d] or 0
+    LAYER_QK_NORM,      // [d] (Qwen3) or 0
+    LAYER_O,            // [hidden, hq d]
+    LAYER_O_BIAS,       // [hidden] or 0
+    LAYER_POST_NORM,    // [hidden]
+    LAYER_GATE_UP,      // [2 f, hidden]
+    LAYER_DOWN,         // [hidden, f]
+    LAYER_NEXT_NORM,    // [hidden]: the next layer's input norm, or the final norm
+    LAYER_KEYS,         // the KV cache's [slots, hk, d] pools
+    LAYER_VALUES,
+    LAYER_SLOTS,        // this step's decode gather for the layer's window: [m, max_len] int64
+    LAYER_LENGTHS,      // [m] int64
+    LAYER_MAX_LEN,
+    LAYER_FIELDS,
+};
+
+typedef struct {
+    const int64_t *layers;  // [num_layers, LAYER_FIELDS]
+    int64_t num_layers, m, hidden_size, hq, hk, d, f;
+    char *hidden, *x;  // the residual stream (updated) and its normed copy (layer 0's input)
+    char *qkv, *qk, *attn, *proj, *gate_up, *act;  // scratch; qk only with a q/k norm
+    const char *cos, *sin;
+    const int64_t *slot_mapping;
+    float eps, scale;
+    linear_fn linear;
+    int threads;
+} decode_step_t;
+
+#define AT(layer, field) ((void *)(intptr_t)(layer)[field])
+
+// Returns 0, or -1 when a kernel could not allocate its scratch.
+INLINE int decode_layers(const int bf16, const decode_step_t *s) {
+    const size_t size = element_size(bf16);
+    const int64_t m = s->m, d = s->d, qkv_width = (s->hq + 2 * s->hk) * d;
+    const int64_t qk_width = (s->hq + s->hk) * d;
+    for (int64_t index = 0; index < s->num_layers; index++) {
+        const int64_t *layer = s->layers + index * LAYER_FIELDS;
+        if (s->linear(s->x, s->hidden_size, AT(layer, LAYER_QKV), AT(layer, LAYER_QKV_BIAS),
+                      s->qkv, m, qkv_width, s->hidden_size, s->threads) != 0) {
+            return -1;
+        }
+        char *q = s->qkv, *k = s->qkv + s->hq * d * size;
+        int64_t ld_qk = qkv_width;
+        if (layer[LAYER_QK_NORM]) {
+            rms_norm(bf16, s->qkv, qkv_width, d, AT(layer, LAYER_QK_NORM), d, s->qk, m,
+                     s->hq + s->hk, d, s->eps, s->threads);
+            q = s->qk;
+            k = s->qk + s->hq * d * size;
+            ld_qk = qk_width;
+        }
+        rope_store_kv(bf16, q, ld_qk, k, ld_qk, s->qkv + qk_width * size, qkv_width, s->cos,
+                      s->sin, AT(layer, LAYER_KEYS), AT(layer, LAYER_VALUES), s->slot_mapping, m,
+                      s->hq, s->hk, d);
+        const attention_t attention = {q,
+                                       AT(layer, LAYER_KEYS),
+                                       AT(layer, LAYER_VALUES),
+                                       AT(layer, LAYER_SLOTS),
+                                       AT(layer, LAYER_LENGTHS),
+                                       s->attn,
+                                       ld_qk,
+                                       s->hq,
+                                       s->hk,
+                                       d,
+                                       layer[LAYER_MAX_LEN],
+                                       s->scale};
+        if (decode_attention(bf16, &attention, m, s->threads) != 0) return -1;
+        if (s->linear(s->attn, s->hq * d, AT(layer, LAYER_O), AT(layer, LAYER_O_BIAS), s->proj,
+                      m, s->hidden_size, s->hq * d, s->threads) != 0) {
+            return -1;
+        }
+        add_rms_norm(bf16, s->hidden, s->hidden_size, s->proj, s->hidden_size,
+                     AT(layer, LAYER_POST_NORM), s->x, m, s->hidden_size, s->eps, s->threads);
+        if (s->linear(s->x, s->hidden_size, AT(layer, LAYER_GATE_UP), NULL, s->gate_up, m,
+                      2 * s->f, s->hidden_size, s->threads) != 0) {
+            return -1;
+        }
+        silu_mul(bf16, s->gate_up, 2 * s->f, s->act, m, s->f, s->threads);
+        if (s->linear(s->act, s->f, AT(layer, LAYER_DOWN), NULL, s->proj, m, s->hidden_size,
+                      s->f, s->threads) != 0) {
+            return -1;
+        }
+        add_rms_norm(bf16, s->hidden, s->hidden_size, s->proj, s->hidden_size,
+                     AT(layer, LAYER_NEXT_NORM), s->x, m, s->hidden_size, s->eps, s->threads);
+    }
+    return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Python bindings. Arguments are integers (pointers as Tensor.data_ptr() gives them) and one
 // float; the first is the element type, 1 for bf16 and 0 for fp32. kernels/cpu_ops.py checks
 // dtypes, shapes, strides and devices; here only the argument count and types are checked.
@@ -800,18 +906,20 @@ INLINE void reacquire_gil(PyThreadState *state) {
     if (state != NULL) PyEval_RestoreThread(state);
 }
 
-// rms_norm(bf16, x, ldx_t, ldx_h, weight, out, t, h, d, eps, threads)
+// rms_norm(bf16, x, ldx_t, ldx_h, weight, ld_w, out, t, h, d, eps, threads)
 static PyObject *py_rms_norm(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
-    long long v[11];
-    if (parse_ints(args, nargs, 11, v, "rms_norm") != 0) return NULL;
-    const float eps = (float)PyFloat_AsDouble(args[9]);
+    long long v[12];
+    if (parse_ints(args, nargs, 12, v, "rms_norm") != 0) return NULL;
+    const float eps = (float)PyFloat_AsDouble(args[10]);
     if (PyErr_Occurred()) return NULL;
-    PyThreadState *state = release_gil_for(v[6] * v[7] * v[8]);
+    PyThreadState *state = release_gil_for(v[7] * v[8] * v[9]);
     if (v[0]) {
-        rms_norm(1, PTR(v[1]), v[2], v[3], PTR(v[4]), PTR(v[5]), v[6], v[7], v[8], eps, (int)v[10]);
+        rms_norm(1, PTR(v[1]), v[2], v[3], PTR(v[4]), v[5], PTR(v[6]), v[7], v[8], v[9], eps,
+                 (int)v[11]);
     } else {
-        rms_norm(0, PTR(v[1]), v[2], v[3], PTR(v[4]), PTR(v[5]), v[6], v[7], v[8], eps, (int)v[10]);
+        rms_norm(0, PTR(v[1]), v[2], v[3], PTR(v[4]), v[5], PTR(v[6]), v[7], v[8], v[9], eps,
+                 (int)v[11]);
     }
     reacquire_gil(state);
     Py_RETURN_NONE;
@@ -868,6 +976,29 @@ static PyObject *py_decode_attention(PyObject *module, PyObject *const *args, Py
     const int status = v[0] ? decode_attention(1, &a, v[8], (int)v[14])
                             : decode_attention(0, &a, v[8], (int)v[14]);
     reacquire_gil(state);
+    if (status != 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+// decode_layers(bf16, layers, num_layers, m, hidden_size, hq, hk, d, f, hidden, x, qkv, qk,
+//               attn, proj, gate_up, act, cos, sin, slot_mapping, eps, scale, linear, threads):
+// see decode_layers above; `linear` is the projection kernel's address.
+static PyObject *py_decode_layers(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    long long v[24];
+    if (parse_ints(args, nargs, 24, v, "decode_layers") != 0) return NULL;
+    const float eps = (float)PyFloat_AsDouble(args[20]), scale = (float)PyFloat_AsDouble(args[21]);
+    if (PyErr_Occurred()) return NULL;
+    const decode_step_t step = {
+        PTR(v[1]),  v[2],       v[3],       v[4],       v[5],       v[6],
+        v[7],       v[8],       PTR(v[9]),  PTR(v[10]), PTR(v[11]), PTR(v[12]),
+        PTR(v[13]), PTR(v[14]), PTR(v[15]), PTR(v[16]), PTR(v[17]), PTR(v[18]),
+        PTR(v[19]), eps,        scale,      (linear_fn)PTR(v[22]),  (int)v[23],
+    };
+    // Tens of milliseconds: the server's event loop runs meanwhile.
+    PyThreadState *state = PyEval_SaveThread();
+    const int status = v[0] ? decode_layers(1, &step) : decode_layers(0, &step);
+    PyEval_RestoreThread(state);
     if (status != 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
@@ -938,6 +1069,7 @@ static PyMethodDef METHODS[] = {
     {"rope_store_kv", FASTCALL(py_rope_store_kv), "rotary on q and k, then k and v to the cache"},
     {"decode_attention", FASTCALL(py_decode_attention), "one query per sequence, paged KV"},
     {"silu_mul", FASTCALL(py_silu_mul), "silu(gate) * up"},
+    {"decode_layers", FASTCALL(py_decode_layers), "a decode step's decoder layers"},
     {"fusion_sweep", FASTCALL(py_fusion_sweep), "LSE and mean of d over a grid of alphas"},
     {"fusion_stats", FASTCALL(py_fusion_stats), "d and the per-pair statistics of fusion"},
     {"fusion_apply", FASTCALL(py_fusion_apply), "fused logits in place, row by row"},

@@ -323,3 +323,47 @@ def test_sliding_windows_per_layer(tiny_model: Callable) -> None:
     assert ModelConfig.from_dir(tiny_model("mistral_window").path).sliding_windows == (8, 8)
     assert ModelConfig.from_dir(tiny_model("qwen2_window").path).sliding_windows == (None, 6)
     assert ModelConfig.from_dir(tiny_model("qwen2_tied").path).sliding_windows == (None, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_decode_in_one_call_is_the_layers_one_by_one(
+    tiny_model: Callable, variant: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decode steps of two sequences (different lengths, scattered blocks, sliding windows that
+    cut in) through kernels.cpu_decode's one C call give the very logits and KV cache of the
+    layers run one by one in Python."""
+    model = CausalLM.from_dir(tiny_model(variant, dtype).path)
+    one_call = CausalLM._decode_in_one_call
+    used = []
+
+    def run(fast: bool) -> tuple[list[torch.Tensor], KVCache]:
+        def decode_in_one_call(self, *args) -> bool:
+            done = fast and one_call(self, *args)
+            used.append(done)
+            return done
+
+        monkeypatch.setattr(CausalLM, "_decode_in_one_call", decode_in_one_call)
+        kv = model.new_kv_cache(NUM_BLOCKS, BLOCK_SIZE)
+        a, b = random_tokens(3, PROMPT_LEN), random_tokens(4, 7)
+        logits = [step(model, kv, [(a, len(a), TABLE_A), (b, len(b), TABLE_B)], all_rows=True)]
+        for _ in range(NEW_TOKENS):
+            next_a, next_b = (int(row.argmax()) for row in logits[-1][-2:])
+            a, b = [*a, next_a], [*b, next_b]
+            logits.append(
+                step(model, kv, [([next_a], len(a), TABLE_A), ([next_b], len(b), TABLE_B)])
+            )
+        return logits, kv
+
+    expected, expected_kv = run(fast=False)
+    assert not any(used)
+    used.clear()
+    got, got_kv = run(fast=True)
+    assert used == [False] + [True] * NEW_TOKENS  # the prefill is not a decode step
+    for actual, wanted in zip(got, expected, strict=True):
+        assert torch.equal(actual, wanted)
+    for pools, wanted_pools in (
+        (got_kv.keys, expected_kv.keys),
+        (got_kv.values, expected_kv.values),
+    ):
+        assert all(torch.equal(p, w) for p, w in zip(pools, wanted_pools, strict=True))

@@ -53,6 +53,11 @@ def test_rms_norm_of_strided_heads(dtype: torch.dtype) -> None:
     _within_ulps(
         cpu_ops.rms_norm(heads, weight, 1e-5), cpu_ops.rms_norm_ref(heads, weight, 1e-5), 2
     )
+    # One weight per head (Qwen3 stores q's norm for the q heads, then k's for the k heads).
+    per_head = torch.rand(6, 16, generator=generator).to(dtype)
+    got = cpu_ops.rms_norm(heads, per_head, 1e-5)
+    _within_ulps(got, cpu_ops.rms_norm_ref(heads, per_head, 1e-5), 2)
+    assert torch.equal(got[:, 4], cpu_ops.rms_norm(heads[:, 4], per_head[4], 1e-5))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

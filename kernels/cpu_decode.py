@@ -1,0 +1,225 @@
+"""A decode step's decoder layers in one C call (kernels/csrc/cpu_ops.c: decode_layers).
+
+Between two projections of a decode step, the weights a projection has just streamed evict
+the interpreter's and torch's code and data from the caches, and each Python-level op after it
+ran cold: ~20 us for an op that takes 2 warm. `DecodeLayers` runs every layer of a decode step
+(m <= 16 rows, each one new token) in C: the very kernels and calls of the Python path (the
+projections through kernels.cpu_linear's kernel, the norms, rotary embedding, cache writes,
+attention and activation of kernels.cpu_ops), in its order, so the same bits. It releases the
+GIL for the whole step.
+
+It takes only what those kernels take (bf16 or float32, contiguous CPU tensors, no LoRA, no
+sparsity): `DecodeLayers.prepare` returns None otherwise, and a call that does not fit returns
+False having done nothing; the caller then runs the layers op by op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kernels import cpu_linear, cpu_ops
+
+# Per layer: qkv, qkv bias, q/k norm, o, o bias, post-attention norm, gate_up, down (None where
+# the model has none), as engine.loader.LayerWeights holds them.
+LayerTensors = tuple[
+    Tensor, Tensor | None, Tensor | None, Tensor, Tensor | None, Tensor, Tensor, Tensor
+]
+
+_STATIC_FIELDS = 9  # the weight addresses of a layer's row; then keys, values, slots, lengths, L
+_FIELDS = 14
+
+
+@dataclass(frozen=True)
+class DecodeShape:
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+
+
+class DecodeLayers:
+    """A model's decoder layers for the one-call decode step, their weights checked once."""
+
+    def __init__(
+        self,
+        layers: Sequence[LayerTensors],
+        norms_after: Sequence[Tensor],
+        shape: DecodeShape,
+        eps: float,
+        scale: float,
+    ) -> None:
+        self.shape, self.eps, self.scale = shape, eps, scale
+        self.dtype = layers[0][0].dtype
+        self.num_layers = len(layers)
+        self.has_qk_norm = layers[0][2] is not None
+        # The tensors stay referenced here, so their addresses stay valid.
+        self._tensors = [(*layer, norm) for layer, norm in zip(layers, norms_after, strict=True)]
+        self._static = [
+            [0 if t is None else t.data_ptr() for t in tensors] for tensors in self._tensors
+        ]
+        self._kv: tuple[list[Tensor], list[Tensor], list[tuple[int, int]]] | None = None
+
+    @classmethod
+    def prepare(
+        cls,
+        layers: Sequence[LayerTensors],
+        norms_after: Sequence[Tensor],
+        shape: DecodeShape,
+        eps: float,
+        scale: float,
+    ) -> DecodeLayers | None:
+        """The step, or None where the kernels cannot take these weights. norms_after[i]: the
+        norm that follows layer i (the next layer's input norm; the final norm last)."""
+        module = cpu_ops._kernels()
+        if module is None or not hasattr(module, "decode_layers") or not layers:
+            return None
+        dtype = layers[0][0].dtype
+        if dtype not in (torch.bfloat16, torch.float32) or not cpu_linear.kernel_available(dtype):
+            return None
+        hidden, d = shape.hidden_size, shape.head_dim
+        q_size, kv_size = shape.num_heads * d, shape.num_kv_heads * d
+        qkv_width, f = q_size + 2 * kv_size, shape.intermediate_size
+        if shape.num_kv_heads < 1 or shape.num_heads % shape.num_kv_heads or d % 2:
+            return None
+        expected = (
+            (qkv_width, hidden),
+            (qkv_width,),
+            (shape.num_heads + shape.num_kv_heads, d),  # q's norm per q head, then k's
+            (hidden, q_size),
+            (hidden,),
+            (hidden,),
+            (2 * f, hidden),
+            (hidden, f),
+        )
+        if len(norms_after) != len(layers):
+            return None
+        qk_norms = {layer[2] is None for layer in layers}
+        if len(qk_norms) != 1:
+            return None
+        for layer, norm in zip(layers, norms_after, strict=True):
+            for tensor, wanted in zip((*layer, norm), (*expected, (hidden,)), strict=True):
+                if tensor is None:
+                    continue
+                if (
+                    tensor.dtype is not dtype
+                    or not tensor.is_cpu
+                    or not tensor.is_contiguous()
+                    or tuple(tensor.shape) != wanted
+                    or tensor.requires_grad
+                ):
+                    return None
+            if layer[0] is None or layer[3] is None or layer[6] is None or layer[7] is None:
+                return None
+        return cls(layers, norms_after, shape, eps, scale)
+
+    def __call__(
+        self,
+        hidden: Tensor,
+        x: Tensor,
+        keys: list[Tensor],
+        values: list[Tensor],
+        gathers: Sequence[tuple[Tensor, Tensor]],
+        cos: Tensor,
+        sin: Tensor,
+        slot_mapping: Tensor,
+    ) -> bool:
+        """Runs every layer: hidden [m, H] (the residual stream) is updated in place and x
+        [m, H] (layer 0's normed input) ends as the final norm of hidden, as the layers one by
+        one would leave them. keys and values: the KV cache's per-layer pools; gathers[i]: the
+        decode gather (slots [m, L] int64, lengths [m] int64) layer i attends; cos and sin
+        [m, D / 2]; slot_mapping [m] int64: where the new keys and values go. Returns False,
+        having done nothing, where a tensor does not fit."""
+        dtype, shape, m = self.dtype, self.shape, hidden.shape[0]
+        linear = cpu_linear.entry_address(dtype)
+        if (
+            not linear
+            or not 0 < m <= cpu_linear.MAX_ROWS
+            or len(gathers) != self.num_layers
+            or not _rows(hidden, m, shape.hidden_size, dtype)
+            or not _rows(x, m, shape.hidden_size, dtype)
+            or not _rows(cos, m, shape.head_dim // 2, dtype)
+            or not _rows(sin, m, shape.head_dim // 2, dtype)
+            or not _vector(slot_mapping, m)
+            or (torch.is_grad_enabled() and (hidden.requires_grad or x.requires_grad))
+        ):
+            return False
+        kv = self._kv_addresses(keys, values)
+        if kv is None:
+            return False
+        dynamic = []
+        checked: dict[int, int] = {}
+        for (slots, lengths), (key_at, value_at) in zip(gathers, kv, strict=True):
+            longest = checked.get(id(slots))
+            if longest is None:
+                if not (
+                    slots.dim() == 2
+                    and slots.shape[1] > 0
+                    and _rows(slots, m, slots.shape[1], torch.int64)
+                    and _vector(lengths, m)
+                ):
+                    return False
+                longest = checked[id(slots)] = slots.shape[1]
+            dynamic.append([key_at, value_at, slots.data_ptr(), lengths.data_ptr(), longest])
+        table = torch.tensor(
+            [row + extra for row, extra in zip(self._static, dynamic, strict=True)],
+            dtype=torch.int64,
+        )
+        d, hq, hk, f = shape.head_dim, shape.num_heads, shape.num_kv_heads, shape.intermediate_size
+        qkv = hidden.new_empty(m, (hq + 2 * hk) * d)
+        qk = hidden.new_empty(m, (hq + hk) * d) if self.has_qk_norm else qkv
+        attn = hidden.new_empty(m, hq * d)
+        proj = hidden.new_empty(m, shape.hidden_size)
+        gate_up = hidden.new_empty(m, 2 * f)
+        act = hidden.new_empty(m, f)
+        cpu_ops._kernels().decode_layers(
+            cpu_ops._DTYPES[dtype], table.data_ptr(), self.num_layers, m, shape.hidden_size,
+            hq, hk, d, f, hidden.data_ptr(), x.data_ptr(), qkv.data_ptr(), qk.data_ptr(),
+            attn.data_ptr(), proj.data_ptr(), gate_up.data_ptr(), act.data_ptr(),
+            cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(), self.eps, self.scale,
+            linear, torch.get_num_threads(),
+        )  # fmt: skip
+        return True
+
+    def _kv_addresses(
+        self, keys: list[Tensor], values: list[Tensor]
+    ) -> list[tuple[int, int]] | None:
+        """Per layer the pools' addresses, checked once per KV cache (its pools never move)."""
+        if self._kv is not None and self._kv[0] is keys and self._kv[1] is values:
+            return self._kv[2]
+        shape = self.shape
+        if len(keys) != self.num_layers or len(values) != self.num_layers:
+            return None
+        for pool in (*keys, *values):
+            if (
+                pool.dtype is not self.dtype
+                or not pool.is_cpu
+                or not pool.is_contiguous()
+                or pool.dim() != 3
+                or tuple(pool.shape[1:]) != (shape.num_kv_heads, shape.head_dim)
+            ):
+                return None
+        addresses = [(k.data_ptr(), v.data_ptr()) for k, v in zip(keys, values, strict=True)]
+        self._kv = (keys, values, addresses)
+        return addresses
+
+
+def _vector(t: Tensor, m: int) -> bool:
+    """t is a contiguous CPU int64 [m] tensor."""
+    return t.dtype is torch.int64 and t.is_cpu and t.shape == (m,) and t.is_contiguous()
+
+
+def _rows(t: Tensor, m: int, width: int, dtype: torch.dtype) -> bool:
+    """t is a contiguous CPU [m, width] tensor of dtype."""
+    return (
+        t.dtype is dtype
+        and t.is_cpu
+        and t.dim() == 2
+        and t.shape[0] == m
+        and t.shape[1] == width
+        and t.is_contiguous()
+    )

@@ -1,0 +1,160 @@
+"""kernels.cpu_decode: a decode step's layers in one C call against the same kernels called one
+by one from Python (bit for bit), and what it refuses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import cpu_linear, cpu_ops
+from kernels.cpu_decode import DecodeLayers, DecodeShape
+
+SHAPE = DecodeShape(hidden_size=48, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=40)
+SLOTS = 160  # room for 17 sequences of 8 distinct slots
+EPS, SCALE = 1e-6, 0.25
+
+pytestmark = pytest.mark.skipif(
+    not (cpu_ops.kernel_available() and cpu_linear.kernel_available(torch.float32)),
+    reason="this CPU has no compiled kernels",
+)
+
+
+def make_layers(dtype: torch.dtype, layers: int, qk_norm: bool, bias: bool, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    h, d, f = SHAPE.hidden_size, SHAPE.head_dim, SHAPE.intermediate_size
+    q, kv = SHAPE.num_heads * d, SHAPE.num_kv_heads * d
+
+    def rand(*shape: int, scale: float = 0.2, offset: float = 0.0) -> torch.Tensor:
+        return (offset + scale * torch.randn(*shape, generator=generator)).to(dtype)
+
+    tensors = [
+        (
+            rand(q + 2 * kv, h),
+            rand(q + 2 * kv) if bias else None,
+            rand(SHAPE.num_heads + SHAPE.num_kv_heads, d, offset=1.0) if qk_norm else None,
+            rand(h, q),
+            rand(h) if bias else None,
+            rand(h, offset=1.0),
+            rand(2 * f, h),
+            rand(h, f),
+        )
+        for _ in range(layers)
+    ]
+    norms_after = [rand(h, offset=1.0) for _ in range(layers)]
+    return tensors, norms_after
+
+
+def make_step(dtype: torch.dtype, m: int, layers: int, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(m, SHAPE.hidden_size, generator=generator).to(dtype)
+    x = torch.randn(m, SHAPE.hidden_size, generator=generator).to(dtype)
+    pool = (SLOTS, SHAPE.num_kv_heads, SHAPE.head_dim)
+    keys = [torch.randn(pool, generator=generator).to(dtype) for _ in range(layers)]
+    values = [torch.randn(pool, generator=generator).to(dtype) for _ in range(layers)]
+    lengths = torch.arange(m, dtype=torch.int64) % 5 + 3  # 3..7 keys per sequence
+    slots = torch.randperm(SLOTS, generator=generator)[: m * 8].view(m, 8)
+    slot_mapping = slots[torch.arange(m), lengths - 1].contiguous()  # the new token's slot
+    angles = torch.rand(m, SHAPE.head_dim // 2, generator=generator) * 6
+    return (
+        hidden,
+        x,
+        keys,
+        values,
+        (slots, lengths),
+        angles.cos().to(dtype),
+        angles.sin().to(dtype),
+        slot_mapping,
+    )
+
+
+def one_by_one(tensors, norms_after, hidden, x, keys, values, gather, cos, sin, slot_mapping):
+    """The layers as engine.model runs them op by op."""
+    m, d = hidden.shape[0], SHAPE.head_dim
+    hq, hk = SHAPE.num_heads, SHAPE.num_kv_heads
+    for (qkv_w, qkv_b, qk_norm, o, o_b, post, gate_up, down), following, k_pool, v_pool in zip(
+        tensors, norms_after, keys, values, strict=True
+    ):
+        qkv = cpu_linear.linear(x, qkv_w, qkv_b)
+        qk = qkv[:, : (hq + hk) * d].view(m, hq + hk, d)
+        if qk_norm is not None:
+            qk = cpu_ops.rms_norm(qk, qk_norm, EPS)
+        q, k = qk[:, :hq], qk[:, hq:]
+        v = qkv[:, (hq + hk) * d :].view(m, hk, d)
+        cpu_ops.rope_store_kv(q, k, v, cos, sin, k_pool, v_pool, slot_mapping)
+        attn = cpu_ops.decode_attention(q, k_pool, v_pool, gather[0], gather[1], SCALE)
+        x = cpu_ops.add_rms_norm(
+            hidden, cpu_linear.linear(attn.reshape(m, hq * d), o, o_b), post, EPS
+        )
+        act = cpu_ops.silu_mul(cpu_linear.linear(x, gate_up))
+        x = cpu_ops.add_rms_norm(hidden, cpu_linear.linear(act, down), following, EPS)
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("m", "qk_norm", "bias"), [(1, False, True), (5, True, False), (16, False, False)]
+)
+def test_one_call_is_the_kernels_one_by_one(
+    dtype: torch.dtype, m: int, qk_norm: bool, bias: bool
+) -> None:
+    if not cpu_linear.kernel_available(dtype):
+        pytest.skip(f"no {dtype} kernel on this CPU")
+    tensors, norms_after = make_layers(dtype, 3, qk_norm, bias)
+    step = DecodeLayers.prepare(tensors, norms_after, SHAPE, EPS, SCALE)
+    assert step is not None
+    hidden, x, keys, values, gather, cos, sin, slot_mapping = make_step(dtype, m, 3)
+    copies = [t.clone() for t in (hidden, x, *keys, *values)]
+    assert step(hidden, x, keys, values, [gather] * 3, cos, sin, slot_mapping)
+    ref_hidden, ref_x = copies[0], copies[1]
+    ref_keys, ref_values = copies[2:5], copies[5:8]
+    ref_x = one_by_one(
+        tensors,
+        norms_after,
+        ref_hidden,
+        ref_x,
+        ref_keys,
+        ref_values,
+        gather,
+        cos,
+        sin,
+        slot_mapping,
+    )
+    assert torch.equal(x, ref_x) and torch.equal(hidden, ref_hidden)
+    for got, wanted in zip((*keys, *values), (*ref_keys, *ref_values), strict=True):
+        assert torch.equal(got, wanted)
+
+
+def test_refusals_leave_everything_as_it_was() -> None:
+    dtype = torch.float32
+    tensors, norms_after = make_layers(dtype, 2, qk_norm=False, bias=False)
+    half = [tuple(t.half() if t is not None else None for t in layer) for layer in tensors]
+    assert DecodeLayers.prepare(half, [n.half() for n in norms_after], SHAPE, EPS, SCALE) is None
+    mixed = [tensors[0], make_layers(dtype, 1, qk_norm=True, bias=False)[0][0]]
+    assert DecodeLayers.prepare(mixed, norms_after, SHAPE, EPS, SCALE) is None
+    wide = [(*tensors[0][:6], tensors[0][6][:-1], tensors[0][7]), tensors[1]]
+    assert DecodeLayers.prepare(wide, norms_after, SHAPE, EPS, SCALE) is None
+    strided = [(tensors[0][0].t().contiguous().t(), *tensors[0][1:]), tensors[1]]
+    assert DecodeLayers.prepare(strided, norms_after, SHAPE, EPS, SCALE) is None
+    step = DecodeLayers.prepare(tensors, norms_after, SHAPE, EPS, SCALE)
+    assert step is not None
+    hidden, x, keys, values, gather, cos, sin, slot_mapping = make_step(dtype, 17, 2)
+    before = [t.clone() for t in (hidden, x, *keys, *values)]
+    assert not step(hidden, x, keys, values, [gather] * 2, cos, sin, slot_mapping)  # 17 rows
+    hidden, x, keys, values, gather, cos, sin, slot_mapping = make_step(dtype, 3, 2)
+    before = [t.clone() for t in (hidden, x, *keys, *values)]
+    refused = {
+        "one gather for two layers": (keys, values, [gather], cos),
+        "a pool too few": (keys[:1], values[:1], [gather] * 2, cos),
+        "pools of another head count": (
+            [k.view(SLOTS, 1, 2 * SHAPE.head_dim) for k in keys],
+            values,
+            [gather] * 2,
+            cos,
+        ),
+        "cos of the wrong width": (keys, values, [gather] * 2, cos[:, :4].contiguous()),
+        "lengths of int32": (keys, values, [(gather[0], gather[1].int())] * 2, cos),
+    }
+    for name, (k, v, gathers, c) in refused.items():
+        assert not step(hidden, x, k, v, gathers, c, sin, slot_mapping), name
+    for got, wanted in zip((hidden, x, *keys, *values), before, strict=True):
+        assert torch.equal(got, wanted)
