@@ -4,9 +4,10 @@ engine.model runs a decode-only step's layers through kernels.cpu_decode (one C 
 kernels in the same order, no Python between them) wherever nothing needs the Python path.
 This runs the benchmark model (bench/make_bench_model.py) switching between that and the
 layers one by one at every decode step (both see the same bandwidth drift), at batch 1 and 8,
-and prints the median step times. Nothing is asserted.
+without adapters and (--adapters N) with N distinct rank-16 adapters on all projections
+(bench/bench_lora.py's), and prints the median step times. Nothing is asserted.
 
-    python bench/ab_decode_step.py [--batch 1 8] [--steps 80] [--rounds 3]
+    python bench/ab_decode_step.py [--batch 1 8] [--adapters 8] [--steps 80] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--adapters", type=int, default=0, help="also batches with adapters")
     args = parser.parse_args()
 
     from bench.interleave import interleaved_step_times
@@ -34,6 +36,11 @@ def main() -> None:
     from engine.model import CausalLM
 
     engine = LLMEngine.from_dir(build_bench_model(), EngineConfig(dtype="bfloat16", max_num_seqs=8))
+    adapter_ids = []
+    if args.adapters:
+        from bench.bench_lora import load_bench_adapters
+
+        adapter_ids = load_bench_adapters(engine, args.adapters)
     one_call = CausalLM._decode_in_one_call
 
     def install(method):
@@ -45,15 +52,19 @@ def main() -> None:
     }
     try:
         for batch in args.batch:
-            interleaved_step_times(engine, variants, [None] * batch, 4)  # warm-up
-            for round_index in range(args.rounds):
-                times = interleaved_step_times(engine, variants, [None] * batch, args.steps)
-                by_one, in_one = (statistics.median(times[name]) * 1e3 for name in variants)
-                print(
-                    f"batch {batch}, round {round_index}: layers one by one {by_one:6.2f} ms, "
-                    f"one C call {in_one:6.2f} ms ({by_one / in_one:.3f}x)",
-                    flush=True,
-                )
+            runs = {"no adapter": [None] * batch}
+            if adapter_ids:
+                runs["adapters"] = [adapter_ids[i % len(adapter_ids)] for i in range(batch)]
+            for label, ids in runs.items():
+                interleaved_step_times(engine, variants, ids, 4)  # warm-up
+                for round_index in range(args.rounds):
+                    times = interleaved_step_times(engine, variants, ids, args.steps)
+                    by_one, in_one = (statistics.median(times[name]) * 1e3 for name in variants)
+                    print(
+                        f"batch {batch}, {label}, round {round_index}: layers one by one "
+                        f"{by_one:6.2f} ms, one C call {in_one:6.2f} ms ({by_one / in_one:.3f}x)",
+                        flush=True,
+                    )
     finally:
         CausalLM._decode_in_one_call = one_call
 

@@ -32,7 +32,7 @@ from safetensors import safe_open
 
 from engine.config import ModelConfig
 from engine.types import AdapterError
-from kernels.lora import LoraMapping, LoraStack, lora_apply
+from kernels.lora import LoraMapping, LoraStack, lora_apply, uses_dense_path
 
 MAX_RANK = 256
 CONFIG_FILE = "adapter_config.json"
@@ -398,6 +398,29 @@ class LoraBatch:
 
     layers: list[dict[str, LoraStack | None]]
     mapping: LoraMapping
+
+    def decode_params(self) -> list[tuple[torch.Tensor | None, ...]] | None:
+        """Per layer, the C kernel's params (kernels.cpu_linear.LoraDense.params) of its qkv, o,
+        gate_up and down adapters (None: the group has none), for a decode step run in one C
+        call; None where a group needs the Python path (segments, or no C kernel)."""
+        mapping, rows = self.mapping, self.mapping.num_tokens
+        params = []
+        for stacks in self.layers:
+            layer = []
+            for group in GROUPS:
+                stack = stacks.get(group)
+                if stack is None or not mapping.segments or stack.max_rank == 0:
+                    layer.append(None)  # lora_ref would leave y as it is
+                    continue
+                call = stack.dense_call() if uses_dense_path(stack, mapping) else None
+                mask = mapping.column_mask(stack.slot_ranks, stack.b.dtype)
+                skip = mapping.idle_groups(stack.slot_ranks, len(stack.slices))
+                group_params = None if call is None else call.params(rows, mask, skip)
+                if group_params is None:
+                    return None
+                layer.append(group_params)
+            params.append(tuple(layer))
+        return params
 
     def apply(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """y += the LoRA deltas of the projections of `group` in `layer`, input x."""

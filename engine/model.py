@@ -106,11 +106,15 @@ class CausalLM:
     ) -> bool:
         """Every layer of a decode-only step in one C call (kernels.cpu_decode: the same
         kernels in the same order as _layer, so the same bits, without Python between them),
-        where nothing needs the Python path: no adapters, no sparsity, no observer."""
-        if lora is not None or self._plan is not None or self.observer is not None:
+        where nothing needs the Python path: no sparsity, no observer, adapters only through
+        the dense C kernel."""
+        if self._plan is not None or self.observer is not None or not meta.decode_only:
             return False
-        if not meta.decode_only:
-            return False
+        adapters = None
+        if lora is not None:
+            adapters = lora.decode_params()
+            if adapters is None:
+                return False
         if self._decode_layers is _UNPREPARED:
             self._decode_layers = self._prepare_decode_layers()
         step = self._decode_layers
@@ -118,7 +122,7 @@ class CausalLM:
             return False
         gathers = [meta.decode_gather(window) for window in self.config.sliding_windows]
         pairs = [(gather.slots, gather.lengths) for gather in gathers]
-        return step(hidden, x, kv.keys, kv.values, pairs, cos, sin, meta.slot_mapping)
+        return step(hidden, x, kv.keys, kv.values, pairs, cos, sin, meta.slot_mapping, adapters)
 
     def _prepare_decode_layers(self) -> DecodeLayers | None:
         c, layers = self.config, self.weights.layers

@@ -8,9 +8,10 @@ projections through kernels.cpu_linear's kernel, the norms, rotary embedding, ca
 attention and activation of kernels.cpu_ops), in its order, so the same bits. It releases the
 GIL for the whole step.
 
-It takes only what those kernels take (bf16 or float32, contiguous CPU tensors, no LoRA, no
-sparsity): `DecodeLayers.prepare` returns None otherwise, and a call that does not fit returns
-False having done nothing; the caller then runs the layers op by op.
+It takes only what those kernels take (bf16 or float32, contiguous CPU tensors; multi-LoRA
+only through kernels.cpu_linear's dense kernel; no sparsity): `DecodeLayers.prepare` returns
+None otherwise, and a call that does not fit returns False having done nothing; the caller then
+runs the layers op by op.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ LayerTensors = tuple[
     Tensor, Tensor | None, Tensor | None, Tensor, Tensor | None, Tensor, Tensor, Tensor
 ]
 
-_STATIC_FIELDS = 9  # the weight addresses of a layer's row; then keys, values, slots, lengths, L
-_FIELDS = 14
+# A layer's row of the C call's table (cpu_ops.c's LAYER_* fields): 9 weight addresses; keys,
+# values, slots, lengths and the longest length; each projection group's LoRA params or 0.
 
 
 @dataclass(frozen=True)
@@ -127,13 +128,16 @@ class DecodeLayers:
         cos: Tensor,
         sin: Tensor,
         slot_mapping: Tensor,
+        adapters: Sequence[Sequence[Tensor | None]] | None = None,
     ) -> bool:
         """Runs every layer: hidden [m, H] (the residual stream) is updated in place and x
         [m, H] (layer 0's normed input) ends as the final norm of hidden, as the layers one by
         one would leave them. keys and values: the KV cache's per-layer pools; gathers[i]: the
         decode gather (slots [m, L] int64, lengths [m] int64) layer i attends; cos and sin
-        [m, D / 2]; slot_mapping [m] int64: where the new keys and values go. Returns False,
-        having done nothing, where a tensor does not fit."""
+        [m, D / 2]; slot_mapping [m] int64: where the new keys and values go; adapters[i]: the
+        multi-LoRA params (kernels.cpu_linear.LoraDense.params) of layer i's qkv, o, gate_up
+        and down, None where a group has none. Returns False, having done nothing, where a
+        tensor does not fit."""
         dtype, shape, m = self.dtype, self.shape, hidden.shape[0]
         linear = cpu_linear.entry_address(dtype)
         if (
@@ -165,8 +169,20 @@ class DecodeLayers:
                     return False
                 longest = checked[id(slots)] = slots.shape[1]
             dynamic.append([key_at, value_at, slots.data_ptr(), lengths.data_ptr(), longest])
+        lora = 0
+        groups: Sequence[Sequence[Tensor | None]] = [(None,) * 4] * self.num_layers
+        if adapters is not None:
+            lora = cpu_linear.lora_entry_address(dtype)
+            if not lora or len(adapters) != self.num_layers:
+                return False
+            if any(len(layer) != 4 for layer in adapters):
+                return False
+            groups = adapters
         table = torch.tensor(
-            [row + extra for row, extra in zip(self._static, dynamic, strict=True)],
+            [
+                row + extra + [0 if p is None else p.data_ptr() for p in layer]
+                for row, extra, layer in zip(self._static, dynamic, groups, strict=True)
+            ],
             dtype=torch.int64,
         )
         d, hq, hk, f = shape.head_dim, shape.num_heads, shape.num_kv_heads, shape.intermediate_size
@@ -181,7 +197,7 @@ class DecodeLayers:
             hq, hk, d, f, hidden.data_ptr(), x.data_ptr(), qkv.data_ptr(), qk.data_ptr(),
             attn.data_ptr(), proj.data_ptr(), gate_up.data_ptr(), act.data_ptr(),
             cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(), self.eps, self.scale,
-            linear, torch.get_num_threads(),
+            linear, lora, torch.get_num_threads(),
         )  # fmt: skip
         return True
 

@@ -262,6 +262,42 @@ class LoraDense:
         )  # fmt: skip
         return True
 
+    def params(self, m: int, mask: Tensor | None, skip: Tensor | None) -> Tensor | None:
+        """This call's arguments for a C caller (kernels.cpu_decode: lora_entry's int64 params)
+        for m rows with these mask and skip, or None where the kernel does not take them. The
+        caller keeps mask and skip alive while it runs the call."""
+        dtype = self.a.dtype
+        kernel = _kernels.get(dtype)
+        if kernel is None or not 0 < m <= MAX_ROWS:
+            return None
+        mask_kind = 0
+        if mask is not None:
+            if (
+                mask.shape != (m, self.columns)
+                or not mask.is_cpu
+                or not mask.is_contiguous()
+                or mask.dtype not in (dtype, torch.int16)
+                or (mask.dtype is torch.int16 and dtype.itemsize != 2)
+            ):
+                return None
+            mask_kind = 1 if mask.dtype is torch.int16 else 2
+        if skip is not None and (
+            skip.shape != ((self.total + 15) // 16,)
+            or skip.dtype is not torch.uint8
+            or not skip.is_contiguous()
+        ):
+            return None
+        layout = self.layout.data_ptr()
+        return torch.tensor(
+            [
+                self.a.data_ptr(), 0 if mask is None else mask.data_ptr(), mask_kind,
+                self.b.data_ptr(), layout, layout + 8 * self.num_slices, self.num_slices,
+                self.columns, self.k, int(kernel is getattr(kernel.__self__, "linear_amx", None)),
+                0 if skip is None else skip.data_ptr(),
+            ],
+            dtype=torch.int64,
+        )  # fmt: skip
+
 
 def _kernel(dtype: torch.dtype) -> KernelFn | None:
     kernel = _kernels.get(dtype, _NOT_LOADED)
@@ -286,6 +322,14 @@ def _shares_storage(a: Tensor, b: Tensor) -> bool:
 
 
 _entries: dict[KernelFn, int] = {}
+
+
+def lora_entry_address(dtype: torch.dtype) -> int:
+    """The address of the multi-LoRA kernel for C callers (kernels.cpu_decode), taking
+    LoraDense.params; 0 where there is none."""
+    kernel = _kernel(dtype)
+    lookup = None if kernel is None else getattr(kernel.__self__, "entry_address", None)
+    return 0 if lookup is None else lookup("lora_dense")
 
 
 def entry_address(dtype: torch.dtype) -> int:

@@ -255,14 +255,14 @@ def lora_ref(y: Tensor, x: Tensor, stack: LoraStack, mapping: LoraMapping) -> Te
         return y
     if stack.num_slots != mapping.num_slots:
         raise ValueError(f"stack has {stack.num_slots} slots, mapping {mapping.num_slots}")
-    if _use_dense(stack, mapping):
+    if uses_dense_path(stack, mapping):
         _dense(y, x, stack, mapping)
     else:
         _segmented(y, x, stack, mapping)
     return y
 
 
-def _use_dense(stack: LoraStack, mapping: LoraMapping) -> bool:
+def uses_dense_path(stack: LoraStack, mapping: LoraMapping) -> bool:
     """Dense costs rows x all slots; segments cost a few ops each and only the rows they hold."""
     if mapping.num_tokens * stack.num_slots <= DENSE_MAX_CELLS:
         return True

@@ -760,12 +760,30 @@ static int amx_entry(const void *x, int64_t ldx, const void *w, const void *bias
 }
 #endif
 
-// entry_address("amx" or "avx512") -> the kernel's address as an int (0: none)
+// A decode step's multi-LoRA for one projection group, for C callers: lora_dense (above) of
+// y [m, ...] (row stride ldy) += the adapters of x [m, k] (row stride ldx), with params an int64
+// array: a, mask or 0, mask_kind, b, starts, widths, slices, columns, k, amx, skip or 0 (as
+// kernels.cpu_linear.LoraDense.params builds it). Returns 0, or -1 when a buffer cannot be
+// allocated.
+static int lora_entry(const void *x, int64_t ldx, const int64_t *params, void *y, int64_t ldy,
+                      int64_t m, int threads) {
+    const lora_t job = {
+        x, (const elem_t *)(intptr_t)params[0], (const elem_t *)(intptr_t)params[3],
+        (const elem_t *)(intptr_t)params[1], NULL, y,
+        (const int64_t *)(intptr_t)params[4], (const int64_t *)(intptr_t)params[5],
+        (const uint8_t *)(intptr_t)params[10],
+        ldx, ldy, params[6], params[7], m, params[8], (int)params[2], (int)params[9], threads,
+    };
+    return lora_dense(&job);
+}
+
+// entry_address("amx", "avx512" or "lora_dense") -> that kernel's address as an int (0: none)
 static PyObject *py_entry_address(PyObject *module, PyObject *name) {
     (void)module;
     const char *text = PyUnicode_AsUTF8(name);
     if (text == NULL) return NULL;
     void *entry = strcmp(text, "avx512") == 0 ? (void *)avx512_entry : NULL;
+    if (strcmp(text, "lora_dense") == 0) entry = (void *)lora_entry;
 #if defined(TANDEM_BF16)
     if (strcmp(text, "amx") == 0) entry = (void *)amx_entry;
 #endif

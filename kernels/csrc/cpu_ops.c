@@ -783,6 +783,10 @@ static int fusion_apply(const apply_t *job, int threads) {
 // address): y = x @ w.T (+ bias), x with row stride ldx, y contiguous [m, n].
 typedef int (*linear_fn)(const void *x, int64_t ldx, const void *w, const void *bias, void *out,
                          int64_t m, int64_t n, int64_t k, int threads);
+// And each projection's multi-LoRA (kernels/csrc/cpu_linear.c's lora_entry, by address):
+// y (row stride ldy) += the adapters of x (row stride ldx), by the group's int64 params.
+typedef int (*lora_fn)(const void *x, int64_t ldx, const int64_t *params, void *y, int64_t ldy,
+                       int64_t m, int threads);
 
 // Per layer, the addresses (0: none) and numbers a step reads, int64 each, in this order.
 enum {
@@ -800,6 +804,10 @@ enum {
     LAYER_SLOTS,        // this step's decode gather for the layer's window: [m, max_len] int64
     LAYER_LENGTHS,      // [m] int64
     LAYER_MAX_LEN,
+    LAYER_LORA_QKV,      // each projection group's multi-LoRA params, or 0: no adapter
+    LAYER_LORA_O,
+    LAYER_LORA_GATE_UP,
+    LAYER_LORA_DOWN,
     LAYER_FIELDS,
 };
 
@@ -812,10 +820,22 @@ typedef struct {
     const int64_t *slot_mapping;
     float eps, scale;
     linear_fn linear;
+    lora_fn lora;  // NULL where no layer has adapters
     int threads;
 } decode_step_t;
 
 #define AT(layer, field) ((void *)(intptr_t)(layer)[field])
+
+// y [m, n] = x @ w.T (+ bias), then y += the group's adapters where the layer has any.
+INLINE int project(const decode_step_t *s, const int64_t *layer, int weight, int bias,
+                   int adapters, const char *x, int64_t k, char *y, int64_t n) {
+    if (s->linear(x, k, AT(layer, weight), bias < 0 ? NULL : AT(layer, bias), y, s->m, n, k,
+                  s->threads) != 0) {
+        return -1;
+    }
+    if (layer[adapters] == 0) return 0;
+    return s->lora(x, k, AT(layer, adapters), y, n, s->m, s->threads);
+}
 
 // Returns 0, or -1 when a kernel could not allocate its scratch.
 INLINE int decode_layers(const int bf16, const decode_step_t *s) {
@@ -824,8 +844,8 @@ INLINE int decode_layers(const int bf16, const decode_step_t *s) {
     const int64_t qk_width = (s->hq + s->hk) * d;
     for (int64_t index = 0; index < s->num_layers; index++) {
         const int64_t *layer = s->layers + index * LAYER_FIELDS;
-        if (s->linear(s->x, s->hidden_size, AT(layer, LAYER_QKV), AT(layer, LAYER_QKV_BIAS),
-                      s->qkv, m, qkv_width, s->hidden_size, s->threads) != 0) {
+        if (project(s, layer, LAYER_QKV, LAYER_QKV_BIAS, LAYER_LORA_QKV, s->x, s->hidden_size,
+                    s->qkv, qkv_width) != 0) {
             return -1;
         }
         char *q = s->qkv, *k = s->qkv + s->hq * d * size;
@@ -853,19 +873,19 @@ INLINE int decode_layers(const int bf16, const decode_step_t *s) {
                                        layer[LAYER_MAX_LEN],
                                        s->scale};
         if (decode_attention(bf16, &attention, m, s->threads) != 0) return -1;
-        if (s->linear(s->attn, s->hq * d, AT(layer, LAYER_O), AT(layer, LAYER_O_BIAS), s->proj,
-                      m, s->hidden_size, s->hq * d, s->threads) != 0) {
+        if (project(s, layer, LAYER_O, LAYER_O_BIAS, LAYER_LORA_O, s->attn, s->hq * d, s->proj,
+                    s->hidden_size) != 0) {
             return -1;
         }
         add_rms_norm(bf16, s->hidden, s->hidden_size, s->proj, s->hidden_size,
                      AT(layer, LAYER_POST_NORM), s->x, m, s->hidden_size, s->eps, s->threads);
-        if (s->linear(s->x, s->hidden_size, AT(layer, LAYER_GATE_UP), NULL, s->gate_up, m,
-                      2 * s->f, s->hidden_size, s->threads) != 0) {
+        if (project(s, layer, LAYER_GATE_UP, -1, LAYER_LORA_GATE_UP, s->x, s->hidden_size,
+                    s->gate_up, 2 * s->f) != 0) {
             return -1;
         }
         silu_mul(bf16, s->gate_up, 2 * s->f, s->act, m, s->f, s->threads);
-        if (s->linear(s->act, s->f, AT(layer, LAYER_DOWN), NULL, s->proj, m, s->hidden_size,
-                      s->f, s->threads) != 0) {
+        if (project(s, layer, LAYER_DOWN, -1, LAYER_LORA_DOWN, s->act, s->f, s->proj,
+                    s->hidden_size) != 0) {
             return -1;
         }
         add_rms_norm(bf16, s->hidden, s->hidden_size, s->proj, s->hidden_size,
@@ -981,19 +1001,21 @@ static PyObject *py_decode_attention(PyObject *module, PyObject *const *args, Py
 }
 
 // decode_layers(bf16, layers, num_layers, m, hidden_size, hq, hk, d, f, hidden, x, qkv, qk,
-//               attn, proj, gate_up, act, cos, sin, slot_mapping, eps, scale, linear, threads):
-// see decode_layers above; `linear` is the projection kernel's address.
+//               attn, proj, gate_up, act, cos, sin, slot_mapping, eps, scale, linear, lora,
+//               threads): see decode_layers above; `linear` and `lora` (or 0) are the kernels'
+// addresses.
 static PyObject *py_decode_layers(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
-    long long v[24];
-    if (parse_ints(args, nargs, 24, v, "decode_layers") != 0) return NULL;
+    long long v[25];
+    if (parse_ints(args, nargs, 25, v, "decode_layers") != 0) return NULL;
     const float eps = (float)PyFloat_AsDouble(args[20]), scale = (float)PyFloat_AsDouble(args[21]);
     if (PyErr_Occurred()) return NULL;
     const decode_step_t step = {
         PTR(v[1]),  v[2],       v[3],       v[4],       v[5],       v[6],
         v[7],       v[8],       PTR(v[9]),  PTR(v[10]), PTR(v[11]), PTR(v[12]),
         PTR(v[13]), PTR(v[14]), PTR(v[15]), PTR(v[16]), PTR(v[17]), PTR(v[18]),
-        PTR(v[19]), eps,        scale,      (linear_fn)PTR(v[22]),  (int)v[23],
+        PTR(v[19]), eps,        scale,      (linear_fn)PTR(v[22]),  (lora_fn)PTR(v[23]),
+        (int)v[24],
     };
     // Tens of milliseconds: the server's event loop runs meanwhile.
     PyThreadState *state = PyEval_SaveThread();

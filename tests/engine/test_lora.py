@@ -638,3 +638,38 @@ def test_missing_and_corrupt_files(tiny_model: Callable, adapter: Callable, tmp_
     refused(path, "cannot read .*adapter_config.json", "failed_precondition")
     config_file.write_text("[1, 2]")
     refused(path, "not a JSON object", "failed_precondition")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_in_one_call_with_adapters_is_the_layers_one_by_one(
+    tiny_model: Callable, adapter: Callable, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mixed batch (one adapter, none, two weighted, adapters on some projection groups
+    only) decoded with every layer in one C call, the adapters through the dense C kernel,
+    gives the very logits of the layers one by one in Python."""
+    model = CausalLM.from_dir(tiny_model("llama").path, dtype)
+    attn, mlp, full = (
+        load_adapter(adapter(name).path, model.config)
+        for name in ("attention_r8", "mlp_r1", "all_r64")
+    )
+    uses = [((attn, 1.0),), (), ((full, 0.7), (mlp, -1.5)), ((mlp, 1.0),)]
+    prompts = [random_tokens(30 + i, 4 + 3 * i) for i in range(len(uses))]
+    one_call = CausalLM._decode_in_one_call
+    used = []
+
+    def run(fast: bool) -> tuple[list[torch.Tensor], list[list[int]]]:
+        def decode_in_one_call(self, *args) -> bool:
+            done = fast and one_call(self, *args)
+            used.append(done)
+            return done
+
+        monkeypatch.setattr(CausalLM, "_decode_in_one_call", decode_in_one_call)
+        return Runner(model).run(prompts, uses, NEW_TOKENS)
+
+    expected = run(fast=False)
+    used.clear()
+    got = run(fast=True)
+    assert used == [False] + [True] * (NEW_TOKENS - 1)  # every decode step in one call
+    assert got[1] == expected[1]
+    for actual, wanted in zip(got[0], expected[0], strict=True):
+        assert torch.equal(actual, wanted)
