@@ -413,9 +413,11 @@ class LoraBatch:
                     layer.append(None)  # lora_ref would leave y as it is
                     continue
                 call = stack.dense_call() if uses_dense_path(stack, mapping) else None
+                if call is None:
+                    return None
                 mask = mapping.column_mask(stack.slot_ranks, stack.b.dtype)
                 skip = mapping.idle_groups(stack.slot_ranks, len(stack.slices))
-                group_params = None if call is None else call.params(rows, mask, skip)
+                group_params = call.params(rows, mask, skip)
                 if group_params is None:
                     return None
                 layer.append(group_params)

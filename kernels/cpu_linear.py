@@ -234,22 +234,8 @@ class LoraDense:
             or (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad))
         ):
             return False
-        mask_kind = 0
-        if mask is not None:
-            if (
-                mask.shape != (m, self.columns)
-                or not mask.is_cpu
-                or not mask.is_contiguous()
-                or mask.dtype not in (dtype, torch.int16)
-                or (mask.dtype is torch.int16 and size != 2)
-            ):
-                return False
-            mask_kind = 1 if mask.dtype is torch.int16 else 2
-        if skip is not None and (
-            skip.shape != ((self.total + 15) // 16,)
-            or skip.dtype is not torch.uint8
-            or not skip.is_contiguous()
-        ):
+        mask_kind = self._mask_kind(m, mask, skip)
+        if mask_kind is None:
             return False
         module = kernel.__self__
         layout = self.layout.data_ptr()
@@ -270,22 +256,8 @@ class LoraDense:
         kernel = _kernels.get(dtype)
         if kernel is None or not 0 < m <= MAX_ROWS:
             return None
-        mask_kind = 0
-        if mask is not None:
-            if (
-                mask.shape != (m, self.columns)
-                or not mask.is_cpu
-                or not mask.is_contiguous()
-                or mask.dtype not in (dtype, torch.int16)
-                or (mask.dtype is torch.int16 and dtype.itemsize != 2)
-            ):
-                return None
-            mask_kind = 1 if mask.dtype is torch.int16 else 2
-        if skip is not None and (
-            skip.shape != ((self.total + 15) // 16,)
-            or skip.dtype is not torch.uint8
-            or not skip.is_contiguous()
-        ):
+        mask_kind = self._mask_kind(m, mask, skip)
+        if mask_kind is None:
             return None
         layout = self.layout.data_ptr()
         return torch.tensor(
@@ -297,6 +269,28 @@ class LoraDense:
             ],
             dtype=torch.int64,
         )  # fmt: skip
+
+    def _mask_kind(self, m: int, mask: Tensor | None, skip: Tensor | None) -> int | None:
+        """The kernel's code for the mask (0: none, 1: int16 bits, 2: weights in the weights'
+        dtype), or None where mask or skip does not fit m rows of this call."""
+        dtype = self.a.dtype
+        if skip is not None and (
+            skip.shape != ((self.total + 15) // 16,)
+            or skip.dtype is not torch.uint8
+            or not skip.is_contiguous()
+        ):
+            return None
+        if mask is None:
+            return 0
+        if (
+            mask.shape != (m, self.columns)
+            or not mask.is_cpu
+            or not mask.is_contiguous()
+            or mask.dtype not in (dtype, torch.int16)
+            or (mask.dtype is torch.int16 and dtype.itemsize != 2)
+        ):
+            return None
+        return 1 if mask.dtype is torch.int16 else 2
 
 
 def _kernel(dtype: torch.dtype) -> KernelFn | None:
