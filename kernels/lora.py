@@ -64,7 +64,7 @@ class LoraStack:
     _device_meta: dict[torch.device, tuple[Tensor, ...]] = field(
         default_factory=dict, init=False, repr=False
     )
-    _dense_call: object = field(default=None, init=False, repr=False)
+    _dense_call: object = field(default=_UNPREPARED, init=False, repr=False)
 
     def __post_init__(self) -> None:
         offsets, total = [], 0
@@ -83,7 +83,6 @@ class LoraStack:
         self.max_rank = max(self.slot_ranks, default=0)
         self.a2d = self.a.view(num_slices * columns, self.a.shape[2])
         self.b_slices = tuple(self.b.split(widths))
-        self._dense_call = _UNPREPARED
 
     @property
     def num_slots(self) -> int:
