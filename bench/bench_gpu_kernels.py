@@ -3,11 +3,11 @@
 1. The device's memory bandwidth: its data-sheet peak (by name) and a device-to-device copy
    measured here (bytes read + written).
 2. Sparse GEMV (kernels.sparse.sparse_linear_triton, WINA per-token top-k thresholds) for the
-   four projections of Qwen2.5-0.5B and of Llama-3-8B, bf16, at several sparsities: GPU time,
-   the bytes it must read (the kept rows of weight_t: the union of the rows' kept channels),
-   achieved bandwidth as a fraction of the peak (issue 7's goal: >= 80%), speed-up over the
-   dense layer (cuBLAS: F.linear on W [N, K]) and its bound 1 / union; then each model's four
-   projections together, as a decode step's linear layers would be. --sweep first times block
+   four projections of Qwen2.5-0.5B, Llama-3-8B and Llama-3-70B, bf16, at several sparsities:
+   GPU time, the bytes it must read (the kept rows of weight_t: the union of the rows' kept
+   channels), achieved bandwidth as a fraction of the peak (issue 7's goal: >= 80%), speed-up
+   over the dense layer (cuBLAS: F.linear on W [N, K]) and its bound 1 / union; then each
+   model's four projections together, as a decode step's linear layers would be. --sweep times block
    sizes, warps and programs per SM of both kernels (one row, and 4 rows) on three shapes, to
    choose GEMV_BLOCKS, GEMV_LAUNCH, GPU_BLOCKS, GPU_LAUNCH and PROGRAMS_PER_SM.
 3. Multi-LoRA (kernels.lora.lora_triton) for 8 rows with 8 distinct rank-16 adapters on
@@ -52,6 +52,10 @@ MODELS = {
     "llama-3-8b": (
         32,
         [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)],
+    ),
+    "llama-3-70b": (
+        80,
+        [("qkv", 8192, 10240), ("o", 8192, 8192), ("gate_up", 8192, 57344), ("down", 28672, 8192)],
     ),
 }
 SWEEP_SHAPES = [(896, 9728), (4096, 28672), (14336, 4096)]
