@@ -3,6 +3,7 @@ tensors, TRITON_INTERPRET=1) against a float64 loop over the entries."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,9 @@ def test_mapping_groups_entries_by_wave_then_slot() -> None:
     assert mapping.waves == ((0, 2), (2, 1))
     assert mapping.token_indices.tolist() == [3, 4, 5, 0, 1, 0, 1]
     assert mapping.token_weights.tolist() == [2.0, 2.0, 2.0, 1.0, 1.0, 0.5, 0.5]
+    # Consecutive rows of weight 1 (only slot 2's) are read and added as a slice.
+    assert mapping.plain_starts == (-1, 0, -1)
+    assert LoraMapping.build(4, 1, [(0, 1, [(0, 1.0)]), (2, 2, [(0, 1.0)])]).plain_starts == (-1,)
     weights = mapping.slot_weights()
     assert weights.tolist() == [
         [0.5, 0.0, 1.0],
@@ -189,6 +193,27 @@ def test_mapping_groups_entries_by_wave_then_slot() -> None:
     assert bits.column_mask((1, 2), torch.float32).dtype == torch.float32
     with pytest.raises(ValueError, match="slot 3"):
         LoraMapping.build(2, 3, [(0, 2, [(3, 1.0)])])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_segments_of_consecutive_rows_equal_the_gathered_form(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    """A prefill of several prompts, most under an adapter of their own: the slices of x and y
+    give the very bits of the gathered form (slot 0's two prompts keep that form)."""
+    monkeypatch.setattr(lora, "DENSE_MAX_CELLS", 0)
+    ranks, slices = (16, 8, 0, 32), ((0, 96), (96, 16), (112, 16))
+    stack = make_stack(ranks, slices, 80, dtype)
+    runs = [(0, 40, [(1, 1.0)]), (40, 3, []), (43, 33, [(0, 1.0)]), (76, 21, [(3, 1.0)])]
+    runs += [(97, 5, [(2, 1.0)]), (102, 9, [(0, 1.0)])]
+    mapping = LoraMapping.build(111, len(ranks), runs)
+    assert mapping.plain_starts == (-1, 0, 97, 76)  # segments by slot: 0, 1, 2, 3
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(111, 80, generator=generator).to(dtype)
+    y = torch.randn(111, 128, generator=generator).to(dtype)
+    gathered = lora_ref(y.clone(), x, stack, dataclasses.replace(mapping, plain_starts=()))
+    assert torch.equal(lora_ref(y.clone(), x, stack, mapping), gathered)
+    check(gathered, expected(y, x, stack, runs), dtype)
 
 
 def test_stack_checks_its_shapes() -> None:
