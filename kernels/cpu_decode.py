@@ -6,7 +6,10 @@ ran cold: ~20 us for an op that takes 2 warm. `DecodeLayers` runs every layer of
 (m <= 16 rows, each one new token) in C: the very kernels and calls of the Python path (the
 projections through kernels.cpu_linear's kernel, the norms, rotary embedding, cache writes,
 attention and activation of kernels.cpu_ops), in its order, so the same bits. It releases the
-GIL for the whole step.
+GIL for the whole step, and runs it as one OpenMP parallel region whose threads share each op and
+meet at a spinning barrier between ops: a region per op woke the sleeping thread ~200 times a
+step where OpenMP waits passively (the server's setting), which on a virtual machine cost as
+much as the step itself.
 
 It takes only what those kernels take (bf16 or float32, contiguous CPU tensors; multi-LoRA
 only through kernels.cpu_linear's dense kernel; no sparsity): `DecodeLayers.prepare` returns

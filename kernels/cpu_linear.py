@@ -319,17 +319,17 @@ _entries: dict[KernelFn, int] = {}
 
 
 def lora_entry_address(dtype: torch.dtype) -> int:
-    """The address of the multi-LoRA kernel for C callers (kernels.cpu_decode), taking
-    LoraDense.params; 0 where there is none."""
+    """The address of the multi-LoRA kernel for a C caller's team of threads (kernels.cpu_decode),
+    taking LoraDense.params; 0 where there is none."""
     kernel = _kernel(dtype)
     lookup = None if kernel is None else getattr(kernel.__self__, "entry_address", None)
     return 0 if lookup is None else lookup("lora_dense")
 
 
 def entry_address(dtype: torch.dtype) -> int:
-    """The address of the C kernel `linear` runs for dtype, for C callers (kernels.cpu_decode):
-    int f(x, ldx, w, bias or NULL, out, m, n, k, threads), out contiguous [m, n], m <= MAX_ROWS;
-    0 where there is none."""
+    """The address of the C kernel `linear` runs for dtype, for a C caller's team of threads
+    (kernels.cpu_decode): int f(x, ldx, w, bias or NULL, out, m, n, k, thread, team), each thread
+    computing its share of out (contiguous [m, n]), m <= MAX_ROWS; 0 where there is none."""
     kernel = _kernel(dtype)
     if kernel is None:
         return 0

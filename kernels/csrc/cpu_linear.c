@@ -227,6 +227,22 @@ static void linear_avx512(const elem_t *x, int64_t ldx, const elem_t *w, const e
     for (int64_t b = 0; b < blocks; b++) run_block(&job, b);
 }
 
+// The share of linear_avx512's blocks that thread `thread` of a running team of `team` takes
+// (all of them on thread 0 where linear_avx512 would not wake a second thread). A block is
+// computed the same way whichever thread takes it, so the same bits.
+static void avx512_part(const elem_t *x, int64_t ldx, const elem_t *w, const elem_t *bias,
+                        elem_t *out, int64_t ldo, int64_t m, int64_t n, int64_t k,
+                        int accumulate, int64_t thread, int64_t team) {
+    const job_t job = {x, w, bias, out, ldx, ldo, n, k, BLOCKS[m], ROWS_FOR(m), accumulate};
+    const int64_t blocks = (n + job.rows - 1) / job.rows;
+    if (team > 1 && n * k * (int64_t)sizeof(elem_t) < PARALLEL_MIN_BYTES) {
+        if (thread != 0) return;
+        team = 1;
+    }
+    const int64_t end = blocks * (thread + 1) / team;
+    for (int64_t b = blocks * thread / team; b < end; b++) run_block(&job, b);
+}
+
 #if defined(TANDEM_BF16)
 // ---------------------------------------------------------------------------------------------
 // AMX kernel. Per output element: one fp32 lane of a tile accumulator, updated by one tile dot
@@ -397,16 +413,21 @@ static void amx_groups(const amx_job_t *job, const int64_t *list, int64_t begin,
     _tile_release();
 }
 
-// As linear_avx512; matrices of fewer than 16 rows go to linear_avx512 whatever m is.
-// skip (NULL: none): per 16-row group, 1 where its outputs are not wanted; they are set to 0
-// (plus the bias) instead of computed, and the threads share the other groups.
-// Returns 0, or -1 when a buffer cannot be allocated.
-static int linear_amx_skipping(const elem_t *x, int64_t ldx, const elem_t *w, const elem_t *bias,
-                               elem_t *out, int64_t ldo, int64_t m, int64_t n, int64_t k,
-                               int accumulate, const uint8_t *skip, int threads) {
+// The share of linear_amx_skipping (below) that thread `thread` of a running team of `team`
+// takes: it packs x into its own buffer, thread 0 sets the skipped groups, and the threads
+// take equal runs of the kept ones (thread 0 all of them below PARALLEL_MIN_BYTES). A group is
+// computed the same way whichever thread takes it, so the same bits. Returns 0, or -1 when a
+// buffer cannot be allocated.
+static int amx_part(const elem_t *x, int64_t ldx, const elem_t *w, const elem_t *bias,
+                    elem_t *out, int64_t ldo, int64_t m, int64_t n, int64_t k, int accumulate,
+                    const uint8_t *skip, int64_t thread, int64_t team) {
     if (n < TILE_ROWS) {
-        linear_avx512(x, ldx, w, bias, out, ldo, m, n, k, accumulate, threads);
+        avx512_part(x, ldx, w, bias, out, ldo, m, n, k, accumulate, thread, team);
         return 0;
+    }
+    if (team > 1 && n * k * (int64_t)sizeof(elem_t) < PARALLEL_MIN_BYTES) {
+        if (thread != 0) return 0;
+        team = 1;
     }
     const int64_t chunks = (k + TILE_K - 1) / TILE_K;
     uint32_t *packed = packed_buffer(chunks * (TILE_K / 2) * MAX_M);
@@ -424,6 +445,7 @@ static int linear_amx_skipping(const elem_t *x, int64_t ldx, const elem_t *w, co
                 list[kept++] = g;
                 continue;
             }
+            if (thread != 0) continue;
             const int64_t end = (g + 1) * TILE_ROWS < n ? (g + 1) * TILE_ROWS : n;
             for (int64_t i = 0; i < m; i++) {
                 for (int64_t row = g * TILE_ROWS; row < end; row++) {
@@ -434,18 +456,31 @@ static int linear_amx_skipping(const elem_t *x, int64_t ldx, const elem_t *w, co
         }
         groups = kept;
     }
-    if (threads <= 1 || n * k * (int64_t)sizeof(elem_t) < PARALLEL_MIN_BYTES) {
-        amx_groups(&job, list, 0, groups);
-    } else {
-#pragma omp parallel num_threads(threads)
-        {
-            const int64_t thread = omp_get_thread_num(), team = omp_get_num_threads();
-            const int64_t begin = groups * thread / team, end = groups * (thread + 1) / team;
-            if (begin < end) amx_groups(&job, list, begin, end);
-        }
-    }
+    const int64_t begin = groups * thread / team, end = groups * (thread + 1) / team;
+    if (begin < end) amx_groups(&job, list, begin, end);
     free(list);
     return 0;
+}
+
+// As linear_avx512; matrices of fewer than 16 rows go to linear_avx512 whatever m is.
+// skip (NULL: none): per 16-row group, 1 where its outputs are not wanted; they are set to 0
+// (plus the bias) instead of computed, and the threads share the other groups.
+// Returns 0, or -1 when a buffer cannot be allocated.
+static int linear_amx_skipping(const elem_t *x, int64_t ldx, const elem_t *w, const elem_t *bias,
+                               elem_t *out, int64_t ldo, int64_t m, int64_t n, int64_t k,
+                               int accumulate, const uint8_t *skip, int threads) {
+    if (n < TILE_ROWS) {
+        linear_avx512(x, ldx, w, bias, out, ldo, m, n, k, accumulate, threads);
+        return 0;
+    }
+    if (threads <= 1 || n * k * (int64_t)sizeof(elem_t) < PARALLEL_MIN_BYTES) {
+        return amx_part(x, ldx, w, bias, out, ldo, m, n, k, accumulate, skip, 0, 1);
+    }
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    failed = amx_part(x, ldx, w, bias, out, ldo, m, n, k, accumulate, skip, omp_get_thread_num(),
+                      omp_get_num_threads()) != 0;
+    return failed ? -1 : 0;
 }
 
 static int linear_amx(const elem_t *x, int64_t ldx, const elem_t *w, const elem_t *bias,
@@ -602,19 +637,23 @@ static int lora_dense_amx(const lora_t *job) {
 static __thread elem_t *shrunk_cache;
 static __thread int64_t shrunk_capacity;
 
+static elem_t *shrunk_buffer(int64_t count) {
+    if (count > shrunk_capacity) {
+        const size_t bytes = (size_t)count * sizeof(elem_t);
+        free(shrunk_cache);
+        shrunk_cache = aligned_alloc(64, (bytes + 63) / 64 * 64);  // a multiple, as it must
+        shrunk_capacity = shrunk_cache ? count : 0;
+    }
+    return shrunk_cache;
+}
+
 static int lora_dense(const lora_t *caller_job) {
     lora_t local = *caller_job;
     const lora_t *job = &local;
     const int64_t total = job->slices * job->columns;
     if (local.shrunk == NULL) {
-        if (job->m * total > shrunk_capacity) {
-            const size_t bytes = (size_t)job->m * total * sizeof(elem_t);
-            free(shrunk_cache);
-            shrunk_cache = aligned_alloc(64, (bytes + 63) / 64 * 64);  // a multiple, as it must
-            shrunk_capacity = shrunk_cache ? job->m * total : 0;
-            if (shrunk_cache == NULL) return -1;
-        }
-        local.shrunk = shrunk_cache;
+        local.shrunk = shrunk_buffer(job->m * total);
+        if (local.shrunk == NULL) return -1;
     }
 #if defined(TANDEM_BF16)
     if (job->amx) {
@@ -637,6 +676,49 @@ static int lora_dense(const lora_t *caller_job) {
         b += job->widths[p] * job->columns;
     }
     return 0;
+}
+
+// For a team of threads already running (kernels/csrc/cpu_ops.c's decode step), each calling
+// with its `thread` number: lora_dense as its separate calls (the same bits), each shared by the
+// team, with the team's barrier `sync(team_context)` between them. The shrunk columns are thread
+// 0's buffer, handed to the others through *shared. Returns 0, or -1 when a buffer cannot be
+// allocated; every thread makes the same calls to sync either way.
+typedef void (*sync_fn)(void *team_context);
+
+static int part(const lora_t *job, const elem_t *x, int64_t ldx, const elem_t *w, elem_t *out,
+                int64_t ldo, int64_t n, int64_t k, int accumulate, const uint8_t *skip,
+                int64_t thread, int64_t team) {
+#if defined(TANDEM_BF16)
+    if (job->amx) {
+        return amx_part(x, ldx, w, NULL, out, ldo, job->m, n, k, accumulate, skip, thread, team);
+    }
+#else
+    (void)skip;
+#endif
+    avx512_part(x, ldx, w, NULL, out, ldo, job->m, n, k, accumulate, thread, team);
+    return 0;
+}
+
+static int lora_part(const lora_t *caller_job, int64_t thread, int64_t team, sync_fn sync,
+                     void *team_context, void **shared) {
+    lora_t local = *caller_job;
+    const lora_t *job = &local;
+    const int64_t total = job->slices * job->columns;
+    if (thread == 0) *shared = shrunk_buffer(job->m * total);
+    sync(team_context);
+    local.shrunk = *shared;
+    if (local.shrunk == NULL) return -1;
+    int status = part(job, job->x, job->ldx, job->a, job->shrunk, total, total, job->k, 0,
+                      job->skip, thread, team);
+    sync(team_context);
+    if (thread == 0 && job->mask_kind != 0) apply_mask(job);
+    sync(team_context);
+    const elem_t *b = job->b;
+    for (int64_t p = 0; p < job->slices; b += job->widths[p] * job->columns, p++) {
+        status |= part(job, job->shrunk + p * job->columns, total, b, job->y + job->starts[p],
+                       job->ldy, job->widths[p], job->columns, 1, NULL, thread, team);
+    }
+    return status;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -744,37 +826,39 @@ static PyObject *py_lora_dense(PyObject *module, PyObject *const *args, Py_ssize
     Py_RETURN_NONE;
 }
 
-// The kernels by address, for C callers in other modules (kernels/csrc/cpu_ops.c's decode
-// step): y = x @ w.T (+ bias) into y contiguous [m, n], x with row stride ldx; 1 <= m <= MAX_M.
-// Returns 0, or -1 when a buffer cannot be allocated.
+// The kernels by address, for a team of threads already running in another module (kernels/
+// csrc/cpu_ops.c's decode step), each thread calling with its number: its share of y = x @ w.T
+// (+ bias) into y contiguous [m, n], x with row stride ldx; 1 <= m <= MAX_M. The caller waits for
+// the whole team before it reads y. Returns 0, or -1 when a buffer cannot be allocated.
 static int avx512_entry(const void *x, int64_t ldx, const void *w, const void *bias, void *out,
-                        int64_t m, int64_t n, int64_t k, int threads) {
-    linear_avx512(x, ldx, w, bias, out, n, m, n, k, 0, threads);
+                        int64_t m, int64_t n, int64_t k, int thread, int team) {
+    avx512_part(x, ldx, w, bias, out, n, m, n, k, 0, thread, team);
     return 0;
 }
 
 #if defined(TANDEM_BF16)
 static int amx_entry(const void *x, int64_t ldx, const void *w, const void *bias, void *out,
-                     int64_t m, int64_t n, int64_t k, int threads) {
-    return linear_amx(x, ldx, w, bias, out, n, m, n, k, 0, threads);
+                     int64_t m, int64_t n, int64_t k, int thread, int team) {
+    return amx_part(x, ldx, w, bias, out, n, m, n, k, 0, NULL, thread, team);
 }
 #endif
 
-// A decode step's multi-LoRA for one projection group, for C callers: lora_dense (above) of
-// y [m, ...] (row stride ldy) += the adapters of x [m, k] (row stride ldx), with params an int64
-// array: a, mask or 0, mask_kind, b, starts, widths, slices, columns, k, amx, skip or 0 (as
-// kernels.cpu_linear.LoraDense.params builds it). Returns 0, or -1 when a buffer cannot be
+// A decode step's multi-LoRA for one projection group, for the same callers: lora_part (above)
+// of y [m, ...] (row stride ldy) += the adapters of x [m, k] (row stride ldx), with params an
+// int64 array: a, mask or 0, mask_kind, b, starts, widths, slices, columns, k, amx, skip or 0
+// (as kernels.cpu_linear.LoraDense.params builds it). Returns 0, or -1 when a buffer cannot be
 // allocated.
 static int lora_entry(const void *x, int64_t ldx, const int64_t *params, void *y, int64_t ldy,
-                      int64_t m, int threads) {
+                      int64_t m, int thread, int team, sync_fn sync, void *team_context,
+                      void **shared) {
     const lora_t job = {
         x, (const elem_t *)(intptr_t)params[0], (const elem_t *)(intptr_t)params[3],
         (const elem_t *)(intptr_t)params[1], NULL, y,
         (const int64_t *)(intptr_t)params[4], (const int64_t *)(intptr_t)params[5],
         (const uint8_t *)(intptr_t)params[10],
-        ldx, ldy, params[6], params[7], m, params[8], (int)params[2], (int)params[9], threads,
+        ldx, ldy, params[6], params[7], m, params[8], (int)params[2], (int)params[9], team,
     };
-    return lora_dense(&job);
+    return lora_part(&job, thread, team, sync, team_context, shared);
 }
 
 // entry_address("amx", "avx512" or "lora_dense") -> that kernel's address as an int (0: none)

@@ -17,6 +17,8 @@
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -779,14 +781,67 @@ static int fusion_apply(const apply_t *job, int threads) {
 // evict the interpreter's and torch's code and data from the caches, and every Python-level
 // op after it paid ~20 us to bring them back.
 //
+// The whole step is one OpenMP parallel region: every op is shared by the team's threads (or
+// left to thread 0 where the op alone would not wake a second thread), with a spinning barrier
+// between ops. One parallel region per op cost a wake-up of the sleeping thread per op where
+// OpenMP waits passively (the server's setting): about 200 per step, which on a virtual machine
+// doubled a batch-1 step. Which thread computes an element never changes how, so the same bits.
+typedef struct {
+    atomic_int arrived, generation;
+    void *shared;  // a pointer thread 0 hands the others (the LoRA kernel's scratch)
+} team_t;
+
+typedef struct {
+    team_t *team;
+    int thread, size;
+} member_t;
+
+// Every thread of the team waits here until all have arrived. Spins: the team holds both
+// cores for the step anyway, and a futex wake-up costs more than most ops.
+static void team_sync(void *context) {
+    const member_t *member = context;
+    if (member->size <= 1) return;
+    team_t *team = member->team;
+    const int generation = atomic_load_explicit(&team->generation, memory_order_acquire);
+    if (atomic_fetch_add_explicit(&team->arrived, 1, memory_order_acq_rel) == member->size - 1) {
+        atomic_store_explicit(&team->arrived, 0, memory_order_relaxed);
+        atomic_store_explicit(&team->generation, generation + 1, memory_order_release);
+        return;
+    }
+    for (unsigned spins = 0;
+         atomic_load_explicit(&team->generation, memory_order_acquire) == generation; spins++) {
+        if (spins < (1u << 14)) {
+            _mm_pause();
+        } else {
+            sched_yield();  // more threads than free cores: let the late one run
+        }
+    }
+}
+
+// The rows [*begin, *end) of an op on `rows` rows that this member computes: an equal share,
+// or all of them on thread 0 where the op alone would run on the calling thread.
+INLINE void rows_of(const member_t *member, int64_t rows, int parallel, int64_t *begin,
+                    int64_t *end) {
+    const int64_t size = parallel ? member->size : 1, thread = parallel ? member->thread : 0;
+    if (!parallel && member->thread != 0) {
+        *begin = *end = 0;
+        return;
+    }
+    *begin = rows * thread / size;
+    *end = rows * (thread + 1) / size;
+}
+
 // The projections run through `linear` (kernels/cpu_linear.c's kernel for this dtype, by
-// address): y = x @ w.T (+ bias), x with row stride ldx, y contiguous [m, n].
+// address): this member's share of y = x @ w.T (+ bias), x with row stride ldx, y contiguous
+// [m, n].
 typedef int (*linear_fn)(const void *x, int64_t ldx, const void *w, const void *bias, void *out,
-                         int64_t m, int64_t n, int64_t k, int threads);
+                         int64_t m, int64_t n, int64_t k, int thread, int team);
 // And each projection's multi-LoRA (kernels/csrc/cpu_linear.c's lora_entry, by address):
-// y (row stride ldy) += the adapters of x (row stride ldx), by the group's int64 params.
+// y (row stride ldy) += the adapters of x (row stride ldx), by the group's int64 params, with
+// the team's barrier between its parts.
 typedef int (*lora_fn)(const void *x, int64_t ldx, const int64_t *params, void *y, int64_t ldy,
-                       int64_t m, int threads);
+                       int64_t m, int thread, int team, void (*sync)(void *), void *context,
+                       void **shared);
 
 // Per layer, the addresses (0: none) and numbers a step reads, int64 each, in this order.
 enum {
@@ -826,40 +881,93 @@ typedef struct {
 
 #define AT(layer, field) ((void *)(intptr_t)(layer)[field])
 
-// y [m, n] = x @ w.T (+ bias), then y += the group's adapters where the layer has any.
-INLINE int project(const decode_step_t *s, const int64_t *layer, int weight, int bias,
-                   int adapters, const char *x, int64_t k, char *y, int64_t n) {
-    if (s->linear(x, k, AT(layer, weight), bias < 0 ? NULL : AT(layer, bias), y, s->m, n, k,
-                  s->threads) != 0) {
-        return -1;
-    }
-    if (layer[adapters] == 0) return 0;
-    return s->lora(x, k, AT(layer, adapters), y, n, s->m, s->threads);
+// y [m, n] = x @ w.T (+ bias), then y += the group's adapters where the layer has any; the
+// whole team has finished both when it returns.
+INLINE int project(const decode_step_t *s, member_t *member, const int64_t *layer, int weight,
+                   int bias, int adapters, const char *x, int64_t k, char *y, int64_t n) {
+    int status = s->linear(x, k, AT(layer, weight), bias < 0 ? NULL : AT(layer, bias), y, s->m,
+                           n, k, member->thread, member->size);
+    team_sync(member);
+    if (layer[adapters] == 0) return status;
+    status |= s->lora(x, k, AT(layer, adapters), y, n, s->m, member->thread, member->size,
+                      team_sync, member, &member->team->shared);
+    team_sync(member);
+    return status;
 }
 
-// Returns 0, or -1 when a kernel could not allocate its scratch.
-INLINE int decode_layers(const int bf16, const decode_step_t *s) {
+// hidden += delta, then x = the norm of hidden (add_rms_norm), on this member's rows.
+INLINE void add_norm(const int bf16, const decode_step_t *s, const member_t *member,
+                     const char *delta, const void *weight) {
+    const size_t size = element_size(bf16);
+    const int64_t h = s->hidden_size;
+    int64_t r0, r1;
+    rows_of(member, s->m, s->m >= 2 && s->m * h >= PARALLEL_MIN_ELEMENTS, &r0, &r1);
+    if (r0 < r1) {
+        add_rms_norm(bf16, s->hidden + r0 * h * size, h, delta + r0 * h * size, h, weight,
+                     s->x + r0 * h * size, r1 - r0, h, s->eps, 1);
+    }
+}
+
+// The q/k norm (where the model has one), rotary embedding and KV-cache writes of this
+// member's rows; returns q and k's row start and stride through the pointers.
+INLINE void rotate_and_store(const int bf16, const decode_step_t *s, const member_t *member,
+                             const int64_t *layer, char **q, char **k, int64_t *ld_qk) {
     const size_t size = element_size(bf16);
     const int64_t m = s->m, d = s->d, qkv_width = (s->hq + 2 * s->hk) * d;
     const int64_t qk_width = (s->hq + s->hk) * d;
+    char *qk = s->qkv;
+    *ld_qk = qkv_width;
+    if (layer[LAYER_QK_NORM]) {
+        qk = s->qk;
+        *ld_qk = qk_width;
+    }
+    *q = qk;
+    *k = qk + s->hq * d * size;
+    int64_t r0, r1;
+    rows_of(member, m, m >= 2 && m * (s->hq + s->hk) * d >= PARALLEL_MIN_ELEMENTS, &r0, &r1);
+    if (r0 >= r1) return;
+    if (layer[LAYER_QK_NORM]) {
+        rms_norm(bf16, s->qkv + r0 * qkv_width * size, qkv_width, d, AT(layer, LAYER_QK_NORM), d,
+                 s->qk + r0 * qk_width * size, r1 - r0, s->hq + s->hk, d, s->eps, 1);
+    }
+    rope_store_kv(bf16, *q + r0 * *ld_qk * size, *ld_qk, *k + r0 * *ld_qk * size, *ld_qk,
+                  s->qkv + (r0 * qkv_width + qk_width) * size, qkv_width,
+                  s->cos + r0 * (d / 2) * size, s->sin + r0 * (d / 2) * size,
+                  AT(layer, LAYER_KEYS), AT(layer, LAYER_VALUES), s->slot_mapping + r0, r1 - r0,
+                  s->hq, s->hk, d);
+}
+
+// decode_attention's tasks (sequence, KV head) of this member. Returns 0, or -1 when scratch
+// memory cannot be allocated.
+INLINE int attend_part(const int bf16, const attention_t *a, int64_t sequences,
+                       const member_t *member) {
+    const int64_t tasks = sequences * a->hk, group = a->hq / a->hk;
+    const int64_t work = sequences * a->max_len * a->hq * a->d;
+    int64_t t0, t1;
+    rows_of(member, tasks, tasks >= 2 && work >= PARALLEL_MIN_ELEMENTS, &t0, &t1);
+    if (t0 >= t1) return 0;
+    float *scratch =
+        malloc((size_t)(2 * group * a->d + group * score_stride(a->max_len)) * sizeof(float));
+    if (scratch == NULL) return -1;
+    for (int64_t task = t0; task < t1; task++) attend(bf16, a, task, scratch);
+    free(scratch);
+    return 0;
+}
+
+// One member's part of every layer, the team in step at every op. Returns 0, or -1 when a
+// kernel could not allocate its scratch (the member still goes through every barrier).
+INLINE int decode_layers_part(const int bf16, const decode_step_t *s, member_t *member) {
+    const size_t size = element_size(bf16);
+    const int64_t m = s->m, d = s->d, qkv_width = (s->hq + 2 * s->hk) * d;
+    int status = 0;
     for (int64_t index = 0; index < s->num_layers; index++) {
         const int64_t *layer = s->layers + index * LAYER_FIELDS;
-        if (project(s, layer, LAYER_QKV, LAYER_QKV_BIAS, LAYER_LORA_QKV, s->x, s->hidden_size,
-                    s->qkv, qkv_width) != 0) {
-            return -1;
-        }
-        char *q = s->qkv, *k = s->qkv + s->hq * d * size;
-        int64_t ld_qk = qkv_width;
-        if (layer[LAYER_QK_NORM]) {
-            rms_norm(bf16, s->qkv, qkv_width, d, AT(layer, LAYER_QK_NORM), d, s->qk, m,
-                     s->hq + s->hk, d, s->eps, s->threads);
-            q = s->qk;
-            k = s->qk + s->hq * d * size;
-            ld_qk = qk_width;
-        }
-        rope_store_kv(bf16, q, ld_qk, k, ld_qk, s->qkv + qk_width * size, qkv_width, s->cos,
-                      s->sin, AT(layer, LAYER_KEYS), AT(layer, LAYER_VALUES), s->slot_mapping, m,
-                      s->hq, s->hk, d);
+        status |= project(s, member, layer, LAYER_QKV, LAYER_QKV_BIAS, LAYER_LORA_QKV, s->x,
+                          s->hidden_size, s->qkv, qkv_width);
+        char *q, *k;
+        int64_t ld_qk;
+        rotate_and_store(bf16, s, member, layer, &q, &k, &ld_qk);
+        team_sync(member);
         const attention_t attention = {q,
                                        AT(layer, LAYER_KEYS),
                                        AT(layer, LAYER_VALUES),
@@ -872,26 +980,39 @@ INLINE int decode_layers(const int bf16, const decode_step_t *s) {
                                        d,
                                        layer[LAYER_MAX_LEN],
                                        s->scale};
-        if (decode_attention(bf16, &attention, m, s->threads) != 0) return -1;
-        if (project(s, layer, LAYER_O, LAYER_O_BIAS, LAYER_LORA_O, s->attn, s->hq * d, s->proj,
-                    s->hidden_size) != 0) {
-            return -1;
+        status |= attend_part(bf16, &attention, m, member);
+        team_sync(member);
+        status |= project(s, member, layer, LAYER_O, LAYER_O_BIAS, LAYER_LORA_O, s->attn,
+                          s->hq * d, s->proj, s->hidden_size);
+        add_norm(bf16, s, member, s->proj, AT(layer, LAYER_POST_NORM));
+        team_sync(member);
+        status |= project(s, member, layer, LAYER_GATE_UP, -1, LAYER_LORA_GATE_UP, s->x,
+                          s->hidden_size, s->gate_up, 2 * s->f);
+        int64_t r0, r1;
+        rows_of(member, m, m >= 2 && m * s->f >= PARALLEL_MIN_ELEMENTS, &r0, &r1);
+        if (r0 < r1) {
+            silu_mul(bf16, s->gate_up + r0 * 2 * s->f * size, 2 * s->f, s->act + r0 * s->f * size,
+                     r1 - r0, s->f, 1);
         }
-        add_rms_norm(bf16, s->hidden, s->hidden_size, s->proj, s->hidden_size,
-                     AT(layer, LAYER_POST_NORM), s->x, m, s->hidden_size, s->eps, s->threads);
-        if (project(s, layer, LAYER_GATE_UP, -1, LAYER_LORA_GATE_UP, s->x, s->hidden_size,
-                    s->gate_up, 2 * s->f) != 0) {
-            return -1;
-        }
-        silu_mul(bf16, s->gate_up, 2 * s->f, s->act, m, s->f, s->threads);
-        if (project(s, layer, LAYER_DOWN, -1, LAYER_LORA_DOWN, s->act, s->f, s->proj,
-                    s->hidden_size) != 0) {
-            return -1;
-        }
-        add_rms_norm(bf16, s->hidden, s->hidden_size, s->proj, s->hidden_size,
-                     AT(layer, LAYER_NEXT_NORM), s->x, m, s->hidden_size, s->eps, s->threads);
+        team_sync(member);
+        status |= project(s, member, layer, LAYER_DOWN, -1, LAYER_LORA_DOWN, s->act, s->f,
+                          s->proj, s->hidden_size);
+        add_norm(bf16, s, member, s->proj, AT(layer, LAYER_NEXT_NORM));
+        team_sync(member);
     }
-    return 0;
+    return status;
+}
+
+// Returns 0, or -1 when a kernel could not allocate its scratch.
+INLINE int decode_layers(const int bf16, const decode_step_t *s) {
+    team_t team = {0};
+    int failed = 0;
+#pragma omp parallel num_threads(s->threads > 0 ? s->threads : 1) reduction(| : failed)
+    {
+        member_t member = {&team, omp_get_thread_num(), omp_get_num_threads()};
+        failed = decode_layers_part(bf16, s, &member) != 0;
+    }
+    return failed ? -1 : 0;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import cpu_linear, cpu_ops
+from kernels import cpu_linear, cpu_ops, lora
 from kernels.cpu_decode import DecodeLayers, DecodeShape
+from kernels.lora import LoraMapping, LoraStack
 
 SHAPE = DecodeShape(hidden_size=48, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=40)
 SLOTS = 160  # room for 17 sequences of 8 distinct slots
@@ -19,10 +20,17 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def make_layers(dtype: torch.dtype, layers: int, qk_norm: bool, bias: bool, seed: int = 0):
+def make_layers(
+    dtype: torch.dtype,
+    layers: int,
+    qk_norm: bool,
+    bias: bool,
+    seed: int = 0,
+    shape: DecodeShape = SHAPE,
+):
     generator = torch.Generator().manual_seed(seed)
-    h, d, f = SHAPE.hidden_size, SHAPE.head_dim, SHAPE.intermediate_size
-    q, kv = SHAPE.num_heads * d, SHAPE.num_kv_heads * d
+    h, d, f = shape.hidden_size, shape.head_dim, shape.intermediate_size
+    q, kv = shape.num_heads * d, shape.num_kv_heads * d
 
     def rand(*shape: int, scale: float = 0.2, offset: float = 0.0) -> torch.Tensor:
         return (offset + scale * torch.randn(*shape, generator=generator)).to(dtype)
@@ -31,7 +39,7 @@ def make_layers(dtype: torch.dtype, layers: int, qk_norm: bool, bias: bool, seed
         (
             rand(q + 2 * kv, h),
             rand(q + 2 * kv) if bias else None,
-            rand(SHAPE.num_heads + SHAPE.num_kv_heads, d, offset=1.0) if qk_norm else None,
+            rand(shape.num_heads + shape.num_kv_heads, d, offset=1.0) if qk_norm else None,
             rand(h, q),
             rand(h) if bias else None,
             rand(h, offset=1.0),
@@ -44,17 +52,17 @@ def make_layers(dtype: torch.dtype, layers: int, qk_norm: bool, bias: bool, seed
     return tensors, norms_after
 
 
-def make_step(dtype: torch.dtype, m: int, layers: int, seed: int = 1):
+def make_step(dtype: torch.dtype, m: int, layers: int, seed: int = 1, shape: DecodeShape = SHAPE):
     generator = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(m, SHAPE.hidden_size, generator=generator).to(dtype)
-    x = torch.randn(m, SHAPE.hidden_size, generator=generator).to(dtype)
-    pool = (SLOTS, SHAPE.num_kv_heads, SHAPE.head_dim)
+    hidden = torch.randn(m, shape.hidden_size, generator=generator).to(dtype)
+    x = torch.randn(m, shape.hidden_size, generator=generator).to(dtype)
+    pool = (SLOTS, shape.num_kv_heads, shape.head_dim)
     keys = [torch.randn(pool, generator=generator).to(dtype) for _ in range(layers)]
     values = [torch.randn(pool, generator=generator).to(dtype) for _ in range(layers)]
     lengths = torch.arange(m, dtype=torch.int64) % 5 + 3  # 3..7 keys per sequence
     slots = torch.randperm(SLOTS, generator=generator)[: m * 8].view(m, 8)
     slot_mapping = slots[torch.arange(m), lengths - 1].contiguous()  # the new token's slot
-    angles = torch.rand(m, SHAPE.head_dim // 2, generator=generator) * 6
+    angles = torch.rand(m, shape.head_dim // 2, generator=generator) * 6
     return (
         hidden,
         x,
@@ -67,14 +75,34 @@ def make_step(dtype: torch.dtype, m: int, layers: int, seed: int = 1):
     )
 
 
-def one_by_one(tensors, norms_after, hidden, x, keys, values, gather, cos, sin, slot_mapping):
-    """The layers as engine.model runs them op by op."""
-    m, d = hidden.shape[0], SHAPE.head_dim
-    hq, hk = SHAPE.num_heads, SHAPE.num_kv_heads
-    for (qkv_w, qkv_b, qk_norm, o, o_b, post, gate_up, down), following, k_pool, v_pool in zip(
-        tensors, norms_after, keys, values, strict=True
+def one_by_one(
+    tensors,
+    norms_after,
+    hidden,
+    x,
+    keys,
+    values,
+    gather,
+    cos,
+    sin,
+    slot_mapping,
+    shape: DecodeShape = SHAPE,
+    adapters=None,
+):
+    """The layers as engine.model runs them op by op; adapters: per layer the LoraStack of qkv,
+    o, gate_up and down, and the rows' LoraMapping."""
+    m, d = hidden.shape[0], shape.head_dim
+    hq, hk = shape.num_heads, shape.num_kv_heads
+    stacks, mapping = adapters if adapters is not None else ([None] * len(tensors), None)
+
+    def project(x, w, b, layer_stacks, group):
+        y = cpu_linear.linear(x, w, b)
+        return y if layer_stacks is None else lora.lora_ref(y, x, layer_stacks[group], mapping)
+
+    for (qkv_w, qkv_b, qk_norm, o, o_b, post, gate_up, down), following, k_pool, v_pool, own in zip(
+        tensors, norms_after, keys, values, stacks, strict=True
     ):
-        qkv = cpu_linear.linear(x, qkv_w, qkv_b)
+        qkv = project(x, qkv_w, qkv_b, own, 0)
         qk = qkv[:, : (hq + hk) * d].view(m, hq + hk, d)
         if qk_norm is not None:
             qk = cpu_ops.rms_norm(qk, qk_norm, EPS)
@@ -83,10 +111,10 @@ def one_by_one(tensors, norms_after, hidden, x, keys, values, gather, cos, sin, 
         cpu_ops.rope_store_kv(q, k, v, cos, sin, k_pool, v_pool, slot_mapping)
         attn = cpu_ops.decode_attention(q, k_pool, v_pool, gather[0], gather[1], SCALE)
         x = cpu_ops.add_rms_norm(
-            hidden, cpu_linear.linear(attn.reshape(m, hq * d), o, o_b), post, EPS
+            hidden, project(attn.reshape(m, hq * d), o, o_b, own, 1), post, EPS
         )
-        act = cpu_ops.silu_mul(cpu_linear.linear(x, gate_up))
-        x = cpu_ops.add_rms_norm(hidden, cpu_linear.linear(act, down), following, EPS)
+        act = cpu_ops.silu_mul(project(x, gate_up, None, own, 2))
+        x = cpu_ops.add_rms_norm(hidden, project(act, down, None, own, 3), following, EPS)
     return x
 
 
@@ -122,6 +150,70 @@ def test_one_call_is_the_kernels_one_by_one(
     assert torch.equal(x, ref_x) and torch.equal(hidden, ref_hidden)
     for got, wanted in zip((*keys, *values), (*ref_keys, *ref_values), strict=True):
         assert torch.equal(got, wanted)
+
+
+# Large enough for every op to be shared by the threads at 16 rows (as a 4096-wide model's are).
+WIDE = DecodeShape(
+    hidden_size=4096, num_heads=32, num_kv_heads=8, head_dim=128, intermediate_size=4096
+)
+
+
+def make_adapters(dtype: torch.dtype, m: int, shape: DecodeShape, slots: int = 4, rank: int = 16):
+    """A LoraStack per projection group (rank-16 slots), and a mapping in which row i uses slot
+    i % (slots + 1), the last choice being no adapter."""
+    generator = torch.Generator().manual_seed(3)
+    h, d, f = shape.hidden_size, shape.head_dim, shape.intermediate_size
+    q, kv = shape.num_heads * d, shape.num_kv_heads * d
+    groups = [
+        (h, ((0, q), (q, kv), (q + kv, kv))),
+        (q, ((0, h),)),
+        (h, ((0, f), (f, f))),
+        (f, ((0, h),)),
+    ]
+    stacks = []
+    for k, slices in groups:
+        a = torch.randn(len(slices), slots * rank, k, generator=generator) / k**0.5
+        b = torch.randn(sum(w for _, w in slices), slots * rank, generator=generator) * 0.05
+        stacks.append(LoraStack(a.to(dtype), b.to(dtype), slices, (rank,) * slots))
+    runs = [(i, 1, [(i % (slots + 1), 1.0)] if i % (slots + 1) < slots else []) for i in range(m)]
+    return stacks, LoraMapping.build(m, slots, runs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 16])
+def test_one_call_shares_every_op_between_threads(dtype: torch.dtype, m: int) -> None:
+    """A layer wide enough that two threads share every projection, the LoRA shrink and
+    expands, the attention and (at 16 rows) the norms, rotary and activation: the same bits as
+    the kernels one by one."""
+    if not cpu_linear.kernel_available(dtype):
+        pytest.skip(f"no {dtype} kernel on this CPU")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        tensors, norms_after = make_layers(dtype, 1, qk_norm=True, bias=True, shape=WIDE)
+        step = DecodeLayers.prepare(tensors, norms_after, WIDE, EPS, SCALE)
+        assert step is not None
+        hidden, x, keys, values, gather, cos, sin, slot_mapping = make_step(dtype, m, 1, shape=WIDE)
+        stacks, mapping = make_adapters(dtype, m, WIDE)
+        params = [
+            stack.dense_call().params(
+                m,
+                mapping.column_mask(stack.slot_ranks, dtype),
+                mapping.idle_groups(stack.slot_ranks, len(stack.slices)),
+            )
+            for stack in stacks
+        ]
+        assert all(p is not None for p in params)
+        copies = [t.clone() for t in (hidden, x, *keys, *values)]
+        assert step(hidden, x, keys, values, [gather], cos, sin, slot_mapping, [params])
+        ref_x = one_by_one(
+            tensors, norms_after, copies[0], copies[1], copies[2:3], copies[3:4], gather, cos,
+            sin, slot_mapping, WIDE, ([stacks], mapping),
+        )  # fmt: skip
+        assert torch.equal(x, ref_x) and torch.equal(hidden, copies[0])
+        assert torch.equal(keys[0], copies[2]) and torch.equal(values[0], copies[3])
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_refusals_leave_everything_as_it_was() -> None:
