@@ -796,8 +796,10 @@ typedef struct {
     int thread, size;
 } member_t;
 
-// Every thread of the team waits here until all have arrived. Spins: the team holds both
-// cores for the step anyway, and a futex wake-up costs more than most ops.
+// Every thread of the team waits here until all have arrived. Spins for about a short op's
+// time (a futex wake-up costs more than most ops), then yields at every look: where threads
+// outnumber cores (two models' steps at once, the server's event loop) the one it waits for may
+// need this core.
 static void team_sync(void *context) {
     const member_t *member = context;
     if (member->size <= 1) return;
@@ -810,10 +812,10 @@ static void team_sync(void *context) {
     }
     for (unsigned spins = 0;
          atomic_load_explicit(&team->generation, memory_order_acquire) == generation; spins++) {
-        if (spins < (1u << 14)) {
+        if (spins < (1u << 10)) {
             _mm_pause();
         } else {
-            sched_yield();  // more threads than free cores: let the late one run
+            sched_yield();
         }
     }
 }
