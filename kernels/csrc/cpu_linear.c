@@ -685,9 +685,9 @@ static int lora_dense(const lora_t *caller_job) {
 // allocated; every thread makes the same calls to sync either way.
 typedef void (*sync_fn)(void *team_context);
 
-static int part(const lora_t *job, const elem_t *x, int64_t ldx, const elem_t *w, elem_t *out,
-                int64_t ldo, int64_t n, int64_t k, int accumulate, const uint8_t *skip,
-                int64_t thread, int64_t team) {
+static int project_part(const lora_t *job, const elem_t *x, int64_t ldx, const elem_t *w,
+                        elem_t *out, int64_t ldo, int64_t n, int64_t k, int accumulate,
+                        const uint8_t *skip, int64_t thread, int64_t team) {
 #if defined(TANDEM_BF16)
     if (job->amx) {
         return amx_part(x, ldx, w, NULL, out, ldo, job->m, n, k, accumulate, skip, thread, team);
@@ -708,15 +708,16 @@ static int lora_part(const lora_t *caller_job, int64_t thread, int64_t team, syn
     sync(team_context);
     local.shrunk = *shared;
     if (local.shrunk == NULL) return -1;
-    int status = part(job, job->x, job->ldx, job->a, job->shrunk, total, total, job->k, 0,
-                      job->skip, thread, team);
+    int status = project_part(job, job->x, job->ldx, job->a, job->shrunk, total, total, job->k,
+                              0, job->skip, thread, team);
     sync(team_context);
     if (thread == 0 && job->mask_kind != 0) apply_mask(job);
     sync(team_context);
     const elem_t *b = job->b;
     for (int64_t p = 0; p < job->slices; b += job->widths[p] * job->columns, p++) {
-        status |= part(job, job->shrunk + p * job->columns, total, b, job->y + job->starts[p],
-                       job->ldy, job->widths[p], job->columns, 1, NULL, thread, team);
+        status |= project_part(job, job->shrunk + p * job->columns, total, b,
+                               job->y + job->starts[p], job->ldy, job->widths[p], job->columns,
+                               1, NULL, thread, team);
     }
     return status;
 }
