@@ -94,11 +94,11 @@ def test_server_makes_a_request_id_when_none_is_given(server) -> None:
 
 
 def test_full_queue_is_resource_exhausted(server) -> None:
-    # The shared server runs 2 sequences and queues 1 more per model.
+    # The shared server runs 2 sequences and queues 1 more per model; which of the 3 calls
+    # waits is up to the order they arrive in.
     calls = [server.generation.Generate(_long_request(), timeout=60) for _ in range(3)]
     try:
-        for call in calls[:2]:
-            next(iter(call))
+        server.wait_for_metric("tandem:num_requests_running", 2.0, model_name="tiny-llama")
         server.wait_for_metric("tandem:num_requests_waiting", 1.0, model_name="tiny-llama")
         with pytest.raises(grpc.RpcError) as error:
             server.generate(model="tiny-llama", text="Hi")
