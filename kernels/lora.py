@@ -138,7 +138,7 @@ class LoraMapping:
     waves: tuple[tuple[int, int], ...]  # (first segment, number of segments) of each wave
     # Per segment: its first row where its rows are consecutive with weight 1 (a prompt's rows
     # under one adapter), else -1: such a segment reads and adds a slice of the rows in place.
-    plain_starts: tuple[int, ...] = ()
+    plain_starts: tuple[int, ...]
     _column_masks: dict[tuple, Tensor | None] = field(default_factory=dict, init=False, repr=False)
     _idle_groups: dict[tuple, Tensor | None] = field(default_factory=dict, init=False, repr=False)
     _slot_weights: Tensor | None = field(default=None, init=False, repr=False)
@@ -299,13 +299,14 @@ def _dense(y: Tensor, x: Tensor, stack: LoraStack, mapping: LoraMapping) -> None
 
 def _plain_start(rows: list[int], weights: list[float]) -> int:
     """rows[0] if the rows are consecutive and every weight is 1, else -1."""
+    if not rows:
+        return -1
     consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
     return rows[0] if consecutive and all(w == 1.0 for w in weights) else -1
 
 
 def _segmented(y: Tensor, x: Tensor, stack: LoraStack, mapping: LoraMapping) -> None:
-    plain_starts = mapping.plain_starts or (-1,) * len(mapping.segments)
-    for (slot, first, length), row in zip(mapping.segments, plain_starts, strict=True):
+    for (slot, first, length), row in zip(mapping.segments, mapping.plain_starts, strict=True):
         rank = stack.slot_ranks[slot]
         if rank == 0:
             continue
