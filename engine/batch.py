@@ -26,7 +26,8 @@ class ForwardBatch:
     # [S, L] int64: row i holds sequence i's KV slots in position order up to context_lens[i],
     # then padding (slots of block 0); L is the longest block table's span.
     slot_table: torch.Tensor
-    logits_indices: torch.Tensor  # [S] int64 rows of the flat batch to project to logits
+    # [S] int64 rows of the flat batch to project to logits, ascending, without repeats
+    logits_indices: torch.Tensor
 
     @property
     def context_slots(self) -> list[torch.Tensor]:

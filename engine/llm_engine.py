@@ -46,6 +46,7 @@ from engine.types import (
     RequestOutput,
     TokenLogprob,
 )
+from kernels.threads import serial_ops
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ class EngineConfig:
     max_prompt_tokens: int | None = None  # default: what the context and the cache can hold
     max_new_tokens: int = 4096
     max_queue: int = 1024
+    # AsyncEngine: an idle engine's first request waits for others sent with it while they
+    # follow each other within this time (0: never waits); see AsyncEngine._drain_inbox.
+    batch_wait_s: float = 0.003
     dtype: str | None = None  # None keeps the checkpoint's dtype
     seed: int = 0  # seeds the generators of requests that give no seed
     # LoRA adapters: how many the forward pass holds stacked ("on device"; also the most that
@@ -410,7 +414,8 @@ class LLMEngine:
             return []
         if any(seq.group is not None and not seq.group.spawned for seq in sampling):
             sampling, logits = self._spawn_particles(sampling, logits)
-        self._sample_and_append(sampling, logits)
+        with serial_ops(logits.numel()):
+            self._sample_and_append(sampling, logits)
         outputs = [self._take_output(seq) for seq in sampling if seq.group is None]
         groups = {id(seq.group): seq.group for seq in sampling if seq.group is not None}
         for group in groups.values():

@@ -20,6 +20,7 @@ from kernels.cpu_decode import DecodeLayers, DecodeShape
 from kernels.cpu_linear import linear
 from kernels.cpu_ops import add_rms_norm, rms_norm, rope_store_kv, silu_mul
 from kernels.sparse import channel_scores, sparse_linear
+from kernels.threads import serial_ops
 
 # Called with (layer, group, input) before each projection group runs (calibration's tap).
 Observer = Callable[[int, str, torch.Tensor], None]
@@ -92,7 +93,11 @@ class CausalLM:
         if not self._decode_in_one_call(hidden, x, cos, sin, meta, kv, lora):
             for index, (layer, following_norm) in enumerate(zip(layers, norms[1:], strict=True)):
                 x = self._layer(index, layer, hidden, x, following_norm, cos, sin, meta, kv, lora)
-        return linear(x[batch.logits_indices], self.weights.lm_head).float()
+        # logits_indices ascend without repeats: as many as the rows means every row.
+        rows = x if len(batch.logits_indices) == len(x) else x[batch.logits_indices]
+        logits = linear(rows, self.weights.lm_head)
+        with serial_ops(logits.numel()):
+            return logits.float()
 
     def _decode_in_one_call(
         self,

@@ -98,6 +98,12 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-queue", type=int, help="requests waiting beyond the running batch")
     serve.add_argument("--max-num-seqs", type=int, help="sequences in one batch")
     serve.add_argument("--max-batched-tokens", type=int, help="tokens per step (prefill chunk)")
+    serve.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        help="an idle engine's first request waits for others while they follow each other "
+        "within this time, so a burst is prefilled together (default 3; 0: never waits)",
+    )
     serve.add_argument("--kv-cache-mb", type=int, help="KV cache size per model")
     serve.add_argument(
         "--expert-kv-cache-mb",
@@ -380,6 +386,7 @@ def _serve(args: argparse.Namespace) -> int:
                 max_queue=args.max_queue,
                 max_num_seqs=args.max_num_seqs,
                 max_batched_tokens=args.max_batched_tokens,
+                batch_wait_ms=args.batch_wait_ms,
                 block_size=args.block_size,
                 dtype=args.dtype,
                 adapter_slots=args.adapter_slots,

@@ -163,6 +163,7 @@ class EngineOptions:
     max_queue: int | None = None
     max_num_seqs: int | None = None
     max_batched_tokens: int | None = None
+    batch_wait_ms: float | None = None
     block_size: int | None = None
     dtype: str | None = None
     adapter_slots: int | None = None
@@ -171,6 +172,8 @@ class EngineOptions:
     sparsity: tuple[SparsitySpec, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.batch_wait_ms is not None and not 0 <= self.batch_wait_ms <= 1000:
+            raise ValueError(f"--batch-wait-ms must be within 0-1000, got {self.batch_wait_ms}")
         slots, cache = self.adapter_slots, self.adapter_host_cache
         if slots is not None and slots < 1:
             raise ValueError(f"--adapter-slots must be at least 1, got {slots}")

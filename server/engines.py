@@ -48,6 +48,8 @@ _SAME_NAME_OPTIONS = (
 
 def engine_config(options: EngineOptions) -> EngineConfig:
     values = {name: getattr(options, name) for name in _SAME_NAME_OPTIONS}
+    if options.batch_wait_ms is not None:
+        values["batch_wait_s"] = options.batch_wait_ms / 1000
     if options.kv_cache_mb is not None:
         values["kv_cache_bytes"] = options.kv_cache_mb << 20
     if options.expert_kv_cache_mb is not None:

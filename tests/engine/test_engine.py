@@ -294,3 +294,36 @@ def test_async_stream_and_cancellation(model_dir):
         asyncio.run(scenario())
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize("batch_wait_s", [0.0, 0.5])
+def test_idle_engine_gathers_a_burst_into_one_prefill(model_dir, batch_wait_s):
+    """Requests sent 20 ms apart to an idle engine: within the wait, all four are prefilled in
+    the first step; without it, the first is prefilled alone."""
+    inner = make_engine(model_dir, batch_wait_s=batch_wait_s)
+    engine = AsyncEngine("tiny", inner)
+    step_sizes: list[int] = []
+    schedule = inner.scheduler.schedule
+
+    def recording_schedule():
+        scheduled = schedule()
+        step_sizes.append(len(scheduled))
+        return scheduled
+
+    inner.scheduler.schedule = recording_schedule
+    engine.start()
+
+    async def one(i: int) -> int:
+        await asyncio.sleep(0.02 * i)
+        stopping = StoppingCriteria(max_new_tokens=3, ignore_eos=True)
+        req = Request(f"b{i}", engine.tokenizer.encode(PROMPTS[i]), SamplingParams(0.0), stopping)
+        return sum([len(out.token_ids) async for out in engine.generate(req)])
+
+    async def burst():
+        return await asyncio.gather(*(one(i) for i in range(4)))
+
+    try:
+        assert asyncio.run(burst()) == [3, 3, 3, 3]
+    finally:
+        engine.shutdown()
+    assert step_sizes[0] == (4 if batch_wait_s else 1)

@@ -157,6 +157,16 @@ def test_expert_kv_pool_size() -> None:
     assert engine_config(EngineOptions(expert_kv_cache_mb=3)).expert_kv_cache_bytes == 3 << 20
 
 
+def test_batch_wait() -> None:
+    from server.engines import engine_config
+
+    assert engine_config(EngineOptions()).batch_wait_s == 0.003
+    assert engine_config(EngineOptions(batch_wait_ms=0)).batch_wait_s == 0.0
+    assert engine_config(EngineOptions(batch_wait_ms=12.5)).batch_wait_s == 0.0125
+    with pytest.raises(ValueError, match="--batch-wait-ms"):
+        EngineOptions(batch_wait_ms=-1)
+
+
 def test_adapter_capacities() -> None:
     from server.engines import engine_config
 
