@@ -146,8 +146,9 @@ INLINE void dot_block(const elem_t *restrict w, const elem_t *restrict x, const 
 #pragma GCC unroll 4
         for (int r = 0; r < rows; r++) {
             // The same position one block ahead: the hardware prefetcher alone keeps too few
-            // DRAM requests in flight when several short rows are streamed side by side.
-            _mm_prefetch((const char *)(row[r] + rows * k + kk), _MM_HINT_T0);
+            // DRAM requests in flight when several short rows are streamed side by side. One
+            // row at a time is one sequential stream, which it follows best unaided.
+            if (rows > 1) _mm_prefetch((const char *)(row[r] + rows * k + kk), _MM_HINT_T0);
             wv[r] = load_full(row[r] + kk);
         }
 #pragma GCC unroll 16
@@ -162,7 +163,11 @@ INLINE void dot_block(const elem_t *restrict w, const elem_t *restrict x, const 
 
 // One function per M so the loops above unroll fully and the accumulators live in registers.
 // Rows per block shrink as M grows to keep M * rows accumulators within the 32 zmm registers.
-#define ROWS_FOR(M) ((M) <= 4 ? 4 : (M) <= 8 ? 2 : 1)
+// M = 1 takes one row at a time: the weight is then read in address order, one stream, and
+// out-of-order execution overlaps the rows' independent chains. On an AMD EPYC (Zen 4) this
+// streamed K = 896 rows at 22-29 GB/s against 17-19 with four rows side by side (interleaved
+// A/B, 2 threads); an output element's arithmetic is the same either way.
+#define ROWS_FOR(M) ((M) == 1 ? 1 : (M) <= 4 ? 4 : (M) <= 8 ? 2 : 1)
 
 typedef void (*block_fn)(const elem_t *, const elem_t *, const elem_t *, elem_t *, int64_t,
                          int64_t, int64_t, int, int);
