@@ -298,7 +298,7 @@ def test_async_stream_and_cancellation(model_dir):
 
 @pytest.mark.parametrize("batch_wait_s", [0.0, 0.5])
 def test_idle_engine_gathers_a_burst_into_one_prefill(model_dir, batch_wait_s):
-    """Requests sent 20 ms apart to an idle engine: within the wait, all four are prefilled in
+    """Requests sent 100 ms apart to an idle engine: within the wait, all four are prefilled in
     the first step; without it, the first is prefilled alone."""
     inner = make_engine(model_dir, batch_wait_s=batch_wait_s)
     engine = AsyncEngine("tiny", inner)
@@ -314,7 +314,7 @@ def test_idle_engine_gathers_a_burst_into_one_prefill(model_dir, batch_wait_s):
     engine.start()
 
     async def one(i: int) -> int:
-        await asyncio.sleep(0.02 * i)
+        await asyncio.sleep(0.1 * i)
         stopping = StoppingCriteria(max_new_tokens=3, ignore_eos=True)
         req = Request(f"b{i}", engine.tokenizer.encode(PROMPTS[i]), SamplingParams(0.0), stopping)
         return sum([len(out.token_ids) async for out in engine.generate(req)])
