@@ -2,11 +2,12 @@
 
 torch runs an elementwise op or a reduction of more than 32768 elements in an OpenMP parallel
 region. Where the workers wait passively (OMP_WAIT_POLICY=PASSIVE, what `tandem serve` sets) a
-region starts by waking a sleeping thread, which took 0.1-1 ms on a virtual machine here: more
-than a decode step's logits ops cost on one thread (a batch-8 greedy step ran 3 such regions,
-sampling at a temperature 11). `serial_ops(numel)` runs the torch ops of its block on the calling
-thread when their operands are small: it lowers the OpenMP team size of this thread only
-(torch.set_num_threads would also clear oneDNN's primitive cache, every time).
+region starts by waking a sleeping thread, 0.1-0.2 ms in a micro-benchmark on this project's
+virtual machines: as much as a decode step's logits ops cost on one thread (a batch-8 greedy
+step ran 3 such regions, sampling at a temperature 11). `serial_ops(numel)` runs the torch
+ops of its block on the calling thread when their operands are small: it lowers the OpenMP
+team size of this thread only (torch.set_num_threads would also clear oneDNN's primitive
+cache, every time).
 
 Tandem's C kernels take their team size from torch.get_num_threads(), so a block under
 serial_ops runs them on one thread too: keep the heavy kernels out of it.
@@ -19,7 +20,8 @@ import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-# Operands up to this many elements: one thread streams them in well under a wake-up's time.
+# Operands up to this many elements (4 MB of fp32): one thread reads them in about the time
+# a wake-up and the other thread's half would take.
 SERIAL_LIMIT = 1 << 20
 
 
