@@ -15,7 +15,13 @@ from engine.kv_cache import KVCache
 from engine.loader import LayerWeights, ModelWeights, load_weights
 from engine.lora import LoraBatch
 from engine.rope import RotaryEmbedding
-from engine.sparsity import GROUPS, SkipCounter, SparsityPlan, SparsitySettings
+from engine.sparsity import (
+    GROUPS,
+    SkipCounter,
+    SparsityPlan,
+    SparsitySettings,
+    group_in_features,
+)
 from kernels.cpu_decode import DecodeLayers, DecodeShape
 from kernels.cpu_linear import linear
 from kernels.cpu_ops import add_rms_norm, rms_norm, rope_store_kv, silu_mul
@@ -111,12 +117,14 @@ class CausalLM:
     ) -> bool:
         """Every layer of a decode-only step in one C call (kernels.cpu_decode: the same
         kernels in the same order as _layer, so the same bits, without Python between them),
-        where nothing needs the Python path: no sparsity, no observer, adapters only through
-        the dense C kernel."""
-        if self._plan is not None or self.observer is not None or not meta.decode_only:
+        where nothing needs the Python path: no observer, no skip counter, adapters only
+        through the dense C kernel and only in a dense model."""
+        if self.observer is not None or self.skip_counter is not None or not meta.decode_only:
             return False
         adapters = None
         if lora is not None:
+            if self._plan is not None:
+                return False  # the adapters must see the masked input
             adapters = lora.decode_params()
             if adapters is None:
                 return False
@@ -139,7 +147,16 @@ class CausalLM:
         shape = DecodeShape(
             c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
         )
-        return DecodeLayers.prepare(tensors, norms_after, shape, c.rms_norm_eps, self._scale)
+        sparsity = None
+        if self._plan is not None:
+            widths = group_in_features(c)
+            sparsity = [
+                [plans[group].kernel_args(widths[group]) for group in GROUPS]
+                for plans in self._plan.layers
+            ]
+        return DecodeLayers.prepare(
+            tensors, norms_after, shape, c.rms_norm_eps, self._scale, sparsity
+        )
 
     def _layer(
         self,

@@ -105,6 +105,19 @@ class GroupPlan:
             row = torch.tensor([self.threshold], dtype=torch.float32, device=self.device)
             object.__setattr__(self, "_threshold_row", row)
 
+    def kernel_args(self, in_features: int) -> tuple[torch.Tensor | None, int, torch.Tensor | None]:
+        """(column norms, keep, threshold) as kernels.cpu_decode's one-call step takes them:
+        top-k keeping some but not all channels as keep; otherwise a threshold (fp32 [1]),
+        -inf where top-k keeps every channel and +inf where it keeps none, as
+        kernels.sparse.top_k_thresholds_ref makes them."""
+        norms = None if self.col_norms is None else self.col_norms.float().contiguous()
+        if self.keep is None:
+            return norms, 0, self._threshold_row
+        if 0 < self.keep < in_features:
+            return norms, self.keep, None
+        bound = -math.inf if self.keep >= in_features else math.inf
+        return norms, 0, torch.tensor([bound], dtype=torch.float32, device=self.device)
+
     def thresholds(self, x: torch.Tensor, scores: torch.Tensor | None) -> torch.Tensor:
         """float32 [T] per token of the input x (top-k; from `scores`, x's channel_scores, when
         the caller has them), or [1] for every token (threshold mode, x and scores unused)."""

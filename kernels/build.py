@@ -31,14 +31,26 @@ def cache_dir() -> Path:
 
 def cpu_flags() -> frozenset[str]:
     """The CPU feature flags the kernel reports in /proc/cpuinfo (empty where there is none)."""
+    return frozenset(_cpuinfo_field("flags").split())
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor as /proc/cpuinfo names it ("GenuineIntel", "AuthenticAMD"; "" where
+    there is none)."""
+    return _cpuinfo_field("vendor_id").strip()
+
+
+def _cpuinfo_field(name: str) -> str:
+    """The first value of a field of /proc/cpuinfo ("" where there is none)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
             for line in cpuinfo:
-                if line.startswith("flags"):
-                    return frozenset(line.partition(":")[2].split())
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value
     except OSError:
         pass
-    return frozenset()
+    return ""
 
 
 def build_shared_library(source: Path, flags: Sequence[str], compiler: str = "gcc") -> Path:

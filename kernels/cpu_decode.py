@@ -11,10 +11,14 @@ meet at a spinning barrier between ops: a region per op woke the sleeping thread
 step where OpenMP waits passively (the server's setting), which on a virtual machine cost as
 much as the step itself.
 
+A sparse model (WINA / TEAL) runs its projections through kernels.sparse's C kernel instead,
+on weights stored input-channel-major, as the Python path does (same bits), without adapters
+(they must see the masked input, which only the Python path makes).
+
 It takes only what those kernels take (bf16 or float32, contiguous CPU tensors; multi-LoRA
-only through kernels.cpu_linear's dense kernel; no sparsity): `DecodeLayers.prepare` returns
-None otherwise, and a call that does not fit returns False having done nothing; the caller then
-runs the layers op by op.
+only through kernels.cpu_linear's dense kernel): `DecodeLayers.prepare` returns None otherwise,
+and a call that does not fit returns False having done nothing; the caller then runs the layers
+op by op.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kernels import cpu_linear, cpu_ops
+from kernels import cpu_linear, cpu_ops, sparse
 
 # Per layer: qkv, qkv bias, q/k norm, o, o bias, post-attention norm, gate_up, down (None where
 # the model has none), as engine.loader.LayerWeights holds them.
@@ -33,8 +37,14 @@ LayerTensors = tuple[
     Tensor, Tensor | None, Tensor | None, Tensor, Tensor | None, Tensor, Tensor, Tensor
 ]
 
+# A sparse model's projection group (qkv, o, gate_up, down, in this order): its column norms
+# (fp32 [K], WINA) or None (TEAL), then the channels each row keeps (top-k, 0 < keep < K) or 0
+# and the calibrated threshold (fp32 [1]).
+GroupSparsity = tuple[Tensor | None, int, Tensor | None]
+
 # A layer's row of the C call's table (cpu_ops.c's LAYER_* fields): 9 weight addresses; keys,
-# values, slots, lengths and the longest length; each projection group's LoRA params or 0.
+# values, slots, lengths and the longest length; each projection group's LoRA params or 0; each
+# group's column norms, keep and threshold addresses (0: dense).
 
 
 @dataclass(frozen=True)
@@ -56,15 +66,22 @@ class DecodeLayers:
         shape: DecodeShape,
         eps: float,
         scale: float,
+        sparsity: Sequence[Sequence[GroupSparsity]] | None = None,
     ) -> None:
         self.shape, self.eps, self.scale = shape, eps, scale
         self.dtype = layers[0][0].dtype
         self.num_layers = len(layers)
         self.has_qk_norm = layers[0][2] is not None
+        self.sparse = sparsity is not None
         # The tensors stay referenced here, so their addresses stay valid.
         self._tensors = [(*layer, norm) for layer, norm in zip(layers, norms_after, strict=True)]
+        self._sparsity = sparsity
         self._static = [
             [0 if t is None else t.data_ptr() for t in tensors] for tensors in self._tensors
+        ]
+        self._sparse_fields = [
+            [0] * 12 if sparsity is None else _sparse_fields(groups)
+            for groups in (sparsity or [None] * self.num_layers)
         ]
         self._kv: tuple[list[Tensor], list[Tensor], list[tuple[int, int]]] | None = None
 
@@ -76,14 +93,19 @@ class DecodeLayers:
         shape: DecodeShape,
         eps: float,
         scale: float,
+        sparsity: Sequence[Sequence[GroupSparsity]] | None = None,
     ) -> DecodeLayers | None:
         """The step, or None where the kernels cannot take these weights. norms_after[i]: the
-        norm that follows layer i (the next layer's input norm; the final norm last)."""
+        norm that follows layer i (the next layer's input norm; the final norm last).
+        sparsity[i]: layer i's groups, for a sparse model, whose four projection weights are
+        then transposed views (W.T contiguous)."""
         module = cpu_ops._kernels()
         if module is None or not hasattr(module, "decode_layers") or not layers:
             return None
         dtype = layers[0][0].dtype
         if dtype not in (torch.bfloat16, torch.float32) or not cpu_linear.kernel_available(dtype):
+            return None
+        if sparsity is not None and not _sparsity_fits(sparsity, layers, dtype):
             return None
         hidden, d = shape.hidden_size, shape.head_dim
         q_size, kv_size = shape.num_heads * d, shape.num_kv_heads * d
@@ -105,21 +127,25 @@ class DecodeLayers:
         qk_norms = {layer[2] is None for layer in layers}
         if len(qk_norms) != 1:
             return None
+        projections = (0, 3, 6, 7)  # qkv, o, gate_up, down: transposed views in a sparse model
         for layer, norm in zip(layers, norms_after, strict=True):
-            for tensor, wanted in zip((*layer, norm), (*expected, (hidden,)), strict=True):
+            if any(layer[i] is None for i in projections):
+                return None
+            for i, (tensor, wanted) in enumerate(
+                zip((*layer, norm), (*expected, (hidden,)), strict=True)
+            ):
                 if tensor is None:
                     continue
+                stored = tensor.t() if sparsity is not None and i in projections else tensor
                 if (
                     tensor.dtype is not dtype
                     or not tensor.is_cpu
-                    or not tensor.is_contiguous()
+                    or not stored.is_contiguous()
                     or tuple(tensor.shape) != wanted
                     or tensor.requires_grad
                 ):
                     return None
-            if layer[0] is None or layer[3] is None or layer[6] is None or layer[7] is None:
-                return None
-        return cls(layers, norms_after, shape, eps, scale)
+        return cls(layers, norms_after, shape, eps, scale, sparsity)
 
     def __call__(
         self,
@@ -174,6 +200,8 @@ class DecodeLayers:
             dynamic.append([key_at, value_at, slots.data_ptr(), lengths.data_ptr(), longest])
         lora = 0
         groups: Sequence[Sequence[Tensor | None]] = [(None,) * 4] * self.num_layers
+        if adapters is not None and self.sparse:
+            return False  # the adapters must see the masked input: the Python path
         if adapters is not None:
             lora = cpu_linear.lora_entry_address(dtype)
             if not lora or len(adapters) != self.num_layers:
@@ -183,8 +211,10 @@ class DecodeLayers:
             groups = adapters
         table = torch.tensor(
             [
-                row + extra + [0 if p is None else p.data_ptr() for p in layer]
-                for row, extra, layer in zip(self._static, dynamic, groups, strict=True)
+                row + extra + [0 if p is None else p.data_ptr() for p in layer] + sparse_fields
+                for row, extra, layer, sparse_fields in zip(
+                    self._static, dynamic, groups, self._sparse_fields, strict=True
+                )
             ],
             dtype=torch.int64,
         )
@@ -200,7 +230,8 @@ class DecodeLayers:
             hq, hk, d, f, hidden.data_ptr(), x.data_ptr(), qkv.data_ptr(), qk.data_ptr(),
             attn.data_ptr(), proj.data_ptr(), gate_up.data_ptr(), act.data_ptr(),
             cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(), self.eps, self.scale,
-            linear, lora, torch.get_num_threads(),
+            linear, lora, sparse.entry_address(dtype) if self.sparse else 0,
+            torch.get_num_threads(),
         )  # fmt: skip
         return True
 
@@ -225,6 +256,41 @@ class DecodeLayers:
         addresses = [(k.data_ptr(), v.data_ptr()) for k, v in zip(keys, values, strict=True)]
         self._kv = (keys, values, addresses)
         return addresses
+
+
+def _sparsity_fits(
+    sparsity: Sequence[Sequence[GroupSparsity]],
+    layers: Sequence[LayerTensors],
+    dtype: torch.dtype,
+) -> bool:
+    """Four groups per layer the sparse kernel can take, and the kernel is there."""
+    if len(sparsity) != len(layers) or not sparse.entry_address(dtype):
+        return False
+    for groups, layer in zip(sparsity, layers, strict=True):
+        if len(groups) != 4:
+            return False
+        for (norms, keep, threshold), weight in zip(
+            groups, (layer[0], layer[3], layer[6], layer[7]), strict=True
+        ):
+            k = weight.shape[1]
+            if norms is not None and not _fp32(norms, k):
+                return False
+            if not (0 < keep < k if threshold is None else keep == 0 and _fp32(threshold, 1)):
+                return False
+    return True
+
+
+def _sparse_fields(groups: Sequence[GroupSparsity]) -> list[int]:
+    """The table's per-group norms, keep and threshold fields (cpu_ops.c's LAYER_NORMS_QKV...)."""
+    norms = [0 if n is None else n.data_ptr() for n, _, _ in groups]
+    keeps = [keep for _, keep, _ in groups]
+    thresholds = [0 if t is None else t.data_ptr() for _, _, t in groups]
+    return norms + keeps + thresholds
+
+
+def _fp32(t: Tensor, length: int) -> bool:
+    """t is a contiguous CPU float32 [length] tensor."""
+    return t.dtype is torch.float32 and t.is_cpu and t.shape == (length,) and t.is_contiguous()
 
 
 def _vector(t: Tensor, m: int) -> bool:

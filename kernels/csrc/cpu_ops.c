@@ -844,6 +844,13 @@ typedef int (*linear_fn)(const void *x, int64_t ldx, const void *w, const void *
 typedef int (*lora_fn)(const void *x, int64_t ldx, const int64_t *params, void *y, int64_t ldy,
                        int64_t m, int thread, int team, void (*sync)(void *), void *context,
                        void **shared);
+// Or, in a sparse model (WINA / TEAL), kernels/csrc/sparse_linear.c's sparse_entry (by
+// address): w [k, n] (W.T contiguous), the group's column norms (or NULL), and keep > 0 (top-k)
+// or the calibrated threshold; the team's barrier between its phases.
+typedef int (*sparse_fn)(const void *x, int64_t ldx, const void *w, const float *norms,
+                         int64_t keep, const float *threshold, const void *bias, void *out,
+                         int64_t m, int64_t n, int64_t k, int thread, int team,
+                         void (*sync)(void *), void *context, void **shared);
 
 // Per layer, the addresses (0: none) and numbers a step reads, int64 each, in this order.
 enum {
@@ -865,8 +872,16 @@ enum {
     LAYER_LORA_O,
     LAYER_LORA_GATE_UP,
     LAYER_LORA_DOWN,
-    LAYER_FIELDS,
+    LAYER_NORMS_QKV,     // a sparse model's per group: column norms [k] fp32, or 0 (TEAL)
+    LAYER_KEEP_QKV = LAYER_NORMS_QKV + 4,            // channels each row keeps (top-k), or 0
+    LAYER_THRESHOLD_QKV = LAYER_KEEP_QKV + 4,        // else the calibrated threshold: fp32 [1]
+    LAYER_FIELDS = LAYER_THRESHOLD_QKV + 4,
 };
+
+// The projection groups, in the order of the per-group fields above, and their weights and biases.
+enum { GROUP_QKV, GROUP_O, GROUP_GATE_UP, GROUP_DOWN };
+static const int GROUP_WEIGHT[4] = {LAYER_QKV, LAYER_O, LAYER_GATE_UP, LAYER_DOWN};
+static const int GROUP_BIAS[4] = {LAYER_QKV_BIAS, LAYER_O_BIAS, -1, -1};
 
 typedef struct {
     const int64_t *layers;  // [num_layers, LAYER_FIELDS]
@@ -877,18 +892,30 @@ typedef struct {
     const int64_t *slot_mapping;
     float eps, scale;
     linear_fn linear;
-    lora_fn lora;  // NULL where no layer has adapters
+    lora_fn lora;      // NULL where no layer has adapters
+    sparse_fn sparse;  // NULL: dense projections
     int threads;
 } decode_step_t;
 
 #define AT(layer, field) ((void *)(intptr_t)(layer)[field])
 
-// y [m, n] = x @ w.T (+ bias), then y += the group's adapters where the layer has any; the
-// whole team has finished both when it returns.
-INLINE int project(const decode_step_t *s, member_t *member, const int64_t *layer, int weight,
-                   int bias, int adapters, const char *x, int64_t k, char *y, int64_t n) {
-    int status = s->linear(x, k, AT(layer, weight), bias < 0 ? NULL : AT(layer, bias), y, s->m,
-                           n, k, member->thread, member->size);
+// y [m, n] = x @ w.T (+ bias), sparse where the model is, then y += the group's adapters where
+// the layer has any; the whole team has finished both when it returns.
+INLINE int project(const decode_step_t *s, member_t *member, const int64_t *layer, int group,
+                   const char *x, int64_t k, char *y, int64_t n) {
+    const int weight = GROUP_WEIGHT[group], bias = GROUP_BIAS[group];
+    const int adapters = LAYER_LORA_QKV + group;
+    const void *b = bias < 0 ? NULL : AT(layer, bias);
+    int status;
+    if (s->sparse) {
+        status = s->sparse(x, k, AT(layer, weight), AT(layer, LAYER_NORMS_QKV + group),
+                           layer[LAYER_KEEP_QKV + group], AT(layer, LAYER_THRESHOLD_QKV + group),
+                           b, y, s->m, n, k, member->thread, member->size, team_sync, member,
+                           &member->team->shared);
+    } else {
+        status = s->linear(x, k, AT(layer, weight), b, y, s->m, n, k, member->thread,
+                           member->size);
+    }
     team_sync(member);
     if (layer[adapters] == 0) return status;
     status |= s->lora(x, k, AT(layer, adapters), y, n, s->m, member->thread, member->size,
@@ -964,8 +991,7 @@ INLINE int decode_layers_part(const int bf16, const decode_step_t *s, member_t *
     int status = 0;
     for (int64_t index = 0; index < s->num_layers; index++) {
         const int64_t *layer = s->layers + index * LAYER_FIELDS;
-        status |= project(s, member, layer, LAYER_QKV, LAYER_QKV_BIAS, LAYER_LORA_QKV, s->x,
-                          s->hidden_size, s->qkv, qkv_width);
+        status |= project(s, member, layer, GROUP_QKV, s->x, s->hidden_size, s->qkv, qkv_width);
         char *q, *k;
         int64_t ld_qk;
         rotate_and_store(bf16, s, member, layer, &q, &k, &ld_qk);
@@ -984,12 +1010,11 @@ INLINE int decode_layers_part(const int bf16, const decode_step_t *s, member_t *
                                        s->scale};
         status |= attend_part(bf16, &attention, m, member);
         team_sync(member);
-        status |= project(s, member, layer, LAYER_O, LAYER_O_BIAS, LAYER_LORA_O, s->attn,
-                          s->hq * d, s->proj, s->hidden_size);
+        status |= project(s, member, layer, GROUP_O, s->attn, s->hq * d, s->proj, s->hidden_size);
         add_norm(bf16, s, member, s->proj, AT(layer, LAYER_POST_NORM));
         team_sync(member);
-        status |= project(s, member, layer, LAYER_GATE_UP, -1, LAYER_LORA_GATE_UP, s->x,
-                          s->hidden_size, s->gate_up, 2 * s->f);
+        status |= project(s, member, layer, GROUP_GATE_UP, s->x, s->hidden_size, s->gate_up,
+                          2 * s->f);
         int64_t r0, r1;
         rows_of(member, m, m >= 2 && m * s->f >= PARALLEL_MIN_ELEMENTS, &r0, &r1);
         if (r0 < r1) {
@@ -997,8 +1022,7 @@ INLINE int decode_layers_part(const int bf16, const decode_step_t *s, member_t *
                      r1 - r0, s->f, 1);
         }
         team_sync(member);
-        status |= project(s, member, layer, LAYER_DOWN, -1, LAYER_LORA_DOWN, s->act, s->f,
-                          s->proj, s->hidden_size);
+        status |= project(s, member, layer, GROUP_DOWN, s->act, s->f, s->proj, s->hidden_size);
         add_norm(bf16, s, member, s->proj, AT(layer, LAYER_NEXT_NORM));
         team_sync(member);
     }
@@ -1125,12 +1149,12 @@ static PyObject *py_decode_attention(PyObject *module, PyObject *const *args, Py
 
 // decode_layers(bf16, layers, num_layers, m, hidden_size, hq, hk, d, f, hidden, x, qkv, qk,
 //               attn, proj, gate_up, act, cos, sin, slot_mapping, eps, scale, linear, lora,
-//               threads): see decode_layers above; `linear` and `lora` (or 0) are the kernels'
-// addresses.
+//               sparse, threads): see decode_layers above; `linear`, `lora` and `sparse` (both
+// may be 0) are the kernels' addresses.
 static PyObject *py_decode_layers(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
-    long long v[25];
-    if (parse_ints(args, nargs, 25, v, "decode_layers") != 0) return NULL;
+    long long v[26];
+    if (parse_ints(args, nargs, 26, v, "decode_layers") != 0) return NULL;
     const float eps = (float)PyFloat_AsDouble(args[20]), scale = (float)PyFloat_AsDouble(args[21]);
     if (PyErr_Occurred()) return NULL;
     const decode_step_t step = {
@@ -1138,7 +1162,7 @@ static PyObject *py_decode_layers(PyObject *module, PyObject *const *args, Py_ss
         v[7],       v[8],       PTR(v[9]),  PTR(v[10]), PTR(v[11]), PTR(v[12]),
         PTR(v[13]), PTR(v[14]), PTR(v[15]), PTR(v[16]), PTR(v[17]), PTR(v[18]),
         PTR(v[19]), eps,        scale,      (linear_fn)PTR(v[22]),  (lora_fn)PTR(v[23]),
-        (int)v[24],
+        (sparse_fn)PTR(v[24]),  (int)v[25],
     };
     // Tens of milliseconds: the server's event loop runs meanwhile.
     PyThreadState *state = PyEval_SaveThread();

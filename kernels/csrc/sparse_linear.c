@@ -38,6 +38,8 @@
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -50,7 +52,8 @@
 
 // Tuning knobs (-D overrides them for experiments). The values below measured best on a 2-core
 // AMX-capable Xeon VM, where 2 or 8 rows per block, other prefetch distances, prefetches into L2
-// or none, and narrower or wider tiles were all slower or no faster.
+// or none, and narrower or wider tiles were all slower or no faster. On a Zen 4 EPYC prefetches
+// into L2 stream 20-25% faster (kernels/sparse.py builds it so there); the rest is as good there.
 #ifndef BLOCK_ROWS  // kept rows of w streamed side by side (even: VDPBF16PS takes pairs)
 #define BLOCK_ROWS 4
 #endif
@@ -339,7 +342,7 @@ typedef struct {
     char *out;                    // [m, n]
     float *sums;                  // [PARTS][rows][lds]: each half's sums
     int64_t ldx, lds, m, n;
-    int64_t begin[PARTS + 1];     // each half's entries: [begin[p], begin[p + 1])
+    int64_t begin[PARTS], end[PARTS];  // each half's entries: [begin[p], end[p])
     int64_t full_groups;          // groups of 32 columns without the partial last one
     __mmask32 tail;               // columns of the partial last group
 } job_t;
@@ -444,7 +447,7 @@ INLINE void multiply_rows(const job_t *job, float *acc, int64_t lda, int64_t col
 INLINE void run_part(const job_t *job, int part, int64_t g0, int64_t g1, const int T) {
     const int64_t max_groups = TILE_GROUPS(T);
     const int64_t tiles = (g1 - g0 + max_groups - 1) / max_groups;
-    const int64_t first = job->begin[part], end = job->begin[part + 1], lds = job->lds;
+    const int64_t first = job->begin[part], end = job->end[part], lds = job->lds;
     float *sums = job->sums + part * T * lds;
     for (int64_t tile = 0; tile < tiles; tile++) {
         // Tiles of equal width, give or take a group.
@@ -526,93 +529,247 @@ static const part_fn PARTS_FOR[MAX_M + 1] = {
 static const int PADDED_ROWS[MAX_M + 1] = {0,  1,  2,  3,  4,  5,  6,  7, 8,
                                            10, 10, 12, 12, 14, 14, 16, 16};
 
-// Returns the number of kept channels, or -1 when a buffer cannot be allocated.
-static int64_t sparse_linear(const char *x, int64_t ldx, const char *w, const float *norms,
-                             const float *thresholds, const char *bias, char *out, int64_t m,
-                             int64_t n, int64_t k, int threads) {
-    const int64_t ldv = (k + 3 * LANES + 15) / 16 * 16;  // slack for full-vector stores and loads
+// ---------------------------------------------------------------------------------------------
+// The layer by a team of threads, in phases with the team's barrier between them: thresholds
+// (top-k: each thread a share of the rows), gather (the first two threads one half of the
+// channels each), stream, combine. The standalone call (sparse_linear below) runs it on an
+// OpenMP team; kernels/csrc/cpu_ops.c's one-call decode step runs it on its own, by address.
+
+typedef void (*sync_fn)(void *team_context);
+
+// The halves' entries start at fixed places of the lists, so that two threads can gather one
+// each: the low half at 0, the high half at HIGH_BASE(k), past the low half's most entries,
+// its zero entry and its padding for the prefetches.
+#define HIGH_BASE(k) ((K_SPLIT(k) + 2 + AHEAD_MAX + LANES - 1) / LANES * LANES)
+// Entries of the lists, with the high half's padding and the slack of full-vector stores.
+#define LIST_LENGTH(k) (HIGH_BASE(k) + (k) - K_SPLIT(k) + 2 + AHEAD_MAX + 2 * LANES)
+
+typedef struct {
+    const char *x;              // [m][ldx]
+    int64_t ldx;
+    const char *w;              // [k, n]
+    const float *norms;         // [k] or NULL (TEAL)
+    const float *thresholds;    // [m], or NULL: found from keep or threshold
+    int64_t keep;               // > 0: each row's threshold is its keep-th largest score
+    float threshold;            // otherwise every row's
+    const char *bias;           // [n] or NULL
+    char *out;                  // [m, n]
+    int64_t m, n, k;
+} layer_args_t;
+
+typedef struct {
+    job_t job;
+    const layer_args_t *args;
+    const float *thresholds;    // [m]: the caller's, or found (thread 0's thresholds_cache)
+    int32_t *index;
+    float *values;
+    int64_t ldv, ldp;
+    int rows;
+    int64_t kept[PARTS];
+} call_t;
+
+static __thread float thresholds_cache[MAX_M];
+
+static int top_k_thresholds(const char *x, int64_t ldx, const float *norms, float *out,
+                            int64_t m, int64_t k, int64_t keep);
+
+// The calling thread's buffers for this call (grown as needed); -1 when one cannot be had.
+static int prepare(call_t *call, const layer_args_t *a) {
+    const int64_t ldv = (LIST_LENGTH(a->k) + LANES + 15) / 16 * 16;
     // Rows of sums a whole number of groups (128 bytes) long, so that two threads' columns never
     // share an aligned pair of cache lines (the L2 prefetcher fetches lines in pairs: a shared
     // pair bounces between the cores on every store), and not a multiple of 4 KB long (rows of a
     // tile all in the same L1 sets).
-    int64_t lds = (n + GROUP - 1) / GROUP * GROUP + GROUP;
+    int64_t lds = (a->n + GROUP - 1) / GROUP * GROUP + GROUP;
     if (lds * 4 % 4096 == 0) lds += GROUP;
-    const int rows = PADDED_ROWS[m];
-    index_cache = grow(index_cache, &index_capacity, k + 2 * LANES + AHEAD_MAX, sizeof(int32_t));
+    const int rows = PADDED_ROWS[a->m];
+    index_cache = grow(index_cache, &index_capacity, LIST_LENGTH(a->k), sizeof(int32_t));
     values_cache = grow(values_cache, &values_capacity, rows * ldv, sizeof(float));
     sums_cache = grow(sums_cache, &sums_capacity, PARTS * rows * lds, sizeof(float));
     if (!index_cache || !values_cache || !sums_cache) return -1;
-    job_t job = {w, index_cache, values_cache, bias, out, sums_cache, ldv, lds, m, n, {0},
-                 n / GROUP, (__mmask32)((1ull << (n % GROUP)) - 1)};
-    const int64_t split = K_SPLIT(k);
-    int64_t entries = gather(x, ldx, norms, thresholds, m, 0, split, index_cache, values_cache,
-                             ldv, 0);
-    const int64_t low = entries;
-    if (DOT_PAIRS && entries % 2) {  // an even first half: pairs never straddle the halves
-        index_cache[entries] = index_cache[entries - 1];
-        for (int64_t t = 0; t < m; t++) values_cache[t * ldv + entries] = 0.0f;
-        entries++;
-    }
-    job.begin[1] = entries;
-    entries = gather(x, ldx, norms, thresholds, m, split, k, index_cache, values_cache, ldv,
-                     entries);
-    const int64_t kept = low + entries - job.begin[1];
-    if (DOT_PAIRS && entries % 2) {
-        index_cache[entries] = entries ? index_cache[entries - 1] : 0;
-        for (int64_t t = 0; t < m; t++) values_cache[t * ldv + entries] = 0.0f;
-        entries++;
-    }
-    job.begin[2] = entries;
-    const int32_t last = entries ? index_cache[entries - 1] : 0;
-    for (int64_t i = 0; i < AHEAD_MAX; i++) index_cache[entries + i] = last;
-    for (int64_t t = m; t < rows; t++) memset(values_cache + t * ldv, 0, entries * sizeof(float));
+    *call = (call_t){{a->w, index_cache, values_cache, a->bias, a->out, sums_cache, ldv, lds, a->m,
+                      a->n, {0, HIGH_BASE(a->k)}, {0, 0}, a->n / GROUP,
+                      (__mmask32)((1ull << (a->n % GROUP)) - 1)},
+                     a, a->thresholds ? a->thresholds : thresholds_cache, index_cache,
+                     values_cache, ldv, 0, rows, {0, 0}};
 #if DOT_PAIRS
-    const int64_t ldp = (k / 2 + 2 * LANES + 15) / 16 * 16;
-    pairs_cache = grow(pairs_cache, &pairs_capacity, rows * ldp, sizeof(uint32_t));
+    call->ldp = (ldv / 2 + 2 * LANES + 15) / 16 * 16;
+    pairs_cache = grow(pairs_cache, &pairs_capacity, rows * call->ldp, sizeof(uint32_t));
     if (!pairs_cache) return -1;
-    build_pairs(values_cache, ldv, rows, entries, pairs_cache, ldp);
-    job.x = pairs_cache;
-    job.ldx = ldp;
+    call->job.x = pairs_cache;
+    call->job.ldx = call->ldp;
 #endif
-    const part_fn run = PARTS_FOR[m];
-    const int64_t groups = (n + GROUP - 1) / GROUP;
-    if (threads <= 1 || kept * n * ELEM < PARALLEL_MIN_BYTES) {
-        for (int part = 0; part < PARTS; part++) run(&job, part, 0, groups);
-        combine(&job, 0, groups, rows);
-        return kept;
+    return 0;
+}
+
+// This thread's share of the rows' thresholds, where the caller gave none. -1: no buffer.
+static int find_thresholds(const call_t *call, int thread, int team) {
+    const layer_args_t *a = call->args;
+    if (a->thresholds) return 0;
+    const int64_t r0 = a->m * thread / team, r1 = a->m * (thread + 1) / team;
+    if (r0 >= r1) return 0;
+    float *out = (float *)call->thresholds + r0;  // thread 0's thresholds_cache
+    if (a->keep > 0) {
+        return top_k_thresholds(a->x + r0 * a->ldx * ELEM, a->ldx, a->norms, out, r1 - r0, a->k,
+                                a->keep);
     }
-    const int by_halves = m <= SPLIT_K_ROWS;
+    for (int64_t t = 0; t < r1 - r0; t++) out[t] = a->threshold;
+    return 0;
+}
+
+// Half `half` of the channels into its entries [begin, end) of the lists: the kept channels
+// ascending, an even count where VDPBF16PS pairs them (a zero entry completes an odd one), the
+// index padded past the end with valid rows for the prefetches, and x of the padding rows (up
+// to PADDED_ROWS) zero. Returns the number of kept channels, without the zero entry.
+static int64_t gather_half(call_t *call, int half) {
+    const layer_args_t *a = call->args;
+    job_t *job = &call->job;
+    const int64_t split = K_SPLIT(a->k), begin = job->begin[half], ldv = call->ldv, m = a->m;
+    int32_t *index = call->index;
+    float *values = call->values;
+    int64_t end = gather(a->x, a->ldx, a->norms, call->thresholds, m, half ? split : 0,
+                         half ? a->k : split, index, values, ldv, begin);
+    const int64_t kept = end - begin;
+    if (DOT_PAIRS && kept % 2) {
+        index[end] = index[end - 1];
+        for (int64_t t = 0; t < m; t++) values[t * ldv + end] = 0.0f;
+        end++;
+    }
+    const int32_t last = end > begin ? index[end - 1] : 0;
+    for (int64_t i = 0; i < AHEAD_MAX; i++) index[end + i] = last;
+    for (int64_t t = m; t < call->rows; t++) {
+        memset(values + t * ldv + begin, 0, (end - begin) * sizeof(float));
+    }
+#if DOT_PAIRS
+    build_pairs(values + begin, ldv, call->rows, end - begin, (uint32_t *)job->x + begin / 2,
+                call->ldp);
+#endif
+    job->end[half] = end;
+    return kept;
+}
+
+// Streams the kept rows and combines the sums into out: on thread 0 alone where few bytes are
+// read, else split as described at the top. Returns 0, or -1 when a buffer cannot be had.
+static int stream(const call_t *call, int thread, int team, sync_fn sync, void *context) {
+    const job_t *job = &call->job;
+    const int64_t groups = (job->n + GROUP - 1) / GROUP;
+    const int64_t kept = call->kept[0] + call->kept[1];
+    const part_fn run = PARTS_FOR[job->m];
+    if (team <= 1 || kept * job->n * ELEM < PARALLEL_MIN_BYTES) {
+        if (thread == 0) {
+            for (int part = 0; part < PARTS; part++) run(job, part, 0, groups);
+            combine(job, 0, groups, call->rows);
+        }
+        sync(context);
+        return 0;
+    }
+    if (job->m <= SPLIT_K_ROWS) {
+        // Threads in twos, one per half of the rows of w, each two a range of the columns (an
+        // odd one out idles), into the shared sums; then every thread adds up a range.
+        const int64_t couples = team / 2, couple = thread / 2;
+        if (couple < couples) {
+            const int64_t g0 = groups * couple / couples;
+            run(job, thread % 2, g0, groups * (couple + 1) / couples);
+        }
+        sync(context);
+        combine(job, groups * thread / team, groups * (thread + 1) / team, call->rows);
+        return 0;
+    }
+    // Each thread both halves of a range of the columns, into sums of its own: sums that two
+    // cores write side by side slow both down (however the lines are aligned).
+    const int64_t g0 = groups * thread / team, g1 = groups * (thread + 1) / team;
+    job_t mine = *job;
+    mine.sums = private_sums = grow(private_sums, &private_capacity,
+                                    PARTS * call->rows * job->lds, sizeof(float));
+    int status = 0;
+    if (mine.sums == NULL) {
+        status = -1;
+    } else if (g0 < g1) {
+        run(&mine, 0, g0, g1);
+        run(&mine, 1, g0, g1);
+        combine(&mine, g0, g1, call->rows);
+    }
+    sync(context);
+    return status;
+}
+
+// This thread's part of the layer; every thread of the team calls it with the same arguments
+// and meets the others at sync(context) four times, whatever happens. Thread 0's buffers go to
+// the others through *shared. Returns the number of kept channels (the union over the rows),
+// or -1 when a buffer cannot be had.
+static int64_t sparse_team(const layer_args_t *a, int thread, int team, sync_fn sync,
+                           void *context, void **shared) {
+    static __thread call_t own;
     int failed = 0;
-#pragma omp parallel num_threads(threads) reduction(| : failed)
-    {
-        const int64_t thread = omp_get_thread_num(), team = omp_get_num_threads();
-        if (by_halves && team > 1) {
-            // Threads in twos, one per half of the rows of w, each two a range of the columns
-            // (an odd one out idles), into the shared sums; then every thread adds up a range.
-            const int64_t couples = team / 2, couple = thread / 2;
-            if (couple < couples) {
-                const int64_t g0 = groups * couple / couples;
-                run(&job, (int)(thread % 2), g0, groups * (couple + 1) / couples);
-            }
-#pragma omp barrier
-            combine(&job, groups * thread / team, groups * (thread + 1) / team, rows);
+    if (thread == 0) {
+        failed = prepare(&own, a) != 0;
+        *shared = failed ? NULL : &own;
+    }
+    sync(context);
+    call_t *call = *shared;
+    if (call != NULL) failed |= find_thresholds(call, thread, team) != 0;
+    sync(context);
+    if (call != NULL && thread < 2) {
+        if (team == 1) {
+            call->kept[0] = gather_half(call, 0);
+            call->kept[1] = gather_half(call, 1);
         } else {
-            // Each thread both halves of a range of the columns, into sums of its own: sums that
-            // two cores write side by side slow both down (however the lines are aligned).
-            const int64_t g0 = groups * thread / team, g1 = groups * (thread + 1) / team;
-            job_t mine = job;
-            mine.sums = private_sums = grow(private_sums, &private_capacity, PARTS * rows * lds,
-                                            sizeof(float));
-            if (mine.sums == NULL) {
-                failed = 1;
-            } else if (g0 < g1) {
-                run(&mine, 0, g0, g1);
-                run(&mine, 1, g0, g1);
-                combine(&mine, g0, g1, rows);
-            }
+            call->kept[thread] = gather_half(call, thread);
         }
     }
-    return failed ? -1 : kept;
+    sync(context);
+    if (call == NULL) {
+        sync(context);
+        return -1;
+    }
+    failed |= stream(call, thread, team, sync, context) != 0;
+    return failed ? -1 : call->kept[0] + call->kept[1];
+}
+
+// A spinning barrier for the standalone call's OpenMP team: its phases are short, and OpenMP's
+// barrier sleeps where the server asks threads to wait passively (a futex wake-up per phase).
+typedef struct {
+    atomic_int arrived, generation;
+    int size;
+} barrier_t;
+
+static void spin_sync(void *context) {
+    barrier_t *barrier = context;
+    if (barrier->size <= 1) return;
+    const int generation = atomic_load_explicit(&barrier->generation, memory_order_acquire);
+    if (atomic_fetch_add_explicit(&barrier->arrived, 1, memory_order_acq_rel) ==
+        barrier->size - 1) {
+        atomic_store_explicit(&barrier->arrived, 0, memory_order_relaxed);
+        atomic_store_explicit(&barrier->generation, generation + 1, memory_order_release);
+        return;
+    }
+    for (unsigned spins = 0;
+         atomic_load_explicit(&barrier->generation, memory_order_acquire) == generation; spins++) {
+        if (spins < (1u << 10)) {
+            _mm_pause();
+        } else {
+            sched_yield();  // more threads than cores: the one awaited may need this core
+        }
+    }
+}
+
+// Returns the number of kept channels, or -1 when a buffer cannot be allocated.
+static int64_t sparse_linear(const layer_args_t *a, int threads) {
+    void *shared = NULL;
+    barrier_t barrier = {0, 0, 1};
+    if (threads <= 1 || a->k * a->n * ELEM < PARALLEL_MIN_BYTES) {
+        return sparse_team(a, 0, 1, spin_sync, &barrier, &shared);
+    }
+    int64_t result = 0;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp single
+        barrier.size = omp_get_num_threads();  // its implied barrier publishes the size
+        const int64_t kept = sparse_team(a, omp_get_thread_num(), barrier.size, spin_sync,
+                                         &barrier, &shared);
+        if (omp_get_thread_num() == 0) result = kept;
+    }
+    return result;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -703,13 +860,14 @@ static PyObject *py_linear(PyObject *module, PyObject *const *args, Py_ssize_t n
         PyErr_SetString(PyExc_ValueError, "linear() needs 1 <= m <= MAX_M, n >= 1 and k >= 1");
         return NULL;
     }
+    const layer_args_t a = {(const char *)(intptr_t)v[0], v[1], (const char *)(intptr_t)v[2],
+                            (const float *)(intptr_t)v[3], (const float *)(intptr_t)v[4], 0, 0.0f,
+                            (const char *)(intptr_t)v[5], (char *)(intptr_t)v[6], v[7], v[8],
+                            v[9]};
     int64_t kept;
     // The weights stream for tens of microseconds or more: let other Python threads run.
     Py_BEGIN_ALLOW_THREADS
-    kept = sparse_linear((const char *)(intptr_t)v[0], v[1], (const char *)(intptr_t)v[2],
-                         (const float *)(intptr_t)v[3], (const float *)(intptr_t)v[4],
-                         (const char *)(intptr_t)v[5], (char *)(intptr_t)v[6], v[7], v[8], v[9],
-                         (int)v[10]);
+    kept = sparse_linear(&a, (int)v[10]);
     Py_END_ALLOW_THREADS
     if (kept < 0) return PyErr_NoMemory();
     return PyLong_FromLongLong(kept);
@@ -736,10 +894,33 @@ static PyObject *py_top_k_thresholds(PyObject *module, PyObject *const *args, Py
     Py_RETURN_NONE;
 }
 
+// The layer by address, for a team of threads already running in another module (kernels/
+// csrc/cpu_ops.c's one-call decode step): every thread of the team calls it with the same
+// arguments, keep > 0 (top-k) or *threshold for every row; it returns once this thread's share
+// is done (the caller's barrier after it completes the layer). Returns 0, or -1 when a buffer
+// cannot be allocated.
+static int sparse_entry(const void *x, int64_t ldx, const void *w, const float *norms,
+                        int64_t keep, const float *threshold, const void *bias, void *out,
+                        int64_t m, int64_t n, int64_t k, int thread, int team, sync_fn sync,
+                        void *context, void **shared) {
+    const layer_args_t a = {x, ldx, w, norms, NULL, keep, keep > 0 ? 0.0f : *threshold, bias, out,
+                            m, n, k};
+    return sparse_team(&a, thread, team, sync, context, shared) < 0 ? -1 : 0;
+}
+
+// entry_address("sparse") -> sparse_entry's address as an int (0 for any other name)
+static PyObject *py_entry_address(PyObject *module, PyObject *name) {
+    (void)module;
+    const char *text = PyUnicode_AsUTF8(name);
+    if (text == NULL) return NULL;
+    return PyLong_FromVoidPtr(strcmp(text, "sparse") == 0 ? (void *)sparse_entry : NULL);
+}
+
 static PyMethodDef METHODS[] = {
     {"linear", (PyCFunction)(void (*)(void))py_linear, METH_FASTCALL, "sparse linear layer"},
     {"top_k_thresholds", (PyCFunction)(void (*)(void))py_top_k_thresholds, METH_FASTCALL,
      "keep-th largest channel score per row"},
+    {"entry_address", py_entry_address, METH_O, "the kernel's address, for C callers"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -29,6 +29,8 @@ from engine.sparsity import (
     calibrate,
     keep_count,
 )
+from kernels import sparse as sparse_kernels
+from kernels.cpu_decode import DecodeLayers
 
 BLOCK_SIZE = 4
 NUM_BLOCKS = 16
@@ -107,6 +109,34 @@ def test_threshold_mode_at_zero_is_dense(tiny_model: Callable, sidecar: Path) ->
     prompt = random_tokens(0, PROMPT_LEN)
     model = with_sparsity(path, sparsity=0.0, mode="threshold", calibration_file=str(sidecar))
     assert torch.equal(run(model, prompt, NEW_TOKENS), run(CausalLM.from_dir(path), prompt, 6))
+
+
+@pytest.mark.parametrize("mode", ["top-k", "threshold"])
+@pytest.mark.parametrize("variant", ["llama_attention_bias", "qwen3_untied"])
+def test_decode_in_one_call_is_the_python_path(
+    tiny_model: Callable, tmp_path: Path, variant: str, mode: str
+) -> None:
+    """A sparse model's decode steps run in one C call (kernels.cpu_decode, the sparse kernel
+    inside); counting skipped channels runs them layer by layer from Python: the same logits,
+    bit for bit, and the C call was really taken."""
+    path = tiny_model(variant).path
+    model = CausalLM.from_dir(path)
+    if not sparse_kernels.entry_address(model.dtype):
+        pytest.skip(f"no {model.dtype} sparse kernel on this CPU")
+    file = ""
+    if mode == "threshold":
+        file = str(tmp_path / "sidecar.safetensors")
+        calibration_of(model).save(file)
+    settings = SparsitySettings(0.5, "wina", mode, file)
+    apply_sparsity(model, settings)
+    layered = CausalLM.from_dir(path)
+    apply_sparsity(layered, settings)
+    layered.skip_counter = SkipCounter()
+    prompt = random_tokens(5, PROMPT_LEN)
+    assert torch.equal(run(model, prompt, NEW_TOKENS), run(layered, prompt, NEW_TOKENS))
+    step = model._decode_layers
+    assert isinstance(step, DecodeLayers) and step.sparse
+    assert layered.skip_counter.fraction() > 0.4  # the layers were sparse
 
 
 def test_sparse_layout_does_not_grow_memory(tiny_model: Callable) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import cpu_linear, cpu_ops, lora
+from kernels import cpu_linear, cpu_ops, lora, sparse
 from kernels.cpu_decode import DecodeLayers, DecodeShape
 from kernels.lora import LoraMapping, LoraStack
 
@@ -88,21 +88,30 @@ def one_by_one(
     slot_mapping,
     shape: DecodeShape = SHAPE,
     adapters=None,
+    sparsity=None,
 ):
     """The layers as engine.model runs them op by op; adapters: per layer the LoraStack of qkv,
-    o, gate_up and down, and the rows' LoraMapping."""
+    o, gate_up and down, and the rows' LoraMapping; sparsity: per layer the four groups'
+    (norms, keep, threshold), the projections then through kernels.sparse."""
     m, d = hidden.shape[0], shape.head_dim
     hq, hk = shape.num_heads, shape.num_kv_heads
     stacks, mapping = adapters if adapters is not None else ([None] * len(tensors), None)
+    groups_of = sparsity if sparsity is not None else [None] * len(tensors)
 
-    def project(x, w, b, layer_stacks, group):
-        y = cpu_linear.linear(x, w, b)
+    def project(x, w, b, layer_stacks, groups, group):
+        if groups is None:
+            y = cpu_linear.linear(x, w, b)
+        else:
+            norms, keep, threshold = groups[group]
+            thresholds = sparse.input_top_k_thresholds(x, norms, keep) if keep else threshold
+            y = sparse.sparse_linear(x, w.t(), norms, thresholds, b)
         return y if layer_stacks is None else lora.lora_ref(y, x, layer_stacks[group], mapping)
 
-    for (qkv_w, qkv_b, qk_norm, o, o_b, post, gate_up, down), following, k_pool, v_pool, own in zip(
-        tensors, norms_after, keys, values, stacks, strict=True
+    for layer, following, k_pool, v_pool, own, groups in zip(
+        tensors, norms_after, keys, values, stacks, groups_of, strict=True
     ):
-        qkv = project(x, qkv_w, qkv_b, own, 0)
+        qkv_w, qkv_b, qk_norm, o, o_b, post, gate_up, down = layer
+        qkv = project(x, qkv_w, qkv_b, own, groups, 0)
         qk = qkv[:, : (hq + hk) * d].view(m, hq + hk, d)
         if qk_norm is not None:
             qk = cpu_ops.rms_norm(qk, qk_norm, EPS)
@@ -111,10 +120,10 @@ def one_by_one(
         cpu_ops.rope_store_kv(q, k, v, cos, sin, k_pool, v_pool, slot_mapping)
         attn = cpu_ops.decode_attention(q, k_pool, v_pool, gather[0], gather[1], SCALE)
         x = cpu_ops.add_rms_norm(
-            hidden, project(attn.reshape(m, hq * d), o, o_b, own, 1), post, EPS
+            hidden, project(attn.reshape(m, hq * d), o, o_b, own, groups, 1), post, EPS
         )
-        act = cpu_ops.silu_mul(project(x, gate_up, None, own, 2))
-        x = cpu_ops.add_rms_norm(hidden, project(act, down, None, own, 3), following, EPS)
+        act = cpu_ops.silu_mul(project(x, gate_up, None, own, groups, 2))
+        x = cpu_ops.add_rms_norm(hidden, project(act, down, None, own, groups, 3), following, EPS)
     return x
 
 
@@ -216,6 +225,94 @@ def test_one_call_shares_every_op_between_threads(dtype: torch.dtype, m: int) ->
         torch.set_num_threads(threads)
 
 
+def sparse_model(tensors, mode: str):
+    """The layers with their projections stored input-channel-major (as engine.model keeps a
+    sparse model's), and per layer the four groups' (norms, keep, threshold): WINA top-k keeping
+    half of each group's channels, or TEAL with one threshold."""
+    projections = (0, 3, 6, 7)
+    stored = [
+        tuple(
+            t.t().contiguous().t() if i in projections and t is not None else t
+            for i, t in enumerate(layer)
+        )
+        for layer in tensors
+    ]
+    sparsity = []
+    for layer in tensors:
+        groups = []
+        for i in projections:
+            k = layer[i].shape[1]
+            if mode == "top-k":
+                norms = torch.linalg.vector_norm(layer[i].float(), dim=0).contiguous()
+                groups.append((norms, k // 2, None))
+            else:
+                groups.append((None, 0, torch.tensor([0.5])))
+        sparsity.append(groups)
+    return stored, sparsity
+
+
+def run_both(tensors, norms_after, sparsity, shape: DecodeShape, m: int, dtype: torch.dtype):
+    """(the one call's x, hidden, keys, values; the kernels one by one's)."""
+    layers = len(tensors)
+    step = DecodeLayers.prepare(tensors, norms_after, shape, EPS, SCALE, sparsity)
+    assert step is not None and step.sparse
+    hidden, x, keys, values, gather, cos, sin, slot_mapping = make_step(
+        dtype, m, layers, shape=shape
+    )
+    copies = [t.clone() for t in (hidden, x, *keys, *values)]
+    assert step(hidden, x, keys, values, [gather] * layers, cos, sin, slot_mapping)
+    ref_keys, ref_values = copies[2 : 2 + layers], copies[2 + layers :]
+    ref_x = one_by_one(
+        tensors, norms_after, copies[0], copies[1], ref_keys, ref_values, gather, cos, sin,
+        slot_mapping, shape, sparsity=sparsity,
+    )  # fmt: skip
+    return (x, hidden, keys, values), (ref_x, copies[0], ref_keys, ref_values)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["top-k", "threshold"])
+@pytest.mark.parametrize(("m", "qk_norm", "bias"), [(1, False, True), (5, True, False)])
+def test_sparse_one_call_is_the_sparse_kernels_one_by_one(
+    dtype: torch.dtype, mode: str, m: int, qk_norm: bool, bias: bool
+) -> None:
+    if not (cpu_linear.kernel_available(dtype) and sparse.entry_address(dtype)):
+        pytest.skip(f"no {dtype} kernels on this CPU")
+    tensors, norms_after = make_layers(dtype, 3, qk_norm, bias)
+    stored, sparsity = sparse_model(tensors, mode)
+    (x, hidden, keys, values), (ref_x, ref_hidden, ref_keys, ref_values) = run_both(
+        stored, norms_after, sparsity, SHAPE, m, dtype
+    )
+    assert torch.equal(x, ref_x) and torch.equal(hidden, ref_hidden)
+    for got, wanted in zip((*keys, *values), (*ref_keys, *ref_values), strict=True):
+        assert torch.equal(got, wanted)
+    # Guard: channels were skipped (the same step dense ends elsewhere).
+    assert not torch.allclose(one_by_one(tensors, norms_after, *make_step(dtype, m, 3)), ref_x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 16])
+def test_sparse_one_call_shares_every_projection_between_threads(
+    dtype: torch.dtype, m: int
+) -> None:
+    """Two threads share each sparse projection (thresholds, the gather of each half of the
+    channels, and the stream: by halves of W.T at one row, by columns at 16): the same bits as
+    the sparse kernel called alone (its own team of threads)."""
+    if not (cpu_linear.kernel_available(dtype) and sparse.entry_address(dtype)):
+        pytest.skip(f"no {dtype} kernels on this CPU")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        tensors, norms_after = make_layers(dtype, 1, qk_norm=True, bias=True, shape=WIDE)
+        stored, sparsity = sparse_model(tensors, "top-k")
+        (x, hidden, keys, values), (ref_x, ref_hidden, ref_keys, ref_values) = run_both(
+            stored, norms_after, sparsity, WIDE, m, dtype
+        )
+        assert torch.equal(x, ref_x) and torch.equal(hidden, ref_hidden)
+        assert torch.equal(keys[0], ref_keys[0]) and torch.equal(values[0], ref_values[0])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_refusals_leave_everything_as_it_was() -> None:
     dtype = torch.float32
     tensors, norms_after = make_layers(dtype, 2, qk_norm=False, bias=False)
@@ -227,6 +324,13 @@ def test_refusals_leave_everything_as_it_was() -> None:
     assert DecodeLayers.prepare(wide, norms_after, SHAPE, EPS, SCALE) is None
     strided = [(tensors[0][0].t().contiguous().t(), *tensors[0][1:]), tensors[1]]
     assert DecodeLayers.prepare(strided, norms_after, SHAPE, EPS, SCALE) is None
+    stored, sparsity = sparse_model(tensors, "top-k")
+    assert DecodeLayers.prepare(tensors, norms_after, SHAPE, EPS, SCALE, sparsity) is None
+    assert DecodeLayers.prepare(stored, norms_after, SHAPE, EPS, SCALE) is None
+    whole = [[(norms, norms.shape[0], None) for norms, _, _ in layer] for layer in sparsity]
+    assert DecodeLayers.prepare(stored, norms_after, SHAPE, EPS, SCALE, whole) is None
+    sparse_step = DecodeLayers.prepare(stored, norms_after, SHAPE, EPS, SCALE, sparsity)
+    assert sparse_step is not None
     step = DecodeLayers.prepare(tensors, norms_after, SHAPE, EPS, SCALE)
     assert step is not None
     hidden, x, keys, values, gather, cos, sin, slot_mapping = make_step(dtype, 17, 2)
@@ -248,5 +352,20 @@ def test_refusals_leave_everything_as_it_was() -> None:
     }
     for name, (k, v, gathers, c) in refused.items():
         assert not step(hidden, x, k, v, gathers, c, sin, slot_mapping), name
+    # A sparse model's adapters must see the masked input, which only the Python path makes.
+    stacks, mapping = make_adapters(dtype, 3, SHAPE)
+    params = [
+        stack.dense_call().params(
+            3,
+            mapping.column_mask(stack.slot_ranks, dtype),
+            mapping.idle_groups(stack.slot_ranks, len(stack.slices)),
+        )
+        for stack in stacks
+    ]
+    assert all(p is not None for p in params)
+    assert step(*make_step(dtype, 3, 2)[:4], [gather] * 2, cos, sin, slot_mapping, [params] * 2)
+    assert not sparse_step(
+        hidden, x, keys, values, [gather] * 2, cos, sin, slot_mapping, [params] * 2
+    )
     for got, wanted in zip((hidden, x, *keys, *values), before, strict=True):
         assert torch.equal(got, wanted)
