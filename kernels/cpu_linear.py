@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from kernels.build import CSRC_DIR, BuildError, build_shared_library, cpu_flags
+from kernels.build import CSRC_DIR, BuildError, build_shared_library, cpu_flags, cpu_vendor
 
 MAX_ROWS = 16
 
@@ -408,6 +408,8 @@ def _build_variants(dtype: torch.dtype) -> dict[str, KernelFn]:
         return {}
     name = _DTYPE_MODULES[dtype]
     flags = (*_COMMON_FLAGS, _DTYPE_DEFINES[dtype], f"-I{sysconfig.get_paths()['include']}")
+    if cpu_vendor() == "AuthenticAMD":
+        flags = (*flags, "-DSTREAM_AHEAD_BYTES=8192")  # see cpu_linear.c
     try:
         path = build_shared_library(_SOURCE, flags)
         loader = importlib.machinery.ExtensionFileLoader(name, str(path))
