@@ -409,7 +409,7 @@ def _build_variants(dtype: torch.dtype) -> dict[str, KernelFn]:
     name = _DTYPE_MODULES[dtype]
     flags = (*_COMMON_FLAGS, _DTYPE_DEFINES[dtype], f"-I{sysconfig.get_paths()['include']}")
     if cpu_vendor() == "AuthenticAMD":
-        flags = (*flags, "-DSTREAM_AHEAD_BYTES=8192")  # see cpu_linear.c
+        flags = (*flags, "-DPREFETCH_L2")  # faster on a Zen 4 EPYC: see cpu_linear.c
     try:
         path = build_shared_library(_SOURCE, flags)
         loader = importlib.machinery.ExtensionFileLoader(name, str(path))

@@ -128,10 +128,16 @@ static void finish_block(const __m512 *partial, const elem_t *const *row, const 
     }
 }
 
-// At M = 1, how far ahead of the stream to prefetch into L2 (0: not at all). kernels/
-// cpu_linear.py sets 8 KB on AMD CPUs: on a Zen 4 EPYC the projections of a decode step then
-// streamed 9-12% faster (interleaved A/B, 2 threads; 0.5-16 KB all alike); unmeasured elsewhere.
-#ifndef STREAM_AHEAD_BYTES
+// Software prefetches go into L1, which measured best on a Xeon, or with -DPREFETCH_L2 into L2,
+// and then the one stream at M = 1 is prefetched STREAM_AHEAD_BYTES ahead as well. kernels/
+// cpu_linear.py sets it on AMD CPUs: on a Zen 4 EPYC (2 threads, interleaved A/B over a decode
+// step's 96 projections) M = 4 and 8 took 24 and 31 ms instead of 35 and 43 (prefetches into L1
+// stall on its few miss buffers), and M = 1 9-12% less (0.5-16 KB ahead all alike).
+#ifdef PREFETCH_L2
+#define PREFETCH_HINT _MM_HINT_T1
+#define STREAM_AHEAD_BYTES 8192
+#else
+#define PREFETCH_HINT _MM_HINT_T0
 #define STREAM_AHEAD_BYTES 0
 #endif
 
@@ -154,12 +160,12 @@ INLINE void dot_block(const elem_t *restrict w, const elem_t *restrict x, const 
         for (int r = 0; r < rows; r++) {
             // The same position one block ahead: the hardware prefetcher alone keeps too few
             // DRAM requests in flight when several short rows are streamed side by side. One
-            // row at a time is one sequential stream, which it follows unaided, or with
-            // STREAM_AHEAD_BYTES (see its definition) prefetched into L2.
+            // row at a time is one sequential stream, which it follows unaided (or helped: see
+            // PREFETCH_L2).
             if (rows > 1) {
-                _mm_prefetch((const char *)(row[r] + rows * k + kk), _MM_HINT_T0);
+                _mm_prefetch((const char *)(row[r] + rows * k + kk), PREFETCH_HINT);
             } else if (STREAM_AHEAD_BYTES && m == 1) {
-                _mm_prefetch((const char *)(row[r] + kk) + STREAM_AHEAD_BYTES, _MM_HINT_T1);
+                _mm_prefetch((const char *)(row[r] + kk) + STREAM_AHEAD_BYTES, PREFETCH_HINT);
             }
             wv[r] = load_full(row[r] + kk);
         }
