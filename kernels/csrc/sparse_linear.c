@@ -6,10 +6,12 @@
 // channel j of row t kept when |x[t, j]| * norms[j] >= thresholds[t] (norms NULL: |x[t, j]|).
 //
 // Decoding is memory bound, so the point is to read only the kept rows of w:
-// 1. gather (calling thread): the channels that any row keeps, ascending, as a list of row
-//    indices, and x compacted to those channels per row (0 where a row drops a channel that
-//    another row keeps);
-// 2. stream (OpenMP): the kept rows of w four at a time, side by side (four sequential streams
+// 0. thresholds, where the caller gives none (the one-call decode step): each row's top-k
+//    threshold (top_k_thresholds below) or the calibrated one;
+// 1. gather (one thread per half of the channels): the channels that any row keeps, ascending,
+//    as a list of row indices, and x compacted to those channels per row (0 where a row drops a
+//    channel that another row keeps);
+// 2. stream (every thread): the kept rows of w four at a time, side by side (four sequential streams
 //    for the hardware prefetchers, and the same position of the rows a few blocks ahead
 //    prefetched in software: the prefetchers cannot guess which rows come next), multiplied
 //    into fp32 sums of a tile of columns that stays in L1 (as wide as M rows of sums allow, so
@@ -27,6 +29,10 @@
 // or the other rows of the batch (their channels add exact zeros to the chains): the kernel is
 // batch invariant and thread-count invariant, bit for bit (weights must be finite: 0 * inf would
 // not be a zero).
+//
+// The phases run on a team of threads with a barrier between them: an OpenMP team of its own
+// for the standalone call, the caller's for sparse_entry (kernels/csrc/cpu_ops.c's one-call
+// decode step).
 //
 // Built once per weight type as a CPython extension module: -DTANDEM_BF16 gives module
 // sparse_linear_bf16, -DTANDEM_F16 sparse_linear_f16, -DTANDEM_F32 sparse_linear_f32. x has the

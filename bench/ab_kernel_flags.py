@@ -1,0 +1,104 @@
+"""A/B two builds of a CPU kernel on a decode step's projections, switched round by round.
+
+Builds kernels/csrc/cpu_linear.c (or sparse_linear.c) twice, with the flags kernels/ uses plus
+`--a` and `--b` (e.g. `--b=-DPREFETCH_L2`), and times the 96 projections of one decode step of
+the benchmark model's shapes (Qwen2.5-0.5B: 24 layers of qkv, o, gate_up, down; bf16, random
+weights, 716 MB, more than the caches hold) at --rows input rows, each build in turn in every
+round, so both see the same drift of the machine's bandwidth. The sparse kernel gets W.T and
+TEAL thresholds keeping --keep of each row's channels. Prints the median and best round of each
+build; asserts nothing.
+
+    python bench/ab_kernel_flags.py --b=-DPREFETCH_L2 --rows 8
+    python bench/ab_kernel_flags.py --kernel sparse --b=-DPREFETCH_HINT=_MM_HINT_T1
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.machinery
+import importlib.util
+import statistics
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+# (out features, in features) of each projection of a layer.
+SHAPES = ((1152, 896), (896, 896), (9728, 896), (896, 4864))
+LAYERS = 24
+
+
+def load(kernel: str, extra: list[str]):
+    """The bf16 module's `linear`, built with kernels/'s flags (not its CPU-dependent ones)
+    plus `extra`."""
+    from kernels import cpu_linear, sparse
+    from kernels.build import build_shared_library
+
+    if kernel == "dense":
+        name, source, flags = "cpu_linear_bf16", cpu_linear._SOURCE, cpu_linear._COMMON_FLAGS
+    else:
+        name, source, flags = "sparse_linear_bf16", sparse._SOURCE, (*sparse._FLAGS, "-mavx512bf16")
+    include = f"-I{sysconfig.get_paths()['include']}"
+    path = build_shared_library(source, (*flags, "-DTANDEM_BF16", include, *extra))
+    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
+    spec = importlib.util.spec_from_file_location(name, path, loader=loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module.linear
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernel", choices=["dense", "sparse"], default="dense")
+    parser.add_argument("--a", default="", help="extra flags of build A (space-separated)")
+    parser.add_argument("--b", default="", help="extra flags of build B")
+    parser.add_argument("--rows", type=int, default=1)
+    parser.add_argument("--keep", type=float, default=0.5, help="sparse: channels kept per row")
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    import torch
+
+    builds = {
+        f"A {args.a}": load(args.kernel, args.a.split()),
+        f"B {args.b}": load(args.kernel, args.b.split()),
+    }
+    generator = torch.Generator().manual_seed(0)
+    steps, tensors = [], []  # each projection's call arguments; the tensors they point into
+    for _ in range(LAYERS):
+        for n, k in SHAPES:
+            x = torch.randn(args.rows, k, generator=generator).bfloat16()
+            out = torch.empty(args.rows, n, dtype=torch.bfloat16)
+            if args.kernel == "dense":
+                w = (torch.randn(n, k, generator=generator) * 0.02).bfloat16()
+                steps.append((x.data_ptr(), k, w.data_ptr(), 0, out.data_ptr(), args.rows, n, k))
+                tensors.append((x, w, out))
+                continue
+            w = (torch.randn(k, n, generator=generator) * 0.02).bfloat16()
+            thresholds = x.float().abs().quantile(1 - args.keep, dim=1).contiguous()
+            steps.append((x.data_ptr(), k, w.data_ptr(), 0, thresholds.data_ptr(), 0,
+                          out.data_ptr(), args.rows, n, k))  # fmt: skip
+            tensors.append((x, w, out, thresholds))
+    times: dict[str, list[float]] = {name: [] for name in builds}
+    for round_ in range(args.rounds):
+        for name, linear in builds.items():
+            started = time.perf_counter()
+            for call in steps:
+                linear(*call, args.threads)
+            times[name].append(time.perf_counter() - started)
+        if (round_ + 1) % 10 == 0:
+            print(f"[ab] round {round_ + 1}/{args.rounds}", file=sys.stderr)
+    print(f"{args.kernel} kernel, {args.rows} rows, {LAYERS} x {len(SHAPES)} projections (bf16)")
+    for name, values in times.items():
+        median, best = statistics.median(values) * 1e3, min(values) * 1e3
+        print(f"  {name:<40} median {median:6.2f} ms   best {best:6.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
