@@ -392,21 +392,32 @@ def _check_shapes(
 AdapterUse = tuple[tuple[LoraAdapter, float], ...]
 
 
+_UNMADE = object()  # LoraBatch._params before decode_params makes them
+
+
 @dataclass
 class LoraBatch:
     """Per layer the stacks of each projection group (None: no row adapts it), and the rows."""
 
     layers: list[dict[str, LoraStack | None]]
     mapping: LoraMapping
+    _params: object = field(default=_UNMADE, init=False, repr=False)
 
     def decode_params(self) -> list[tuple[torch.Tensor | None, ...]] | None:
         """Per layer, the C kernel's params (kernels.cpu_linear.LoraDense.params) of its qkv, o,
         gate_up and down adapters (None: the group has none), for a decode step run in one C
-        call; None where a group needs the Python path (segments, or no C kernel)."""
+        call; None where a group needs the Python path (segments, or no C kernel). Made once
+        per batch (AdapterStacks.batch hands steady decode steps the same one)."""
+        if self._params is _UNMADE:
+            self._params = self._make_decode_params()
+        return self._params  # type: ignore[return-value]
+
+    def _make_decode_params(self) -> list[tuple[torch.Tensor | None, ...]] | None:
         mapping, rows = self.mapping, self.mapping.num_tokens
-        params = []
+        values: list[list[int]] = []
+        places: list[list[int | None]] = []  # per layer and group: its row of values, or None
         for stacks in self.layers:
-            layer = []
+            layer: list[int | None] = []
             for group in GROUPS:
                 stack = stacks.get(group)
                 if stack is None or not mapping.segments or stack.max_rank == 0:
@@ -417,12 +428,19 @@ class LoraBatch:
                     return None
                 mask = mapping.column_mask(stack.slot_ranks, stack.b.dtype)
                 skip = mapping.idle_groups(stack.slot_ranks, len(stack.slices))
-                group_params = call.params(rows, mask, skip)
-                if group_params is None:
+                group_values = call.param_values(rows, mask, skip)
+                if group_values is None:
                     return None
-                layer.append(group_params)
-            params.append(tuple(layer))
-        return params
+                layer.append(len(values))
+                values.append(group_values)
+            places.append(layer)
+        # One tensor for the step (one torch.tensor per group cost ~1 ms a step); its rows are
+        # the groups' params, views that keep it alive.
+        table = torch.tensor(values, dtype=torch.int64) if values else None
+        return [
+            tuple(None if place is None else table[place] for place in layer)  # type: ignore[index]
+            for layer in places
+        ]
 
     def apply(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """y += the LoRA deltas of the projections of `group` in `layer`, input x."""
@@ -462,6 +480,9 @@ class AdapterStacks:
         self.max_slots = max_slots
         self._victim_key = victim_key or (lambda adapter: 0)
         self.version = 0  # changes whenever the slots' adapters change
+        # The last pass's batch and what it was built from: decode steps of the same sequences
+        # make the same one, whose masks and kernel params are then made once, not every step.
+        self._last_batch: tuple[tuple, LoraBatch] | None = None
         self._columns = fused_columns(config)
         self._in_features = {p: shape[0] for p, shape in projection_shapes(config).items()}
         self._slots: list[LoraAdapter | None] = []
@@ -503,8 +524,13 @@ class AdapterStacks:
             if use:
                 runs.append((row, count, [(slot[adapter.uid], w) for adapter, w in use]))
             row += count
+        key = (self.version, row, len(self._slots), tuple((r, n, tuple(u)) for r, n, u in runs))
+        if self._last_batch is not None and self._last_batch[0] == key:
+            return self._last_batch[1]
         mapping = LoraMapping.build(row, len(self._slots), runs, self.device)
-        return LoraBatch(self._layers, mapping)
+        batch = LoraBatch(self._layers, mapping)
+        self._last_batch = (key, batch)
+        return batch
 
     # ---- slots ----------------------------------------------------------------------------
 

@@ -252,6 +252,12 @@ class LoraDense:
         """This call's arguments for a C caller (kernels.cpu_decode: lora_entry's int64 params)
         for m rows with these mask and skip, or None where the kernel does not take them. The
         caller keeps mask and skip alive while it runs the call."""
+        values = self.param_values(m, mask, skip)
+        return None if values is None else torch.tensor(values, dtype=torch.int64)
+
+    def param_values(self, m: int, mask: Tensor | None, skip: Tensor | None) -> list[int] | None:
+        """params' values as a list (a step's calls make one tensor of them all: each
+        torch.tensor costs microseconds)."""
         dtype = self.a.dtype
         kernel = _kernels.get(dtype)
         if kernel is None or not 0 < m <= MAX_ROWS:
@@ -260,15 +266,12 @@ class LoraDense:
         if mask_kind is None:
             return None
         layout = self.layout.data_ptr()
-        return torch.tensor(
-            [
-                self.a.data_ptr(), 0 if mask is None else mask.data_ptr(), mask_kind,
-                self.b.data_ptr(), layout, layout + 8 * self.num_slices, self.num_slices,
-                self.columns, self.k, int(kernel is getattr(kernel.__self__, "linear_amx", None)),
-                0 if skip is None else skip.data_ptr(),
-            ],
-            dtype=torch.int64,
-        )  # fmt: skip
+        return [
+            self.a.data_ptr(), 0 if mask is None else mask.data_ptr(), mask_kind,
+            self.b.data_ptr(), layout, layout + 8 * self.num_slices, self.num_slices,
+            self.columns, self.k, int(kernel is getattr(kernel.__self__, "linear_amx", None)),
+            0 if skip is None else skip.data_ptr(),
+        ]  # fmt: skip
 
     def _mask_kind(self, m: int, mask: Tensor | None, skip: Tensor | None) -> int | None:
         """The kernel's code for the mask (0: none, 1: int16 bits, 2: weights in the weights'

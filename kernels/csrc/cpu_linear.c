@@ -32,6 +32,8 @@
 
 #define MAX_M 16
 #define MAX_BLOCK_ROWS 4
+// The segmented multi-LoRA's most chunks of LANES columns per row (wider ranges: the dense form).
+#define MAX_CHUNKS (256 / 16 + 1)
 #define INLINE static inline __attribute__((always_inline))
 
 // Below this many weight bytes, waking the second thread costs more than it saves.
@@ -55,6 +57,26 @@ INLINE vec_t load_lanes(lane_mask_t mask, const elem_t *p) {
 
 // Pairs of bf16 products summed into each fp32 lane; products of bf16 values are exact in fp32.
 INLINE __m512 multiply_add(__m512 acc, vec_t w, vec_t x) { return _mm512_dpbf16_ps(acc, w, x); }
+
+// Sixteen elements widened to fp32 (masked-off lanes 0); sixteen fp32 values rounded as from_f32
+// (below) rounds them, kept in fp32 or stored.
+INLINE __m512 load16(__mmask16 mask, const elem_t *p) {
+    const __m512i bits = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+}
+INLINE __m512i rounding_bits16(__m512 value) {  // the bf16 result in the top 16 bits
+    const __m512i bits = _mm512_castps_si512(value);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    return _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+}
+INLINE __m512 round16(__m512 value) {
+    return _mm512_castsi512_ps(
+        _mm512_and_si512(rounding_bits16(value), _mm512_set1_epi32((int)0xffff0000u)));
+}
+INLINE void store16(__mmask16 mask, elem_t *p, __m512 value) {
+    const __m512i halves = _mm512_srli_epi32(rounding_bits16(value), 16);
+    _mm256_mask_storeu_epi16(p, mask, _mm512_cvtepi32_epi16(halves));
+}
 
 INLINE float to_f32(elem_t value) {
     uint32_t bits = (uint32_t)value << 16;
@@ -563,6 +585,199 @@ static void apply_mask(const lora_t *job) {
     }
 }
 
+// A team's barrier: sync(team_context) returns once every thread of the team has called it.
+typedef void (*sync_fn)(void *team_context);
+
+// The segmented form (the AVX-512 kernel's): where every row uses at most one slot, with weight
+// 1 (a 0 / -1 or 0 / 1 mask whose nonzeros form one range of columns per row), each row is
+// multiplied by its own slot's rows of A and columns of B only, where the dense form multiplies
+// every row by every slot and masks: 8 rows of 8 slots made 8x the products, and without AMX
+// the products (VDPBF16PS, about 0.4 a cycle on a Zen 4) bounded a batch-8 step. The same bits
+// as the dense form: a row's shrunk columns are the same dot products (dot_block's chain does
+// not depend on M), the mask would leave them as they are, and in the expand the columns
+// outside the row's range are lanes the dense form fills with exact zeros (an accumulator lane
+// is never -0, so adding them changes nothing). A row without an adapter gets y + 0, as there.
+
+// Per row, its range [first, end) of the slot columns (first == end: none); 0 where the
+// segmented form does not apply.
+static int row_ranges(const lora_t *job, int64_t *first, int64_t *end) {
+    if (job->mask_kind == 0 || job->amx) return 0;  // one slot for every row, or AMX: dense
+    for (int64_t i = 0; i < job->m; i++) {
+        const elem_t *mask = job->mask + i * job->columns;
+        int64_t c = 0;
+        first[i] = end[i] = 0;
+#if defined(TANDEM_BF16)
+        const elem_t one = job->mask_kind == 1 ? (elem_t)0xffff : (elem_t)0x3f80;
+#else
+        const elem_t one = 1.0f;
+#endif
+        while (c < job->columns && mask[c] == 0) c++;
+        first[i] = c;
+        while (c < job->columns && mask[c] == one) c++;
+        end[i] = c;
+        while (c < job->columns && mask[c] == 0) c++;
+        if (c < job->columns) return 0;  // another weight, or a second range
+        if (end[i] - first[i] / LANES * LANES > (MAX_CHUNKS - 1) * LANES) return 0;  // too wide
+    }
+    return 1;
+}
+
+// y[i, n] += sum over the columns [first, end) of shrunk[i, c] * b[n, c], n in [n0, n1), in
+// dot_block's chain over chunks of `columns` (only the chunks that meet the range), then its
+// horizontal sum and its rounding into y.
+static void expand_row(const elem_t *shrunk, const elem_t *b, int64_t columns, int64_t first,
+                       int64_t end, elem_t *y, int64_t n0, int64_t n1) {
+    const int64_t c0 = first / LANES * LANES;
+    vec_t x[MAX_CHUNKS];
+    lane_mask_t lanes[MAX_CHUNKS];
+    int chunks = 0;
+    for (int64_t c = c0; c < end; c += LANES, chunks++) {
+        uint64_t bits = 0;
+        for (int64_t j = 0; j < LANES; j++) bits |= (uint64_t)(c + j >= first && c + j < end) << j;
+        lanes[chunks] = (lane_mask_t)bits;
+        x[chunks] = load_lanes(lanes[chunks], shrunk + c);
+    }
+    for (int64_t n = n0; n < n1; n++) {
+        const elem_t *row = b + n * columns + c0;
+        __m512 acc = _mm512_setzero_ps();
+        for (int q = 0; q < chunks; q++) {
+            acc = multiply_add(acc, load_lanes(lanes[q], row + q * LANES), x[q]);
+        }
+        const elem_t value = from_f32(_mm512_reduce_add_ps(acc) + 0.0f);
+        y[n] = from_f32(to_f32(y[n]) + to_f32(value));
+    }
+}
+
+#if defined(TANDEM_BF16)
+// Eight column pairs (16 bf16 at `at`, as 8 dwords) of sixteen rows of B, `ld` elements apart,
+// transposed: out[l] holds pair l of rows 0..15 in its lanes 0..15.
+INLINE void load_pairs_transposed(const elem_t *at, int64_t ld, __m512i *out) {
+    __m512i z[8], t[8], u[8];
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; j++) {  // rows j and j + 8, side by side
+        const __m256i low = _mm256_loadu_si256((const __m256i *)(at + j * ld));
+        const __m256i high = _mm256_loadu_si256((const __m256i *)(at + (j + 8) * ld));
+        z[j] = _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < 8; j += 2) {  // per 128-bit block: [a0 b0 a1 b1], [a2 b2 a3 b3]
+        t[j] = _mm512_unpacklo_epi32(z[j], z[j + 1]);
+        t[j + 1] = _mm512_unpackhi_epi32(z[j], z[j + 1]);
+    }
+#pragma GCC unroll 2
+    for (int j = 0; j < 8; j += 4) {  // per block: pair 0, 1, 2, 3 (or 4-7) of 4 rows
+        u[j] = _mm512_unpacklo_epi64(t[j], t[j + 2]);
+        u[j + 1] = _mm512_unpackhi_epi64(t[j], t[j + 2]);
+        u[j + 2] = _mm512_unpacklo_epi64(t[j + 1], t[j + 3]);
+        u[j + 3] = _mm512_unpackhi_epi64(t[j + 1], t[j + 3]);
+    }
+    // Blocks of u[l] (rows 0-3) and u[l + 4] (rows 4-7), of each half (rows + 8), in row order.
+    const __m512i low_pairs = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
+    const __m512i high_pairs = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+#pragma GCC unroll 4
+    for (int l = 0; l < 4; l++) {
+        out[l] = _mm512_permutex2var_epi64(u[l], low_pairs, u[l + 4]);
+        out[l + 4] = _mm512_permutex2var_epi64(u[l], high_pairs, u[l + 4]);
+    }
+}
+
+// Eight accumulator lanes' vectors (v) updated by a half of 16 columns of sixteen rows of B.
+INLINE void multiply_half(__m512 *v, const elem_t *at, int64_t ld, const __m512i *pairs) {
+    __m512i w[8];
+    load_pairs_transposed(at, ld, w);
+#pragma GCC unroll 8
+    for (int l = 0; l < 8; l++) v[l] = _mm512_dpbf16_ps(v[l], (__m512bh)w[l], (__m512bh)pairs[l]);
+}
+
+// expand_row's results sixteen outputs at a time, where each chunk's lanes that meet the range
+// lie in halves of 16 columns inside the row: lane j of vector l is lane l of output n + j's
+// accumulator, updated by the same VDPBF16PS on the same operands (B's pairs transposed from
+// sixteen rows), then _mm512_reduce_add_ps's tree across the sixteen vectors, and the rounding,
+// addition and store sixteen at a time. One output at a time spent most of its time on the
+// horizontal sum and the scalar end; gathering the pairs instead was slower still.
+static int expand_rows16(const elem_t *shrunk, const elem_t *b, int64_t columns, int64_t first,
+                         int64_t end, elem_t *y, int64_t n0, int64_t n1) {
+    const int64_t c0 = first / LANES * LANES;
+    if ((end + 15) / 16 * 16 > columns) return 0;  // a half would read past the row
+    int chunks = 0;
+    __m512i pairs[MAX_CHUNKS][16];  // per chunk and lane: x's two columns, in every lane
+    for (int64_t c = c0; c < end; c += LANES, chunks++) {
+        uint64_t bits = 0;
+        for (int64_t j = 0; j < LANES; j++) bits |= (uint64_t)(c + j >= first && c + j < end) << j;
+        const __m512i x = (__m512i)load_lanes((lane_mask_t)bits, shrunk + c);
+        for (int l = 0; l < 16; l++) {
+            pairs[chunks][l] = _mm512_permutexvar_epi32(_mm512_set1_epi32(l), x);
+        }
+    }
+    const int64_t first_half = first / 16, end_half = (end + 15) / 16;  // halves of 16 columns
+    int64_t n = n0;
+    for (; n + 16 <= n1; n += 16) {
+        __m512 v[16];
+#pragma GCC unroll 16
+        for (int l = 0; l < 16; l++) v[l] = _mm512_setzero_ps();
+        for (int64_t half = first_half; half < end_half; half++) {
+            const __m512i *lane_pairs = pairs[(half * 16 - c0) / LANES];
+            const elem_t *at = b + n * columns + half * 16;
+            if (half % 2 == 0) {  // lanes 0-7 of the chunk's accumulator
+                multiply_half(v, at, columns, lane_pairs);
+            } else {
+                multiply_half(v + 8, at, columns, lane_pairs + 8);
+            }
+        }
+        __m512 t[8];  // the tree, as _mm512_reduce_add_ps pairs the lanes
+#pragma GCC unroll 8
+        for (int l = 0; l < 8; l++) t[l] = _mm512_add_ps(v[l + 8], v[l]);
+#pragma GCC unroll 4
+        for (int l = 0; l < 4; l++) t[l] = _mm512_add_ps(t[l + 4], t[l]);
+        const __m512 sum = _mm512_add_ps(_mm512_add_ps(t[0], t[2]), _mm512_add_ps(t[1], t[3]));
+        const __m512 value = round16(_mm512_add_ps(sum, _mm512_setzero_ps()));
+        store16(0xffff, y + n, _mm512_add_ps(load16(0xffff, y + n), value));
+    }
+    if (n < n1) expand_row(shrunk, b, columns, first, end, y, n, n1);
+    return 1;
+}
+#endif
+
+// This thread's part of the segmented form; sync(context) once, between the shrink and the
+// expand. Tasks are (row, slice) pairs: shrinks dealt out whole, each expand split by columns.
+static void segmented_part(const lora_t *job, const int64_t *first, const int64_t *end,
+                           int64_t thread, int64_t team, sync_fn sync, void *context) {
+    const int64_t total = job->slices * job->columns;
+    for (int64_t task = thread; task < job->m * job->slices; task += team) {
+        const int64_t i = task / job->slices, p = task % job->slices;
+        if (first[i] == end[i]) continue;
+        const int64_t column = p * job->columns + first[i];
+        avx512_part(job->x + i * job->ldx, job->ldx, job->a + column * job->k, NULL,
+                    job->shrunk + i * total + column, total, 1, end[i] - first[i], job->k, 0, 0,
+                    1);
+    }
+    sync(context);
+    const elem_t *b = job->b;
+    for (int64_t p = 0; p < job->slices; b += job->widths[p] * job->columns, p++) {
+        const int64_t width = job->widths[p];
+        const int64_t n0 = width * thread / team, n1 = width * (thread + 1) / team;
+        for (int64_t i = 0; i < job->m; i++) {
+            elem_t *y = job->y + i * job->ldy + job->starts[p];
+            if (first[i] == end[i]) {
+                for (int64_t n = n0; n < n1; n++) y[n] = from_f32(to_f32(y[n]) + 0.0f);
+                continue;
+            }
+            const elem_t *shrunk = job->shrunk + i * total + p * job->columns;
+#if defined(TANDEM_BF16)
+            if (expand_rows16(shrunk, b, job->columns, first[i], end[i], y, n0, n1)) continue;
+#endif
+            expand_row(shrunk, b, job->columns, first[i], end[i], y, n0, n1);
+        }
+    }
+}
+
+static void no_sync(void *context) { (void)context; }
+
+static void omp_sync(void *context) {
+    (void)context;
+#pragma omp barrier
+}
+
 #if defined(TANDEM_BF16)
 // The AMX variant in one parallel region: the threads share the shrink's groups of A, then
 // (after one thread has applied the mask and packed each slice's shrunk columns) the expands'
@@ -678,6 +893,17 @@ static int lora_dense(const lora_t *caller_job) {
         local.shrunk = shrunk_buffer(job->m * total);
         if (local.shrunk == NULL) return -1;
     }
+    int64_t first[MAX_M], end[MAX_M];
+    if (row_ranges(job, first, end)) {
+        if (job->threads <= 1) {
+            segmented_part(job, first, end, 0, 1, no_sync, NULL);
+            return 0;
+        }
+#pragma omp parallel num_threads(job->threads)
+        segmented_part(job, first, end, omp_get_thread_num(), omp_get_num_threads(), omp_sync,
+                       NULL);
+        return 0;
+    }
 #if defined(TANDEM_BF16)
     if (job->amx) {
         const int status = lora_dense_amx(job);
@@ -706,7 +932,6 @@ static int lora_dense(const lora_t *caller_job) {
 // team, with the team's barrier `sync(team_context)` between them. The shrunk columns are thread
 // 0's buffer, handed to the others through *shared. Returns 0, or -1 when a buffer cannot be
 // allocated; every thread makes the same calls to sync either way.
-typedef void (*sync_fn)(void *team_context);
 
 static int project_part(const lora_t *job, const elem_t *x, int64_t ldx, const elem_t *w,
                         elem_t *out, int64_t ldo, int64_t n, int64_t k, int accumulate,
@@ -731,6 +956,11 @@ static int lora_part(const lora_t *caller_job, int64_t thread, int64_t team, syn
     sync(team_context);
     local.shrunk = *shared;
     if (local.shrunk == NULL) return -1;
+    int64_t first[MAX_M], end[MAX_M];
+    if (row_ranges(job, first, end)) {  // the same answer on every thread
+        segmented_part(job, first, end, thread, team, sync, team_context);
+        return 0;
+    }
     int status = project_part(job, job->x, job->ldx, job->a, job->shrunk, total, total, job->k,
                               0, job->skip, thread, team);
     sync(team_context);

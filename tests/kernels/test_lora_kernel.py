@@ -255,7 +255,19 @@ def test_triton_kernels_compile_for_a_gpu(compile_for_h100) -> None:
 @pytest.mark.parametrize(
     ("ranks", "runs", "mask_kind"),
     [
+        # One adapter of weight 1 per row (or none): the AVX-512 kernel's segmented form.
         ((16, 16, 8), [(0, 2, [(0, 1.0)]), (2, 3, [(2, 1.0)]), (5, 1, [])], "int16"),
+        # The same with slots across the kernel's chunks of 16 or 32 columns, and their ends
+        # inside a pair of columns.
+        (
+            (5, 40, 9),
+            [(0, 1, [(1, 1.0)]), (1, 2, [(0, 1.0)]), (3, 1, []), (4, 2, [(2, 1.0)])],
+            "int16",
+        ),
+        # Two adapters of weight 1 in adjacent slots: one range, segmented; or too wide: dense.
+        ((8, 8, 16), [(0, 1, [(0, 1.0), (1, 1.0)]), (1, 1, [(2, 1.0)])], "int16"),
+        ((200, 100, 8), [(0, 1, [(0, 1.0), (1, 1.0)]), (1, 2, [(2, 1.0)])], "int16"),
+        # A row with two adapters, weights other than 1: the dense form.
         ((4, 0, 17, 1, 8), CASES[0][5], "float"),
         ((16,), [(0, 3, [(0, 1.0)])], "none"),
     ],
