@@ -373,6 +373,35 @@ def test_stack_slots_are_reused_overwritten_grown_and_compacted(
     assert stacks._layers[0]["qkv"] is None
 
 
+def test_steady_passes_share_one_batch_until_rows_or_slots_change(
+    tiny_model: Callable, adapter: Callable
+) -> None:
+    """Decode steps of the same sequences get the same LoraBatch, so its masks and kernel
+    params are made once; other rows, weights or slots make a new one."""
+    model = CausalLM.from_dir(tiny_model("llama").path)
+    attn, mlp, full = (
+        load_adapter(adapter(name).path, model.config)
+        for name in ("attention_r8", "mlp_r1", "all_r64")
+    )
+    stacks = AdapterStacks(model.config)
+    uses = [((attn, 1.0),), ((mlp, 1.0),)]
+    first = stacks.batch(uses, [1, 1])
+    assert first is not None
+    params = first.decode_params()
+    assert stacks.batch(uses, [1, 1]) is first and first.decode_params() is params
+    assert stacks.batch(uses, [2, 1]) is not first
+    weighted = stacks.batch([((attn, 0.5),), ((mlp, 1.0),)], [1, 1])
+    assert weighted is not None and weighted is not first
+    steady = stacks.batch(uses, [1, 1])
+    assert steady is stacks.batch(uses, [1, 1])
+    version = stacks.version
+    stacks.batch([((full, 1.0),), ((mlp, 1.0),)], [1, 1])  # a new slot: the stacks change
+    assert stacks.version != version
+    after = stacks.batch(uses, [1, 1])
+    assert after is not steady and after is not None
+    assert after.layers is stacks._layers
+
+
 # ---- the engine: requests with adapters ------------------------------------------------------
 
 
