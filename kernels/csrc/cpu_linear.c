@@ -598,7 +598,8 @@ typedef void (*sync_fn)(void *team_context);
 // as the dense form: a row's shrunk columns are the same dot products (dot_block's chain does
 // not depend on M), the mask would leave them as they are, and in the expand the columns
 // outside the row's range are lanes the dense form fills with exact zeros (an accumulator lane
-// is never -0, so adding them changes nothing). A row without an adapter gets y + 0, as there.
+// is never -0, so adding them changes nothing; weights must be finite: 0 * inf is no zero). A
+// row without an adapter gets y + 0, as there.
 
 // Per row, its range [first, end) of the slot columns (first == end: none); 0 where the
 // segmented form does not apply.
