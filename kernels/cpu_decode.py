@@ -73,6 +73,7 @@ class DecodeLayers:
         self.num_layers = len(layers)
         self.has_qk_norm = layers[0][2] is not None
         self.sparse = sparsity is not None
+        self._sparse_entry = sparse.entry_address(self.dtype) if self.sparse else 0
         # The tensors stay referenced here, so their addresses stay valid.
         self._tensors = [(*layer, norm) for layer, norm in zip(layers, norms_after, strict=True)]
         self._sparsity = sparsity
@@ -104,8 +105,6 @@ class DecodeLayers:
             return None
         dtype = layers[0][0].dtype
         if dtype not in (torch.bfloat16, torch.float32) or not cpu_linear.kernel_available(dtype):
-            return None
-        if sparsity is not None and not _sparsity_fits(sparsity, layers, dtype):
             return None
         hidden, d = shape.hidden_size, shape.head_dim
         q_size, kv_size = shape.num_heads * d, shape.num_kv_heads * d
@@ -145,6 +144,8 @@ class DecodeLayers:
                     or tensor.requires_grad
                 ):
                     return None
+        if sparsity is not None and not _sparsity_fits(sparsity, layers, dtype):
+            return None
         return cls(layers, norms_after, shape, eps, scale, sparsity)
 
     def __call__(
@@ -230,8 +231,7 @@ class DecodeLayers:
             hq, hk, d, f, hidden.data_ptr(), x.data_ptr(), qkv.data_ptr(), qk.data_ptr(),
             attn.data_ptr(), proj.data_ptr(), gate_up.data_ptr(), act.data_ptr(),
             cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(), self.eps, self.scale,
-            linear, lora, sparse.entry_address(dtype) if self.sparse else 0,
-            torch.get_num_threads(),
+            linear, lora, self._sparse_entry, torch.get_num_threads(),
         )  # fmt: skip
         return True
 
