@@ -608,7 +608,6 @@ static int row_ranges(const lora_t *job, int64_t *first, int64_t *end) {
     for (int64_t i = 0; i < job->m; i++) {
         const elem_t *mask = job->mask + i * job->columns;
         int64_t c = 0;
-        first[i] = end[i] = 0;
 #if defined(TANDEM_BF16)
         const elem_t one = job->mask_kind == 1 ? (elem_t)0xffff : (elem_t)0x3f80;
 #else
