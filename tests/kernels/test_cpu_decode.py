@@ -7,9 +7,12 @@ import pytest
 import torch
 
 from kernels import cpu_linear, cpu_ops, lora, sparse
+from kernels.build import cpu_flags
 from kernels.cpu_decode import DecodeLayers, DecodeShape
 from kernels.lora import LoraMapping, LoraStack
 
+# CPU features the sparse kernel needs; where they are, it must build (run_both asserts it).
+SPARSE_MISSING_FLAGS = sorted(sparse._CPU_FLAGS - cpu_flags())
 SHAPE = DecodeShape(hidden_size=48, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=40)
 SLOTS = 160  # room for 17 sequences of 8 distinct slots
 EPS, SCALE = 1e-6, 0.25
@@ -188,6 +191,20 @@ def make_adapters(dtype: torch.dtype, m: int, shape: DecodeShape, slots: int = 4
     return stacks, LoraMapping.build(m, slots, runs)
 
 
+def adapter_params(stacks, mapping, m: int, dtype: torch.dtype) -> list:
+    """Each group's multi-LoRA params for m rows (what LoraBatch.decode_params hands the step)."""
+    params = [
+        stack.dense_call().params(
+            m,
+            mapping.column_mask(stack.slot_ranks, dtype),
+            mapping.idle_groups(stack.slot_ranks, len(stack.slices)),
+        )
+        for stack in stacks
+    ]
+    assert all(p is not None for p in params)
+    return params
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 16])
 def test_one_call_shares_every_op_between_threads(dtype: torch.dtype, m: int) -> None:
@@ -204,15 +221,7 @@ def test_one_call_shares_every_op_between_threads(dtype: torch.dtype, m: int) ->
         assert step is not None
         hidden, x, keys, values, gather, cos, sin, slot_mapping = make_step(dtype, m, 1, shape=WIDE)
         stacks, mapping = make_adapters(dtype, m, WIDE)
-        params = [
-            stack.dense_call().params(
-                m,
-                mapping.column_mask(stack.slot_ranks, dtype),
-                mapping.idle_groups(stack.slot_ranks, len(stack.slices)),
-            )
-            for stack in stacks
-        ]
-        assert all(p is not None for p in params)
+        params = adapter_params(stacks, mapping, m, dtype)
         copies = [t.clone() for t in (hidden, x, *keys, *values)]
         assert step(hidden, x, keys, values, [gather], cos, sin, slot_mapping, [params])
         ref_x = one_by_one(
@@ -275,8 +284,8 @@ def run_both(tensors, norms_after, sparsity, shape: DecodeShape, m: int, dtype: 
 def test_sparse_one_call_is_the_sparse_kernels_one_by_one(
     dtype: torch.dtype, mode: str, m: int, qk_norm: bool, bias: bool
 ) -> None:
-    if not (cpu_linear.kernel_available(dtype) and sparse.entry_address(dtype)):
-        pytest.skip(f"no {dtype} kernels on this CPU")
+    if not cpu_linear.kernel_available(dtype) or SPARSE_MISSING_FLAGS:
+        pytest.skip(f"no {dtype} kernel, or this CPU lacks {SPARSE_MISSING_FLAGS}")
     tensors, norms_after = make_layers(dtype, 3, qk_norm, bias)
     stored, sparsity = sparse_model(tensors, mode)
     (x, hidden, keys, values), (ref_x, ref_hidden, ref_keys, ref_values) = run_both(
@@ -297,8 +306,8 @@ def test_sparse_one_call_shares_every_projection_between_threads(
     """Two threads share each sparse projection (thresholds, the gather of each half of the
     channels, and the stream: by halves of W.T at one row, by columns at 16): the same bits as
     the sparse kernel called alone (its own team of threads)."""
-    if not (cpu_linear.kernel_available(dtype) and sparse.entry_address(dtype)):
-        pytest.skip(f"no {dtype} kernels on this CPU")
+    if not cpu_linear.kernel_available(dtype) or SPARSE_MISSING_FLAGS:
+        pytest.skip(f"no {dtype} kernel, or this CPU lacks {SPARSE_MISSING_FLAGS}")
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -353,16 +362,7 @@ def test_refusals_leave_everything_as_it_was() -> None:
     for name, (k, v, gathers, c) in refused.items():
         assert not step(hidden, x, k, v, gathers, c, sin, slot_mapping), name
     # A sparse model's adapters must see the masked input, which only the Python path makes.
-    stacks, mapping = make_adapters(dtype, 3, SHAPE)
-    params = [
-        stack.dense_call().params(
-            3,
-            mapping.column_mask(stack.slot_ranks, dtype),
-            mapping.idle_groups(stack.slot_ranks, len(stack.slices)),
-        )
-        for stack in stacks
-    ]
-    assert all(p is not None for p in params)
+    params = adapter_params(*make_adapters(dtype, 3, SHAPE), 3, dtype)
     assert step(*make_step(dtype, 3, 2)[:4], [gather] * 2, cos, sin, slot_mapping, [params] * 2)
     assert not sparse_step(
         hidden, x, keys, values, [gather] * 2, cos, sin, slot_mapping, [params] * 2
