@@ -1,8 +1,9 @@
 """A/B two builds of a CPU kernel on a decode step's projections, switched round by round.
 
-Builds kernels/csrc/cpu_linear.c (or sparse_linear.c) twice, with the flags kernels/ uses plus
-`--a` and `--b` (e.g. `--b=-DPREFETCH_L2`), and times the 96 projections of one decode step of
-the benchmark model's shapes (Qwen2.5-0.5B: 24 layers of qkv, o, gate_up, down; bf16, random
+Builds kernels/csrc/cpu_linear.c (or sparse_linear.c; or a copy of it, `--a-source` and
+`--b-source`) twice, with the flags kernels/ uses plus `--a` and `--b` (e.g.
+`--b=-DPREFETCH_L2`), and times the 96 projections of one decode step of the benchmark model's
+shapes (Qwen2.5-0.5B: 24 layers of qkv, o, gate_up, down; bf16, random
 weights, 716 MB, more than the caches hold) at --rows input rows, each build in turn in every
 round, so both see the same drift of the machine's bandwidth. The sparse kernel gets W.T and
 TEAL thresholds keeping --keep of each row's channels. Prints the median and best round of each
@@ -10,6 +11,9 @@ build; asserts nothing.
 
     python bench/ab_kernel_flags.py --b=-DPREFETCH_L2 --rows 8
     python bench/ab_kernel_flags.py --kernel sparse --b=-DPREFETCH_HINT=_MM_HINT_T1
+    git show HEAD:kernels/csrc/cpu_linear.c > /tmp/old.c  # a change against the last commit
+    python bench/ab_kernel_flags.py --a-source /tmp/old.c --a=-DPREFETCH_L2 --b=-DPREFETCH_L2 \
+        --rows 8
 """
 
 from __future__ import annotations
@@ -32,9 +36,9 @@ SHAPES = ((1152, 896), (896, 896), (9728, 896), (896, 4864))
 LAYERS = 24
 
 
-def load(kernel: str, extra: list[str]):
-    """The bf16 module's `linear`, built with kernels/'s flags (not its CPU-dependent ones)
-    plus `extra`."""
+def load(kernel: str, extra: list[str], source_file: str | None = None):
+    """The bf16 module's `linear`, built from its source (or `source_file`, a variant of it)
+    with kernels/'s flags (not its CPU-dependent ones) plus `extra`."""
     from kernels import cpu_linear, sparse
     from kernels.build import build_shared_library
 
@@ -42,6 +46,7 @@ def load(kernel: str, extra: list[str]):
         name, source, flags = "cpu_linear_bf16", cpu_linear._SOURCE, cpu_linear._COMMON_FLAGS
     else:
         name, source, flags = "sparse_linear_bf16", sparse._SOURCE, (*sparse._FLAGS, "-mavx512bf16")
+    source = Path(source_file) if source_file else source
     include = f"-I{sysconfig.get_paths()['include']}"
     path = build_shared_library(source, (*flags, "-DTANDEM_BF16", include, *extra))
     loader = importlib.machinery.ExtensionFileLoader(name, str(path))
@@ -57,6 +62,8 @@ def main() -> None:
     parser.add_argument("--kernel", choices=["dense", "sparse"], default="dense")
     parser.add_argument("--a", default="", help="extra flags of build A (space-separated)")
     parser.add_argument("--b", default="", help="extra flags of build B")
+    parser.add_argument("--a-source", help="build A from this copy of the kernel's source")
+    parser.add_argument("--b-source", help="build B from this copy of the kernel's source")
     parser.add_argument("--rows", type=int, default=1)
     parser.add_argument("--keep", type=float, default=0.5, help="sparse: channels kept per row")
     parser.add_argument("--rounds", type=int, default=40)
@@ -66,8 +73,8 @@ def main() -> None:
     import torch
 
     builds = {
-        f"A {args.a}": load(args.kernel, args.a.split()),
-        f"B {args.b}": load(args.kernel, args.b.split()),
+        f"A {args.a_source or ''} {args.a}": load(args.kernel, args.a.split(), args.a_source),
+        f"B {args.b_source or ''} {args.b}": load(args.kernel, args.b.split(), args.b_source),
     }
     generator = torch.Generator().manual_seed(0)
     steps, tensors = [], []  # each projection's call arguments; the tensors they point into

@@ -204,12 +204,17 @@ INLINE void dot_block(const elem_t *restrict w, const elem_t *restrict x, const 
 }
 
 // One function per M so the loops above unroll fully and the accumulators live in registers.
-// Rows per block shrink as M grows to keep M * rows accumulators within the 32 zmm registers.
 // M = 1 takes one row at a time: the weight is then read in address order, one stream, and
 // out-of-order execution overlaps the rows' independent chains. On an AMD EPYC (Zen 4) this
 // streamed K = 896 rows at 22-29 GB/s against 17-19 with four rows side by side (interleaved
 // A/B, 2 threads); an output element's arithmetic is the same either way.
-#define ROWS_FOR(M) ((M) == 1 ? 1 : (M) <= 4 ? 4 : (M) <= 8 ? 2 : 1)
+// Larger M multiply each weight vector loaded into rows * M accumulators: about 20-24 of the 32
+// zmm registers, so the loop does fewer loads per VDPBF16PS. M > 8 runs its input rows in two
+// groups over the same weight rows (the second reads them from cache). On the EPYC (96
+// projections of a decode step, `bench/ab_kernel_flags.py`) three rows at M = 8 took 26-29 ms
+// against 32-33 with two, four at M = 5 and 6 24-26 against 30.
+#define GROUP_FOR(M) ((M) > 8 ? ((M) + 1) / 2 : (M))
+#define ROWS_FOR(M) ((M) == 1 ? 1 : GROUP_FOR(M) <= 6 ? 4 : 3)
 
 typedef void (*block_fn)(const elem_t *, const elem_t *, const elem_t *, elem_t *, int64_t,
                          int64_t, int64_t, int, int);
@@ -217,7 +222,12 @@ typedef void (*block_fn)(const elem_t *, const elem_t *, const elem_t *, elem_t 
 #define DEFINE_BLOCK(M)                                                                         \
     static void block_##M(const elem_t *w, const elem_t *x, const elem_t *bias, elem_t *out,    \
                           int64_t k, int64_t ldx, int64_t ldo, int valid, int accumulate) {     \
-        dot_block(w, x, bias, out, k, ldx, ldo, M, ROWS_FOR(M), valid, accumulate);             \
+        const int first = GROUP_FOR(M);                                                         \
+        dot_block(w, x, bias, out, k, ldx, ldo, first, ROWS_FOR(M), valid, accumulate);         \
+        if (first < M) {                                                                        \
+            dot_block(w, x + first * ldx, bias, out + first * ldo, k, ldx, ldo, M - first,      \
+                      ROWS_FOR(M), valid, accumulate);                                          \
+        }                                                                                       \
     }
 
 DEFINE_BLOCK(1)
