@@ -23,6 +23,7 @@ op by op.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -167,12 +168,17 @@ class DecodeLayers:
         [m, D / 2]; slot_mapping [m] int64: where the new keys and values go; adapters[i]: the
         multi-LoRA params (kernels.cpu_linear.LoraDense.params) of layer i's qkv, o, gate_up
         and down, None where a group has none. Returns False, having done nothing, where a
-        tensor does not fit."""
+        tensor does not fit.
+
+        A batch of more than MAX_ROWS rows runs as near-equal chunks of at most MAX_ROWS (each
+        row's arithmetic is the same in any batch, so the same bits); not with adapters, whose
+        params describe the whole batch."""
         dtype, shape, m = self.dtype, self.shape, hidden.shape[0]
         linear = cpu_linear.entry_address(dtype)
         if (
             not linear
-            or not 0 < m <= cpu_linear.MAX_ROWS
+            or m <= 0
+            or (adapters is not None and m > cpu_linear.MAX_ROWS)
             or len(gathers) != self.num_layers
             or not _rows(hidden, m, shape.hidden_size, dtype)
             or not _rows(x, m, shape.hidden_size, dtype)
@@ -185,20 +191,16 @@ class DecodeLayers:
         kv = self._kv_addresses(keys, values)
         if kv is None:
             return False
-        dynamic = []
-        checked: dict[int, int] = {}
-        for (slots, lengths), (key_at, value_at) in zip(gathers, kv, strict=True):
-            longest = checked.get(id(slots))
-            if longest is None:
-                if not (
-                    slots.dim() == 2
-                    and slots.shape[1] > 0
-                    and _rows(slots, m, slots.shape[1], torch.int64)
-                    and _vector(lengths, m)
-                ):
-                    return False
-                longest = checked[id(slots)] = slots.shape[1]
-            dynamic.append([key_at, value_at, slots.data_ptr(), lengths.data_ptr(), longest])
+        checked: set[int] = set()
+        for slots, lengths in gathers:
+            if id(slots) not in checked and not (
+                slots.dim() == 2
+                and slots.shape[1] > 0
+                and _rows(slots, m, slots.shape[1], torch.int64)
+                and _vector(lengths, m)
+            ):
+                return False
+            checked.add(id(slots))
         lora = 0
         groups: Sequence[Sequence[Tensor | None]] = [(None,) * 4] * self.num_layers
         if adapters is not None and self.sparse:
@@ -210,12 +212,45 @@ class DecodeLayers:
             if any(len(layer) != 4 for layer in adapters):
                 return False
             groups = adapters
+        # Per layer the table's fields after the gather: its adapters, its sparsity.
+        tails = [
+            [0 if p is None else p.data_ptr() for p in layer] + sparse_fields
+            for layer, sparse_fields in zip(groups, self._sparse_fields, strict=True)
+        ]
+        chunks = -(-m // cpu_linear.MAX_ROWS)
+        bounds = [m * i // chunks for i in range(chunks + 1)]
+        for begin, end in itertools.pairwise(bounds):
+            rows = slice(begin, end)
+            # Per layer: its pools, then where this chunk's rows of its gather start.
+            dynamic = [
+                [key_at, value_at, slots[rows].data_ptr(), lengths[rows].data_ptr(), slots.shape[1]]
+                for (slots, lengths), (key_at, value_at) in zip(gathers, kv, strict=True)
+            ]
+            self._run(
+                dynamic, tails, hidden[rows], x[rows], cos[rows], sin[rows], slot_mapping[rows],
+                linear, lora,
+            )  # fmt: skip
+        return True
+
+    def _run(
+        self,
+        dynamic: list[list[int]],
+        tails: list[list[int]],
+        hidden: Tensor,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        slot_mapping: Tensor,
+        linear: int,
+        lora: int,
+    ) -> None:
+        """One C call over at most MAX_ROWS rows; dynamic[i] and tails[i]: layer i's table
+        fields of these rows' KV gather, and those after it."""
+        shape, m = self.shape, hidden.shape[0]
         table = torch.tensor(
             [
-                row + extra + [0 if p is None else p.data_ptr() for p in layer] + sparse_fields
-                for row, extra, layer, sparse_fields in zip(
-                    self._static, dynamic, groups, self._sparse_fields, strict=True
-                )
+                row + extra + tail
+                for row, extra, tail in zip(self._static, dynamic, tails, strict=True)
             ],
             dtype=torch.int64,
         )
@@ -227,13 +262,12 @@ class DecodeLayers:
         gate_up = hidden.new_empty(m, 2 * f)
         act = hidden.new_empty(m, f)
         cpu_ops._kernels().decode_layers(
-            cpu_ops._DTYPES[dtype], table.data_ptr(), self.num_layers, m, shape.hidden_size,
-            hq, hk, d, f, hidden.data_ptr(), x.data_ptr(), qkv.data_ptr(), qk.data_ptr(),
-            attn.data_ptr(), proj.data_ptr(), gate_up.data_ptr(), act.data_ptr(),
+            cpu_ops._DTYPES[self.dtype], table.data_ptr(), self.num_layers, m,
+            shape.hidden_size, hq, hk, d, f, hidden.data_ptr(), x.data_ptr(), qkv.data_ptr(),
+            qk.data_ptr(), attn.data_ptr(), proj.data_ptr(), gate_up.data_ptr(), act.data_ptr(),
             cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(), self.eps, self.scale,
             linear, lora, self._sparse_entry, torch.get_num_threads(),
         )  # fmt: skip
-        return True
 
     def _kv_addresses(
         self, keys: list[Tensor], values: list[Tensor]

@@ -14,7 +14,7 @@ from kernels.lora import LoraMapping, LoraStack
 # CPU features the sparse kernel needs; where they are, it must build (run_both asserts it).
 SPARSE_MISSING_FLAGS = sorted(sparse._CPU_FLAGS - cpu_flags())
 SHAPE = DecodeShape(hidden_size=48, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=40)
-SLOTS = 160  # room for 17 sequences of 8 distinct slots
+SLOTS = 200  # room for 25 sequences of 8 distinct slots
 EPS, SCALE = 1e-6, 0.25
 
 pytestmark = pytest.mark.skipif(
@@ -160,6 +160,38 @@ def test_one_call_is_the_kernels_one_by_one(
         slot_mapping,
     )
     assert torch.equal(x, ref_x) and torch.equal(hidden, ref_hidden)
+    for got, wanted in zip((*keys, *values), (*ref_keys, *ref_values), strict=True):
+        assert torch.equal(got, wanted)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["dense", "top-k"])
+def test_more_rows_than_the_kernels_take_are_each_row_alone(dtype: torch.dtype, mode: str) -> None:
+    """MAX_ROWS + 5 rows run in chunks: each row ends as the kernels one by one leave it run
+    alone (rows attend to their own slots only, so alone means the same pools)."""
+    if not cpu_linear.kernel_available(dtype) or (mode != "dense" and SPARSE_MISSING_FLAGS):
+        pytest.skip(f"no {dtype} kernel, or this CPU lacks {SPARSE_MISSING_FLAGS}")
+    m = cpu_linear.MAX_ROWS + 5
+    tensors, norms_after = make_layers(dtype, 3, qk_norm=True, bias=True)
+    sparsity = None
+    if mode != "dense":
+        tensors, sparsity = sparse_model(tensors, mode)
+    step = DecodeLayers.prepare(tensors, norms_after, SHAPE, EPS, SCALE, sparsity)
+    assert step is not None
+    hidden, x, keys, values, gather, cos, sin, slot_mapping = make_step(dtype, m, 3)
+    copies = [t.clone() for t in (hidden, x, *keys, *values)]
+    assert step(hidden, x, keys, values, [gather] * 3, cos, sin, slot_mapping)
+    ref_hidden, ref_keys, ref_values = copies[0], copies[2:5], copies[5:8]
+    slots, lengths = gather
+    for r in range(m):
+        row = slice(r, r + 1)
+        ref_x = one_by_one(
+            tensors, norms_after, ref_hidden[row], copies[1][row], ref_keys, ref_values,
+            (slots[row], lengths[row]), cos[row], sin[row], slot_mapping[row],
+            sparsity=sparsity,
+        )  # fmt: skip
+        assert torch.equal(x[row], ref_x), f"row {r}"
+    assert torch.equal(hidden, ref_hidden)
     for got, wanted in zip((*keys, *values), (*ref_keys, *ref_values), strict=True):
         assert torch.equal(got, wanted)
 
@@ -342,9 +374,13 @@ def test_refusals_leave_everything_as_it_was() -> None:
     assert sparse_step is not None
     step = DecodeLayers.prepare(tensors, norms_after, SHAPE, EPS, SCALE)
     assert step is not None
+    params = adapter_params(*make_adapters(dtype, 3, SHAPE), 3, dtype)
     hidden, x, keys, values, gather, cos, sin, slot_mapping = make_step(dtype, 17, 2)
     before = [t.clone() for t in (hidden, x, *keys, *values)]
-    assert not step(hidden, x, keys, values, [gather] * 2, cos, sin, slot_mapping)  # 17 rows
+    # More rows than the kernels take, with adapters (their params describe one whole batch).
+    assert not step(hidden, x, keys, values, [gather] * 2, cos, sin, slot_mapping, [params] * 2)
+    for got, wanted in zip((hidden, x, *keys, *values), before, strict=True):
+        assert torch.equal(got, wanted)
     hidden, x, keys, values, gather, cos, sin, slot_mapping = make_step(dtype, 3, 2)
     before = [t.clone() for t in (hidden, x, *keys, *values)]
     refused = {
@@ -362,7 +398,6 @@ def test_refusals_leave_everything_as_it_was() -> None:
     for name, (k, v, gathers, c) in refused.items():
         assert not step(hidden, x, k, v, gathers, c, sin, slot_mapping), name
     # A sparse model's adapters must see the masked input, which only the Python path makes.
-    params = adapter_params(*make_adapters(dtype, 3, SHAPE), 3, dtype)
     assert step(*make_step(dtype, 3, 2)[:4], [gather] * 2, cos, sin, slot_mapping, [params] * 2)
     assert not sparse_step(
         hidden, x, keys, values, [gather] * 2, cos, sin, slot_mapping, [params] * 2
