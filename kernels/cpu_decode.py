@@ -221,9 +221,15 @@ class DecodeLayers:
         bounds = [m * i // chunks for i in range(chunks + 1)]
         for begin, end in itertools.pairwise(bounds):
             rows = slice(begin, end)
-            # Per layer: its pools, then where this chunk's rows of its gather start.
+            # Per layer: its pools, where this chunk's rows of its gather (int64, contiguous) start.
             dynamic = [
-                [key_at, value_at, slots[rows].data_ptr(), lengths[rows].data_ptr(), slots.shape[1]]
+                [
+                    key_at,
+                    value_at,
+                    slots.data_ptr() + begin * slots.shape[1] * 8,
+                    lengths.data_ptr() + begin * 8,
+                    slots.shape[1],
+                ]
                 for (slots, lengths), (key_at, value_at) in zip(gathers, kv, strict=True)
             ]
             self._run(

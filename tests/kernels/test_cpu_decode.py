@@ -62,7 +62,7 @@ def make_step(dtype: torch.dtype, m: int, layers: int, seed: int = 1, shape: Dec
     pool = (SLOTS, shape.num_kv_heads, shape.head_dim)
     keys = [torch.randn(pool, generator=generator).to(dtype) for _ in range(layers)]
     values = [torch.randn(pool, generator=generator).to(dtype) for _ in range(layers)]
-    lengths = torch.arange(m, dtype=torch.int64) % 5 + 3  # 3..7 keys per sequence
+    lengths = torch.randint(3, 9, (m,), generator=generator)  # 3..8 keys per sequence
     slots = torch.randperm(SLOTS, generator=generator)[: m * 8].view(m, 8)
     slot_mapping = slots[torch.arange(m), lengths - 1].contiguous()  # the new token's slot
     angles = torch.rand(m, shape.head_dim // 2, generator=generator) * 6
