@@ -36,14 +36,16 @@ SHAPES = ((1152, 896), (896, 896), (9728, 896), (896, 4864))
 LAYERS = 24
 
 
-def load(kernel: str, extra: list[str], source_file: str | None = None):
+def load(kernel: str, isa: str, extra: list[str], source_file: str | None = None):
     """The bf16 module's `linear`, built from its source (or `source_file`, a variant of it)
-    with kernels/'s flags (not its CPU-dependent ones) plus `extra`."""
+    with kernels/'s flags for instruction set `isa` (not its CPU-dependent ones) plus `extra`."""
     from kernels import cpu_linear, sparse
     from kernels.build import build_shared_library
 
     if kernel == "dense":
-        name, source, flags = "cpu_linear_bf16", cpu_linear._SOURCE, cpu_linear._COMMON_FLAGS
+        name = "cpu_linear_bf16" + ("" if isa == "avx512" else f"_{isa}")
+        source = cpu_linear._SOURCE
+        flags = (*cpu_linear._COMMON_FLAGS, *cpu_linear._ISA_FLAGS[isa])
     else:
         name, source, flags = "sparse_linear_bf16", sparse._SOURCE, (*sparse._FLAGS, "-mavx512bf16")
     source = Path(source_file) if source_file else source
@@ -60,6 +62,9 @@ def load(kernel: str, extra: list[str], source_file: str | None = None):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernel", choices=["dense", "sparse"], default="dense")
+    parser.add_argument(
+        "--isa", choices=["avx512", "avx2"], help="dense: the instruction set (default: the best)"
+    )
     parser.add_argument("--a", default="", help="extra flags of build A (space-separated)")
     parser.add_argument("--b", default="", help="extra flags of build B")
     parser.add_argument("--a-source", help="build A from this copy of the kernel's source")
@@ -72,9 +77,12 @@ def main() -> None:
 
     import torch
 
+    from kernels.build import cpu_flags
+
+    isa = args.isa or ("avx512" if "avx512_bf16" in cpu_flags() else "avx2")
     builds = {
-        f"A {args.a_source or ''} {args.a}": load(args.kernel, args.a.split(), args.a_source),
-        f"B {args.b_source or ''} {args.b}": load(args.kernel, args.b.split(), args.b_source),
+        f"A {args.a_source or ''} {args.a}": load(args.kernel, isa, args.a.split(), args.a_source),
+        f"B {args.b_source or ''} {args.b}": load(args.kernel, isa, args.b.split(), args.b_source),
     }
     generator = torch.Generator().manual_seed(0)
     steps, tensors = [], []  # each projection's call arguments; the tensors they point into
@@ -101,7 +109,8 @@ def main() -> None:
             times[name].append(time.perf_counter() - started)
         if (round_ + 1) % 10 == 0:
             print(f"[ab] round {round_ + 1}/{args.rounds}", file=sys.stderr)
-    print(f"{args.kernel} kernel, {args.rows} rows, {LAYERS} x {len(SHAPES)} projections (bf16)")
+    kind = f"{args.kernel} kernel ({isa})" if args.kernel == "dense" else "sparse kernel"
+    print(f"{kind}, {args.rows} rows, {LAYERS} x {len(SHAPES)} projections (bf16)")
     for name, values in times.items():
         median, best = statistics.median(values) * 1e3, min(values) * 1e3
         print(f"  {name:<40} median {median:6.2f} ms   best {best:6.2f} ms")

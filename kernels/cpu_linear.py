@@ -1,11 +1,13 @@
 """Decode-time linear layer for the CPU.
 
 `linear` has torch.nn.functional.linear's semantics. For up to MAX_ROWS input rows of bf16 or
-fp32 on a CPU with AVX-512 it runs a C kernel (kernels/csrc/cpu_linear.c) that streams each
-weight byte once, where torch's bf16 GEMV reaches about half the memory bandwidth; every other
-case (prefill, other dtypes, autograd, other devices) goes to F.linear. Kernel variants, chosen
-once per process: "amx" (bf16 on Sapphire Rapids and later, as fast at 16 rows as at 1) and
-"avx512" (bf16 and fp32; its arithmetic grows with the rows, halving its speed by M = 16).
+fp32 on a CPU with AVX-512 or AVX2 it runs a C kernel (kernels/csrc/cpu_linear.c) that streams
+each weight byte once, where torch's bf16 GEMV reaches about half the memory bandwidth; every
+other case (prefill, other dtypes, autograd, other devices) goes to F.linear. Kernel variants,
+chosen once per process, the first this CPU runs being the default: "amx" (bf16 on Sapphire
+Rapids and later, as fast at 16 rows as at 1), "avx512" (bf16 needs AVX512-BF16; its arithmetic
+grows with the rows, halving its speed by M = 16) and "avx2" (any x86-64 CPU with AVX2 and FMA,
+e.g. AMD Zen 2 and 3: bf16 widened to fp32, bound by its FMA units from about 8 rows).
 Two uses of the same kernels for multi-LoRA decoding (kernels/lora.py): `linear_add_` adds the
 product into a slice of an existing output as it stores it, and `lora_dense_` runs a projection
 group's shrink, slot weights and expands in one call, skipping the A rows of idle slots (with
@@ -16,10 +18,11 @@ any batch of up to MAX_ROWS rows, because each output element is computed by the
 of operations whatever the batch. F.linear (the fallback above MAX_ROWS rows) makes no such
 promise, and the two variants round differently from each other.
 
-The C source is compiled on first use into a CPython extension module (one per weight dtype,
-about 1.5 s, cached on disk by kernels.build). It links libgomp.so.1 by soname, so it shares the
-OpenMP runtime and thread pool that torch already loaded: torch is imported before it is opened.
-Without gcc, Python's headers or AVX-512, `linear` is F.linear (with one warning).
+The C source is compiled on first use into CPython extension modules (one per weight dtype and
+instruction set, about 1.5 s each, cached on disk by kernels.build). They link libgomp.so.1 by
+soname, so they share the OpenMP runtime and thread pool that torch already loaded: torch is
+imported before they are opened.
+Without gcc, Python's headers or AVX2, `linear` is F.linear (with one warning).
 """
 
 from __future__ import annotations
@@ -41,25 +44,26 @@ from kernels.build import CSRC_DIR, BuildError, build_shared_library, cpu_flags,
 MAX_ROWS = 16
 
 _SOURCE = CSRC_DIR / "cpu_linear.c"
-_COMMON_FLAGS = (
-    "-O2",
-    "-fopenmp",
-    "-mavx512f",
-    "-mavx512bw",
-    "-mavx512vl",
-    "-mavx512bf16",
-    "-mamx-tile",
-    "-mamx-bf16",
-    "-mfma",
-    # Arithmetic exactly as written, never contracted into other instructions: batch
-    # invariance and the rounding the tests check rest on it.
-    "-ffp-contract=off",
-)
-_DTYPE_MODULES = {torch.bfloat16: "cpu_linear_bf16", torch.float32: "cpu_linear_f32"}
+# Arithmetic exactly as written, never contracted into other instructions: batch invariance and
+# the rounding the tests check rest on it.
+_COMMON_FLAGS = ("-O2", "-fopenmp", "-ffp-contract=off")
+_ISA_FLAGS = {
+    "avx512": (
+        "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16",
+        "-mfma",
+    ),
+    "avx2": ("-mavx2", "-mfma"),
+}  # fmt: skip
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "f32"}
 _DTYPE_DEFINES = {torch.bfloat16: "-DTANDEM_BF16", torch.float32: "-DTANDEM_F32"}
+# (dtype, instruction set) -> the CPU flags its module needs.
 _REQUIRED_CPU_FLAGS = {
-    torch.bfloat16: frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "fma"}),
-    torch.float32: frozenset({"avx512f", "avx512bw", "avx512vl", "fma"}),
+    (torch.bfloat16, "avx512"): frozenset(
+        {"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "fma"}
+    ),
+    (torch.float32, "avx512"): frozenset({"avx512f", "avx512bw", "avx512vl", "fma"}),
+    (torch.bfloat16, "avx2"): frozenset({"avx2", "fma"}),
+    (torch.float32, "avx2"): frozenset({"avx2", "fma"}),
 }
 _AMX_CPU_FLAGS = frozenset({"amx_tile", "amx_bf16"})
 
@@ -340,7 +344,7 @@ def entry_address(dtype: torch.dtype) -> int:
     if address is None:
         module = kernel.__self__
         lookup = getattr(module, "entry_address", None)  # absent from builds before it
-        name = "amx" if kernel is getattr(module, "linear_amx", None) else "avx512"
+        name = "amx" if kernel is getattr(module, "linear_amx", None) else module.VECTOR_ISA
         address = _entries[kernel] = lookup(name) if lookup is not None else 0
     return address
 
@@ -351,8 +355,8 @@ def kernel_available(dtype: torch.dtype) -> bool:
 
 
 def variants(dtype: torch.dtype) -> tuple[str, ...]:
-    """The kernel variants this machine runs for weights of `dtype`, the default first:
-    "amx" (bf16 on Sapphire Rapids and later) and "avx512"."""
+    """The kernel variants this machine runs for weights of `dtype`, the default first, of
+    "amx" (bf16 on Sapphire Rapids and later), "avx512" and "avx2"."""
     _load_kernel(dtype)
     return tuple(_variants[dtype])
 
@@ -360,7 +364,8 @@ def variants(dtype: torch.dtype) -> tuple[str, ...]:
 def set_variant(dtype: torch.dtype, name: str) -> None:
     """Run variant `name` (one of variants(dtype)) for `dtype` from now on. Each variant is
     batch invariant but they round differently, so choose once, at startup: "avx512" is a few
-    percent faster for one row at small K, "amx" (the default) up to twice as fast from 8 rows."""
+    percent faster for one row at small K, "amx" (the default) up to twice as fast from 8 rows;
+    "avx2" is there for CPUs without AVX-512 (and to test it on those with)."""
     _load_kernel(dtype)
     _kernels[dtype] = _variants[dtype][name]
 
@@ -406,31 +411,52 @@ def _load_kernel(dtype: torch.dtype) -> KernelFn | None:
 
 
 def _build_variants(dtype: torch.dtype) -> dict[str, KernelFn]:
-    required = _REQUIRED_CPU_FLAGS.get(dtype)
-    if required is None or not required.issubset(cpu_flags()):
-        return {}
-    name = _DTYPE_MODULES[dtype]
-    flags = (*_COMMON_FLAGS, _DTYPE_DEFINES[dtype], f"-I{sysconfig.get_paths()['include']}")
-    if cpu_vendor() == "AuthenticAMD":
-        flags = (*flags, "-DPREFETCH_L2")  # faster on a Zen 4 EPYC: see cpu_linear.c
-    try:
-        path = build_shared_library(_SOURCE, flags)
-        loader = importlib.machinery.ExtensionFileLoader(name, str(path))
-        spec = importlib.util.spec_from_file_location(name, path, loader=loader)
-        assert spec is not None
-        module = importlib.util.module_from_spec(spec)
-        loader.exec_module(module)
-    except (BuildError, ImportError, OSError) as error:
+    found: dict[str, KernelFn] = {}
+    failures = []
+    for isa in _ISA_FLAGS:
+        try:
+            module = _build_module(dtype, isa)
+        except (BuildError, ImportError, OSError) as error:
+            failures.append(f"{isa}: {error}")
+            continue
+        if module is None:
+            continue
+        if module.MAX_M != MAX_ROWS:
+            raise RuntimeError(
+                f"{module.__file__} was built for batches of up to {module.MAX_M} rows"
+            )
+        amx_capable = hasattr(module, "linear_amx") and _AMX_CPU_FLAGS.issubset(cpu_flags())
+        if amx_capable and module.enable_amx():
+            found["amx"] = module.linear_amx
+        found[isa] = module.linear
+    if failures:  # one warning for all of them: the usual cause (no gcc) is the same
+        fallback = "the others" if found else "torch.nn.functional.linear"
         warnings.warn(
-            f"cpu_linear: no fast {dtype} kernel ({error}); using torch.nn.functional.linear",
+            f"cpu_linear: no {dtype} kernel for {'; '.join(failures)}; using {fallback}",
             RuntimeWarning,
             stacklevel=4,
         )
-        return {}
-    if module.MAX_M != MAX_ROWS:
-        raise RuntimeError(f"{path} was built for batches of up to {module.MAX_M} rows")
-    found = {"avx512": module.linear}
-    amx_capable = hasattr(module, "linear_amx") and _AMX_CPU_FLAGS.issubset(cpu_flags())
-    if amx_capable and module.enable_amx():
-        found = {"amx": module.linear_amx, **found}
     return found
+
+
+def _build_module(dtype: torch.dtype, isa: str):
+    """dtype's extension module for instruction set `isa`, or None where this CPU lacks it."""
+    required = _REQUIRED_CPU_FLAGS.get((dtype, isa))
+    if required is None or not required.issubset(cpu_flags()):
+        return None
+    name = f"cpu_linear_{_DTYPE_NAMES[dtype]}" + ("" if isa == "avx512" else f"_{isa}")
+    flags = (
+        *_COMMON_FLAGS,
+        *_ISA_FLAGS[isa],
+        _DTYPE_DEFINES[dtype],
+        f"-I{sysconfig.get_paths()['include']}",
+    )
+    if cpu_vendor() == "AuthenticAMD":
+        flags = (*flags, "-DPREFETCH_L2")  # faster on a Zen 4 EPYC: see cpu_linear.c
+    path = build_shared_library(_SOURCE, flags)
+    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
+    spec = importlib.util.spec_from_file_location(name, path, loader=loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module

@@ -1,23 +1,29 @@
 // Decode-time GEMV/GEMM on the CPU: out[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for M <= 16.
 //
-// Built once per element type as a CPython extension module: -DTANDEM_BF16 gives module
-// cpu_linear_bf16, -DTANDEM_F32 gives cpu_linear_f32; one type per build halves compile time.
-// A METH_FASTCALL entry point costs a fraction of a microsecond per call where ctypes costs
-// several, and a decoding step makes ~170 of these calls.
+// Built once per element type and instruction set as a CPython extension module: -DTANDEM_BF16
+// or -DTANDEM_F32 picks the type, and the compiler's flags the set: AVX-512 (with AVX512-BF16
+// for bf16, and AMX where the flags allow it) gives cpu_linear_bf16 / cpu_linear_f32, AVX2 with
+// FMA gives cpu_linear_bf16_avx2 / cpu_linear_f32_avx2. A METH_FASTCALL entry point costs a
+// fraction of a microsecond per call where ctypes costs several, and a decoding step makes ~170
+// of these calls.
 //
 // Decoding is memory bound, so the goal is to stream every weight byte from DRAM exactly once
-// per call and dot it with all M input rows while it is in registers. Two kernels:
-// - AVX-512 (`linear`, both types): blocks of 1-4 weight rows, one vector accumulator per
-//   (weight row, input row) pair, _mm512_dpbf16_ps for bf16 and FMA for fp32. Its arithmetic
-//   grows with M and caps it at about 8 GB/s per core at M = 8 and 4 GB/s at M = 16 here.
+// per call and dot it with all M input rows while it is in registers. Three kernels:
+// - the vector kernel (`linear`, both types), in blocks of weight rows, one vector accumulator
+//   per (weight row, input row) pair:
+//   - AVX-512: _mm512_dpbf16_ps for bf16 and FMA for fp32. Its arithmetic grows with M and
+//     caps it at about 8 GB/s per core at M = 8 and 4 GB/s at M = 16 on a Zen 4.
+//   - AVX2: FMA in fp32, bf16 weights widened by a shift and a mask (no bf16 products before
+//     AVX512-BF16), bf16 inputs widened once per call. Two FMA units of 8 lanes bound it at
+//     16 products a cycle per core: about 6 GB/s of bf16 weights per core at M = 16.
 // - AMX (`linear_amx`, bf16 only, Sapphire Rapids and later): tiles of 16 weight rows x 32 k,
 //   read straight from the row-major weight, times x packed into bf16 pairs; the tile unit
 //   has compute to spare, so M = 16 streams as fast as M = 1.
 //
-// Batch invariance, in both kernels: every output element is produced by the same sequence of
+// Batch invariance, in every kernel: every output element is produced by the same sequence of
 // operations whatever M is and whichever thread computes it, so row r of a batch equals that
 // row computed alone, bit for bit. Nothing may depend on M other than how many input rows share
-// a weight load; a kernel never mixes in the other kernel's arithmetic for some M only.
+// a weight load; a kernel never mixes in another kernel's arithmetic for some M only.
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>  // first, as Python requires
@@ -29,6 +35,10 @@
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+
+#if !defined(__AVX512F__) && !(defined(__AVX2__) && defined(__FMA__))
+#error "build with AVX-512 (-mavx512f -mavx512bw -mavx512vl) or with AVX2 and FMA"
+#endif
 
 #define MAX_M 16
 #define MAX_BLOCK_ROWS 4
@@ -42,43 +52,8 @@
 #define PARALLEL_MIN_BYTES (256 * 1024)
 
 #if defined(TANDEM_BF16)
-
-#define MODULE_NAME "cpu_linear_bf16"
-#define MODULE_INIT PyInit_cpu_linear_bf16
-
 typedef uint16_t elem_t;
-typedef __m512bh vec_t;
-typedef __mmask32 lane_mask_t;
-#define LANES 32
-
-// Masked loads cost an extra uop on the ports the dot products need: the hot loop avoids them.
-INLINE vec_t load_full(const elem_t *p) { return (vec_t)_mm512_loadu_si512(p); }
-INLINE vec_t load_lanes(lane_mask_t mask, const elem_t *p) {
-    return (vec_t)_mm512_maskz_loadu_epi16(mask, p);
-}
-
-// Pairs of bf16 products summed into each fp32 lane; products of bf16 values are exact in fp32.
-INLINE __m512 multiply_add(__m512 acc, vec_t w, vec_t x) { return _mm512_dpbf16_ps(acc, w, x); }
-
-// Sixteen elements widened to fp32 (masked-off lanes 0); sixteen fp32 values rounded as from_f32
-// (below) rounds them, kept in fp32 or stored.
-INLINE __m512 load16(__mmask16 mask, const elem_t *p) {
-    const __m512i bits = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
-}
-INLINE __m512i rounding_bits16(__m512 value) {  // the bf16 result in the top 16 bits
-    const __m512i bits = _mm512_castps_si512(value);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    return _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
-}
-INLINE __m512 round16(__m512 value) {
-    return _mm512_castsi512_ps(
-        _mm512_and_si512(rounding_bits16(value), _mm512_set1_epi32((int)0xffff0000u)));
-}
-INLINE void store16(__mmask16 mask, elem_t *p, __m512 value) {
-    const __m512i halves = _mm512_srli_epi32(rounding_bits16(value), 16);
-    _mm256_mask_storeu_epi16(p, mask, _mm512_cvtepi32_epi16(halves));
-}
+#define TYPE_NAME "bf16"
 
 INLINE float to_f32(elem_t value) {
     uint32_t bits = (uint32_t)value << 16;
@@ -96,13 +71,90 @@ INLINE elem_t from_f32(float value) {
     bits += 0x7fffu + ((bits >> 16) & 1u);
     return (elem_t)(bits >> 16);
 }
-
 #elif defined(TANDEM_F32)
-
-#define MODULE_NAME "cpu_linear_f32"
-#define MODULE_INIT PyInit_cpu_linear_f32
-
 typedef float elem_t;
+#define TYPE_NAME "f32"
+INLINE float to_f32(elem_t value) { return value; }
+INLINE elem_t from_f32(float value) { return value; }
+#else
+#error "define TANDEM_BF16 or TANDEM_F32"
+#endif
+
+#if defined(__AVX512F__)
+#define VECTOR_ISA "avx512"
+#define MODULE_NAME "cpu_linear_" TYPE_NAME
+#else
+#define VECTOR_ISA "avx2"
+#define MODULE_NAME "cpu_linear_" TYPE_NAME "_avx2"
+#endif
+#define PASTE_INIT(suffix) PyInit_cpu_linear_##suffix
+#if defined(__AVX512F__) && defined(TANDEM_BF16)
+#define MODULE_INIT PASTE_INIT(bf16)
+#elif defined(__AVX512F__)
+#define MODULE_INIT PASTE_INIT(f32)
+#elif defined(TANDEM_BF16)
+#define MODULE_INIT PASTE_INIT(bf16_avx2)
+#else
+#define MODULE_INIT PASTE_INIT(f32_avx2)
+#endif
+
+// The last block of a matrix may have fewer valid rows than the block size; its missing rows
+// repeat the last valid one, so every block runs the same code and a repeated row just writes
+// the same value twice.
+INLINE int64_t clamp_row(int r, int valid) { return r < valid ? r : valid - 1; }
+
+// Software prefetches go into L1, which measured best on a Xeon, or with -DPREFETCH_L2 into L2,
+// and then the one stream at M = 1 is prefetched STREAM_AHEAD_BYTES ahead as well. kernels/
+// cpu_linear.py sets it on AMD CPUs: on a Zen 4 EPYC (2 threads, interleaved A/B over a decode
+// step's 96 projections) M = 4 and 8 took 24 and 31 ms instead of 35 and 43 (prefetches into L1
+// stall on its few miss buffers), and M = 1 9-12% less (0.5-16 KB ahead all alike).
+#ifdef PREFETCH_L2
+#define PREFETCH_HINT _MM_HINT_T1
+#define STREAM_AHEAD_BYTES 8192
+#else
+#define PREFETCH_HINT _MM_HINT_T0
+#define STREAM_AHEAD_BYTES 0
+#endif
+
+#if defined(__AVX512F__)
+// ---------------------------------------------------------------------------------------------
+// AVX-512 vector kernel. Per (weight row, input row) pair: one fp32 vector accumulator walking
+// K in ascending chunks, the final partial chunk masked, one fixed horizontal sum, then the bias.
+
+#if defined(TANDEM_BF16)
+typedef __m512bh vec_t;
+typedef __mmask32 lane_mask_t;
+#define LANES 32
+
+// Masked loads cost an extra uop on the ports the dot products need: the hot loop avoids them.
+INLINE vec_t load_full(const elem_t *p) { return (vec_t)_mm512_loadu_si512(p); }
+INLINE vec_t load_lanes(lane_mask_t mask, const elem_t *p) {
+    return (vec_t)_mm512_maskz_loadu_epi16(mask, p);
+}
+
+// Pairs of bf16 products summed into each fp32 lane; products of bf16 values are exact in fp32.
+INLINE __m512 multiply_add(__m512 acc, vec_t w, vec_t x) { return _mm512_dpbf16_ps(acc, w, x); }
+
+// Sixteen elements widened to fp32 (masked-off lanes 0); sixteen fp32 values rounded as from_f32
+// rounds them, kept in fp32 or stored.
+INLINE __m512 load16(__mmask16 mask, const elem_t *p) {
+    const __m512i bits = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+}
+INLINE __m512i rounding_bits16(__m512 value) {  // the bf16 result in the top 16 bits
+    const __m512i bits = _mm512_castps_si512(value);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    return _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+}
+INLINE __m512 round16(__m512 value) {
+    return _mm512_castsi512_ps(
+        _mm512_and_si512(rounding_bits16(value), _mm512_set1_epi32((int)0xffff0000u)));
+}
+INLINE void store16(__mmask16 mask, elem_t *p, __m512 value) {
+    const __m512i halves = _mm512_srli_epi32(rounding_bits16(value), 16);
+    _mm256_mask_storeu_epi16(p, mask, _mm512_cvtepi32_epi16(halves));
+}
+#else
 typedef __m512 vec_t;
 typedef __mmask16 lane_mask_t;
 #define LANES 16
@@ -112,21 +164,10 @@ INLINE vec_t load_lanes(lane_mask_t mask, const elem_t *p) {
     return _mm512_maskz_loadu_ps(mask, p);
 }
 INLINE __m512 multiply_add(__m512 acc, vec_t w, vec_t x) { return _mm512_fmadd_ps(w, x, acc); }
-INLINE float to_f32(elem_t value) { return value; }
-INLINE elem_t from_f32(float value) { return value; }
-
-#else
-#error "define TANDEM_BF16 or TANDEM_F32"
 #endif
 
-// ---------------------------------------------------------------------------------------------
-// AVX-512 kernel. Per (weight row, input row) pair: one fp32 vector accumulator walking K in
-// ascending chunks, the final partial chunk masked, one fixed horizontal sum, then the bias.
-
-// The last block of a matrix may have fewer valid rows than the block size; its missing rows
-// repeat the last valid one, so every block runs the same code and a repeated row just writes
-// the same value twice.
-INLINE int64_t clamp_row(int r, int valid) { return r < valid ? r : valid - 1; }
+// The inputs as the blocks read them: x itself.
+typedef elem_t input_t;
 
 // The end of a block, shared by every M (kept out of line: it runs once per block, and one copy
 // instead of sixteen keeps compile time down): the partial last chunk of K with masked loads
@@ -151,19 +192,6 @@ static void finish_block(const __m512 *partial, const elem_t *const *row, const 
         }
     }
 }
-
-// Software prefetches go into L1, which measured best on a Xeon, or with -DPREFETCH_L2 into L2,
-// and then the one stream at M = 1 is prefetched STREAM_AHEAD_BYTES ahead as well. kernels/
-// cpu_linear.py sets it on AMD CPUs: on a Zen 4 EPYC (2 threads, interleaved A/B over a decode
-// step's 96 projections) M = 4 and 8 took 24 and 31 ms instead of 35 and 43 (prefetches into L1
-// stall on its few miss buffers), and M = 1 9-12% less (0.5-16 KB ahead all alike).
-#ifdef PREFETCH_L2
-#define PREFETCH_HINT _MM_HINT_T1
-#define STREAM_AHEAD_BYTES 8192
-#else
-#define PREFETCH_HINT _MM_HINT_T0
-#define STREAM_AHEAD_BYTES 0
-#endif
 
 // One block: `rows` weight rows (a compile-time count) times `m` input rows.
 INLINE void dot_block(const elem_t *restrict w, const elem_t *restrict x, const elem_t *bias,
@@ -203,7 +231,6 @@ INLINE void dot_block(const elem_t *restrict w, const elem_t *restrict x, const 
     finish_block(&acc[0][0], row, x, bias, out, k, kk, ldx, ldo, m, valid, accumulate);
 }
 
-// One function per M so the loops above unroll fully and the accumulators live in registers.
 // M = 1 takes one row at a time: the weight is then read in address order, one stream, and
 // out-of-order execution overlaps the rows' independent chains. On an AMD EPYC (Zen 4) this
 // streamed K = 896 rows at 22-29 GB/s against 17-19 with four rows side by side (interleaved
@@ -213,19 +240,206 @@ INLINE void dot_block(const elem_t *restrict w, const elem_t *restrict x, const 
 // groups over the same weight rows (the second reads them from cache). On the EPYC (96
 // projections of a decode step, `bench/ab_kernel_flags.py`) three rows at M = 8 took 26-29 ms
 // against 32-33 with two, four at M = 5 and 6 24-26 against 30.
-#define GROUP_FOR(M) ((M) > 8 ? ((M) + 1) / 2 : (M))
-#define ROWS_FOR(M) ((M) == 1 ? 1 : GROUP_FOR(M) <= 6 ? 4 : 3)
+#define GROUPS_FOR(M) ((M) > 8 ? 2 : 1)
+#define ROWS_FOR(M) ((M) == 1 ? 1 : ((M) + GROUPS_FOR(M) - 1) / GROUPS_FOR(M) <= 6 ? 4 : 3)
 
-typedef void (*block_fn)(const elem_t *, const elem_t *, const elem_t *, elem_t *, int64_t,
+// x as the blocks read it: x itself.
+INLINE const input_t *prepare_input(const elem_t *x, int64_t ldx, int64_t m, int64_t k,
+                                    int64_t *ld_input) {
+    (void)m;
+    (void)k;
+    *ld_input = ldx;
+    return x;
+}
+
+#else
+// ---------------------------------------------------------------------------------------------
+// AVX2 vector kernel. Per (weight row, input row) pair: one fp32 vector accumulator of 8 lanes
+// walking K in ascending chunks of CHUNK elements, each chunk one FMA per 8 elements in a fixed
+// order, the final partial chunk zero-padded, one fixed horizontal sum, then the bias.
+
+typedef float input_t;
+
+#if defined(TANDEM_BF16)
+// A chunk is 16 bf16 (one 256-bit load, 8 pairs): its even elements widened by a shift, its odd
+// ones by a mask, each one FMA against the input's matching 8 values. The inputs are widened
+// once per call into that order (per chunk: its 8 even elements, then its 8 odd ones), so an
+// input row is read as plain fp32 vectors.
+#define CHUNK 16
+#define PARTS 2
+INLINE void widen_pairs(__m256i pairs, __m256 *part) {
+    part[0] = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+    part[1] = _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32((int)0xffff0000u)));
+}
+INLINE void load_parts(const elem_t *p, __m256 *part) {
+    widen_pairs(_mm256_loadu_si256((const __m256i *)p), part);
+}
+// The last `count` (< CHUNK) elements, zero-padded.
+static void load_tail_parts(const elem_t *p, int64_t count, __m256 *part) {
+    elem_t padded[CHUNK] = {0};
+    memcpy(padded, p, (size_t)count * sizeof(elem_t));
+    load_parts(padded, part);
+}
+#else
+#define CHUNK 8
+#define PARTS 1
+INLINE void load_parts(const elem_t *p, __m256 *part) { part[0] = _mm256_loadu_ps(p); }
+INLINE __m256i first_lanes(int64_t count) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)count),
+                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+static void load_tail_parts(const elem_t *p, int64_t count, __m256 *part) {
+    part[0] = _mm256_maskload_ps(p, first_lanes(count));
+}
+#endif
+
+// The input row's values of the chunk at kk that part p multiplies; `tail`: the partial last
+// chunk (fp32 inputs are then read masked; widened bf16 inputs are zero-padded already).
+INLINE __m256 input_part(const input_t *x, int64_t kk, int p, int64_t k, int tail) {
+#if defined(TANDEM_F32)
+    if (tail) return _mm256_maskload_ps(x + kk, first_lanes(k - kk));
+#else
+    (void)k;
+    (void)tail;
+#endif
+    return _mm256_loadu_ps(x + kk + 8 * p);
+}
+
+INLINE float sum8(__m256 v) {  // one fixed order
+    const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)));
+}
+
+// The end of a block (out of line, as in the AVX-512 kernel): the partial last chunk, the
+// horizontal sum, the bias, the store of the valid rows.
+static void finish_block(const __m256 *partial, const elem_t *const *row, const input_t *x,
+                         const elem_t *bias, elem_t *out, int64_t k, int64_t kk, int64_t ldx,
+                         int64_t ldo, int m, int valid, int accumulate) {
+    for (int r = 0; r < valid; r++) {
+        const float b = bias ? to_f32(bias[r]) : 0.0f;
+        __m256 part[PARTS];
+        if (kk < k) load_tail_parts(row[r] + kk, k - kk, part);
+        for (int i = 0; i < m; i++) {
+            __m256 acc = partial[r * MAX_M + i];
+            if (kk < k) {
+                for (int p = 0; p < PARTS; p++) {
+                    acc = _mm256_fmadd_ps(part[p], input_part(x + i * ldx, kk, p, k, 1), acc);
+                }
+            }
+            elem_t *target = out + i * ldo + r;
+            const elem_t value = from_f32(sum8(acc) + b);
+            *target = accumulate ? from_f32(to_f32(*target) + to_f32(value)) : value;
+        }
+    }
+}
+
+// One block: `rows` weight rows (a compile-time count) times `m` input rows.
+INLINE void dot_block(const elem_t *restrict w, const input_t *restrict x, const elem_t *bias,
+                      elem_t *restrict out, int64_t k, int64_t ldx, int64_t ldo, const int m,
+                      const int rows, int valid, int accumulate) {
+    const elem_t *row[MAX_BLOCK_ROWS];
+    __m256 acc[MAX_BLOCK_ROWS][MAX_M];
+#pragma GCC unroll 4
+    for (int r = 0; r < rows; r++) {
+        row[r] = w + clamp_row(r, valid) * k;
+#pragma GCC unroll 16
+        for (int i = 0; i < m; i++) acc[r][i] = _mm256_setzero_ps();
+    }
+    int64_t kk = 0;
+    for (; kk + CHUNK <= k; kk += CHUNK) {
+#pragma GCC unroll 4
+        for (int r = 0; r < rows; r++) {
+            if (rows > 1) {  // as in the AVX-512 kernel: the same position one block ahead
+                _mm_prefetch((const char *)(row[r] + rows * k + kk), PREFETCH_HINT);
+            } else if (STREAM_AHEAD_BYTES && m == 1) {
+                _mm_prefetch((const char *)(row[r] + kk) + STREAM_AHEAD_BYTES, PREFETCH_HINT);
+            }
+            __m256 part[PARTS];
+            load_parts(row[r] + kk, part);
+#pragma GCC unroll 16
+            for (int i = 0; i < m; i++) {
+#pragma GCC unroll 2
+                for (int p = 0; p < PARTS; p++) {
+                    acc[r][i] =
+                        _mm256_fmadd_ps(part[p], input_part(x + i * ldx, kk, p, k, 0), acc[r][i]);
+                }
+            }
+        }
+    }
+    finish_block(&acc[0][0], row, x, bias, out, k, kk, ldx, ldo, m, valid, accumulate);
+}
+
+// Accumulators (rows * group) fill 8-12 of the 16 ymm registers: at least 8 independent chains
+// keep both FMA units busy through their latency, and each input vector loaded serves three or
+// four weight rows. M > 4 runs its input rows in groups of at most 4 over the same weight rows
+// (the later groups read them from cache).
+#define GROUPS_FOR(M) (((M) + 3) / 4)
+#define ROWS_FOR(M) (((M) + GROUPS_FOR(M) - 1) / GROUPS_FOR(M) <= 3 ? 4 : 3)
+
+#if defined(TANDEM_BF16)
+// The inputs widened to fp32 in the kernel's order: one buffer per calling thread, grown as
+// needed and kept (as the AMX kernel's packed inputs are).
+static __thread float *widened_cache;
+static __thread int64_t widened_capacity;
+
+// x [m, k] as the blocks read it: per row, each chunk's even elements then its odd ones, in fp32,
+// the partial last chunk zero-padded; its row stride in *ld_input. NULL when no buffer.
+static const input_t *prepare_input(const elem_t *x, int64_t ldx, int64_t m, int64_t k,
+                                    int64_t *ld_input) {
+    const int64_t padded = (k + CHUNK - 1) / CHUNK * CHUNK;
+    if (m * padded > widened_capacity) {
+        free(widened_cache);
+        widened_cache = aligned_alloc(64, (size_t)(m * padded * 4 + 63) / 64 * 64);
+        widened_capacity = widened_cache ? m * padded : 0;
+        if (widened_cache == NULL) return NULL;
+    }
+    for (int64_t i = 0; i < m; i++) {
+        const elem_t *source = x + i * ldx;
+        float *target = widened_cache + i * padded;
+        __m256 part[PARTS];
+        int64_t kk = 0;
+        for (; kk + CHUNK <= k; kk += CHUNK) {
+            load_parts(source + kk, part);
+            _mm256_storeu_ps(target + kk, part[0]);
+            _mm256_storeu_ps(target + kk + 8, part[1]);
+        }
+        if (kk < k) {
+            load_tail_parts(source + kk, k - kk, part);
+            _mm256_storeu_ps(target + kk, part[0]);
+            _mm256_storeu_ps(target + kk + 8, part[1]);
+        }
+    }
+    *ld_input = padded;
+    return widened_cache;
+}
+#else
+INLINE const input_t *prepare_input(const elem_t *x, int64_t ldx, int64_t m, int64_t k,
+                                    int64_t *ld_input) {
+    (void)m;
+    (void)k;
+    *ld_input = ldx;
+    return x;
+}
+#endif
+#endif
+
+// One function per M so the loops above unroll fully and the accumulators live in registers.
+typedef void (*block_fn)(const elem_t *, const input_t *, const elem_t *, elem_t *, int64_t,
                          int64_t, int64_t, int, int);
 
+// Groups of near-equal size: the first M % groups take one row more.
 #define DEFINE_BLOCK(M)                                                                         \
-    static void block_##M(const elem_t *w, const elem_t *x, const elem_t *bias, elem_t *out,    \
+    static void block_##M(const elem_t *w, const input_t *x, const elem_t *bias, elem_t *out,   \
                           int64_t k, int64_t ldx, int64_t ldo, int valid, int accumulate) {     \
-        const int first = GROUP_FOR(M);                                                         \
-        dot_block(w, x, bias, out, k, ldx, ldo, first, ROWS_FOR(M), valid, accumulate);         \
-        if (first < M) {                                                                        \
-            dot_block(w, x + first * ldx, bias, out + first * ldo, k, ldx, ldo, M - first,      \
+        const int groups = GROUPS_FOR(M), base = (M) / groups, larger = (M) % groups;           \
+        int first = 0;                                                                          \
+        for (int g = 0; g < larger; g++, first += base + 1) {                                   \
+            dot_block(w, x + first * ldx, bias, out + first * ldo, k, ldx, ldo, base + 1,       \
+                      ROWS_FOR(M), valid, accumulate);                                          \
+        }                                                                                       \
+        for (int g = larger; g < groups; g++, first += base) {                                  \
+            dot_block(w, x + first * ldx, bias, out + first * ldo, k, ldx, ldo, base,           \
                       ROWS_FOR(M), valid, accumulate);                                          \
         }                                                                                       \
     }
@@ -253,7 +467,8 @@ static const block_fn BLOCKS[MAX_M + 1] = {
 };
 
 typedef struct {
-    const elem_t *x, *w, *bias;
+    const input_t *x;
+    const elem_t *w, *bias;
     elem_t *out;
     int64_t ldx, ldo, n, k;
     block_fn block;
@@ -270,37 +485,50 @@ static void run_block(const job_t *job, int64_t b) {
 
 // x: [m, k] with row stride ldx (elements); w: [n, k] contiguous; bias: [n] or NULL;
 // out: [m, n] with row stride ldo; 1 <= m <= MAX_M. `accumulate`: out += the result.
-static void linear_avx512(const elem_t *x, int64_t ldx, const elem_t *w, const elem_t *bias,
-                          elem_t *out, int64_t ldo, int64_t m, int64_t n, int64_t k,
-                          int accumulate, int threads) {
-    const job_t job = {x, w, bias, out, ldx, ldo, n, k, BLOCKS[m], ROWS_FOR(m), accumulate};
+// Returns 0, or -1 when a buffer cannot be allocated.
+static int linear_vector(const elem_t *x, int64_t ldx, const elem_t *w, const elem_t *bias,
+                         elem_t *out, int64_t ldo, int64_t m, int64_t n, int64_t k,
+                         int accumulate, int threads) {
+    int64_t ld_input;
+    const input_t *input = prepare_input(x, ldx, m, k, &ld_input);
+    if (input == NULL) return -1;
+    const job_t job = {input, w, bias, out, ld_input, ldo, n, k, BLOCKS[m], ROWS_FOR(m),
+                       accumulate};
     const int64_t blocks = (n + job.rows - 1) / job.rows;
     if (threads <= 1 || n * k * (int64_t)sizeof(elem_t) < PARALLEL_MIN_BYTES) {
         // Not even an OpenMP call: small matrices are most calls in a small model's forward.
         for (int64_t b = 0; b < blocks; b++) run_block(&job, b);
-        return;
+        return 0;
     }
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) run_block(&job, b);
+    return 0;
 }
 
-// The share of linear_avx512's blocks that thread `thread` of a running team of `team` takes
-// (all of them on thread 0 where linear_avx512 would not wake a second thread). A block is
-// computed the same way whichever thread takes it, so the same bits.
-static void avx512_part(const elem_t *x, int64_t ldx, const elem_t *w, const elem_t *bias,
-                        elem_t *out, int64_t ldo, int64_t m, int64_t n, int64_t k,
-                        int accumulate, int64_t thread, int64_t team) {
-    const job_t job = {x, w, bias, out, ldx, ldo, n, k, BLOCKS[m], ROWS_FOR(m), accumulate};
-    const int64_t blocks = (n + job.rows - 1) / job.rows;
+// The share of linear_vector's blocks that thread `thread` of a running team of `team` takes
+// (all of them on thread 0 where linear_vector would not wake a second thread). A block is
+// computed the same way whichever thread takes it, so the same bits. Returns 0, or -1 when a
+// buffer cannot be allocated.
+static int vector_part(const elem_t *x, int64_t ldx, const elem_t *w, const elem_t *bias,
+                       elem_t *out, int64_t ldo, int64_t m, int64_t n, int64_t k, int accumulate,
+                       int64_t thread, int64_t team) {
     if (team > 1 && n * k * (int64_t)sizeof(elem_t) < PARALLEL_MIN_BYTES) {
-        if (thread != 0) return;
+        if (thread != 0) return 0;
         team = 1;
     }
-    const int64_t end = blocks * (thread + 1) / team;
-    for (int64_t b = blocks * thread / team; b < end; b++) run_block(&job, b);
+    const int64_t rows = ROWS_FOR(m), blocks = (n + rows - 1) / rows;
+    const int64_t begin = blocks * thread / team, end = blocks * (thread + 1) / team;
+    if (begin >= end) return 0;
+    int64_t ld_input;
+    const input_t *input = prepare_input(x, ldx, m, k, &ld_input);
+    if (input == NULL) return -1;
+    const job_t job = {input, w, bias, out, ld_input, ldo, n, k, BLOCKS[m], rows, accumulate};
+    for (int64_t b = begin; b < end; b++) run_block(&job, b);
+    return 0;
 }
 
-#if defined(TANDEM_BF16)
+
+#if defined(TANDEM_BF16) && defined(__AMX_TILE__)
 // ---------------------------------------------------------------------------------------------
 // AMX kernel. Per output element: one fp32 lane of a tile accumulator, updated by one tile dot
 // product per 32-wide chunk of K in ascending order (the partial last chunk zero-padded), then
@@ -479,8 +707,7 @@ static int amx_part(const elem_t *x, int64_t ldx, const elem_t *w, const elem_t 
                     elem_t *out, int64_t ldo, int64_t m, int64_t n, int64_t k, int accumulate,
                     const uint8_t *skip, int64_t thread, int64_t team) {
     if (n < TILE_ROWS) {
-        avx512_part(x, ldx, w, bias, out, ldo, m, n, k, accumulate, thread, team);
-        return 0;
+        return vector_part(x, ldx, w, bias, out, ldo, m, n, k, accumulate, thread, team);
     }
     if (team > 1 && n * k * (int64_t)sizeof(elem_t) < PARALLEL_MIN_BYTES) {
         if (thread != 0) return 0;
@@ -519,7 +746,7 @@ static int amx_part(const elem_t *x, int64_t ldx, const elem_t *w, const elem_t 
     return 0;
 }
 
-// As linear_avx512; matrices of fewer than 16 rows go to linear_avx512 whatever m is.
+// As linear_vector; matrices of fewer than 16 rows go to linear_vector whatever m is.
 // skip (NULL: none): per 16-row group, 1 where its outputs are not wanted; they are set to 0
 // (plus the bias) instead of computed, and the threads share the other groups.
 // Returns 0, or -1 when a buffer cannot be allocated.
@@ -527,8 +754,7 @@ static int linear_amx_skipping(const elem_t *x, int64_t ldx, const elem_t *w, co
                                elem_t *out, int64_t ldo, int64_t m, int64_t n, int64_t k,
                                int accumulate, const uint8_t *skip, int threads) {
     if (n < TILE_ROWS) {
-        linear_avx512(x, ldx, w, bias, out, ldo, m, n, k, accumulate, threads);
-        return 0;
+        return linear_vector(x, ldx, w, bias, out, ldo, m, n, k, accumulate, threads);
     }
     if (threads <= 1 || n * k * (int64_t)sizeof(elem_t) < PARALLEL_MIN_BYTES) {
         return amx_part(x, ldx, w, bias, out, ldo, m, n, k, accumulate, skip, 0, 1);
@@ -566,7 +792,7 @@ typedef struct {
 static int project(const lora_t *job, const elem_t *x, int64_t ldx, const elem_t *w,
                    elem_t *out, int64_t ldo, int64_t n, int64_t k, int accumulate,
                    const uint8_t *skip) {
-#if defined(TANDEM_BF16)
+#if defined(TANDEM_BF16) && defined(__AMX_TILE__)
     if (job->amx) {
         return linear_amx_skipping(x, ldx, w, NULL, out, ldo, job->m, n, k, accumulate, skip,
                                    job->threads);
@@ -574,8 +800,7 @@ static int project(const lora_t *job, const elem_t *x, int64_t ldx, const elem_t
 #else
     (void)skip;
 #endif
-    linear_avx512(x, ldx, w, NULL, out, ldo, job->m, n, k, accumulate, job->threads);
-    return 0;
+    return linear_vector(x, ldx, w, NULL, out, ldo, job->m, n, k, accumulate, job->threads);
 }
 
 static void apply_mask(const lora_t *job) {
@@ -600,6 +825,7 @@ static void apply_mask(const lora_t *job) {
 // A team's barrier: sync(team_context) returns once every thread of the team has called it.
 typedef void (*sync_fn)(void *team_context);
 
+#if defined(__AVX512F__)
 // The segmented form (the AVX-512 kernel's): where every row uses at most one slot, with weight
 // 1 (a 0 / -1 or 0 / 1 mask whose nonzeros form one range of columns per row), each row is
 // multiplied by its own slot's rows of A and columns of B only, where the dense form multiplies
@@ -765,9 +991,9 @@ static void segmented_part(const lora_t *job, const int64_t *first, const int64_
         const int64_t i = task / job->slices, p = task % job->slices;
         if (first[i] == end[i]) continue;
         const int64_t column = p * job->columns + first[i];
-        avx512_part(job->x + i * job->ldx, job->ldx, job->a + column * job->k, NULL,
-                    job->shrunk + i * total + column, total, 1, end[i] - first[i], job->k, 0, 0,
-                    1);
+        (void)vector_part(job->x + i * job->ldx, job->ldx, job->a + column * job->k, NULL,
+                          job->shrunk + i * total + column, total, 1, end[i] - first[i], job->k,
+                          0, 0, 1);  // no buffer to fail: AVX-512 reads x as it is
     }
     sync(context);
     const elem_t *b = job->b;
@@ -795,8 +1021,9 @@ static void omp_sync(void *context) {
     (void)context;
 #pragma omp barrier
 }
+#endif
 
-#if defined(TANDEM_BF16)
+#if defined(TANDEM_BF16) && defined(__AMX_TILE__)
 // The AMX variant in one parallel region: the threads share the shrink's groups of A, then
 // (after one thread has applied the mask and packed each slice's shrunk columns) the expands'
 // groups of every slice as one list. Separate calls each paid for their own packing, tile setup
@@ -911,6 +1138,7 @@ static int lora_dense(const lora_t *caller_job) {
         local.shrunk = shrunk_buffer(job->m * total);
         if (local.shrunk == NULL) return -1;
     }
+#if defined(__AVX512F__)
     int64_t first[MAX_M], end[MAX_M];
     if (row_ranges(job, first, end)) {
         if (job->threads <= 1) {
@@ -922,7 +1150,8 @@ static int lora_dense(const lora_t *caller_job) {
                        NULL);
         return 0;
     }
-#if defined(TANDEM_BF16)
+#endif
+#if defined(TANDEM_BF16) && defined(__AMX_TILE__)
     if (job->amx) {
         const int status = lora_dense_amx(job);
         if (status != 1) return status;
@@ -954,15 +1183,14 @@ static int lora_dense(const lora_t *caller_job) {
 static int project_part(const lora_t *job, const elem_t *x, int64_t ldx, const elem_t *w,
                         elem_t *out, int64_t ldo, int64_t n, int64_t k, int accumulate,
                         const uint8_t *skip, int64_t thread, int64_t team) {
-#if defined(TANDEM_BF16)
+#if defined(TANDEM_BF16) && defined(__AMX_TILE__)
     if (job->amx) {
         return amx_part(x, ldx, w, NULL, out, ldo, job->m, n, k, accumulate, skip, thread, team);
     }
 #else
     (void)skip;
 #endif
-    avx512_part(x, ldx, w, NULL, out, ldo, job->m, n, k, accumulate, thread, team);
-    return 0;
+    return vector_part(x, ldx, w, NULL, out, ldo, job->m, n, k, accumulate, thread, team);
 }
 
 static int lora_part(const lora_t *caller_job, int64_t thread, int64_t team, sync_fn sync,
@@ -974,11 +1202,13 @@ static int lora_part(const lora_t *caller_job, int64_t thread, int64_t team, syn
     sync(team_context);
     local.shrunk = *shared;
     if (local.shrunk == NULL) return -1;
+#if defined(__AVX512F__)
     int64_t first[MAX_M], end[MAX_M];
     if (row_ranges(job, first, end)) {  // the same answer on every thread
         segmented_part(job, first, end, thread, team, sync, team_context);
         return 0;
     }
+#endif
     int status = project_part(job, job->x, job->ldx, job->a, job->shrunk, total, total, job->k,
                               0, job->skip, thread, team);
     sync(team_context);
@@ -1037,14 +1267,17 @@ static PyObject *py_linear(PyObject *module, PyObject *const *args, Py_ssize_t n
     (void)module;
     call_t c;
     if (parse_call(args, nargs, &c) != 0) return NULL;
+    int status;
     // The weights stream for tens of microseconds or more: let other Python threads run.
     Py_BEGIN_ALLOW_THREADS
-    linear_avx512(c.x, c.ldx, c.w, c.bias, c.out, c.ldo, c.m, c.n, c.k, c.accumulate, c.threads);
+    status = linear_vector(c.x, c.ldx, c.w, c.bias, c.out, c.ldo, c.m, c.n, c.k, c.accumulate,
+                           c.threads);
     Py_END_ALLOW_THREADS
+    if (status != 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
-#if defined(TANDEM_BF16)
+#if defined(TANDEM_BF16) && defined(__AMX_TILE__)
 static PyObject *py_linear_amx(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
     call_t c;
@@ -1102,13 +1335,12 @@ static PyObject *py_lora_dense(PyObject *module, PyObject *const *args, Py_ssize
 // csrc/cpu_ops.c's decode step), each thread calling with its number: its share of y = x @ w.T
 // (+ bias) into y contiguous [m, n], x with row stride ldx; 1 <= m <= MAX_M. The caller waits for
 // the whole team before it reads y. Returns 0, or -1 when a buffer cannot be allocated.
-static int avx512_entry(const void *x, int64_t ldx, const void *w, const void *bias, void *out,
+static int vector_entry(const void *x, int64_t ldx, const void *w, const void *bias, void *out,
                         int64_t m, int64_t n, int64_t k, int thread, int team) {
-    avx512_part(x, ldx, w, bias, out, n, m, n, k, 0, thread, team);
-    return 0;
+    return vector_part(x, ldx, w, bias, out, n, m, n, k, 0, thread, team);
 }
 
-#if defined(TANDEM_BF16)
+#if defined(TANDEM_BF16) && defined(__AMX_TILE__)
 static int amx_entry(const void *x, int64_t ldx, const void *w, const void *bias, void *out,
                      int64_t m, int64_t n, int64_t k, int thread, int team) {
     return amx_part(x, ldx, w, bias, out, n, m, n, k, 0, NULL, thread, team);
@@ -1133,25 +1365,25 @@ static int lora_entry(const void *x, int64_t ldx, const int64_t *params, void *y
     return lora_part(&job, thread, team, sync, team_context, shared);
 }
 
-// entry_address("amx", "avx512" or "lora_dense") -> that kernel's address as an int (0: none)
+// entry_address("amx", VECTOR_ISA or "lora_dense") -> that kernel's address as an int (0: none)
 static PyObject *py_entry_address(PyObject *module, PyObject *name) {
     (void)module;
     const char *text = PyUnicode_AsUTF8(name);
     if (text == NULL) return NULL;
-    void *entry = strcmp(text, "avx512") == 0 ? (void *)avx512_entry : NULL;
+    void *entry = strcmp(text, VECTOR_ISA) == 0 ? (void *)vector_entry : NULL;
     if (strcmp(text, "lora_dense") == 0) entry = (void *)lora_entry;
-#if defined(TANDEM_BF16)
+#if defined(TANDEM_BF16) && defined(__AMX_TILE__)
     if (strcmp(text, "amx") == 0) entry = (void *)amx_entry;
 #endif
     return PyLong_FromVoidPtr(entry);
 }
 
 static PyMethodDef METHODS[] = {
-    {"linear", (PyCFunction)(void (*)(void))py_linear, METH_FASTCALL, "AVX-512 kernel"},
+    {"linear", (PyCFunction)(void (*)(void))py_linear, METH_FASTCALL, "the vector kernel"},
     {"entry_address", py_entry_address, METH_O, "a kernel's address, for C callers"},
     {"lora_dense", (PyCFunction)(void (*)(void))py_lora_dense, METH_FASTCALL,
      "multi-LoRA shrink, slot weights and expand in one call"},
-#if defined(TANDEM_BF16)
+#if defined(TANDEM_BF16) && defined(__AMX_TILE__)
     {"linear_amx", (PyCFunction)(void (*)(void))py_linear_amx, METH_FASTCALL, "AMX kernel"},
     {"enable_amx", py_enable_amx, METH_NOARGS, "Ask Linux for AMX state; True if granted"},
 #endif
@@ -1164,7 +1396,8 @@ static struct PyModuleDef MODULE = {
 
 PyMODINIT_FUNC MODULE_INIT(void) {
     PyObject *module = PyModule_Create(&MODULE);
-    if (module != NULL && PyModule_AddIntConstant(module, "MAX_M", MAX_M) != 0) {
+    if (module != NULL && (PyModule_AddIntConstant(module, "MAX_M", MAX_M) != 0 ||
+                           PyModule_AddStringConstant(module, "VECTOR_ISA", VECTOR_ISA) != 0)) {
         Py_DECREF(module);
         return NULL;
     }

@@ -260,14 +260,14 @@ def test_ignore_eos_with_a_constraint_is_refused(engine) -> None:
 
 
 def test_compilation_is_bounded_in_time(engine) -> None:
-    """A schema xgrammar needs minutes for: refused (or handed to llguidance) within the limit,
+    """A schema xgrammar is slow on: refused (or handed to llguidance) within the limit,
     and the compiler keeps working afterwards."""
-    # xgrammar needs over 10 s for this one on this machine.
+    # xgrammar needs 1 s (a 2026 Xeon) to over 10 s for this one here: ten times the limit.
     slow = (SCHEMAS_DIR / "Github_ultra--o21308.json").read_text()
-    engine.constraints.limits = type(engine.constraints.limits)(timeout_s=1.0)
+    engine.constraints.limits = type(engine.constraints.limits)(timeout_s=0.1)
     try:
         constraint = Constraint(ConstraintKind.JSON_SCHEMA, slow, backend=GrammarBackend.XGRAMMAR)
-        with pytest.raises(InvalidRequest, match="took over 1 s"):
+        with pytest.raises(InvalidRequest, match=r"took over 0\.1 s"):
             engine.compile_constraint(constraint)
     finally:
         engine.constraints.limits = type(engine.constraints.limits)()

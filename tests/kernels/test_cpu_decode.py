@@ -365,13 +365,6 @@ def test_refusals_leave_everything_as_it_was() -> None:
     assert DecodeLayers.prepare(wide, norms_after, SHAPE, EPS, SCALE) is None
     strided = [(tensors[0][0].t().contiguous().t(), *tensors[0][1:]), tensors[1]]
     assert DecodeLayers.prepare(strided, norms_after, SHAPE, EPS, SCALE) is None
-    stored, sparsity = sparse_model(tensors, "top-k")
-    assert DecodeLayers.prepare(tensors, norms_after, SHAPE, EPS, SCALE, sparsity) is None
-    assert DecodeLayers.prepare(stored, norms_after, SHAPE, EPS, SCALE) is None
-    whole = [[(norms, norms.shape[0], None) for norms, _, _ in layer] for layer in sparsity]
-    assert DecodeLayers.prepare(stored, norms_after, SHAPE, EPS, SCALE, whole) is None
-    sparse_step = DecodeLayers.prepare(stored, norms_after, SHAPE, EPS, SCALE, sparsity)
-    assert sparse_step is not None
     step = DecodeLayers.prepare(tensors, norms_after, SHAPE, EPS, SCALE)
     assert step is not None
     params = adapter_params(*make_adapters(dtype, 3, SHAPE), 3, dtype)
@@ -397,8 +390,26 @@ def test_refusals_leave_everything_as_it_was() -> None:
     }
     for name, (k, v, gathers, c) in refused.items():
         assert not step(hidden, x, k, v, gathers, c, sin, slot_mapping), name
-    # A sparse model's adapters must see the masked input, which only the Python path makes.
+    for got, wanted in zip((hidden, x, *keys, *values), before, strict=True):
+        assert torch.equal(got, wanted)
     assert step(*make_step(dtype, 3, 2)[:4], [gather] * 2, cos, sin, slot_mapping, [params] * 2)
+
+
+@pytest.mark.skipif(bool(SPARSE_MISSING_FLAGS), reason=f"this CPU lacks {SPARSE_MISSING_FLAGS}")
+def test_sparse_refusals_leave_everything_as_it_was() -> None:
+    dtype = torch.float32
+    tensors, norms_after = make_layers(dtype, 2, qk_norm=False, bias=False)
+    stored, sparsity = sparse_model(tensors, "top-k")
+    assert DecodeLayers.prepare(tensors, norms_after, SHAPE, EPS, SCALE, sparsity) is None
+    assert DecodeLayers.prepare(stored, norms_after, SHAPE, EPS, SCALE) is None
+    whole = [[(norms, norms.shape[0], None) for norms, _, _ in layer] for layer in sparsity]
+    assert DecodeLayers.prepare(stored, norms_after, SHAPE, EPS, SCALE, whole) is None
+    sparse_step = DecodeLayers.prepare(stored, norms_after, SHAPE, EPS, SCALE, sparsity)
+    assert sparse_step is not None
+    params = adapter_params(*make_adapters(dtype, 3, SHAPE), 3, dtype)
+    hidden, x, keys, values, gather, cos, sin, slot_mapping = make_step(dtype, 3, 2)
+    before = [t.clone() for t in (hidden, x, *keys, *values)]
+    # A sparse model's adapters must see the masked input, which only the Python path makes.
     assert not sparse_step(
         hidden, x, keys, values, [gather] * 2, cos, sin, slot_mapping, [params] * 2
     )

@@ -274,7 +274,13 @@ def test_triton_kernels_compile_for_a_gpu(compile_for_h100) -> None:
 )
 @pytest.mark.parametrize(
     ("dtype", "variant"),
-    [(torch.bfloat16, "amx"), (torch.bfloat16, "avx512"), (torch.float32, "avx512")],
+    [
+        (torch.bfloat16, "amx"),
+        (torch.bfloat16, "avx512"),
+        (torch.bfloat16, "avx2"),
+        (torch.float32, "avx512"),
+        (torch.float32, "avx2"),
+    ],
 )
 @pytest.mark.parametrize(
     ("slices", "threads"),
