@@ -2,6 +2,10 @@
 several sparsities, side by side in one run on the benchmark model (bench/make_bench_model.py).
 
     python bench/bench_sparse_decode.py [--quick] [--levels 0.4 0.5] [--rule wina|teal]
+                                        [--adapter-rank R]
+
+With --adapter-rank every request runs a random rank-R LoRA adapter on all seven projections
+(bench/bench_lora.py's), which sees the sparse input too; dense then means dense with it.
 
 One engine (bf16) is loaded once; the model is switched between dense and each sparsity
 (`CausalLM.set_sparsity`) and every configuration is timed in every round, interleaved, so load
@@ -54,12 +58,19 @@ def speedup_bound(f: float, s: float) -> float:
 class Runner:
     """Greedy generation of fixed lengths through one LLMEngine."""
 
-    def __init__(self, model_dir: str, prompt_len: int, seed: int = 0) -> None:
+    def __init__(
+        self, model_dir: str, prompt_len: int, adapter_rank: int = 0, seed: int = 0
+    ) -> None:
         from engine.llm_engine import EngineConfig, LLMEngine
 
         started = time.perf_counter()
         self.engine = LLMEngine.from_dir(model_dir, EngineConfig(dtype="bfloat16"))
         progress(f"loaded {model_dir} in {time.perf_counter() - started:.1f} s")
+        self.adapters: tuple[tuple[str, float], ...] = ()
+        if adapter_rank:
+            from bench.bench_lora import load_bench_adapters
+
+            self.adapters = ((load_bench_adapters(self.engine, 1, adapter_rank)[0], 1.0),)
         self.prompt_len = prompt_len
         self._ids = itertools.count()
         self._prompts = itertools.count(seed)
@@ -78,6 +89,7 @@ class Runner:
             prompt_token_ids=self.prompt(),
             sampling=SamplingParams(temperature=0.0),
             stopping=StoppingCriteria(max_new_tokens=max_new_tokens, ignore_eos=True),
+            adapters=self.adapters,
         )
         started = time.perf_counter()
         output = self.engine.generate([request])[request.request_id]
@@ -96,7 +108,7 @@ class Runner:
 
 
 def measure(opts: argparse.Namespace) -> dict:
-    runner = Runner(opts.model, opts.prompt_len)
+    runner = Runner(opts.model, opts.prompt_len, opts.adapter_rank)
     configs = [0.0, *opts.levels]
     one: dict[float, list[float]] = {c: [] for c in configs}
     full: dict[float, list[float]] = {c: [] for c in configs}
@@ -139,7 +151,8 @@ def print_table(report: dict) -> None:
     lines = [
         "",
         f"model: {report['model']}",
-        f"rule {report['rule']}, mode {report['mode']}, {report['max_new_tokens']} new tokens, "
+        f"rule {report['rule']}, mode {report['mode']}, adapter rank "
+        f"{report['adapter_rank'] or '-'}, {report['max_new_tokens']} new tokens, "
         f"prompt {report['prompt_len']}, best of {report['repeats']} interleaved rounds",
         f"sparse path: {report['kernel']}; dense fraction of bytes f = "
         f"{report['dense_fraction']:.3f} (LM head)",
@@ -165,6 +178,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rule", choices=("wina", "teal"), default="wina")
     p.add_argument("--mode", choices=("top-k", "threshold"), default="top-k")
     p.add_argument("--sparsity-file", help="the model's sidecar (threshold mode)")
+    p.add_argument("--adapter-rank", type=int, default=0, help="a LoRA adapter of this rank")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
@@ -186,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": str(Path(opts.model).resolve()),
         "rule": opts.rule,
         "mode": opts.mode,
+        "adapter_rank": opts.adapter_rank,
         "max_new_tokens": opts.max_new_tokens,
         "prompt_len": opts.prompt_len,
         "repeats": opts.repeats,

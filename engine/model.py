@@ -118,13 +118,11 @@ class CausalLM:
         """Every layer of a decode-only step in one C call (kernels.cpu_decode: the same
         kernels in the same order as _layer, so the same bits, without Python between them),
         where nothing needs the Python path: no observer, no skip counter, adapters only
-        through the dense C kernel and only in a dense model."""
+        through the dense C kernel."""
         if self.observer is not None or self.skip_counter is not None or not meta.decode_only:
             return False
         adapters = None
         if lora is not None:
-            if self._plan is not None:
-                return False  # the adapters must see the masked input
             adapters = lora.decode_params()
             if adapters is None:
                 return False
@@ -251,6 +249,6 @@ class CausalLM:
             keep = scores >= thresholds[:, None]
             if self.skip_counter is not None:
                 self.skip_counter.add(group, keep)
-            if mask_input:
-                x = x * keep.to(x.dtype)
+            if mask_input:  # +0 where dropped, as the one-call step's sparse kernel writes it
+                x = x.masked_fill(~keep, 0)
         return x, sparse_linear(x, weight.t(), plan.col_norms, thresholds, bias)

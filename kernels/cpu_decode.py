@@ -12,8 +12,9 @@ step where OpenMP waits passively (the server's setting), which on a virtual mac
 much as the step itself.
 
 A sparse model (WINA / TEAL) runs its projections through kernels.sparse's C kernel instead,
-on weights stored input-channel-major, as the Python path does (same bits), without adapters
-(they must see the masked input, which only the Python path makes).
+on weights stored input-channel-major, as the Python path does (same bits); where a group has
+adapters, that kernel also writes the input with each row's dropped channels zeroed, the input
+the adapters see (as in the Python path, engine.model).
 
 It takes only what those kernels take (bf16 or float32, contiguous CPU tensors; multi-LoRA
 only through kernels.cpu_linear's dense kernel): `DecodeLayers.prepare` returns None otherwise,
@@ -203,8 +204,6 @@ class DecodeLayers:
             checked.add(id(slots))
         lora = 0
         groups: Sequence[Sequence[Tensor | None]] = [(None,) * 4] * self.num_layers
-        if adapters is not None and self.sparse:
-            return False  # the adapters must see the masked input: the Python path
         if adapters is not None:
             lora = cpu_linear.lora_entry_address(dtype)
             if not lora or len(adapters) != self.num_layers:
@@ -267,12 +266,16 @@ class DecodeLayers:
         proj = hidden.new_empty(m, shape.hidden_size)
         gate_up = hidden.new_empty(m, 2 * f)
         act = hidden.new_empty(m, f)
+        masked = None
+        if lora and self.sparse:  # where a sparse model's adapters read each group's input
+            masked = hidden.new_empty(m, max(shape.hidden_size, hq * d, f))
         cpu_ops._kernels().decode_layers(
             cpu_ops._DTYPES[self.dtype], table.data_ptr(), self.num_layers, m,
             shape.hidden_size, hq, hk, d, f, hidden.data_ptr(), x.data_ptr(), qkv.data_ptr(),
             qk.data_ptr(), attn.data_ptr(), proj.data_ptr(), gate_up.data_ptr(), act.data_ptr(),
-            cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(), self.eps, self.scale,
-            linear, lora, self._sparse_entry, torch.get_num_threads(),
+            0 if masked is None else masked.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+            slot_mapping.data_ptr(), self.eps, self.scale, linear, lora, self._sparse_entry,
+            torch.get_num_threads(),
         )  # fmt: skip
 
     def _kv_addresses(

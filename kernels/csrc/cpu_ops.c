@@ -847,9 +847,11 @@ typedef int (*lora_fn)(const void *x, int64_t ldx, const int64_t *params, void *
 // Or, in a sparse model (WINA / TEAL), kernels/csrc/sparse_linear.c's sparse_entry (by
 // address): w [k, n] (W.T contiguous), the group's column norms (or NULL), and keep > 0 (top-k)
 // or the calibrated threshold; the team's barrier between its phases.
+// Where the group has adapters too, it writes x with each row's dropped channels zeroed to
+// `masked`: the adapters see the channels the base weights saw.
 typedef int (*sparse_fn)(const void *x, int64_t ldx, const void *w, const float *norms,
                          int64_t keep, const float *threshold, const void *bias, void *out,
-                         int64_t m, int64_t n, int64_t k, int thread, int team,
+                         void *masked, int64_t m, int64_t n, int64_t k, int thread, int team,
                          void (*sync)(void *), void *context, void **shared);
 
 // Per layer, the addresses (0: none) and numbers a step reads, int64 each, in this order.
@@ -888,6 +890,7 @@ typedef struct {
     int64_t num_layers, m, hidden_size, hq, hk, d, f;
     char *hidden, *x;  // the residual stream (updated) and its normed copy (layer 0's input)
     char *qkv, *qk, *attn, *proj, *gate_up, *act;  // scratch; qk only with a q/k norm
+    char *masked;  // scratch [m, max(hidden, hq d, f)] for a sparse model's adapters, or NULL
     const char *cos, *sin;
     const int64_t *slot_mapping;
     float eps, scale;
@@ -906,20 +909,21 @@ INLINE int project(const decode_step_t *s, member_t *member, const int64_t *laye
     const int weight = GROUP_WEIGHT[group], bias = GROUP_BIAS[group];
     const int adapters = LAYER_LORA_QKV + group;
     const void *b = bias < 0 ? NULL : AT(layer, bias);
+    char *masked = s->sparse && layer[adapters] != 0 ? s->masked : NULL;
     int status;
     if (s->sparse) {
         status = s->sparse(x, k, AT(layer, weight), AT(layer, LAYER_NORMS_QKV + group),
                            layer[LAYER_KEEP_QKV + group], AT(layer, LAYER_THRESHOLD_QKV + group),
-                           b, y, s->m, n, k, member->thread, member->size, team_sync, member,
-                           &member->team->shared);
+                           b, y, masked, s->m, n, k, member->thread, member->size, team_sync,
+                           member, &member->team->shared);
     } else {
         status = s->linear(x, k, AT(layer, weight), b, y, s->m, n, k, member->thread,
                            member->size);
     }
     team_sync(member);
     if (layer[adapters] == 0) return status;
-    status |= s->lora(x, k, AT(layer, adapters), y, n, s->m, member->thread, member->size,
-                      team_sync, member, &member->team->shared);
+    status |= s->lora(masked ? masked : x, k, AT(layer, adapters), y, n, s->m, member->thread,
+                      member->size, team_sync, member, &member->team->shared);
     team_sync(member);
     return status;
 }
@@ -1148,21 +1152,22 @@ static PyObject *py_decode_attention(PyObject *module, PyObject *const *args, Py
 }
 
 // decode_layers(bf16, layers, num_layers, m, hidden_size, hq, hk, d, f, hidden, x, qkv, qk,
-//               attn, proj, gate_up, act, cos, sin, slot_mapping, eps, scale, linear, lora,
-//               sparse, threads): see decode_layers above; `linear`, `lora` and `sparse` (both
-// may be 0) are the kernels' addresses.
+//               attn, proj, gate_up, act, masked, cos, sin, slot_mapping, eps, scale, linear,
+//               lora, sparse, threads): see decode_layers above; `masked` (0 but for a sparse
+// model with adapters), `lora` and `sparse` may be 0; `linear`, `lora` and `sparse` are the
+// kernels' addresses.
 static PyObject *py_decode_layers(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
-    long long v[26];
-    if (parse_ints(args, nargs, 26, v, "decode_layers") != 0) return NULL;
-    const float eps = (float)PyFloat_AsDouble(args[20]), scale = (float)PyFloat_AsDouble(args[21]);
+    long long v[27];
+    if (parse_ints(args, nargs, 27, v, "decode_layers") != 0) return NULL;
+    const float eps = (float)PyFloat_AsDouble(args[21]), scale = (float)PyFloat_AsDouble(args[22]);
     if (PyErr_Occurred()) return NULL;
     const decode_step_t step = {
         PTR(v[1]),  v[2],       v[3],       v[4],       v[5],       v[6],
         v[7],       v[8],       PTR(v[9]),  PTR(v[10]), PTR(v[11]), PTR(v[12]),
         PTR(v[13]), PTR(v[14]), PTR(v[15]), PTR(v[16]), PTR(v[17]), PTR(v[18]),
-        PTR(v[19]), eps,        scale,      (linear_fn)PTR(v[22]),  (lora_fn)PTR(v[23]),
-        (sparse_fn)PTR(v[24]),  (int)v[25],
+        PTR(v[19]), PTR(v[20]), eps,        scale,      (linear_fn)PTR(v[23]),
+        (lora_fn)PTR(v[24]),    (sparse_fn)PTR(v[25]),  (int)v[26],
     };
     // Tens of milliseconds: the server's event loop runs meanwhile.
     PyThreadState *state = PyEval_SaveThread();

@@ -60,9 +60,15 @@
 // AMX-capable Xeon VM, where 2 or 8 rows per block, other prefetch distances, prefetches into L2
 // or none, and narrower or wider tiles were all slower or no faster. On a Zen 4 EPYC prefetches
 // into L2 stream 20-25% faster (kernels/sparse.py builds it so there); the rest is as good there.
+// On another Xeon VM (2026-11-23) 8 rows per block made the memory-bound stream of 1 or 2 input
+// rows 22-25% faster (bench/ab_kernel_flags.py --kernel sparse), 4 the rest.
 #ifndef BLOCK_ROWS  // kept rows of w streamed side by side (even: VDPBF16PS takes pairs)
 #define BLOCK_ROWS 4
 #endif
+#ifndef BLOCK_ROWS_FEW  // the same for up to SPLIT_K_ROWS input rows: more streams in flight
+#define BLOCK_ROWS_FEW 8
+#endif
+#define MAX_BLOCK_ROWS (BLOCK_ROWS > BLOCK_ROWS_FEW ? BLOCK_ROWS : BLOCK_ROWS_FEW)
 #ifndef SPLIT_K_ROWS  // up to this many rows, threads split the rows of w, above, the columns
 #define SPLIT_K_ROWS 2
 #endif
@@ -267,14 +273,26 @@ static void *grow(void *buffer, int64_t *capacity, int64_t count, size_t size) {
     return fresh;
 }
 
+// 16 elements of x with the channels outside `keep` zeroed (+0, as masked_fill), stored where
+// `valid`: the input a sparse model's adapters see.
+INLINE void store_masked(const char *x, char *out, __mmask16 keep, __mmask16 valid) {
+#if DT == F32
+    _mm512_mask_storeu_ps(out, valid, _mm512_maskz_loadu_ps(keep, x));
+#else
+    _mm256_mask_storeu_epi16(out, valid, _mm256_maskz_loadu_epi16(keep, x));
+#endif
+}
+
 // ---------------------------------------------------------------------------------------------
 // Gather: the kept channels of the union among channels [j_begin, j_end) (j_begin a multiple
 // of 16), ascending, appended at entry `kept` of `index`, and x of each row compacted to them
-// (0 where the row drops the channel) into values[t * ldv ...]. Returns the new entry count.
+// (0 where the row drops the channel) into values[t * ldv ...]; where `masked` is not NULL,
+// also x of each row with the channels it drops zeroed, masked [m][ldm] (x's type). Returns
+// the new entry count.
 
 static int64_t gather(const char *x, int64_t ldx, const float *norms, const float *thresholds,
                       int64_t m, int64_t j_begin, int64_t j_end, int32_t *index, float *values,
-                      int64_t ldv, int64_t kept) {
+                      int64_t ldv, int64_t kept, char *masked, int64_t ldm) {
     const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     __mmask16 keep[MAX_M];
     for (int64_t j0 = j_begin; j0 < j_end; j0 += LANES) {
@@ -290,6 +308,9 @@ static int64_t gather(const char *x, int64_t ldx, const float *norms, const floa
             keep[t] = _mm512_mask_cmp_ps_mask(valid, score, _mm512_set1_ps(thresholds[t]),
                                               _CMP_GE_OQ);
             any |= keep[t];
+        }
+        for (int64_t t = 0; masked != NULL && t < m; t++) {
+            store_masked(x + (t * ldx + j0) * ELEM, masked + (t * ldm + j0) * ELEM, keep[t], valid);
         }
         if (!any) continue;
         // Full-width stores of compressed vectors (faster than compress-stores to memory); the
@@ -369,7 +390,7 @@ INLINE void multiply_group(const job_t *job, const char *const *row, const char 
     }
 #if DOT_PAIRS
     // Pair q = rows 2q (earlier: the high halves) and 2q + 1 (the low halves), column by column.
-    __m512bh lo[BLOCK_ROWS / 2], hi[BLOCK_ROWS / 2];
+    __m512bh lo[MAX_BLOCK_ROWS / 2], hi[MAX_BLOCK_ROWS / 2];
 #pragma GCC unroll 2
     for (int q = 0; q < R / 2; q++) {
         const char *first = row[2 * q] + offset, *second = row[2 * q + 1] + offset;
@@ -395,7 +416,7 @@ INLINE void multiply_group(const job_t *job, const char *const *row, const char 
         _mm512_store_ps(a + LANES, acc_hi);
     }
 #else
-    pair_t w[BLOCK_ROWS];
+    pair_t w[MAX_BLOCK_ROWS];
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++) {
         w[r] = MASKED ? load_group_masked(row[r] + offset, mask) : load_group(row[r] + offset);
@@ -423,7 +444,7 @@ INLINE void multiply_rows(const job_t *job, float *acc, int64_t lda, int64_t col
                           int partial, int64_t c, int64_t ahead, const int T, const int R) {
     const int64_t row_bytes = job->n * ELEM;
     const char *base = job->w + col0 * ELEM;
-    const char *row[BLOCK_ROWS], *next[BLOCK_ROWS];
+    const char *row[MAX_BLOCK_ROWS], *next[MAX_BLOCK_ROWS];
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++) {
         row[r] = base + job->index[c + r] * row_bytes;
@@ -455,6 +476,7 @@ INLINE void run_part(const job_t *job, int part, int64_t g0, int64_t g1, const i
     const int64_t tiles = (g1 - g0 + max_groups - 1) / max_groups;
     const int64_t first = job->begin[part], end = job->end[part], lds = job->lds;
     float *sums = job->sums + part * T * lds;
+    const int block = T <= SPLIT_K_ROWS ? BLOCK_ROWS_FEW : BLOCK_ROWS;
     for (int64_t tile = 0; tile < tiles; tile++) {
         // Tiles of equal width, give or take a group.
         const int64_t t0 = g0 + (g1 - g0) * tile / tiles, t1 = g0 + (g1 - g0) * (tile + 1) / tiles;
@@ -463,15 +485,15 @@ INLINE void run_part(const job_t *job, int part, int64_t g0, int64_t g1, const i
         float *acc = sums + col0;
         for (int t = 0; t < T; t++) memset(acc + t * lds, 0, groups * GROUP * sizeof(float));
         // Prefetch far enough ahead to keep about PREFETCH_BYTES in flight, whole blocks.
-        const int64_t block_bytes = BLOCK_ROWS * groups * GROUP * ELEM;
-        int64_t ahead = BLOCK_ROWS * ((PREFETCH_BYTES + block_bytes - 1) / block_bytes);
+        const int64_t block_bytes = block * groups * GROUP * ELEM;
+        int64_t ahead = block * ((PREFETCH_BYTES + block_bytes - 1) / block_bytes);
         if (ahead > AHEAD_MAX) ahead = AHEAD_MAX;
-        // Blocks of BLOCK_ROWS entries, then the rest: pairs (DOT_PAIRS: each half has an even
+        // Blocks of `block` entries, then the rest: pairs (DOT_PAIRS: each half has an even
         // number of entries, completed with a zero entry) or single rows.
         const int rest = DOT_PAIRS ? 2 : 1;
         int64_t c = first;
-        for (; c + BLOCK_ROWS <= end; c += BLOCK_ROWS) {
-            multiply_rows(job, acc, lds, col0, groups, partial, c, ahead, T, BLOCK_ROWS);
+        for (; c + block <= end; c += block) {
+            multiply_rows(job, acc, lds, col0, groups, partial, c, ahead, T, block);
         }
         for (; c < end; c += rest) {
             multiply_rows(job, acc, lds, col0, groups, partial, c, ahead, T, rest);
@@ -561,6 +583,7 @@ typedef struct {
     const char *bias;           // [n] or NULL
     char *out;                  // [m, n]
     int64_t m, n, k;
+    char *masked;               // [m, k]: x with the dropped channels zeroed, or NULL: not wanted
 } layer_args_t;
 
 typedef struct {
@@ -634,7 +657,7 @@ static int64_t gather_half(call_t *call, int half) {
     int32_t *index = call->index;
     float *values = call->values;
     int64_t end = gather(a->x, a->ldx, a->norms, call->thresholds, m, half ? split : 0,
-                         half ? a->k : split, index, values, ldv, begin);
+                         half ? a->k : split, index, values, ldv, begin, a->masked, a->k);
     const int64_t kept = end - begin;
     if (DOT_PAIRS && kept % 2) {
         index[end] = index[end - 1];
@@ -869,7 +892,7 @@ static PyObject *py_linear(PyObject *module, PyObject *const *args, Py_ssize_t n
     const layer_args_t a = {(const char *)(intptr_t)v[0], v[1], (const char *)(intptr_t)v[2],
                             (const float *)(intptr_t)v[3], (const float *)(intptr_t)v[4], 0, 0.0f,
                             (const char *)(intptr_t)v[5], (char *)(intptr_t)v[6], v[7], v[8],
-                            v[9]};
+                            v[9], NULL};
     int64_t kept;
     // The weights stream for tens of microseconds or more: let other Python threads run.
     Py_BEGIN_ALLOW_THREADS
@@ -902,15 +925,16 @@ static PyObject *py_top_k_thresholds(PyObject *module, PyObject *const *args, Py
 
 // The layer by address, for a team of threads already running in another module (kernels/
 // csrc/cpu_ops.c's one-call decode step): every thread of the team calls it with the same
-// arguments, keep > 0 (top-k) or *threshold for every row; it returns once this thread's share
-// is done (the caller's barrier after it completes the layer). Returns 0, or -1 when a buffer
-// cannot be allocated.
+// arguments, keep > 0 (top-k) or *threshold for every row, and masked [m, k] (or NULL) for x
+// with each row's dropped channels zeroed; it returns once this thread's share is done (the
+// caller's barrier after it completes the layer). Returns 0, or -1 when a buffer cannot be
+// allocated.
 static int sparse_entry(const void *x, int64_t ldx, const void *w, const float *norms,
                         int64_t keep, const float *threshold, const void *bias, void *out,
-                        int64_t m, int64_t n, int64_t k, int thread, int team, sync_fn sync,
-                        void *context, void **shared) {
-    const layer_args_t a = {x, ldx, w, norms, NULL, keep, keep > 0 ? 0.0f : *threshold, bias, out,
-                            m, n, k};
+                        void *masked, int64_t m, int64_t n, int64_t k, int thread, int team,
+                        sync_fn sync, void *context, void **shared) {
+    const layer_args_t a = {x,   ldx, w, norms, NULL, keep, keep > 0 ? 0.0f : *threshold,
+                            bias, out, m, n,     k,    masked};
     return sparse_team(&a, thread, team, sync, context, shared) < 0 ? -1 : 0;
 }
 

@@ -112,14 +112,37 @@ def test_threshold_mode_at_zero_is_dense(tiny_model: Callable, sidecar: Path) ->
     assert torch.equal(run(model, prompt, NEW_TOKENS), run(CausalLM.from_dir(path), prompt, 6))
 
 
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def save_random_adapter(hf: transformers.PreTrainedModel, out: Path):
+    """A rank-4 PEFT LoRA on every projection of `hf`, random, saved to `out`; the PEFT model."""
+    peft = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)).eval()
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_" in name:
+                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
+    peft.save_pretrained(out)
+    return peft
+
+
+def adapter_batches(model: CausalLM, adapter_dir: Path) -> Callable:
+    """lens -> the LoraBatch of one sequence with the adapter at `adapter_dir`."""
+    stacks = AdapterStacks(model.config, dtype=model.dtype)
+    adapter = load_adapter(str(adapter_dir), model.config)
+    return lambda lens: stacks.batch([((adapter, 1.0),)], lens)
+
+
+@pytest.mark.parametrize("with_adapter", [False, True])
 @pytest.mark.parametrize("mode", ["top-k", "threshold"])
 @pytest.mark.parametrize("variant", ["llama_attention_bias", "qwen3_untied"])
 def test_decode_in_one_call_is_the_python_path(
-    tiny_model: Callable, tmp_path: Path, variant: str, mode: str
+    tiny_model: Callable, tmp_path: Path, variant: str, mode: str, with_adapter: bool
 ) -> None:
     """A sparse model's decode steps run in one C call (kernels.cpu_decode, the sparse kernel
-    inside); counting skipped channels runs them layer by layer from Python: the same logits,
-    bit for bit, and the C call was really taken."""
+    inside, and the adapters on the masked input); counting skipped channels runs them layer by
+    layer from Python: the same logits, bit for bit, and the C call was really taken."""
     path = tiny_model(variant).path
     model = CausalLM.from_dir(path)
     missing = sorted(sparse_kernels._CPU_FLAGS - cpu_flags())
@@ -135,7 +158,15 @@ def test_decode_in_one_call_is_the_python_path(
     apply_sparsity(layered, settings)
     layered.skip_counter = SkipCounter()
     prompt = random_tokens(5, PROMPT_LEN)
-    assert torch.equal(run(model, prompt, NEW_TOKENS), run(layered, prompt, NEW_TOKENS))
+    lora = layered_lora = None
+    if with_adapter:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        save_random_adapter(hf, tmp_path / "adapter")
+        lora = adapter_batches(model, tmp_path / "adapter")
+        layered_lora = adapter_batches(layered, tmp_path / "adapter")
+    assert torch.equal(
+        run(model, prompt, NEW_TOKENS, lora), run(layered, prompt, NEW_TOKENS, layered_lora)
+    )
     step = model._decode_layers
     assert isinstance(step, DecodeLayers) and step.sparse
     assert layered.skip_counter.fraction() > 0.4  # the layers were sparse
@@ -322,14 +353,7 @@ def test_lora_sees_the_sparse_input_like_peft_with_masked_inputs(
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         tiny.path, dtype=torch.float32, attn_implementation="eager"
     )
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    peft = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=targets)).eval()
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, param in peft.named_parameters():
-            if "lora_" in name:
-                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
-    peft.save_pretrained(tmp_path)
+    peft = save_random_adapter(hf, tmp_path)
     level, prompt = 0.4, random_tokens(4, PROMPT_LEN)
     # Hooks on PEFT's wrappers: the base weight and the adapter both see the masked input.
     base = peft.base_model.model
@@ -341,13 +365,7 @@ def test_lora_sees_the_sparse_input_like_peft_with_masked_inputs(
         for handle in handles:
             handle.remove()
     model = with_sparsity(tiny.path, sparsity=level)
-    stacks = AdapterStacks(model.config, dtype=model.dtype)
-    adapter = load_adapter(str(tmp_path), model.config)
-
-    def lora(lens: list[int]):
-        return stacks.batch([((adapter, 1.0),)], lens)
-
-    logits = run(model, prompt, NEW_TOKENS, lora)
+    logits = run(model, prompt, NEW_TOKENS, adapter_batches(model, tmp_path))
     torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0.0)
 
 

@@ -92,10 +92,13 @@ def one_by_one(
     shape: DecodeShape = SHAPE,
     adapters=None,
     sparsity=None,
+    mask_adapter_input: bool = True,
 ):
     """The layers as engine.model runs them op by op; adapters: per layer the LoraStack of qkv,
     o, gate_up and down, and the rows' LoraMapping; sparsity: per layer the four groups'
-    (norms, keep, threshold), the projections then through kernels.sparse."""
+    (norms, keep, threshold), the projections then through kernels.sparse, and the adapters
+    on the input with each row's dropped channels zeroed (on all of it without
+    mask_adapter_input: a guard)."""
     m, d = hidden.shape[0], shape.head_dim
     hq, hk = shape.num_heads, shape.num_kv_heads
     stacks, mapping = adapters if adapters is not None else ([None] * len(tensors), None)
@@ -108,6 +111,9 @@ def one_by_one(
             norms, keep, threshold = groups[group]
             thresholds = sparse.input_top_k_thresholds(x, norms, keep) if keep else threshold
             y = sparse.sparse_linear(x, w.t(), norms, thresholds, b)
+            if mask_adapter_input:
+                kept = sparse.channel_scores(x, norms) >= thresholds.view(-1)[:, None].float()
+                x = x.masked_fill(~kept, 0)
         return y if layer_stacks is None else lora.lora_ref(y, x, layer_stacks[group], mapping)
 
     for layer, following, k_pool, v_pool, own, groups in zip(
@@ -292,20 +298,34 @@ def sparse_model(tensors, mode: str):
     return stored, sparsity
 
 
-def run_both(tensors, norms_after, sparsity, shape: DecodeShape, m: int, dtype: torch.dtype):
-    """(the one call's x, hidden, keys, values; the kernels one by one's)."""
+def run_both(
+    tensors,
+    norms_after,
+    sparsity,
+    shape: DecodeShape,
+    m: int,
+    dtype: torch.dtype,
+    with_adapters: bool = False,
+):
+    """(the one call's x, hidden, keys, values; the kernels one by one's), every layer with
+    make_adapters' adapters where with_adapters."""
     layers = len(tensors)
     step = DecodeLayers.prepare(tensors, norms_after, shape, EPS, SCALE, sparsity)
     assert step is not None and step.sparse
     hidden, x, keys, values, gather, cos, sin, slot_mapping = make_step(
         dtype, m, layers, shape=shape
     )
+    adapters, params = None, None
+    if with_adapters:
+        stacks, mapping = make_adapters(dtype, m, shape)
+        adapters = ([stacks] * layers, mapping)
+        params = [adapter_params(stacks, mapping, m, dtype)] * layers
     copies = [t.clone() for t in (hidden, x, *keys, *values)]
-    assert step(hidden, x, keys, values, [gather] * layers, cos, sin, slot_mapping)
+    assert step(hidden, x, keys, values, [gather] * layers, cos, sin, slot_mapping, params)
     ref_keys, ref_values = copies[2 : 2 + layers], copies[2 + layers :]
     ref_x = one_by_one(
         tensors, norms_after, copies[0], copies[1], ref_keys, ref_values, gather, cos, sin,
-        slot_mapping, shape, sparsity=sparsity,
+        slot_mapping, shape, adapters, sparsity,
     )  # fmt: skip
     return (x, hidden, keys, values), (ref_x, copies[0], ref_keys, ref_values)
 
@@ -331,13 +351,44 @@ def test_sparse_one_call_is_the_sparse_kernels_one_by_one(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["top-k", "threshold"])
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_sparse_one_call_with_adapters_is_the_kernels_one_by_one(
+    dtype: torch.dtype, mode: str, m: int
+) -> None:
+    """The adapters see each projection group's input with the channels its row dropped
+    zeroed, as engine.model's Python path gives them (rows without an adapter among them)."""
+    if not cpu_linear.kernel_available(dtype) or SPARSE_MISSING_FLAGS:
+        pytest.skip(f"no {dtype} kernel, or this CPU lacks {SPARSE_MISSING_FLAGS}")
+    if not cpu_linear.lora_entry_address(dtype):
+        pytest.skip(f"no {dtype} multi-LoRA kernel on this CPU")
+    tensors, norms_after = make_layers(dtype, 2, qk_norm=True, bias=True)
+    stored, sparsity = sparse_model(tensors, mode)
+    (x, hidden, keys, values), (ref_x, ref_hidden, ref_keys, ref_values) = run_both(
+        stored, norms_after, sparsity, SHAPE, m, dtype, with_adapters=True
+    )
+    assert torch.equal(x, ref_x) and torch.equal(hidden, ref_hidden)
+    for got, wanted in zip((*keys, *values), (*ref_keys, *ref_values), strict=True):
+        assert torch.equal(got, wanted)
+    # Guard: the adapters on the unmasked input end elsewhere.
+    stacks, mapping = make_adapters(dtype, m, SHAPE)
+    unmasked = one_by_one(
+        stored, norms_after, *make_step(dtype, m, 2), SHAPE, ([stacks] * 2, mapping), sparsity,
+        mask_adapter_input=False,
+    )  # fmt: skip
+    assert not torch.equal(unmasked, ref_x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("with_adapters", [False, True])
 def test_sparse_one_call_shares_every_projection_between_threads(
-    dtype: torch.dtype, m: int
+    dtype: torch.dtype, m: int, with_adapters: bool
 ) -> None:
     """Two threads share each sparse projection (thresholds, the gather of each half of the
-    channels, and the stream: by halves of W.T at one row, by columns at 16): the same bits as
-    the sparse kernel called alone (its own team of threads)."""
+    channels, and the stream: by halves of W.T at one row, by columns at 16) and its adapters:
+    the same bits as the kernels called alone (the sparse kernel with its own team of
+    threads)."""
     if not cpu_linear.kernel_available(dtype) or SPARSE_MISSING_FLAGS:
         pytest.skip(f"no {dtype} kernel, or this CPU lacks {SPARSE_MISSING_FLAGS}")
     threads = torch.get_num_threads()
@@ -346,7 +397,7 @@ def test_sparse_one_call_shares_every_projection_between_threads(
         tensors, norms_after = make_layers(dtype, 1, qk_norm=True, bias=True, shape=WIDE)
         stored, sparsity = sparse_model(tensors, "top-k")
         (x, hidden, keys, values), (ref_x, ref_hidden, ref_keys, ref_values) = run_both(
-            stored, norms_after, sparsity, WIDE, m, dtype
+            stored, norms_after, sparsity, WIDE, m, dtype, with_adapters
         )
         assert torch.equal(x, ref_x) and torch.equal(hidden, ref_hidden)
         assert torch.equal(keys[0], ref_keys[0]) and torch.equal(values[0], ref_values[0])
@@ -396,7 +447,7 @@ def test_refusals_leave_everything_as_it_was() -> None:
 
 
 @pytest.mark.skipif(bool(SPARSE_MISSING_FLAGS), reason=f"this CPU lacks {SPARSE_MISSING_FLAGS}")
-def test_sparse_refusals_leave_everything_as_it_was() -> None:
+def test_sparse_prepare_refuses_what_the_kernel_cannot_take() -> None:
     dtype = torch.float32
     tensors, norms_after = make_layers(dtype, 2, qk_norm=False, bias=False)
     stored, sparsity = sparse_model(tensors, "top-k")
@@ -404,14 +455,4 @@ def test_sparse_refusals_leave_everything_as_it_was() -> None:
     assert DecodeLayers.prepare(stored, norms_after, SHAPE, EPS, SCALE) is None
     whole = [[(norms, norms.shape[0], None) for norms, _, _ in layer] for layer in sparsity]
     assert DecodeLayers.prepare(stored, norms_after, SHAPE, EPS, SCALE, whole) is None
-    sparse_step = DecodeLayers.prepare(stored, norms_after, SHAPE, EPS, SCALE, sparsity)
-    assert sparse_step is not None
-    params = adapter_params(*make_adapters(dtype, 3, SHAPE), 3, dtype)
-    hidden, x, keys, values, gather, cos, sin, slot_mapping = make_step(dtype, 3, 2)
-    before = [t.clone() for t in (hidden, x, *keys, *values)]
-    # A sparse model's adapters must see the masked input, which only the Python path makes.
-    assert not sparse_step(
-        hidden, x, keys, values, [gather] * 2, cos, sin, slot_mapping, [params] * 2
-    )
-    for got, wanted in zip((hidden, x, *keys, *values), before, strict=True):
-        assert torch.equal(got, wanted)
+    assert DecodeLayers.prepare(stored, norms_after, SHAPE, EPS, SCALE, sparsity) is not None
