@@ -50,6 +50,9 @@
 
 // Below this many weight bytes, waking the second thread costs more than it saves.
 #define PARALLEL_MIN_BYTES (256 * 1024)
+#ifndef TEAM_MIN_BYTES  // the same within a running team, where sharing costs no wake-up
+#define TEAM_MIN_BYTES (16 * 1024)
+#endif
 
 #if defined(TANDEM_BF16)
 typedef uint16_t elem_t;
@@ -512,7 +515,7 @@ static int linear_vector(const elem_t *x, int64_t ldx, const elem_t *w, const el
 static int vector_part(const elem_t *x, int64_t ldx, const elem_t *w, const elem_t *bias,
                        elem_t *out, int64_t ldo, int64_t m, int64_t n, int64_t k, int accumulate,
                        int64_t thread, int64_t team) {
-    if (team > 1 && n * k * (int64_t)sizeof(elem_t) < PARALLEL_MIN_BYTES) {
+    if (team > 1 && n * k * (int64_t)sizeof(elem_t) < TEAM_MIN_BYTES) {
         if (thread != 0) return 0;
         team = 1;
     }
@@ -538,6 +541,9 @@ static int vector_part(const elem_t *x, int64_t ldx, const elem_t *w, const elem
 
 #define TILE_ROWS 16
 #define TILE_K 32
+#ifndef AMX_PREFETCH_BYTES
+#define AMX_PREFETCH_BYTES (8 * 1024)
+#endif
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
@@ -576,21 +582,21 @@ static void configure_tiles(int m) {
     _tile_loadconfig(&config);
 }
 
-// x as bf16 pairs, 64 bytes per pair index: packed[p * MAX_M + i] = (x[i, 2p], x[i, 2p + 1]),
-// zero past k. Each chunk of K is then one B tile with a 64-byte row stride.
+// x as bf16 pairs, m * 4 bytes per pair index: packed[p * m + i] = (x[i, 2p], x[i, 2p + 1]),
+// zero past k. Each chunk of K is then one B tile with an m * 4-byte row stride. Written in
+// order, as compact as x: a 64-byte stride whatever m wrote a cache line per 4 bytes at m = 1.
 static void pack_pairs(const elem_t *x, int64_t ldx, int m, int64_t k, int64_t chunks,
                        uint32_t *packed) {
-    const int64_t pairs = chunks * TILE_K / 2;
-    for (int i = 0; i < m; i++) {
-        const elem_t *row = x + i * ldx;
-        int64_t p = 0;
-        for (; 2 * p + 1 < k; p++) memcpy(&packed[p * MAX_M + i], row + 2 * p, 4);
-        if (2 * p < k) {
-            packed[p * MAX_M + i] = row[2 * p];
-            p++;
-        }
-        for (; p < pairs; p++) packed[p * MAX_M + i] = 0;
+    const int64_t pairs = chunks * TILE_K / 2, full = k / 2;
+    int64_t p = 0;
+    for (; p < full; p++) {
+        for (int i = 0; i < m; i++) memcpy(&packed[p * m + i], x + i * ldx + 2 * p, 4);
     }
+    if (k % 2) {
+        for (int i = 0; i < m; i++) packed[p * m + i] = x[i * ldx + 2 * p];
+        p++;
+    }
+    memset(packed + p * m, 0, (size_t)((pairs - p) * m) * sizeof(uint32_t));
 }
 
 // One buffer per calling thread, grown as needed and kept: allocating a few hundred KB per call
@@ -627,18 +633,19 @@ static void multiply_group(const amx_job_t *job, const elem_t *group, const elem
             _mm_prefetch((const char *)(next + r * k + c * TILE_K), _MM_HINT_T0);
         }
         _tile_loadd(1, chunk, k * 2);
-        _tile_loadd(2, job->packed + c * (TILE_K / 2) * MAX_M, MAX_M * 4);
+        _tile_loadd(2, job->packed + c * (TILE_K / 2) * job->m, job->m * 4);
         _tile_dpbf16ps(0, 1, 2);
     }
     if (k % TILE_K) {
         elem_t tail[TILE_ROWS][TILE_K] __attribute__((aligned(64)));
         memset(tail, 0, sizeof(tail));
         for (int r = 0; r < TILE_ROWS; r++) {
+            _mm_prefetch((const char *)(next + r * k + full_chunks * TILE_K), _MM_HINT_T0);
             memcpy(tail[r], group + r * k + full_chunks * TILE_K, (k % TILE_K) * 2);
         }
         MEMORY_BARRIER();
         _tile_loadd(1, tail, TILE_K * 2);
-        _tile_loadd(2, job->packed + full_chunks * (TILE_K / 2) * MAX_M, MAX_M * 4);
+        _tile_loadd(2, job->packed + full_chunks * (TILE_K / 2) * job->m, job->m * 4);
         _tile_dpbf16ps(0, 1, 2);
     }
 }
@@ -682,12 +689,17 @@ static void store_group(const float (*sums)[MAX_M], const elem_t *bias, elem_t *
 static void amx_groups(const amx_job_t *job, const int64_t *list, int64_t begin, int64_t end) {
     float sums[TILE_ROWS][MAX_M] __attribute__((aligned(64)));
     configure_tiles((int)job->m);
+    // Prefetch this many groups ahead: one of long rows, enough of short ones (a LoRA expand's
+    // rank-wide rows: 512 bytes a group at rank 16) to keep AMX_PREFETCH_BYTES in flight.
+    const int64_t group_bytes = TILE_ROWS * job->k * (int64_t)sizeof(elem_t);
+    const int64_t ahead = (AMX_PREFETCH_BYTES + group_bytes - 1) / group_bytes;
     for (int64_t index = begin; index < end; index++) {
         const int64_t g = list ? list[index] : index;
         const int64_t first = g * TILE_ROWS;
         const int64_t n0 = first + TILE_ROWS <= job->n ? first : job->n - TILE_ROWS;
-        // The next group in the list, or (at the end, and without a list) the adjacent one.
-        const int64_t after = list && index + 1 < end ? list[index + 1] * TILE_ROWS : n0 + TILE_ROWS;
+        // That group in the list, or (past its end, and without a list) the one as far on.
+        const int64_t after = list && index + ahead < end ? list[index + ahead] * TILE_ROWS
+                                                          : n0 + ahead * TILE_ROWS;
         multiply_group(job, job->w + n0 * job->k, job->w + after * job->k);
         _tile_stored(0, sums, MAX_M * 4);
         MEMORY_BARRIER();
@@ -709,7 +721,7 @@ static int amx_part(const elem_t *x, int64_t ldx, const elem_t *w, const elem_t 
     if (n < TILE_ROWS) {
         return vector_part(x, ldx, w, bias, out, ldo, m, n, k, accumulate, thread, team);
     }
-    if (team > 1 && n * k * (int64_t)sizeof(elem_t) < PARALLEL_MIN_BYTES) {
+    if (team > 1 && n * k * (int64_t)sizeof(elem_t) < TEAM_MIN_BYTES) {
         if (thread != 0) return 0;
         team = 1;
     }
