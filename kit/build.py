@@ -95,14 +95,29 @@ class Recipe:
     seed: int = 0
     workers: int = 2
     threads: int = 1
+    # The matmuls' precision: "bf16" (autocast), "fp32", or "auto": bf16 where the CPU
+    # multiplies it in hardware (train.native_bf16), fp32 elsewhere, where bf16 is emulated.
+    precision: str = "auto"
 
 
 DEFAULT_RECIPE = Recipe()
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def training_precision(recipe: Recipe) -> str:
+    """recipe.precision with "auto" resolved for this CPU: "bf16" or "fp32"."""
+    if recipe.precision not in PRECISIONS:
+        raise ValueError(f"precision {recipe.precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if recipe.precision == "auto":
+        return "bf16" if train.native_bf16() else "fp32"
+    return recipe.precision
 
 
 def recipe_hash(recipe: Recipe) -> str:
-    """Hash of the recipe and of the code that turns it into weights."""
-    digest = hashlib.sha256(json.dumps(asdict(recipe), sort_keys=True).encode())
+    """Hash of the recipe (its precision as resolved here) and of the code that turns it into
+    weights."""
+    resolved = replace(recipe, precision=training_precision(recipe))
+    digest = hashlib.sha256(json.dumps(asdict(resolved), sort_keys=True).encode())
     for name in ("build", "corpus", "data", "tasks", "train"):
         digest.update((Path(__file__).parent / f"{name}.py").read_bytes())
     return digest.hexdigest()[:12]
@@ -223,6 +238,9 @@ def _build(out: Path, recipe: Recipe, progress: bool) -> None:
     workspace = _Workspace(out, recipe, progress)
     workspace.state_dir.mkdir(parents=True)
     build_sentencepiece_tokenizer_dir(workspace.tokenizer_dir)
+    precision = training_precision(recipe)
+    if recipe.precision == "auto" and precision == "fp32":
+        say("training in fp32: this CPU has no bf16 multiply (AVX512-BF16 or AMX) to train in")
     say("generating and tokenizing the general mix and the tasks")
     _write_token_data(workspace)
     results = _run_jobs(workspace, _jobs(recipe), say)
@@ -297,7 +315,8 @@ def _run_job(workspace: _Workspace, job: _Job) -> dict:
         batches = _batches(workspace, job, space)
         if job.kind == "lora":
             model = _with_lora(model, recipe.lora)
-        loss = train.train(model, batches, job.schedule, space.unseen_count, progress)
+        bf16 = training_precision(recipe) == "bf16"
+        loss = train.train(model, batches, job.schedule, space.unseen_count, progress, bf16)
         if job.kind == "lora":
             _save_adapter(model, workspace.root / job.name, job.base)
         else:
@@ -373,6 +392,7 @@ def _write_metadata(workspace: _Workspace, results: dict, seconds: float) -> Non
     summary = {
         "recipe": asdict(recipe),
         "recipe_hash": recipe_hash(recipe),
+        "precision": training_precision(recipe),
         "distinct_tokens_trained": len(workspace.space()),
         "seconds": round(seconds, 1),
         "jobs": results,

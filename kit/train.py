@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from kernels.build import cpu_flags
+
 FULL_VOCAB_SIZE = 32768
 BOS_ID, EOS_ID = 1, 2
 # Small enough that the unseen tokens' logits are ~0 (the loss's assumption), yet distinct, so
@@ -166,14 +168,25 @@ def deterministic(seed: int, threads: int) -> Iterator[None]:
         torch.set_num_threads(previous_threads)
 
 
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16). Elsewhere (AVX2
+    CPUs such as AMD Zen 2 and 3) torch emulates bf16 matmuls: a base-large training step under
+    bf16 autocast took 8.1 s instead of 0.26 s (fp32: 0.46-0.48 s) with oneDNN and torch's
+    kernels held to AVX2 on an AMX Xeon."""
+    flags = cpu_flags()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def train(
     model: torch.nn.Module,
     batches: Iterable[Batch],
     schedule: Schedule,
     unseen_count: int,
     progress: Progress,
+    bf16: bool = True,
 ) -> float:
-    """Train the model's trainable parameters for schedule.steps batches; returns the final loss."""
+    """Train the model's trainable parameters for schedule.steps batches, its matmuls under bf16
+    autocast where `bf16` (else fp32); returns the final loss."""
     model.train()
     optimizer = torch.optim.AdamW(
         _parameter_groups(model, schedule.weight_decay),
@@ -184,7 +197,7 @@ def train(
     trainable = [p for p in model.parameters() if p.requires_grad]
     progress.start(schedule.steps)
     for _, batch in zip(range(schedule.steps), batches, strict=False):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(input_ids=batch.inputs, use_cache=False).logits
         loss = full_vocab_cross_entropy(
             logits.float(), batch.targets, unseen_count, batch.loss_mask

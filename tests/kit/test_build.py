@@ -4,6 +4,7 @@ never half-written."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.types import Request, SamplingParams, StoppingCriteria
+from kernels.build import cpu_flags
 from kit import build, data, train
 from kit.build import KitPaths, build_kit, default_kit_dir, recipe_hash
 from kit.tasks import TASKS
@@ -84,6 +86,25 @@ def test_micro_build_is_bit_for_bit_reproducible(micro_kit: str, tmp_path: Path)
         assert (Path(micro_kit) / name / config).read_text() == (
             Path(again) / name / config
         ).read_text()
+
+
+def test_training_precision_is_the_cpus_unless_set(micro_kit: str, tmp_path: Path) -> None:
+    """ "auto" trains in bf16 only on CPUs that multiply it in hardware (their flags), and says
+    so in kit.json; the other precision, set in the recipe, is another kit (name and weights)."""
+    flags = cpu_flags()
+    auto = "bf16" if "avx512_bf16" in flags or "amx_bf16" in flags else "fp32"
+    assert json.loads((Path(micro_kit) / "kit.json").read_text())["precision"] == auto
+    other = "fp32" if auto == "bf16" else "bf16"
+    recipe = replace(MICRO, precision=other)
+    assert recipe_hash(recipe) != recipe_hash(MICRO)
+    built = Path(build_kit(tmp_path / other, recipe, progress=False))
+    assert json.loads((built / "kit.json").read_text())["precision"] == other
+    first = load_file(Path(micro_kit) / "base-large" / "model.safetensors")
+    second = load_file(built / "base-large" / "model.safetensors")
+    assert first.keys() == second.keys()
+    assert any(not torch.equal(tensor, second[key]) for key, tensor in first.items())
+    with pytest.raises(ValueError, match="precision 'fp16'"):
+        recipe_hash(replace(MICRO, precision="fp16"))
 
 
 def test_fine_tunes_start_from_their_base(micro_kit: str) -> None:
