@@ -61,7 +61,8 @@
 // or none, and narrower or wider tiles were all slower or no faster. On a Zen 4 EPYC prefetches
 // into L2 stream 20-25% faster (kernels/sparse.py builds it so there); the rest is as good there.
 // On another Xeon VM (2026-11-23) 8 rows per block made the memory-bound stream of 1 or 2 input
-// rows 22-25% faster (bench/ab_kernel_flags.py --kernel sparse), 4 the rest.
+// rows 20-22% faster (bench/ab_kernel_flags.py --kernel sparse), 4 the rest; AMD CPUs keep 4
+// (kernels/sparse.py), unmeasured there.
 #ifndef BLOCK_ROWS  // kept rows of w streamed side by side (even: VDPBF16PS takes pairs)
 #define BLOCK_ROWS 4
 #endif
