@@ -19,8 +19,6 @@ build; asserts nothing.
 from __future__ import annotations
 
 import argparse
-import importlib.machinery
-import importlib.util
 import statistics
 import sys
 import sysconfig
@@ -40,7 +38,7 @@ def load(kernel: str, isa: str, extra: list[str], source_file: str | None = None
     """The bf16 module's `linear`, built from its source (or `source_file`, a variant of it)
     with kernels/'s flags for instruction set `isa` (not its CPU-dependent ones) plus `extra`."""
     from kernels import cpu_linear, sparse
-    from kernels.build import build_shared_library
+    from kernels.build import build_shared_library, load_extension
 
     if kernel == "dense":
         name = "cpu_linear_bf16" + ("" if isa == "avx512" else f"_{isa}")
@@ -51,12 +49,7 @@ def load(kernel: str, isa: str, extra: list[str], source_file: str | None = None
     source = Path(source_file) if source_file else source
     include = f"-I{sysconfig.get_paths()['include']}"
     path = build_shared_library(source, (*flags, "-DTANDEM_BF16", include, *extra))
-    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
-    spec = importlib.util.spec_from_file_location(name, path, loader=loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module.linear
+    return load_extension(name, path).linear
 
 
 def main() -> None:

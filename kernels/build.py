@@ -8,12 +8,15 @@ file and atomically rename it into place (the loser's rename just replaces ident
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
+import importlib.util
 import os
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 CSRC_DIR = Path(__file__).parent / "csrc"
 
@@ -51,6 +54,17 @@ def _cpuinfo_field(name: str) -> str:
     except OSError:
         pass
     return ""
+
+
+def load_extension(name: str, path: Path) -> ModuleType:
+    """The CPython extension module `name` in the shared library at `path` (as
+    build_shared_library returns it), loaded without going through sys.path."""
+    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
+    spec = importlib.util.spec_from_file_location(name, path, loader=loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
 
 
 def build_shared_library(source: Path, flags: Sequence[str], compiler: str = "gcc") -> Path:

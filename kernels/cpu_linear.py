@@ -28,8 +28,6 @@ Without gcc, Python's headers or AVX2, `linear` is F.linear (with one warning).
 from __future__ import annotations
 
 import functools
-import importlib.machinery
-import importlib.util
 import sysconfig
 import threading
 import warnings
@@ -39,7 +37,14 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from kernels.build import CSRC_DIR, BuildError, build_shared_library, cpu_flags, cpu_vendor
+from kernels.build import (
+    CSRC_DIR,
+    BuildError,
+    build_shared_library,
+    cpu_flags,
+    cpu_vendor,
+    load_extension,
+)
 
 MAX_ROWS = 16
 
@@ -453,10 +458,4 @@ def _build_module(dtype: torch.dtype, isa: str):
     )
     if cpu_vendor() == "AuthenticAMD":
         flags = (*flags, "-DPREFETCH_L2")  # faster on a Zen 4 EPYC: see cpu_linear.c
-    path = build_shared_library(_SOURCE, flags)
-    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
-    spec = importlib.util.spec_from_file_location(name, path, loader=loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
+    return load_extension(name, build_shared_library(_SOURCE, flags))

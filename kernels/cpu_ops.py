@@ -17,8 +17,6 @@ pair, and per pair and alpha) instead of some twenty torch ops over [B, E, V] an
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import math
 import sysconfig
 import threading
@@ -30,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from kernels.build import CSRC_DIR, BuildError, build_shared_library, cpu_flags
+from kernels.build import CSRC_DIR, BuildError, build_shared_library, cpu_flags, load_extension
 
 _SOURCE = CSRC_DIR / "cpu_ops.c"
 _FLAGS = (
@@ -570,11 +568,7 @@ def _build() -> ModuleType | None:
     flags = (*_FLAGS, f"-I{sysconfig.get_paths()['include']}")
     try:
         path = build_shared_library(_SOURCE, flags)
-        loader = importlib.machinery.ExtensionFileLoader("cpu_ops", str(path))
-        spec = importlib.util.spec_from_file_location("cpu_ops", path, loader=loader)
-        assert spec is not None
-        module = importlib.util.module_from_spec(spec)
-        loader.exec_module(module)
+        module = load_extension("cpu_ops", path)
         if len(FUSION_STATS) != module.FUSION_STATS:
             raise ImportError(f"{path} has {module.FUSION_STATS} fusion statistics")
     except (BuildError, ImportError, OSError) as error:

@@ -43,8 +43,6 @@ channels and the kernel is slower than the dense layer; at 16 rows it is several
 from __future__ import annotations
 
 import functools
-import importlib.machinery
-import importlib.util
 import sysconfig
 import threading
 import warnings
@@ -54,7 +52,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kernels.build import CSRC_DIR, BuildError, build_shared_library, cpu_flags, cpu_vendor
+from kernels.build import (
+    CSRC_DIR,
+    BuildError,
+    build_shared_library,
+    cpu_flags,
+    cpu_vendor,
+    load_extension,
+)
 
 try:  # Triton is optional: the CPU paths need none.
     import triton
@@ -349,11 +354,7 @@ def _build_kernel(dtype: torch.dtype, dot_pairs: bool | None = None) -> KernelFn
             # 8-row blocks for 1-2 input rows were measured on a Xeon only: 4 as before here.
             flags = (*flags, "-DPREFETCH_HINT=_MM_HINT_T1", "-DBLOCK_ROWS_FEW=4")
         path = build_shared_library(_SOURCE, flags)
-        loader = importlib.machinery.ExtensionFileLoader(name, str(path))
-        spec = importlib.util.spec_from_file_location(name, path, loader=loader)
-        assert spec is not None
-        module = importlib.util.module_from_spec(spec)
-        loader.exec_module(module)
+        module = load_extension(name, path)
     except (BuildError, ImportError, OSError) as error:
         if not _warned:  # one warning whatever the number of dtypes
             _warned = True
