@@ -40,12 +40,15 @@ def load(kernel: str, isa: str, extra: list[str], source_file: str | None = None
     from kernels import cpu_linear, sparse
     from kernels.build import build_shared_library, load_extension
 
+    suffix = "" if isa == "avx512" else f"_{isa}"
     if kernel == "dense":
-        name = "cpu_linear_bf16" + ("" if isa == "avx512" else f"_{isa}")
-        source = cpu_linear._SOURCE
+        name, source = f"cpu_linear_bf16{suffix}", cpu_linear._SOURCE
         flags = (*cpu_linear._COMMON_FLAGS, *cpu_linear._ISA_FLAGS[isa])
     else:
-        name, source, flags = "sparse_linear_bf16", sparse._SOURCE, (*sparse._FLAGS, "-mavx512bf16")
+        name, source = f"sparse_linear_bf16{suffix}", sparse._SOURCE
+        flags = (*sparse._FLAGS, *sparse._ISA_FLAGS[isa])
+        if isa == "avx512":
+            flags = (*flags, "-mavx512bf16")
     source = Path(source_file) if source_file else source
     include = f"-I{sysconfig.get_paths()['include']}"
     path = build_shared_library(source, (*flags, "-DTANDEM_BF16", include, *extra))
@@ -56,7 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernel", choices=["dense", "sparse"], default="dense")
     parser.add_argument(
-        "--isa", choices=["avx512", "avx2"], help="dense: the instruction set (default: the best)"
+        "--isa", choices=["avx512", "avx2"], help="the instruction set (default: the best)"
     )
     parser.add_argument("--a", default="", help="extra flags of build A (space-separated)")
     parser.add_argument("--b", default="", help="extra flags of build B")
@@ -102,7 +105,7 @@ def main() -> None:
             times[name].append(time.perf_counter() - started)
         if (round_ + 1) % 10 == 0:
             print(f"[ab] round {round_ + 1}/{args.rounds}", file=sys.stderr)
-    kind = f"{args.kernel} kernel ({isa})" if args.kernel == "dense" else "sparse kernel"
+    kind = f"{args.kernel} kernel ({isa})"
     print(f"{kind}, {args.rows} rows, {LAYERS} x {len(SHAPES)} projections (bf16)")
     for name, values in times.items():
         median, best = statistics.median(values) * 1e3, min(values) * 1e3

@@ -2,14 +2,18 @@
 several sparsities, side by side in one run on the benchmark model (bench/make_bench_model.py).
 
     python bench/bench_sparse_decode.py [--quick] [--levels 0.4 0.5] [--rule wina|teal]
-                                        [--adapter-rank R]
+                                        [--adapter-rank R] [--variant avx2]
 
 With --adapter-rank every request runs a random rank-R LoRA adapter on all seven projections
 (bench/bench_lora.py's), which sees the sparse input too; dense then means dense with it.
+With --variant avx2 the dense and the sparse kernels are their AVX2 variants, as on a CPU
+without AVX-512 (kernels.cpu_linear.set_variant, kernels.sparse.set_variant).
 
 One engine (bf16) is loaded once; the model is switched between dense and each sparsity
 (`CausalLM.set_sparsity`) and every configuration is timed in every round, interleaved, so load
-drift on a shared machine hits them alike; each figure is the best round. Decode is separated
+drift on a shared machine hits them alike; each figure is the best round, and beside each
+speedup the median over rounds of the round's own ratio (a machine whose bandwidth swings
+between rounds moves both sides of a round's ratio together). Decode is separated
 from prefill as in bench/bench_decode.py: the time of an N-token call minus that of a 1-token
 call on a same-length prompt covers N - 1 decode steps.
 
@@ -25,6 +29,7 @@ import itertools
 import json
 import os
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -125,10 +130,17 @@ def measure(opts: argparse.Namespace) -> dict:
     results = {}
     for level in configs:
         decode_s = min(full[level]) - min(one[level])
+        # Round r's decode seconds of this level over the dense one's: the inverse speedup.
+        ratios = [
+            (full[0.0][r] - one[0.0][r]) / (full[level][r] - one[level][r])
+            for r in range(opts.repeats)
+        ]
         results[f"{level:g}"] = {
             "sparsity": level,
             "decode_tok_s_b1": (opts.max_new_tokens - 1) / decode_s,
             "bound": speedup_bound(f, level),
+            "round_speedups": ratios,
+            "median_round_speedup": statistics.median(ratios),
         }
     dense = results["0"]["decode_tok_s_b1"]
     for entry in results.values():
@@ -141,10 +153,21 @@ def kernel_path() -> str:
 
     from kernels import sparse
 
-    available = getattr(sparse, "cpu_kernel_available", None)
-    if available is not None and available(torch.bfloat16):
-        return "C kernel (kernels/csrc/sparse_linear.c)"
+    if sparse.cpu_kernel_available(torch.bfloat16):
+        return f"C kernel (kernels/csrc/sparse_linear.c), {sparse.current_variant()}"
     return "reference (dense matmul of the masked input)"
+
+
+def choose_variant(name: str) -> None:
+    """The dense and the sparse kernels' variant `name`, before the engine loads."""
+    import torch
+
+    from kernels import cpu_linear, sparse
+
+    if name not in cpu_linear.variants(torch.bfloat16) or name not in sparse.variants():
+        raise SystemExit(f"this CPU cannot run the {name} kernels")
+    cpu_linear.set_variant(torch.bfloat16, name)
+    sparse.set_variant(name)
 
 
 def print_table(report: dict) -> None:
@@ -153,19 +176,20 @@ def print_table(report: dict) -> None:
         f"model: {report['model']}",
         f"rule {report['rule']}, mode {report['mode']}, adapter rank "
         f"{report['adapter_rank'] or '-'}, {report['max_new_tokens']} new tokens, "
-        f"prompt {report['prompt_len']}, best of {report['repeats']} interleaved rounds",
+        f"prompt {report['prompt_len']}, best of {report['repeats']} interleaved rounds "
+        "(paired: the median round's ratio)",
         f"sparse path: {report['kernel']}; dense fraction of bytes f = "
         f"{report['dense_fraction']:.3f} (LM head)",
         f"load average {report['loadavg_at_start'][0]:.2f} at start, "
         f"{report['loadavg_at_end'][0]:.2f} at end ({report['cpus']} CPUs)",
         "",
-        f"{'':<14}{'decode b1 tok/s':>18}{'speedup':>10}{'bound':>10}",
+        f"{'':<14}{'decode b1 tok/s':>18}{'speedup':>10}{'paired':>10}{'bound':>10}",
     ]
     for entry in report["results"].values():
         label = "dense" if entry["sparsity"] == 0 else f"{report['rule']} {entry['sparsity']:.0%}"
         lines.append(
             f"{label:<14}{entry['decode_tok_s_b1']:>18.1f}{entry['speedup']:>9.2f}x"
-            f"{entry['bound']:>9.2f}x"
+            f"{entry['median_round_speedup']:>9.2f}x{entry['bound']:>9.2f}x"
         )
     print("\n".join(lines), flush=True)
 
@@ -179,6 +203,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mode", choices=("top-k", "threshold"), default="top-k")
     p.add_argument("--sparsity-file", help="the model's sidecar (threshold mode)")
     p.add_argument("--adapter-rank", type=int, default=0, help="a LoRA adapter of this rank")
+    p.add_argument("--variant", choices=("avx512", "avx2"), help="the kernels' instruction set")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
@@ -196,6 +221,8 @@ def main(argv: list[str] | None = None) -> None:
 
         progress("building the benchmark model (cached under bench/.cache/)")
         opts.model = build_bench_model()
+    if opts.variant:
+        choose_variant(opts.variant)
     report = {
         "model": str(Path(opts.model).resolve()),
         "rule": opts.rule,

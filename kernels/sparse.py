@@ -13,12 +13,14 @@ thresholds [T], bias [N] or None; y [T, N] in x's dtype):
 
 - ``sparse_linear_ref``: a dense matmul of the masked input (the oracle, and the prefill path:
   with many rows nearly every channel is kept by some row, and a GEMM beats anything sparse);
-- ``sparse_linear_cpu``: for up to MAX_ROWS rows of bf16, fp16 or fp32 on a CPU with AVX-512, a C
-  kernel (kernels/csrc/sparse_linear.c) that gathers the channels any row keeps and streams only
-  those rows of weight_t: (1 - sparsity) of the weight bytes for one row, the union of the rows'
-  kept channels for several (1 - sparsity^T of them for rows that choose independently). Every
-  other case goes to sparse_linear_ref; so does everything when gcc, Python's headers or AVX-512
-  are missing (with one warning);
+- ``sparse_linear_cpu``: for up to MAX_ROWS rows of bf16, fp16 or fp32 on a CPU with AVX-512 or
+  AVX2, a C kernel (kernels/csrc/sparse_linear.c) that gathers the channels any row keeps and
+  streams only those rows of weight_t: (1 - sparsity) of the weight bytes for one row, the union
+  of the rows' kept channels for several (1 - sparsity^T of them for rows that choose
+  independently). Variants, chosen once per process (`variants`, `set_variant`), the first this
+  CPU runs being the default: "avx512" and "avx2" (CPUs without AVX-512, e.g. AMD Zen 2 and 3).
+  Every other case goes to sparse_linear_ref; so does everything when gcc, Python's headers or
+  AVX2 are missing (with one warning);
 - ``sparse_linear_triton``: for up to MAX_ROWS rows on a GPU, Triton kernels that compute the
   mask from x, col_norms and thresholds themselves and load only the kept rows of weight_t
   (masked loads), split over K for small N: for one row, multiply-adds into a tile of sums (on an
@@ -179,19 +181,19 @@ def sparse_linear(
 # The CPU kernel
 
 _SOURCE = CSRC_DIR / "sparse_linear.c"
-_FLAGS = (
-    "-O2",
-    "-fopenmp",
-    "-mavx512f",
-    "-mavx512bw",
-    "-mavx512vl",
-    "-mfma",
-    # Arithmetic exactly as written: the scores must round as channel_scores rounds them.
-    "-ffp-contract=off",
-)
-_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "fma"})
-# bf16 on CPUs that have it: two products per instruction (VDPBF16PS) instead of one FMA, with the
-# same results (see the C source).
+# Arithmetic exactly as written: the scores must round as channel_scores rounds them.
+_FLAGS = ("-O2", "-fopenmp", "-ffp-contract=off")
+# Instruction set -> its compiler flags and the CPU flags it needs, the preferred first.
+_ISA_FLAGS = {
+    "avx512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"),
+    "avx2": ("-mavx2", "-mfma", "-mf16c"),
+}
+_ISA_CPU_FLAGS = {
+    "avx512": frozenset({"avx512f", "avx512bw", "avx512vl", "fma"}),
+    "avx2": frozenset({"avx2", "fma", "f16c"}),
+}
+# bf16 on AVX-512 CPUs that have it: two products per instruction (VDPBF16PS) instead of one FMA,
+# with the same results (see the C source).
 _DOT_CPU_FLAG = "avx512_bf16"
 _DTYPE_MODULES = {
     torch.bfloat16: ("sparse_linear_bf16", "-DTANDEM_BF16"),
@@ -208,6 +210,33 @@ _top_k_kernels: dict[torch.dtype, Callable[..., None]] = {}
 _NOT_LOADED = object()
 _load_lock = threading.Lock()
 _warned = False
+_chosen_variant: str | None = None  # set_variant's choice; None: the first this CPU runs
+
+
+def variants() -> tuple[str, ...]:
+    """The C kernel's variants this CPU runs, the default first, of "avx512" and "avx2"."""
+    flags = cpu_flags()
+    return tuple(isa for isa, needed in _ISA_CPU_FLAGS.items() if needed <= flags)
+
+
+def set_variant(name: str) -> None:
+    """Run variant `name` (one of variants()) for every dtype from now on. Choose once, at
+    startup: a decode step prepared earlier keeps the kernel it found. The variants' results
+    are equal bit for bit, except bf16 on CPUs with AVX512-BF16 ("avx512" then flushes
+    subnormal products to zero); "avx2" is there for CPUs without AVX-512, and to test it on
+    those with."""
+    global _chosen_variant
+    if name not in variants():
+        raise ValueError(f"this CPU runs the sparse kernel variants {variants()}, not {name!r}")
+    with _load_lock:
+        _chosen_variant = name
+        _kernels.clear()
+        _top_k_kernels.clear()
+
+
+def current_variant() -> str | None:
+    """The variant sparse_linear_cpu runs (None where this CPU runs none)."""
+    return _chosen_variant or next(iter(variants()), None)
 
 
 def cpu_kernel_available(dtype: torch.dtype) -> bool:
@@ -328,33 +357,38 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
 def _load_kernel(dtype: torch.dtype) -> KernelFn | None:
     with _load_lock:
         if dtype not in _kernels:
-            _kernels[dtype] = _build_kernel(dtype)
+            kernel = _kernels[dtype] = _build_kernel(dtype)
+            if kernel is not None:
+                _top_k_kernels[dtype] = kernel.__self__.top_k_thresholds
         return _kernels[dtype]
 
 
-def _build_kernel(dtype: torch.dtype, dot_pairs: bool | None = None) -> KernelFn | None:
+def _build_kernel(
+    dtype: torch.dtype, dot_pairs: bool | None = None, isa: str | None = None
+) -> KernelFn | None:
     """The compiled kernel for `dtype`, or None (with one warning per process) where there is
-    none. dot_pairs: bf16 through VDPBF16PS; None: where the CPU has it."""
+    none. isa: "avx512" or "avx2"; None: current_variant(). dot_pairs (avx512 only): bf16
+    through VDPBF16PS; None: where the CPU has it."""
     global _warned
     if dtype not in _DTYPE_MODULES:
         return None
     name, define = _DTYPE_MODULES[dtype]
+    isa = isa or current_variant()
     if dot_pairs is None:
-        dot_pairs = dtype == torch.bfloat16 and _DOT_CPU_FLAG in cpu_flags()
+        dot_pairs = isa == "avx512" and dtype == torch.bfloat16 and _DOT_CPU_FLAG in cpu_flags()
     try:
-        missing = sorted(_CPU_FLAGS - cpu_flags())
-        if missing:
-            raise BuildError(f"this CPU lacks {', '.join(missing)}")
-        flags = (*_FLAGS, define, f"-I{sysconfig.get_paths()['include']}")
+        if isa is None:
+            raise BuildError("this CPU has neither AVX-512 nor AVX2 with FMA and F16C")
+        flags = (*_FLAGS, *_ISA_FLAGS[isa], define, f"-I{sysconfig.get_paths()['include']}")
         if dot_pairs:
             flags = (*flags, "-mavx512bf16")
         if cpu_vendor() == "AuthenticAMD":
             # Zen 4 streams the kept rows 20-25% faster with the prefetches going to L2 (into
-            # L1 they stall on its few miss buffers); a Xeon was faster with them into L1. The
-            # 8-row blocks for 1-2 input rows were measured on a Xeon only: 4 as before here.
-            flags = (*flags, "-DPREFETCH_HINT=_MM_HINT_T1", "-DBLOCK_ROWS_FEW=4")
+            # L1 they stall on its few miss buffers), 14% faster with AVX2; a Xeon was faster
+            # with them into L1.
+            flags = (*flags, "-DPREFETCH_HINT=_MM_HINT_T1")
         path = build_shared_library(_SOURCE, flags)
-        module = load_extension(name, path)
+        module = load_extension(name if isa == "avx512" else f"{name}_{isa}", path)
     except (BuildError, ImportError, OSError) as error:
         if not _warned:  # one warning whatever the number of dtypes
             _warned = True
@@ -366,7 +400,6 @@ def _build_kernel(dtype: torch.dtype, dot_pairs: bool | None = None) -> KernelFn
         return None
     if module.MAX_M != MAX_ROWS:
         raise RuntimeError(f"{path} was built for batches of up to {module.MAX_M} rows")
-    _top_k_kernels[dtype] = module.top_k_thresholds
     return module.linear
 
 

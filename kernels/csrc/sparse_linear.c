@@ -24,6 +24,11 @@
 // VDPBF16PS per two products (bf16). It grows with M, and the union of the rows' kept channels
 // grows with M too: one row streams at memory speed, 16 rows are bound by the arithmetic.
 //
+// Two instruction sets, chosen by the compiler's flags: AVX-512 (with AVX512-BF16 where the flags
+// allow it) and AVX2 with FMA and F16C, for CPUs without AVX-512 (e.g. AMD Zen 2 and 3). The AVX2
+// code does the same FMAs in the same order on 8-lane vectors, so its results equal the AVX-512
+// FMA path's bit for bit (the tests check it where a CPU runs both).
+//
 // Each output element is (FMA chain over its row's kept channels in the first half of K, in
 // ascending order) + (the same in the second half) + bias, whatever the tiling, the thread count
 // or the other rows of the batch (their channels add exact zeros to the chains): the kernel is
@@ -34,9 +39,10 @@
 // for the standalone call, the caller's for sparse_entry (kernels/csrc/cpu_ops.c's one-call
 // decode step).
 //
-// Built once per weight type as a CPython extension module: -DTANDEM_BF16 gives module
-// sparse_linear_bf16, -DTANDEM_F16 sparse_linear_f16, -DTANDEM_F32 sparse_linear_f32. x has the
-// weight's type; norms and thresholds are fp32.
+// Built once per weight type and instruction set as a CPython extension module: -DTANDEM_BF16
+// gives module sparse_linear_bf16, -DTANDEM_F16 sparse_linear_f16, -DTANDEM_F32
+// sparse_linear_f32, with the suffix _avx2 for AVX2. x has the weight's type; norms and
+// thresholds are fp32.
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>  // first, as Python requires
@@ -50,8 +56,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if !defined(__AVX512F__) && !(defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+#error "build with AVX-512 (-mavx512f -mavx512bw -mavx512vl -mfma) or AVX2 (-mavx2 -mfma -mf16c)"
+#endif
+
 #define MAX_M 16
-#define LANES 16      // fp32 lanes of a vector
+#define LANES 16      // channels per step of the AVX-512 gather; K's split is a multiple of it
 #define GROUP 32      // columns per group: two fp32 vectors (one 64-byte load of bf16/fp16)
 #define AHEAD_MAX 64  // the index list is padded this far past its end for prefetches
 #define INLINE static inline __attribute__((always_inline))
@@ -61,13 +71,18 @@
 // or none, and narrower or wider tiles were all slower or no faster. On a Zen 4 EPYC prefetches
 // into L2 stream 20-25% faster (kernels/sparse.py builds it so there); the rest is as good there.
 // On another Xeon VM (2026-11-23) 8 rows per block made the memory-bound stream of 1 or 2 input
-// rows 20-22% faster (bench/ab_kernel_flags.py --kernel sparse), 4 the rest; AMD CPUs keep 4
-// (kernels/sparse.py), unmeasured there.
+// rows 20-22% faster (bench/ab_kernel_flags.py --kernel sparse), 4 the rest; on the Zen 4 8 and
+// 4 were equal. The AVX2 code streams one row as fast as the AVX-512 code on the Zen 4 (14 ms
+// for a decode step's 96 projections at half the channels, prefetches into L2 both).
 #ifndef BLOCK_ROWS  // kept rows of w streamed side by side (even: VDPBF16PS takes pairs)
 #define BLOCK_ROWS 4
 #endif
 #ifndef BLOCK_ROWS_FEW  // the same for up to SPLIT_K_ROWS input rows: more streams in flight
+#if defined(__AVX512F__)
 #define BLOCK_ROWS_FEW 8
+#else  // 16 registers: four rows' weights (two vectors each) and the sums
+#define BLOCK_ROWS_FEW 4
+#endif
 #endif
 #define MAX_BLOCK_ROWS (BLOCK_ROWS > BLOCK_ROWS_FEW ? BLOCK_ROWS : BLOCK_ROWS_FEW)
 #ifndef SPLIT_K_ROWS  // up to this many rows, threads split the rows of w, above, the columns
@@ -93,19 +108,28 @@
 
 #if defined(TANDEM_BF16)
 #define DT BF16
-#define MODULE_NAME "sparse_linear_bf16"
-#define MODULE_INIT PyInit_sparse_linear_bf16
+#define TYPE_MODULE sparse_linear_bf16
 #elif defined(TANDEM_F16)
 #define DT F16
-#define MODULE_NAME "sparse_linear_f16"
-#define MODULE_INIT PyInit_sparse_linear_f16
+#define TYPE_MODULE sparse_linear_f16
 #elif defined(TANDEM_F32)
 #define DT F32
-#define MODULE_NAME "sparse_linear_f32"
-#define MODULE_INIT PyInit_sparse_linear_f32
+#define TYPE_MODULE sparse_linear_f32
 #else
 #error "define TANDEM_BF16, TANDEM_F16 or TANDEM_F32"
 #endif
+
+#define PASTE_(a, b) a##b
+#define PASTE(a, b) PASTE_(a, b)
+#define QUOTE_(a) #a
+#define QUOTE(a) QUOTE_(a)
+#if defined(__AVX512F__)
+#define MODULE_ID TYPE_MODULE
+#else
+#define MODULE_ID PASTE(TYPE_MODULE, _avx2)
+#endif
+#define MODULE_NAME QUOTE(MODULE_ID)
+#define MODULE_INIT PASTE(PyInit_, MODULE_ID)
 
 #define ELEM (DT == F32 ? 4 : 2)  // bytes per element
 
@@ -122,7 +146,11 @@
 #endif
 
 // ---------------------------------------------------------------------------------------------
-// Groups of 32 columns as two fp32 vectors of accumulators, in an order that suits the loads:
+// Groups of GROUP columns: their accumulators, loads and stores, and x's elements, per
+// instruction set.
+
+#if defined(__AVX512F__)
+// A group is a pair of fp32 vectors of accumulators, in an order that suits the loads:
 // - fp16, fp32: the first and the second 16 columns;
 // - bf16 with FMAs: the even and the odd columns (one AND or shift each, no shuffle);
 // - bf16 with VDPBF16PS: columns 0-3, 8-11, 16-19, 24-27 and 4-7, 12-15, 20-23, 28-31, the order
@@ -132,6 +160,9 @@
 typedef struct {
     __m512 a, b;
 } pair_t;
+
+typedef __mmask32 tail_t;  // the columns of the partial last group of the matrix
+#define TAIL_OF(count) ((__mmask32)((1ull << (count)) - 1))
 
 INLINE pair_t widen(__m512i bits) {  // 32 bf16
     const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
@@ -248,6 +279,175 @@ INLINE __m512 load16_masked(const char *p, __mmask16 mask) {  // 16 elements of 
 #endif
 }
 
+// 16 elements of x with the channels outside `keep` zeroed (+0, as masked_fill), stored where
+// `valid`: the input a sparse model's adapters see.
+INLINE void store_masked(const char *x, char *out, __mmask16 keep, __mmask16 valid) {
+#if DT == F32
+    _mm512_mask_storeu_ps(out, valid, _mm512_maskz_loadu_ps(keep, x));
+#else
+    _mm256_mask_storeu_epi16(out, valid, _mm256_maskz_loadu_epi16(keep, x));
+#endif
+}
+
+// out[group] = (the first half's sums + the second half's) + bias, rounded once; `last`: the
+// partial last group of the matrix, `tail` its columns.
+INLINE void combine_group(const float *low, const float *high, const char *bias, char *out,
+                          int last, tail_t tail) {
+    pair_t y = {_mm512_add_ps(_mm512_load_ps(low), _mm512_load_ps(high)),
+                 _mm512_add_ps(_mm512_load_ps(low + LANES), _mm512_load_ps(high + LANES))};
+    if (bias) {
+        const pair_t b = last ? load_bias_masked(bias, tail) : load_bias(bias);
+        y.a = _mm512_add_ps(y.a, b.a);
+        y.b = _mm512_add_ps(y.b, b.b);
+    }
+    if (last) {
+        store_group_masked(out, tail, y);
+    } else {
+        store_group(out, y);
+    }
+}
+
+#else
+// AVX2: a group is two slices of 16 columns, each two fp32 vectors of 8 accumulators: for fp16
+// and fp32 the slice's first and second 8 columns, for bf16 its even and odd columns (one
+// 32-byte load widened by a shift and an AND). Partial slices go through a zeroed buffer
+// (AVX2 has no masked loads of 16-bit elements); they only occur at the end of a row.
+
+#define SLICE 16
+
+typedef struct {
+    __m256 a, b;
+} slice_t;
+
+typedef int tail_t;  // the columns of the partial last group of the matrix
+#define TAIL_OF(count) ((int)(count))
+
+INLINE slice_t load_slice(const char *p) {
+#if DT == BF16
+    const __m256i bits = _mm256_loadu_si256((const __m256i *)p);
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
+    return (slice_t){_mm256_castsi256_ps(_mm256_slli_epi32(bits, 16)),
+                     _mm256_castsi256_ps(_mm256_and_si256(bits, high))};
+#elif DT == F16
+    return (slice_t){_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)),
+                     _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16)))};
+#else
+    return (slice_t){_mm256_loadu_ps((const float *)p), _mm256_loadu_ps((const float *)(p + 32))};
+#endif
+}
+
+// The first `count` columns (none where count <= 0), the others 0.
+INLINE slice_t load_slice_part(const char *p, int count) {
+    if (count >= SLICE) return load_slice(p);
+    _Alignas(32) char buffer[SLICE * ELEM] = {0};
+    if (count > 0) memcpy(buffer, p, (size_t)count * ELEM);
+    return load_slice(buffer);
+}
+
+#if DT == BF16
+// fp32 bits rounded to nearest even at bit 16, as round_bf16 above.
+INLINE __m256i round_bf16(__m256 v) {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    return _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
+}
+#endif
+
+INLINE void store_slice(char *p, slice_t v) {
+#if DT == BF16
+    // Even columns from a, odd from b, interleaved back.
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
+    _mm256_storeu_si256((__m256i *)p,
+                        _mm256_or_si256(_mm256_srli_epi32(round_bf16(v.a), 16),
+                                        _mm256_and_si256(round_bf16(v.b), high)));
+#elif DT == F16
+    _mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph(v.a, _MM_FROUND_TO_NEAREST_INT));
+    _mm_storeu_si128((__m128i *)(p + 16), _mm256_cvtps_ph(v.b, _MM_FROUND_TO_NEAREST_INT));
+#else
+    _mm256_storeu_ps((float *)p, v.a);
+    _mm256_storeu_ps((float *)(p + 32), v.b);
+#endif
+}
+
+INLINE void store_slice_part(char *p, slice_t v, int count) {
+    if (count >= SLICE) {
+        store_slice(p, v);
+    } else if (count > 0) {
+        _Alignas(32) char buffer[SLICE * ELEM];
+        store_slice(buffer, v);
+        memcpy(p, buffer, (size_t)count * ELEM);
+    }
+}
+
+// 8 elements of x as fp32; the first `count` of them (the others 0).
+INLINE __m256 load8(const char *p) {
+#if DT == BF16
+    const __m256i bits = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
+#elif DT == F16
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#else
+    return _mm256_loadu_ps((const float *)p);
+#endif
+}
+
+INLINE __m256 load8_part(const char *p, int count) {
+    if (count >= 8) return load8(p);
+    _Alignas(32) char buffer[8 * ELEM] = {0};
+    memcpy(buffer, p, (size_t)count * ELEM);
+    return load8(buffer);
+}
+
+INLINE __m256 load8_f32_part(const float *p, int count) {  // norms
+    if (count >= 8) return _mm256_loadu_ps(p);
+    _Alignas(32) float buffer[8] = {0};
+    memcpy(buffer, p, (size_t)count * sizeof(float));
+    return _mm256_loadu_ps(buffer);
+}
+
+// All ones in the 32-bit lanes whose bit of `bits` is set.
+INLINE __m256i lanes_of(unsigned bits) {
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)bits), bit), bit);
+}
+
+// The first `count` of 8 elements of x with the channels outside `keep` zeroed (+0, as
+// masked_fill): the input a sparse model's adapters see.
+INLINE void store_masked(const char *x, char *out, unsigned keep, int count) {
+    _Alignas(32) char buffer[8 * ELEM] = {0};
+    memcpy(buffer, x, (size_t)count * ELEM);
+    const __m256i lanes = lanes_of(keep);
+#if DT == F32
+    _mm256_store_si256((__m256i *)buffer,
+                       _mm256_and_si256(_mm256_load_si256((const __m256i *)buffer), lanes));
+#else
+    const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(lanes),
+                                          _mm256_extracti128_si256(lanes, 1));
+    _mm_store_si128((__m128i *)buffer,
+                    _mm_and_si128(_mm_load_si128((const __m128i *)buffer), words));
+#endif
+    memcpy(out, buffer, (size_t)count * ELEM);
+}
+
+// As combine_group above, one slice at a time.
+INLINE void combine_group(const float *low, const float *high, const char *bias, char *out,
+                          int last, tail_t tail) {
+    for (int s = 0; s < GROUP / SLICE; s++) {
+        const int count = last ? tail - s * SLICE : SLICE;
+        if (count <= 0) break;
+        const float *l = low + s * SLICE, *h = high + s * SLICE;
+        slice_t y = {_mm256_add_ps(_mm256_load_ps(l), _mm256_load_ps(h)),
+                     _mm256_add_ps(_mm256_load_ps(l + 8), _mm256_load_ps(h + 8))};
+        if (bias) {
+            const slice_t b = load_slice_part(bias + s * SLICE * ELEM, count);
+            y.a = _mm256_add_ps(y.a, b.a);
+            y.b = _mm256_add_ps(y.b, b.b);
+        }
+        store_slice_part(out + s * SLICE * ELEM, y, count);
+    }
+}
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // Per-thread buffers, grown as needed and kept: allocating per call would fault in fresh pages
 // every time. Never freed; the threads (the caller's, OpenMP's pool) are long-lived.
@@ -274,16 +474,6 @@ static void *grow(void *buffer, int64_t *capacity, int64_t count, size_t size) {
     return fresh;
 }
 
-// 16 elements of x with the channels outside `keep` zeroed (+0, as masked_fill), stored where
-// `valid`: the input a sparse model's adapters see.
-INLINE void store_masked(const char *x, char *out, __mmask16 keep, __mmask16 valid) {
-#if DT == F32
-    _mm512_mask_storeu_ps(out, valid, _mm512_maskz_loadu_ps(keep, x));
-#else
-    _mm256_mask_storeu_epi16(out, valid, _mm256_maskz_loadu_epi16(keep, x));
-#endif
-}
-
 // ---------------------------------------------------------------------------------------------
 // Gather: the kept channels of the union among channels [j_begin, j_end) (j_begin a multiple
 // of 16), ascending, appended at entry `kept` of `index`, and x of each row compacted to them
@@ -291,6 +481,7 @@ INLINE void store_masked(const char *x, char *out, __mmask16 keep, __mmask16 val
 // also x of each row with the channels it drops zeroed, masked [m][ldm] (x's type). Returns
 // the new entry count.
 
+#if defined(__AVX512F__)
 static int64_t gather(const char *x, int64_t ldx, const float *norms, const float *thresholds,
                       int64_t m, int64_t j_begin, int64_t j_end, int32_t *index, float *values,
                       int64_t ldv, int64_t kept, char *masked, int64_t ldm) {
@@ -349,6 +540,59 @@ static void build_pairs(const float *values, int64_t ldv, int64_t rows, int64_t 
 }
 #endif
 
+#else
+// AVX2 has no compress: COMPRESS[bits] lists the lanes whose bit is set, first, for one
+// permute per 8 channels (filled when the module loads).
+static int32_t COMPRESS[256][8];
+
+static void fill_compress_table(void) {
+    for (int bits = 0; bits < 256; bits++) {
+        int count = 0;
+        for (int lane = 0; lane < 8; lane++) {
+            if (bits >> lane & 1) COMPRESS[bits][count++] = lane;
+        }
+        while (count < 8) COMPRESS[bits][count++] = 0;
+    }
+}
+
+static int64_t gather(const char *x, int64_t ldx, const float *norms, const float *thresholds,
+                      int64_t m, int64_t j_begin, int64_t j_end, int32_t *index, float *values,
+                      int64_t ldv, int64_t kept, char *masked, int64_t ldm) {
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    unsigned keep[MAX_M];
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += 8) {
+        const int count = j_end - j0 >= 8 ? 8 : (int)(j_end - j0);
+        const unsigned valid = (1u << count) - 1;
+        const __m256 norm = norms ? load8_f32_part(norms + j0, count) : _mm256_set1_ps(1.0f);
+        unsigned any = 0;
+        for (int64_t t = 0; t < m; t++) {
+            const __m256 xv = load8_part(x + (t * ldx + j0) * ELEM, count);
+            // As in the AVX-512 gather: |x| * norm, one rounding; >= is false for NaN.
+            const __m256 score = _mm256_mul_ps(_mm256_and_ps(xv, magnitude), norm);
+            const __m256 hit = _mm256_cmp_ps(score, _mm256_set1_ps(thresholds[t]), _CMP_GE_OQ);
+            keep[t] = valid & (unsigned)_mm256_movemask_ps(hit);
+            any |= keep[t];
+        }
+        for (int64_t t = 0; masked != NULL && t < m; t++) {
+            store_masked(x + (t * ldx + j0) * ELEM, masked + (t * ldm + j0) * ELEM, keep[t], count);
+        }
+        if (!any) continue;
+        // Full-width stores (the buffers have slack past k).
+        const __m256i order = _mm256_loadu_si256((const __m256i *)COMPRESS[any]);
+        const __m256i channels = _mm256_add_epi32(iota, _mm256_set1_epi32((int)j0));
+        _mm256_storeu_si256((__m256i *)(index + kept), _mm256_permutevar8x32_epi32(channels, order));
+        for (int64_t t = 0; t < m; t++) {
+            const __m256 xv = _mm256_and_ps(load8_part(x + (t * ldx + j0) * ELEM, count),
+                                            _mm256_castsi256_ps(lanes_of(keep[t])));
+            _mm256_storeu_ps(values + t * ldv + kept, _mm256_permutevar8x32_ps(xv, order));
+        }
+        kept += __builtin_popcount(any);
+    }
+    return kept;
+}
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // Stream.
 
@@ -372,7 +616,7 @@ typedef struct {
     int64_t ldx, lds, m, n;
     int64_t begin[PARTS], end[PARTS];  // each half's entries: [begin[p], end[p])
     int64_t full_groups;          // groups of 32 columns without the partial last one
-    __mmask32 tail;               // columns of the partial last group
+    tail_t tail;                  // columns of the partial last group
 } job_t;
 
 // One group of columns of the tile (at byte `offset` of the rows; `acc` its accumulators, row t
@@ -380,7 +624,7 @@ typedef struct {
 // accumulators updated in entry order. x: the rows' compacted x from the first of the R entries.
 INLINE void multiply_group(const job_t *job, const char *const *row, const char *const *next,
                            const void *x, float *acc, int64_t lda, int64_t offset,
-                           __mmask32 mask, const int T, const int R, const int MASKED) {
+                           tail_t tail, const int T, const int R, const int MASKED) {
     const int64_t ldx = job->ldx;  // a local: the stores below may alias *job
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++) {
@@ -396,9 +640,9 @@ INLINE void multiply_group(const job_t *job, const char *const *row, const char 
     for (int q = 0; q < R / 2; q++) {
         const char *first = row[2 * q] + offset, *second = row[2 * q + 1] + offset;
         const __m512i a =
-            MASKED ? _mm512_maskz_loadu_epi16(mask, first) : _mm512_loadu_si512(first);
+            MASKED ? _mm512_maskz_loadu_epi16(tail, first) : _mm512_loadu_si512(first);
         const __m512i b =
-            MASKED ? _mm512_maskz_loadu_epi16(mask, second) : _mm512_loadu_si512(second);
+            MASKED ? _mm512_maskz_loadu_epi16(tail, second) : _mm512_loadu_si512(second);
         lo[q] = (__m512bh)_mm512_unpacklo_epi16(b, a);
         hi[q] = (__m512bh)_mm512_unpackhi_epi16(b, a);
     }
@@ -416,11 +660,11 @@ INLINE void multiply_group(const job_t *job, const char *const *row, const char 
         _mm512_store_ps(a, acc_lo);
         _mm512_store_ps(a + LANES, acc_hi);
     }
-#else
+#elif defined(__AVX512F__)
     pair_t w[MAX_BLOCK_ROWS];
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++) {
-        w[r] = MASKED ? load_group_masked(row[r] + offset, mask) : load_group(row[r] + offset);
+        w[r] = MASKED ? load_group_masked(row[r] + offset, tail) : load_group(row[r] + offset);
     }
     const float *values = x;
 #pragma GCC unroll 16
@@ -435,6 +679,32 @@ INLINE void multiply_group(const job_t *job, const char *const *row, const char 
         }
         _mm512_store_ps(a, lo);
         _mm512_store_ps(a + LANES, hi);
+    }
+#else
+    // The same FMAs one slice at a time (the R rows' weights of a whole group would not fit in
+    // the 16 registers).
+    const float *values = x;
+#pragma GCC unroll 2
+    for (int s = 0; s < GROUP / SLICE; s++) {
+        const int64_t at = offset + s * SLICE * ELEM;
+        slice_t w[MAX_BLOCK_ROWS];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            w[r] = MASKED ? load_slice_part(row[r] + at, tail - s * SLICE) : load_slice(row[r] + at);
+        }
+#pragma GCC unroll 16
+        for (int t = 0; t < T; t++) {
+            float *a = acc + t * lda + s * SLICE;
+            __m256 lo = _mm256_load_ps(a), hi = _mm256_load_ps(a + 8);
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                const __m256 xb = _mm256_set1_ps(values[t * ldx + r]);
+                lo = _mm256_fmadd_ps(w[r].a, xb, lo);
+                hi = _mm256_fmadd_ps(w[r].b, xb, hi);
+            }
+            _mm256_store_ps(a, lo);
+            _mm256_store_ps(a + 8, hi);
+        }
     }
 #endif
 }
@@ -510,21 +780,8 @@ static void combine(const job_t *job, int64_t g0, int64_t g1, int rows) {
         char *out = job->out + t * job->n * ELEM;
         for (int64_t g = g0; g < g1; g++) {
             const int64_t col = g * GROUP;
-            pair_t y = {_mm512_add_ps(_mm512_load_ps(low + col), _mm512_load_ps(high + col)),
-                        _mm512_add_ps(_mm512_load_ps(low + col + LANES),
-                                      _mm512_load_ps(high + col + LANES))};
-            const int last = g >= end;  // the partial last group
-            if (job->bias) {
-                const char *b = job->bias + col * ELEM;
-                const pair_t bias = last ? load_bias_masked(b, job->tail) : load_bias(b);
-                y.a = _mm512_add_ps(y.a, bias.a);
-                y.b = _mm512_add_ps(y.b, bias.b);
-            }
-            if (last) {
-                store_group_masked(out + col * ELEM, job->tail, y);
-            } else {
-                store_group(out + col * ELEM, y);
-            }
+            combine_group(low + col, high + col, job->bias ? job->bias + col * ELEM : NULL,
+                          out + col * ELEM, g >= end, job->tail);
         }
     }
 }
@@ -618,8 +875,7 @@ static int prepare(call_t *call, const layer_args_t *a) {
     sums_cache = grow(sums_cache, &sums_capacity, PARTS * rows * lds, sizeof(float));
     if (!index_cache || !values_cache || !sums_cache) return -1;
     *call = (call_t){{a->w, index_cache, values_cache, a->bias, a->out, sums_cache, ldv, lds, a->m,
-                      a->n, {0, HIGH_BASE(a->k)}, {0, 0}, a->n / GROUP,
-                      (__mmask32)((1ull << (a->n % GROUP)) - 1)},
+                      a->n, {0, HIGH_BASE(a->k)}, {0, 0}, a->n / GROUP, TAIL_OF(a->n % GROUP)},
                      a, a->thresholds ? a->thresholds : thresholds_cache, index_cache,
                      values_cache, ldv, 0, rows, {0, 0}};
 #if DOT_PAIRS
@@ -826,9 +1082,10 @@ static uint32_t select_key(uint32_t *keys, int64_t count, int64_t rank) {
         for (int64_t i = 0; i < count; i++) histogram[(keys[i] >> shift) & mask]++;
         uint32_t bucket = 0;
         while (rank >= histogram[bucket]) rank -= histogram[bucket++];
+        int64_t kept = 0;
+#if defined(__AVX512F__)
         // The bucket's keys to the front, 16 at a time (the last, partial vector masked).
         const __m512i wanted = _mm512_set1_epi32((int)bucket), digit = _mm512_set1_epi32((int)mask);
-        int64_t kept = 0;
         for (int64_t i = 0; i < count; i += LANES) {
             const __mmask16 lanes = count - i >= LANES ? 0xffff : (__mmask16)((1u << (count - i)) - 1);
             const __m512i v = _mm512_maskz_loadu_epi32(lanes, keys + i);
@@ -837,6 +1094,14 @@ static uint32_t select_key(uint32_t *keys, int64_t count, int64_t rank) {
             _mm512_mask_compressstoreu_epi32(keys + kept, hit, v);
             kept += __builtin_popcount(hit);
         }
+#else
+        // The bucket's keys to the front, without branches (kept <= i: in place).
+        for (int64_t i = 0; i < count; i++) {
+            const uint32_t v = keys[i];
+            keys[kept] = v;
+            kept += ((v >> shift) & mask) == bucket;
+        }
+#endif
         count = kept;
     }
     return keys[0];  // every candidate left has the same bits
@@ -846,10 +1111,12 @@ static int top_k_thresholds(const char *x, int64_t ldx, const float *norms, floa
                             int64_t m, int64_t k, int64_t keep) {
     uint32_t *keys = keys_cache = grow(keys_cache, &keys_capacity, k + LANES, sizeof(uint32_t));
     if (keys == NULL) return -1;
-    const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
-    const __m512i infinity = _mm512_set1_epi32(0x7f800000);
     for (int64_t t = 0; t < m; t++) {
         const char *row = x + t * ldx * ELEM;
+        // The scores' bits, sign cleared (NaN -> positive NaN) as keys; whether any is a NaN.
+#if defined(__AVX512F__)
+        const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+        const __m512i infinity = _mm512_set1_epi32(0x7f800000);
         __mmask16 nan_seen = 0;
         for (int64_t j = 0; j < k; j += LANES) {
             const __mmask16 lanes = k - j >= LANES ? 0xffff : (__mmask16)((1u << (k - j)) - 1);
@@ -859,6 +1126,22 @@ static int top_k_thresholds(const char *x, int64_t ldx, const float *norms, floa
             nan_seen |= _mm512_mask_cmpgt_epu32_mask(lanes, bits, infinity);
             _mm512_mask_storeu_epi32(keys + j, lanes, bits);
         }
+#else
+        const __m256i magnitude = _mm256_set1_epi32(0x7fffffff);
+        const __m256i infinity = _mm256_set1_epi32(0x7f800000);
+        unsigned nan_seen = 0;
+        for (int64_t j = 0; j < k; j += 8) {  // full-width stores: keys has slack past k
+            const int count = k - j >= 8 ? 8 : (int)(k - j);
+            __m256 score = _mm256_and_ps(load8_part(row + j * ELEM, count),
+                                         _mm256_castsi256_ps(magnitude));
+            if (norms != NULL) score = _mm256_mul_ps(score, load8_f32_part(norms + j, count));
+            const __m256i bits = _mm256_and_si256(_mm256_castps_si256(score), magnitude);
+            // Signed compare: the bits are below 2^31.
+            nan_seen |= (unsigned)_mm256_movemask_ps(
+                _mm256_castsi256_ps(_mm256_cmpgt_epi32(bits, infinity)));
+            _mm256_storeu_si256((__m256i *)(keys + j), bits);
+        }
+#endif
         const uint32_t key = select_key(keys, k, k - keep);
         // A NaN score is among the top keep (it orders above all): torch's min over them is NaN.
         if (nan_seen) {
@@ -960,6 +1243,9 @@ static struct PyModuleDef MODULE = {
 };
 
 PyMODINIT_FUNC MODULE_INIT(void) {
+#if !defined(__AVX512F__)
+    fill_compress_table();
+#endif
     PyObject *module = PyModule_Create(&MODULE);
     if (module != NULL && PyModule_AddIntConstant(module, "MAX_M", MAX_M) != 0) {
         Py_DECREF(module);

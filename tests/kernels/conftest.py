@@ -1,10 +1,13 @@
-"""Shared by the kernel tests: compiling Triton kernels for a GPU this machine does not have."""
+"""Shared by the kernel tests: compiling Triton kernels for a GPU this machine does not have, and
+running the sparse CPU kernel's variants in turn."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
+
+from kernels import sparse
 
 CompileForH100 = Callable[[object, dict[str, object], dict[str, str], str], object]
 
@@ -37,3 +40,17 @@ def compile_for_h100() -> CompileForH100:
         return compiled
 
     return compile_
+
+
+@pytest.fixture(params=["avx512", "avx2"])
+def sparse_variant(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each variant of the sparse CPU kernel this CPU runs in turn (kernels.sparse.set_variant),
+    the default again afterwards."""
+    variant = request.param
+    if variant not in sparse.variants():
+        pytest.skip(f"this CPU cannot run the {variant} sparse kernel")
+    sparse.set_variant(variant)
+    try:
+        yield variant
+    finally:
+        sparse.set_variant(sparse.variants()[0])

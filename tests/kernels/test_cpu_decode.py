@@ -7,12 +7,11 @@ import pytest
 import torch
 
 from kernels import cpu_linear, cpu_ops, lora, sparse
-from kernels.build import cpu_flags
 from kernels.cpu_decode import DecodeLayers, DecodeShape
 from kernels.lora import LoraMapping, LoraStack
 
-# CPU features the sparse kernel needs; where they are, it must build (run_both asserts it).
-SPARSE_MISSING_FLAGS = sorted(sparse._CPU_FLAGS - cpu_flags())
+# Where the CPU runs a variant of the sparse kernel, it must build (run_both asserts it).
+SPARSE_MISSING = "" if sparse.variants() else "AVX-512 and AVX2 for the sparse kernel"
 SHAPE = DecodeShape(hidden_size=48, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=40)
 SLOTS = 200  # room for 25 sequences of 8 distinct slots
 EPS, SCALE = 1e-6, 0.25
@@ -175,8 +174,8 @@ def test_one_call_is_the_kernels_one_by_one(
 def test_more_rows_than_the_kernels_take_are_each_row_alone(dtype: torch.dtype, mode: str) -> None:
     """MAX_ROWS + 5 rows run in chunks: each row ends as the kernels one by one leave it run
     alone (rows attend to their own slots only, so alone means the same pools)."""
-    if not cpu_linear.kernel_available(dtype) or (mode != "dense" and SPARSE_MISSING_FLAGS):
-        pytest.skip(f"no {dtype} kernel, or this CPU lacks {SPARSE_MISSING_FLAGS}")
+    if not cpu_linear.kernel_available(dtype) or (mode != "dense" and SPARSE_MISSING):
+        pytest.skip(f"no {dtype} kernel, or this CPU lacks {SPARSE_MISSING}")
     m = cpu_linear.MAX_ROWS + 5
     tensors, norms_after = make_layers(dtype, 3, qk_norm=True, bias=True)
     sparsity = None
@@ -330,14 +329,15 @@ def run_both(
     return (x, hidden, keys, values), (ref_x, copies[0], ref_keys, ref_values)
 
 
+@pytest.mark.usefixtures("sparse_variant")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["top-k", "threshold"])
 @pytest.mark.parametrize(("m", "qk_norm", "bias"), [(1, False, True), (5, True, False)])
 def test_sparse_one_call_is_the_sparse_kernels_one_by_one(
     dtype: torch.dtype, mode: str, m: int, qk_norm: bool, bias: bool
 ) -> None:
-    if not cpu_linear.kernel_available(dtype) or SPARSE_MISSING_FLAGS:
-        pytest.skip(f"no {dtype} kernel, or this CPU lacks {SPARSE_MISSING_FLAGS}")
+    if not cpu_linear.kernel_available(dtype) or SPARSE_MISSING:
+        pytest.skip(f"no {dtype} kernel, or this CPU lacks {SPARSE_MISSING}")
     tensors, norms_after = make_layers(dtype, 3, qk_norm, bias)
     stored, sparsity = sparse_model(tensors, mode)
     (x, hidden, keys, values), (ref_x, ref_hidden, ref_keys, ref_values) = run_both(
@@ -350,6 +350,7 @@ def test_sparse_one_call_is_the_sparse_kernels_one_by_one(
     assert not torch.allclose(one_by_one(tensors, norms_after, *make_step(dtype, m, 3)), ref_x)
 
 
+@pytest.mark.usefixtures("sparse_variant")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["top-k", "threshold"])
 @pytest.mark.parametrize("m", [1, 5, 16])
@@ -358,8 +359,8 @@ def test_sparse_one_call_with_adapters_is_the_kernels_one_by_one(
 ) -> None:
     """The adapters see each projection group's input with the channels its row dropped
     zeroed, as engine.model's Python path gives them (rows without an adapter among them)."""
-    if not cpu_linear.kernel_available(dtype) or SPARSE_MISSING_FLAGS:
-        pytest.skip(f"no {dtype} kernel, or this CPU lacks {SPARSE_MISSING_FLAGS}")
+    if not cpu_linear.kernel_available(dtype) or SPARSE_MISSING:
+        pytest.skip(f"no {dtype} kernel, or this CPU lacks {SPARSE_MISSING}")
     if not cpu_linear.lora_entry_address(dtype):
         pytest.skip(f"no {dtype} multi-LoRA kernel on this CPU")
     tensors, norms_after = make_layers(dtype, 2, qk_norm=True, bias=True)
@@ -379,6 +380,7 @@ def test_sparse_one_call_with_adapters_is_the_kernels_one_by_one(
     assert not torch.equal(unmasked, ref_x)
 
 
+@pytest.mark.usefixtures("sparse_variant")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 16])
 @pytest.mark.parametrize("with_adapters", [False, True])
@@ -389,8 +391,8 @@ def test_sparse_one_call_shares_every_projection_between_threads(
     channels, and the stream: by halves of W.T at one row, by columns at 16) and its adapters:
     the same bits as the kernels called alone (the sparse kernel with its own team of
     threads)."""
-    if not cpu_linear.kernel_available(dtype) or SPARSE_MISSING_FLAGS:
-        pytest.skip(f"no {dtype} kernel, or this CPU lacks {SPARSE_MISSING_FLAGS}")
+    if not cpu_linear.kernel_available(dtype) or SPARSE_MISSING:
+        pytest.skip(f"no {dtype} kernel, or this CPU lacks {SPARSE_MISSING}")
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -446,7 +448,7 @@ def test_refusals_leave_everything_as_it_was() -> None:
     assert step(*make_step(dtype, 3, 2)[:4], [gather] * 2, cos, sin, slot_mapping, [params] * 2)
 
 
-@pytest.mark.skipif(bool(SPARSE_MISSING_FLAGS), reason=f"this CPU lacks {SPARSE_MISSING_FLAGS}")
+@pytest.mark.skipif(bool(SPARSE_MISSING), reason=f"this CPU lacks {SPARSE_MISSING}")
 def test_sparse_prepare_refuses_what_the_kernel_cannot_take() -> None:
     dtype = torch.float32
     tensors, norms_after = make_layers(dtype, 2, qk_norm=False, bias=False)

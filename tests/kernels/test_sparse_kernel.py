@@ -40,9 +40,8 @@ SPARSITIES = [0.0, 0.25, 0.5, 0.9, 1.0]
 # Triton blocks).
 SHAPES = [(64, 96), (896, 1152), (4864, 896), (77, 33)]
 
-MISSING_CPU_FLAGS = sorted(sparse._CPU_FLAGS - cpu_flags())
 needs_cpu_kernel = pytest.mark.skipif(
-    bool(MISSING_CPU_FLAGS), reason=f"this CPU lacks {MISSING_CPU_FLAGS}: no CPU kernel"
+    not sparse.variants(), reason="this CPU has neither AVX-512 nor AVX2 with FMA and F16C"
 )
 
 
@@ -148,6 +147,7 @@ def assert_within(out: torch.Tensor, reference: torch.Tensor, bound: torch.Tenso
 # ---- the CPU kernel ------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("sparse_variant")
 @needs_cpu_kernel
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("sparsity", SPARSITIES)
@@ -164,6 +164,7 @@ def test_cpu_kernel_matches_reference(
     check(sparse_linear_cpu(*args), *args)
 
 
+@pytest.mark.usefixtures("sparse_variant")
 @needs_cpu_kernel
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_cpu_kernel_every_row_count_is_batch_invariant(dtype: torch.dtype) -> None:
@@ -196,6 +197,7 @@ def test_cpu_kernel_every_row_count_is_batch_invariant(dtype: torch.dtype) -> No
     )
 
 
+@pytest.mark.usefixtures("sparse_variant")
 @needs_cpu_kernel
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_cpu_kernel_result_does_not_depend_on_thread_count(dtype: torch.dtype) -> None:
@@ -215,6 +217,7 @@ def test_cpu_kernel_result_does_not_depend_on_thread_count(dtype: torch.dtype) -
     check(outs[0], *args)
 
 
+@pytest.mark.usefixtures("sparse_variant")
 @needs_cpu_kernel
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_cpu_kernel_at_sparsity_zero_is_the_dense_layer(dtype: torch.dtype) -> None:
@@ -229,6 +232,7 @@ def test_cpu_kernel_at_sparsity_zero_is_the_dense_layer(dtype: torch.dtype) -> N
         assert_within(out.double(), dense, 2 * bound + UNIT_ROUNDOFF[dtype] * magnitude, "F.linear")
 
 
+@pytest.mark.usefixtures("sparse_variant")
 @needs_cpu_kernel
 def test_cpu_kernel_reads_only_kept_rows() -> None:
     """Rows of weight_t that no row keeps are NaN: a kernel that read (and multiplied by zero)
@@ -256,8 +260,8 @@ def test_bf16_pair_products_equal_the_fma_chain_bit_for_bit() -> None:
     """bf16 runs VDPBF16PS on pairs of kept rows where the CPU has it: two products per
     instruction, rounded one after the other as two FMAs in entry order round them. The build
     without it (one FMA per product, for other CPUs) must give the same bits."""
-    with_pairs = sparse._build_kernel(torch.bfloat16, dot_pairs=True)
-    with_fmas = sparse._build_kernel(torch.bfloat16, dot_pairs=False)
+    with_pairs = sparse._build_kernel(torch.bfloat16, dot_pairs=True, isa="avx512")
+    with_fmas = sparse._build_kernel(torch.bfloat16, dot_pairs=False, isa="avx512")
     assert with_pairs is not None and with_fmas is not None and with_pairs is not with_fmas
     for k, n in [(77, 33), (896, 1152), (1000, 700)]:
         for rows, sparsity in [(1, 0.0), (2, 0.5), (5, 0.3), (16, 0.9), (3, 1.0)]:
@@ -283,6 +287,44 @@ def test_bf16_pair_products_equal_the_fma_chain_bit_for_bit() -> None:
             check(outs[0], x, weight_t, norms, thresholds, bias)
 
 
+@pytest.mark.skipif(
+    set(sparse.variants()) != {"avx512", "avx2"}, reason="this CPU cannot run both variants"
+)
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_avx2_variant_equals_the_avx512_fmas_bit_for_bit(dtype: torch.dtype) -> None:
+    """The AVX2 kernel does the AVX-512 kernel's FMAs (its FMA build for bf16) in the same
+    order on narrower vectors: the same bits and the same count of streamed rows, at partial
+    slices and groups of columns, partial 8- and 16-channel steps, every row-block path (1-16
+    rows, remainders of the 4-row blocks), both thread splits; and the same top-k thresholds."""
+    kernels = [sparse._build_kernel(dtype, isa="avx512", dot_pairs=False)]
+    kernels.append(sparse._build_kernel(dtype, isa="avx2"))
+    assert kernels[0] is not None and kernels[1] is not None
+    for k, n in [(77, 33), (13, 7), (300, 50), (896, 1152), (1000, 700)]:
+        for rows, sparsity in [(1, 0.0), (1, 0.5), (2, 0.7), (3, 0.3), (6, 0.5), (16, 0.9)]:
+            x, weight_t, norms, thresholds, bias = make_case(k, n, rows, sparsity, dtype, seed=k)
+            outs, counts = [], []
+            for kernel in kernels:
+                out = torch.empty(rows, n, dtype=dtype)
+                ptrs = (x.data_ptr(), k, weight_t.data_ptr(), norms.data_ptr())
+                counts.append(
+                    kernel(*ptrs, thresholds.data_ptr(), bias.data_ptr(), out.data_ptr(), rows,
+                           n, k, 2)
+                )  # fmt: skip
+                outs.append(out)
+            assert torch.equal(*outs) and counts[0] == counts[1], (k, n, rows, sparsity)
+            if sparsity == 0.3:
+                check(outs[1], x, weight_t, norms, thresholds, bias)
+            found = []
+            for kernel in kernels:
+                found.append(torch.empty(rows))
+                keep = max(1, round((1 - sparsity) * k) - 1)
+                kernel.__self__.top_k_thresholds(
+                    x.data_ptr(), k, norms.data_ptr(), found[-1].data_ptr(), rows, k, keep
+                )
+            assert torch.equal(*found), (k, rows, sparsity)
+
+
+@pytest.mark.usefixtures("sparse_variant")
 @needs_cpu_kernel
 def test_cpu_kernel_input_variants() -> None:
     """Strided rows of x, one threshold for all rows, thresholds and norms in other dtypes: the
@@ -306,6 +348,7 @@ def test_cpu_kernel_input_variants() -> None:
     )
 
 
+@pytest.mark.usefixtures("sparse_variant")
 @needs_cpu_kernel
 def test_cpu_kernel_special_values() -> None:
     """An infinite x in a kept channel gives what the reference gives; a NaN in x never has a
@@ -389,8 +432,8 @@ def test_without_a_compiler_warns_once_and_uses_the_reference(tmp_path: Path) ->
     count, message = result.stdout.strip().split(" ", 1)
     assert count == "1"
     # On a CPU without the kernel's instructions that is what the one warning says.
-    lacking = not sparse._CPU_FLAGS.issubset(cpu_flags())
-    assert ("lacks" if lacking else "not found") in message, message
+    lacking = not sparse.variants()
+    assert ("neither" if lacking else "not found") in message, message
 
 
 # ---- the Triton kernel -----------------------------------------------------------------------
@@ -535,6 +578,7 @@ def test_top_k_thresholds_equal_the_reference(width: int) -> None:
         assert torch.equal(top_k_thresholds(scores, keep), top_k_thresholds_ref(scores, keep))
 
 
+@pytest.mark.usefixtures("sparse_variant")
 @needs_cpu_kernel
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_input_top_k_thresholds_equal_the_reference_bit_for_bit(dtype: torch.dtype) -> None:
