@@ -581,7 +581,8 @@ static int64_t gather(const char *x, int64_t ldx, const float *norms, const floa
         // Full-width stores (the buffers have slack past k).
         const __m256i order = _mm256_loadu_si256((const __m256i *)COMPRESS[any]);
         const __m256i channels = _mm256_add_epi32(iota, _mm256_set1_epi32((int)j0));
-        _mm256_storeu_si256((__m256i *)(index + kept), _mm256_permutevar8x32_epi32(channels, order));
+        _mm256_storeu_si256((__m256i *)(index + kept),
+                            _mm256_permutevar8x32_epi32(channels, order));
         for (int64_t t = 0; t < m; t++) {
             const __m256 xv = _mm256_and_ps(load8_part(x + (t * ldx + j0) * ELEM, count),
                                             _mm256_castsi256_ps(lanes_of(keep[t])));
@@ -690,7 +691,8 @@ INLINE void multiply_group(const job_t *job, const char *const *row, const char 
         slice_t w[MAX_BLOCK_ROWS];
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
-            w[r] = MASKED ? load_slice_part(row[r] + at, tail - s * SLICE) : load_slice(row[r] + at);
+            w[r] = MASKED ? load_slice_part(row[r] + at, tail - s * SLICE)
+                          : load_slice(row[r] + at);
         }
 #pragma GCC unroll 16
         for (int t = 0; t < T; t++) {
