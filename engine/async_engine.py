@@ -103,6 +103,10 @@ class AsyncEngine:
         if not done.wait(timeout=600):
             raise EngineError("warm-up did not finish in 600 s")
 
+    def decode_kernels(self) -> str:
+        """What runs the model's decode steps (CausalLM.decode_kernels), for the logs."""
+        return self.engine.model.decode_kernels()
+
     def shutdown(self) -> None:
         self._stopping = True
         self.engine.constraints.close()

@@ -22,6 +22,8 @@ from engine.sparsity import (
     SparsitySettings,
     group_in_features,
 )
+from kernels import cpu_linear
+from kernels import sparse as sparse_kernels
 from kernels.cpu_decode import DecodeLayers, DecodeShape
 from kernels.cpu_linear import linear
 from kernels.cpu_ops import add_rms_norm, rms_norm, rope_store_kv, silu_mul
@@ -76,6 +78,25 @@ class CausalLM:
         self._plan = plan if sparse else None
         self.sparsity = None if plan is None else plan.settings
         self._decode_layers = _UNPREPARED  # the weights may have moved
+
+    def decode_kernels(self) -> str:
+        """What runs this model's decode steps, for the logs: on the CPU whether a step runs its
+        layers in one C call (known after the first decode step), the variant of the linear
+        kernel and, for a sparse model, of the sparse kernel."""
+        device = self.weights.embed.device
+        if device.type != "cpu":
+            return f"{device.type}: torch and Triton kernels"
+        if self._decode_layers is _UNPREPARED:
+            step = "no decode step yet"
+        elif self._decode_layers is None:
+            step = "decode steps layer by layer"
+        else:
+            step = "decode steps in one C call"
+        parts = [step, f"linear {cpu_linear.current_variant(self.dtype) or 'torch'}"]
+        if self._plan is not None:
+            kernel = sparse_kernels.cpu_kernel_available(self.dtype)
+            parts.append(f"sparse {sparse_kernels.current_variant() if kernel else 'reference'}")
+        return ", ".join(parts)
 
     def new_kv_cache(self, num_blocks: int, block_size: int) -> KVCache:
         c = self.config

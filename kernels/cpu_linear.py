@@ -354,6 +354,14 @@ def entry_address(dtype: torch.dtype) -> int:
     return address
 
 
+def current_variant(dtype: torch.dtype) -> str | None:
+    """The variant `linear` runs for weights of `dtype` ("amx", "avx512" or "avx2"), None where
+    it runs torch.nn.functional.linear."""
+    kernel = _kernel(dtype)
+    found = (name for name, each in _variants.get(dtype, {}).items() if each is kernel)
+    return None if kernel is None else next(found, None)
+
+
 def kernel_available(dtype: torch.dtype) -> bool:
     """Whether `linear` has a compiled fast path for weights of `dtype` on this machine."""
     return bool(variants(dtype))

@@ -175,7 +175,8 @@ async def _load_and_warm_up(state: ServingState, config: ServerConfig) -> None:
             log.info("delaying warm-up of %s by %.1f s", model_id, config.warmup_delay_s)
             await asyncio.sleep(config.warmup_delay_s)
         await loop.run_in_executor(None, engine.warmup)
-        log.info("warmed up %s in %.1f s", model_id, time.monotonic() - started)
+        seconds = time.monotonic() - started
+        log.info("warmed up %s in %.1f s (%s)", model_id, seconds, engine.decode_kernels())
 
 
 def _engine_for(state: ServingState, what: str, model: str, form: str) -> AsyncEngine:

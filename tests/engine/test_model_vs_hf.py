@@ -18,6 +18,7 @@ from engine.config import SUPPORTED_ARCHITECTURES, ModelConfig, RopeScaling
 from engine.kv_cache import KVCache
 from engine.model import CausalLM
 from engine.types import UnsupportedModel
+from kernels import cpu_linear
 
 BLOCK_SIZE = 4
 NUM_BLOCKS = 12
@@ -358,8 +359,11 @@ def test_decode_in_one_call_is_the_layers_one_by_one(
     expected, expected_kv = run(fast=False)
     assert not any(used)
     used.clear()
+    assert model.decode_kernels().startswith("no decode step yet")  # the Python path ran
     got, got_kv = run(fast=True)
     assert used == [False] + [True] * NEW_TOKENS  # the prefill is not a decode step
+    wanted = f"decode steps in one C call, linear {cpu_linear.current_variant(dtype)}"
+    assert model.decode_kernels() == wanted
     for actual, wanted in zip(got, expected, strict=True):
         assert torch.equal(actual, wanted)
     for pools, wanted_pools in (

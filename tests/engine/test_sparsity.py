@@ -29,6 +29,7 @@ from engine.sparsity import (
     calibrate,
     keep_count,
 )
+from kernels import cpu_linear
 from kernels import sparse as sparse_kernels
 from kernels.cpu_decode import DecodeLayers
 
@@ -168,6 +169,12 @@ def test_decode_in_one_call_is_the_python_path(
     step = model._decode_layers
     assert isinstance(step, DecodeLayers) and step.sparse
     assert layered.skip_counter.fraction() > 0.4  # the layers were sparse
+    linear_variant = cpu_linear.current_variant(model.dtype)
+    sparse_variant = sparse_kernels.current_variant()
+    assert model.decode_kernels() == (
+        f"decode steps in one C call, linear {linear_variant}, sparse {sparse_variant}"
+    )
+    assert layered.decode_kernels().startswith("no decode step yet")  # counting: layer by layer
 
 
 def test_sparse_layout_does_not_grow_memory(tiny_model: Callable) -> None:

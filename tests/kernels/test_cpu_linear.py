@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from kernels.build import BuildError, build_shared_library, cpu_flags
 from kernels.cpu_linear import (
     MAX_ROWS,
+    current_variant,
     kernel_available,
     linear,
     linear_add_,
@@ -117,6 +118,18 @@ def test_kernels_build_and_load() -> None:
     assert variants(torch.bfloat16) == (
         (("amx",) if amx else ()) + (("avx512",) if avx512 and "avx512_bf16" in flags else ())
     ) + ("avx2",)
+
+
+@needs_fast_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_current_variant_names_the_kernel_linear_runs(dtype: torch.dtype) -> None:
+    """Whichever variant is set, current_variant names it (engine logs report it), and the
+    default is the first of variants()."""
+    assert current_variant(dtype) == variants(dtype)[0]
+    for variant in variants(dtype):
+        with running(dtype, variant):
+            assert current_variant(dtype) == variant
+    assert current_variant(torch.float64) is None  # torch's F.linear
 
 
 @needs_fast_kernels
