@@ -6,8 +6,10 @@ each task T: expert-T (base-small fully fine-tuned), lora-T (a PEFT LoRA adapter
 ft-T (base-large fully fine-tuned); plus ft-multi (base-large fine-tuned on all tasks). Outputs
 are ordinary Hugging Face model directories and PEFT adapter directories.
 
-Jobs run in `workers` processes of `threads` threads each; every job seeds itself from its own
-name, so the result does not depend on which worker ran it or when (bit for bit on one CPU type).
+base-large pretrains first, alone, on `large_pretrain_threads` threads; then the other jobs run in
+`workers` processes of `threads` threads each. Every job seeds itself from its own name and
+always runs on the same number of threads, so the result does not depend on which worker ran it
+or when (bit for bit on one CPU type).
 """
 
 from __future__ import annotations
@@ -95,6 +97,10 @@ class Recipe:
     seed: int = 0
     workers: int = 2
     threads: int = 1
+    # Every other job starts from a base model, so while base-large pretrained on one thread the
+    # second worker idled for 3 of the fp32 build's 19 minutes once base-small and the experts
+    # were done; on two threads a base-large step took 1/1.86 of the time (fp32), 1/1.76 (bf16).
+    large_pretrain_threads: int = 2
     # The matmuls' precision: "bf16" (autocast), "fp32", or "auto": bf16 where the CPU
     # multiplies it in hardware (train.native_bf16), fp32 elsewhere, where bf16 is emulated.
     precision: str = "auto"
@@ -177,6 +183,8 @@ class _Job:
     schedule: Schedule
     base: str | None = None  # the job whose weights it starts from
     task_names: tuple[str, ...] = ()
+    threads: int = 1
+    alone: bool = False  # runs before the others, with no job beside it
 
 
 def _jobs(recipe: Recipe) -> list[_Job]:
@@ -189,9 +197,18 @@ def _jobs(recipe: Recipe) -> list[_Job]:
         return replace(schedule, steps=max(1, round(schedule.steps * scales.get(task, 1.0))))
 
     jobs = [
-        _Job("base-large", "pretrain", recipe.large, recipe.large_pretrain),
-        _Job("base-small", "pretrain", recipe.small, recipe.small_pretrain),
-        _Job("ft-multi", "finetune", large[0], recipe.multi_finetune, large[1], names),
+        _Job(
+            "base-large",
+            "pretrain",
+            recipe.large,
+            recipe.large_pretrain,
+            threads=recipe.large_pretrain_threads,
+            alone=True,
+        ),
+        _Job("base-small", "pretrain", recipe.small, recipe.small_pretrain, threads=recipe.threads),
+        _Job(
+            "ft-multi", "finetune", large[0], recipe.multi_finetune, large[1], names, recipe.threads
+        ),
     ]
     for kind, schedule, (arch, base) in [
         ("lora", recipe.lora_finetune, large),
@@ -201,7 +218,15 @@ def _jobs(recipe: Recipe) -> list[_Job]:
         for task in names:
             job_kind = "lora" if kind == "lora" else "finetune"
             jobs.append(
-                _Job(f"{kind}-{task}", job_kind, arch, scaled(schedule, task), base, (task,))
+                _Job(
+                    f"{kind}-{task}",
+                    job_kind,
+                    arch,
+                    scaled(schedule, task),
+                    base,
+                    (task,),
+                    recipe.threads,
+                )
             )
     return jobs
 
@@ -278,16 +303,22 @@ def _write_token_data(workspace: _Workspace) -> None:
 
 
 def _run_jobs(workspace: _Workspace, jobs: list[_Job], say: Callable[[str], None]) -> dict:
-    """Run every job once its base is done, `workers` at a time; returns name -> summary."""
+    """Run the jobs marked alone one by one, then every other job once its base is done,
+    `workers` at a time; returns name -> summary."""
     results: dict[str, dict] = {}
-    pending = list(jobs)
+    alone = [job for job in jobs if job.alone]
+    pending = [job for job in jobs if not job.alone]
     if workspace.recipe.workers <= 1:
+        pending = alone + pending
         while pending:
             job = next(j for j in pending if j.base is None or j.base in results)
             pending.remove(job)
             results[job.name] = _run_job(workspace, job)
         return results
     with ProcessPoolExecutor(workspace.recipe.workers, mp_context=get_context("spawn")) as pool:
+        for job in alone:
+            results[job.name] = pool.submit(_run_job, workspace, job).result()
+            say(f"{job.name} done ({len(results)}/{len(jobs)})")
         running: dict[Future, _Job] = {}
         while pending or running:
             for job in [j for j in pending if j.base is None or j.base in results]:
@@ -308,7 +339,7 @@ def _run_job(workspace: _Workspace, job: _Job) -> dict:
     space = workspace.space()
     progress = Progress(job.name, workspace.progress)
     seed = int.from_bytes(hashlib.sha256(f"{recipe.seed}-{job.name}".encode()).digest()[:4])
-    with train.deterministic(seed, recipe.threads):
+    with train.deterministic(seed, job.threads):
         model = train.new_compact_model(job.arch, space)
         if job.base is not None:
             _load_compact(model, workspace.state_dir / f"{job.base}.safetensors")

@@ -13,7 +13,7 @@ import sys
 def add_commands(commands: argparse._SubParsersAction) -> None:
     kit = commands.add_parser("kit", help="the built-in model kit")
     kit_commands = kit.add_subparsers(required=True, metavar="KIT_COMMAND")
-    build = kit_commands.add_parser("build", help="train the model kit (cached; ~24 min once)")
+    build = kit_commands.add_parser("build", help="train the model kit (cached; 10-20 min once)")
     build.add_argument("--out", help="build into this directory instead of the cache")
     build.set_defaults(command=_build)
     report = kit_commands.add_parser("report", help="accuracy of every kit member, per task")

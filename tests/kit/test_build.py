@@ -88,6 +88,17 @@ def test_micro_build_is_bit_for_bit_reproducible(micro_kit: str, tmp_path: Path)
         ).read_text()
 
 
+def test_two_workers_build_the_same_bits_as_one(micro_kit: str, tmp_path: Path) -> None:
+    """base-large alone on its threads first, then the other jobs in two worker processes: the
+    same weights as every job one after the other in this process."""
+    pooled = build_kit(tmp_path / "pooled", replace(MICRO, workers=2), progress=False)
+    for name in MODEL_MEMBERS + ADAPTER_MEMBERS:
+        weights = "adapter_model.safetensors" if name.startswith("lora") else "model.safetensors"
+        first = load_file(Path(micro_kit) / name / weights)
+        second = load_file(Path(pooled) / name / weights)
+        assert all(torch.equal(tensor, second[key]) for key, tensor in first.items()), name
+
+
 def test_training_precision_is_the_cpus_unless_set(micro_kit: str, tmp_path: Path) -> None:
     """ "auto" trains in bf16 only on CPUs that multiply it in hardware (their flags), and says
     so in kit.json; the other precision, set in the recipe, is another kit (name and weights)."""
