@@ -6,7 +6,9 @@ Large: the benchmark model of make_bench_model.py (Qwen2.5-0.5B shapes, bf16). S
 the same family at hidden 512, 8 layers (about 1/8 of the parameters), random weights; experts:
 a full model of the small base's shape (another seed), and a rank-16 LoRA adapter on the small
 base (all seven projections). All cached in bench/.cache/. Times the decode-only steps of a
-batch (median step), runs alternating, best of --repeats. Prints figures, asserts nothing.
+batch (median step), runs alternating, best of --repeats; beside each ratio of best times, the
+median over rounds of the round's own ratio (a machine whose speed drifts between rounds moves
+both sides of a round's ratio together). Prints figures, asserts nothing.
 
     python bench/bench_fusion_step.py [--batch 1 8] [--new-tokens 32] [--repeats 3]
 """
@@ -129,16 +131,17 @@ def main() -> None:
     }
     for batch in args.batch:
         step_time(engine, batch, runs["full expert, dynamic"][0], FusionMode.DYNAMIC, 4, 8)
-        best: dict[str, float] = {}
+        rounds: dict[str, list[float]] = {name: [] for name in runs}
         for _ in range(args.repeats):
             for name, (experts, mode) in runs.items():
                 seconds = step_time(engine, batch, experts, mode, args.new_tokens, args.prompt_len)
-                best[name] = min(best.get(name, seconds), seconds)
-        alone = best["alone"]
-        for name, seconds in best.items():
+                rounds[name].append(seconds)
+        alone = min(rounds["alone"])
+        for name, times in rounds.items():
+            paired = statistics.median(t / a for t, a in zip(times, rounds["alone"], strict=True))
             print(
-                f"batch {batch}: {name:<22} {seconds * 1e3:7.1f} ms/step  "
-                f"{seconds / alone:5.2f}x the large model alone",
+                f"batch {batch}: {name:<22} {min(times) * 1e3:7.1f} ms/step  "
+                f"{min(times) / alone:5.2f}x the large model alone (rounds' median {paired:.2f}x)",
                 flush=True,
             )
 

@@ -480,7 +480,8 @@ INLINE void silu_mul(const int bf16, const char *gate_up, int64_t ld, char *out,
 // row p of d [P, V]) and every alpha of the grid, z = a + alpha * d and
 //     lse[p, g] = m + log(s),  mean[p, g] = w / s,  s = sum exp(z - m),  w = sum exp(z - m) d,
 // m = max z (0 where no z is finite; where s is 0, s counts as 1). fp32; a is finite or -inf.
-// One task per (pair, alpha): a pass for the max, a pass for the sums.
+// One task per (pair, alpha): a pass for the max, a pass for the sums. (An evenly spaced grid on
+// an AVX-512 CPU takes the chained sweep below instead.)
 
 typedef struct {
     const float *a, *d, *alphas;
@@ -591,10 +592,133 @@ AVX512 static void sweep16(const sweep_t *job, int64_t task) {
     job->mean[pair * job->num_alphas + g] = weighted / safe;
 }
 
+// The sweep over an evenly spaced grid (alpha_g = alpha_0 + g * step, as the default is) with two
+// exponentials per token for CHAIN alphas instead of one per alpha. The shift of alpha g is not
+// max z_g but the chord between the two ends' maxima, s_g = m_0 + g * slope: the maximum is convex
+// in alpha, so the chord lies above it, every term e_g = exp(z_g - s_g) is at most 1, and log e_g
+// is linear in g: e_{g+1} = e_g * rho with rho = exp(step * d - slope) per token. A chunk starts at
+// one exponential of its first alpha and multiplies its way through the rest; the terms agree
+// with one exponential each to about CHAIN ulps. Two cases fall back to the exponential per
+// alpha: a vector with a lane whose chain would start from an underflowed term and climb back
+// into range, and an alpha whose terms all sit far below the chord (its total under 2^-100).
+#define CHAIN 11
+#define CHAIN_FLOOR (-80.0f)  // an anchor below this may have lost its value to underflow
+
+static int evenly_spaced(const float *alphas, int64_t count) {
+    if (count < CHAIN) return 0;
+    const double step = ((double)alphas[count - 1] - alphas[0]) / (double)(count - 1);
+    if (!(step > 0.0)) return 0;
+    for (int64_t g = 0; g < count; g++) {
+        const double expected = alphas[0] + step * (double)g;
+        if (fabs(alphas[g] - expected) > 1e-6 * fmax(1.0, fabs(expected))) return 0;
+    }
+    return 1;
+}
+
+// The 16 tokens at i: their terms of CHAIN alphas from `alpha` (shifted from `shift` on) added
+// to sum[g], and times d to weighted[g].
+AVX512 static inline void chain16(const float *a, const float *d, int64_t i, float alpha,
+                                  float shift, float step, float slope, __m512 *sum,
+                                  __m512 *weighted) {
+    const __m512 dv = _mm512_loadu_ps(d + i);
+    const __m512 anchor = _mm512_sub_ps(
+        _mm512_fmadd_ps(_mm512_set1_ps(alpha), dv, _mm512_loadu_ps(a + i)), _mm512_set1_ps(shift));
+    // log e rises by step * d - slope per alpha: CHAIN - 1 steps on, still under the floor?
+    const __m512 rise = _mm512_fmsub_ps(_mm512_set1_ps(step), dv, _mm512_set1_ps(slope));
+    const __m512 last = _mm512_fmadd_ps(_mm512_set1_ps((float)(CHAIN - 1)), rise, anchor);
+    const __mmask16 climbs = _mm512_cmp_ps_mask(anchor, _mm512_set1_ps(CHAIN_FLOOR), _CMP_LT_OQ) &
+                             _mm512_cmp_ps_mask(last, _mm512_set1_ps(CHAIN_FLOOR), _CMP_GE_OQ);
+    if (climbs) {
+        for (int g = 0; g < CHAIN; g++) {
+            const __m512 z = _mm512_fmadd_ps(_mm512_set1_ps(alpha + step * (float)g), dv,
+                                             _mm512_loadu_ps(a + i));
+            const __m512 e =
+                exp16(_mm512_sub_ps(z, _mm512_set1_ps(shift + slope * (float)g)));
+            sum[g] = _mm512_add_ps(sum[g], e);
+            weighted[g] = _mm512_fmadd_ps(e, dv, weighted[g]);
+        }
+        return;
+    }
+    const __m512 rho = exp16(rise);
+    __m512 e = exp16(anchor);
+#pragma GCC unroll 11
+    for (int g = 0; g < CHAIN; g++) {
+        sum[g] = _mm512_add_ps(sum[g], e);
+        weighted[g] = _mm512_fmadd_ps(e, dv, weighted[g]);
+        e = _mm512_mul_ps(e, rho);
+    }
+}
+
+// One (pair, chunk) task: alphas [first, first + CHAIN) computed, [own, end) written (chunks may
+// overlap at the grid's end; each alpha is written by one task only).
+AVX512 static void sweep_chained16(const sweep_t *job, int64_t pair, int64_t first, int64_t own,
+                                   int64_t end) {
+    const int64_t v = job->vocab, last_g = job->num_alphas - 1;
+    const float *a = job->a + (pair / job->experts) * job->lda, *d = job->d + pair * job->ldd;
+    const float alpha_0 = job->alphas[0], alpha_n = job->alphas[last_g];
+    const float step = (alpha_n - alpha_0) / (float)last_g;
+    __m512 top0 = _mm512_set1_ps(-INFINITY), top_n = top0;
+    int64_t i = 0;
+    for (; i + 16 <= v; i += 16) {
+        const __m512 av = _mm512_loadu_ps(a + i), dv = _mm512_loadu_ps(d + i);
+        top0 = _mm512_max_ps(top0, _mm512_fmadd_ps(_mm512_set1_ps(alpha_0), dv, av));
+        top_n = _mm512_max_ps(top_n, _mm512_fmadd_ps(_mm512_set1_ps(alpha_n), dv, av));
+    }
+    float m0 = _mm512_reduce_max_ps(top0), mn = _mm512_reduce_max_ps(top_n);
+    for (int64_t j = i; j < v; j++) {
+        const float z0 = a[j] + alpha_0 * d[j], zn = a[j] + alpha_n * d[j];
+        m0 = z0 > m0 ? z0 : m0;
+        mn = zn > mn ? zn : mn;
+    }
+    if (!isfinite(m0) || !isfinite(mn)) {  // no finite z: lse and mean are 0
+        for (int64_t g = own; g < end; g++) {
+            job->lse[pair * job->num_alphas + g] = 0.0f;
+            job->mean[pair * job->num_alphas + g] = 0.0f;
+        }
+        return;
+    }
+    const float slope = (mn - m0) / (float)last_g;
+    const float alpha = job->alphas[first], shift = m0 + slope * (float)first;
+    __m512 sum[CHAIN], weighted[CHAIN];
+    for (int g = 0; g < CHAIN; g++) sum[g] = weighted[g] = _mm512_setzero_ps();
+    for (i = 0; i + 16 <= v; i += 16) chain16(a, d, i, alpha, shift, step, slope, sum, weighted);
+    for (int64_t g = own; g < end; g++) {
+        const int c = (int)(g - first);
+        const float alpha_g = alpha + step * (float)c, shift_g = shift + slope * (float)c;
+        float total = _mm512_reduce_add_ps(sum[c]), moment = _mm512_reduce_add_ps(weighted[c]);
+        for (int64_t j = i; j < v; j++) {
+            const float e = expf(a[j] + alpha_g * d[j] - shift_g);
+            total += e;
+            moment += e * d[j];
+        }
+        if (total < 0x1p-100f) {  // far below the chord: the exact shift of this alpha
+            sweep16(job, pair * job->num_alphas + g);
+            continue;
+        }
+        job->lse[pair * job->num_alphas + g] = shift_g + logf(total);
+        job->mean[pair * job->num_alphas + g] = moment / total;
+    }
+}
+
+static void chained_task(const sweep_t *job, int64_t task) {
+    const int64_t chunks = (job->num_alphas + CHAIN - 1) / CHAIN;
+    const int64_t pair = task / chunks, c = task % chunks;
+    const int64_t own = c * CHAIN, end = own + CHAIN < job->num_alphas ? own + CHAIN : job->num_alphas;
+    const int64_t first = end - CHAIN;  // the last chunk ends at the grid's end
+    sweep_chained16(job, pair, first, own, end);
+}
+
 static void fusion_sweep(const sweep_t *job, int64_t pairs, int threads) {
-    const int64_t tasks = pairs * job->num_alphas;
-    void (*run)(const sweep_t *, int64_t) = __builtin_cpu_supports("avx512f") ? sweep16 : sweep;
-    if (threads <= 1 || tasks < 2 || tasks * job->vocab < PARALLEL_MIN_ELEMENTS) {
+    int64_t tasks = pairs * job->num_alphas;
+    void (*run)(const sweep_t *, int64_t) = sweep;
+    if (__builtin_cpu_supports("avx512f")) {
+        run = sweep16;
+        if (evenly_spaced(job->alphas, job->num_alphas)) {
+            run = chained_task;
+            tasks = pairs * ((job->num_alphas + CHAIN - 1) / CHAIN);
+        }
+    }
+    if (threads <= 1 || tasks < 2 || pairs * job->num_alphas * job->vocab < PARALLEL_MIN_ELEMENTS) {
         for (int64_t task = 0; task < tasks; task++) run(job, task);
         return;
     }

@@ -290,6 +290,45 @@ def test_fusion_sweep_matches_oracle_and_reference(
         assert not lse[-experts:].any() and not mean[-experts:].any()
 
 
+def _assert_sweep_matches_oracle(a: torch.Tensor, d: torch.Tensor, alphas: torch.Tensor) -> None:
+    lse, mean = cpu_ops.fusion_sweep(a, d, alphas)
+    lse_oracle, mean_oracle = _sweep_oracle(a, d, alphas)
+    torch.testing.assert_close(lse.double(), lse_oracle, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(mean.double(), mean_oracle, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "alphas",
+    [
+        [0.0, 0.05, 0.1, 0.3, 0.6, 1.0, 1.1, 1.2, 1.5, 1.7, 1.8, 2.0],  # uneven
+        [0.0, 0.5, 1.0, 1.5, 2.0],  # even, shorter than a chain
+        [-1.0 + i / 8 for i in range(33)],  # even, negative alphas, three chains
+    ],
+)
+def test_fusion_sweep_on_other_grids(alphas: list[float]) -> None:
+    a, d, _ = _sweep_case(3, 2, 1000, True, seed=len(alphas))
+    _assert_sweep_matches_oracle(a, d, torch.tensor(alphas))
+
+
+def test_fusion_sweep_where_a_token_climbs_from_underflow() -> None:
+    # Token 1 is e^-200 of token 0 at alpha 0 and leads from alpha ~1.33 on: a chain that
+    # started from its underflowed term would miss it. The rest of the vocabulary is moderate.
+    a, d, alphas = _sweep_case(1, 1, 4096, False, seed=11)
+    a[0, 0], d[0, 0] = 0.0, 0.0
+    a[0, 1], d[0, 1] = -200.0, 150.0
+    _assert_sweep_matches_oracle(a, d, alphas)
+
+
+def test_fusion_sweep_where_the_maximum_sags_far_below_the_ends() -> None:
+    # Only two finite tokens: each leads at one end of the grid by 1000 nats, and both sit 500
+    # below the ends' maxima in the middle, where a shift from the ends underflows every term.
+    a = torch.full((1, 64), -torch.inf)
+    d = torch.zeros(1, 64)
+    a[0, 3], d[0, 3] = 0.0, -500.0
+    a[0, 40], d[0, 40] = -1000.0, 500.0
+    _assert_sweep_matches_oracle(a, d, torch.linspace(0.0, 2.0, 21))
+
+
 def test_fusion_sweep_float64_takes_the_reference() -> None:
     a, d, alphas = _sweep_case(2, 2, 50, True, seed=4)
     a, d, alphas = a.double(), d.double(), alphas.double()
