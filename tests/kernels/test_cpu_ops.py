@@ -3,6 +3,8 @@ and the fallbacks for what the kernels do not take."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -246,6 +248,18 @@ def test_fallbacks_take_what_the_kernels_do_not() -> None:
     torch.testing.assert_close(out, F.silu(gate) * up)
 
 
+@pytest.fixture(params=["avx512", "avx2"])
+def sweep_variant(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Each variant of fusion_sweep's C code this CPU runs, in turn."""
+    if request.param not in cpu_ops.sweep_variants():
+        pytest.skip(f"this CPU cannot run the {request.param} sweep")
+    cpu_ops.set_sweep_variant(request.param)
+    try:
+        yield
+    finally:
+        cpu_ops.set_sweep_variant(cpu_ops.sweep_variants()[0])
+
+
 def _sweep_case(batch: int, experts: int, vocab: int, masked: bool, seed: int):
     generator = torch.Generator().manual_seed(seed)
     a = torch.randn(batch, vocab, generator=generator) * 4
@@ -275,6 +289,7 @@ def _sweep_oracle(a: torch.Tensor, d: torch.Tensor, alphas: torch.Tensor):
     ("batch", "experts", "vocab", "masked"),
     [(1, 1, 32768, False), (3, 2, 301, True), (2, 3, 7, True), (8, 1, 4096, False)],
 )
+@pytest.mark.usefixtures("sweep_variant")
 def test_fusion_sweep_matches_oracle_and_reference(
     batch: int, experts: int, vocab: int, masked: bool
 ) -> None:
@@ -305,20 +320,23 @@ def _assert_sweep_matches_oracle(a: torch.Tensor, d: torch.Tensor, alphas: torch
         [-1.0 + i / 8 for i in range(33)],  # even, negative alphas, three chains
     ],
 )
+@pytest.mark.usefixtures("sweep_variant")
 def test_fusion_sweep_on_other_grids(alphas: list[float]) -> None:
     a, d, _ = _sweep_case(3, 2, 1000, True, seed=len(alphas))
     _assert_sweep_matches_oracle(a, d, torch.tensor(alphas))
 
 
+@pytest.mark.usefixtures("sweep_variant")
 def test_fusion_sweep_where_a_token_climbs_from_underflow() -> None:
-    # Token 1 is e^-200 of token 0 at alpha 0 and leads from alpha ~1.33 on: a chain that
-    # started from its underflowed term would miss it. The rest of the vocabulary is moderate.
+    # Token 1 sits ~2000 nats under the rest at alpha 0 and ~100 nats per alpha step higher each
+    # step, to lead at alpha 2: a chain that started from its underflowed term would miss it.
     a, d, alphas = _sweep_case(1, 1, 4096, False, seed=11)
-    a[0, 0], d[0, 0] = 0.0, 0.0
-    a[0, 1], d[0, 1] = -200.0, 150.0
+    d *= 0.25  # the rest stay under token 1 at alpha 2
+    a[0, 1], d[0, 1] = -2000.0, 1010.0
     _assert_sweep_matches_oracle(a, d, alphas)
 
 
+@pytest.mark.usefixtures("sweep_variant")
 def test_fusion_sweep_where_the_maximum_sags_far_below_the_ends() -> None:
     # Only two finite tokens: each leads at one end of the grid by 1000 nats, and both sit 500
     # below the ends' maxima in the middle, where a shift from the ends underflows every term.
