@@ -4,7 +4,8 @@ Builds kernels/csrc/cpu_linear.c (or sparse_linear.c; or a copy of it, `--a-sour
 `--b-source`) twice, with the flags kernels/ uses plus `--a` and `--b` (e.g.
 `--b=-DPREFETCH_L2`), and times the 96 projections of one decode step of the benchmark model's
 shapes (Qwen2.5-0.5B: 24 layers of qkv, o, gate_up, down; bf16, random
-weights, 716 MB, more than the caches hold) at --rows input rows, each build in turn in every
+weights, 716 MB, more than the caches hold; or --layers copies of the --shapes given) at
+--rows input rows, each build in turn in every
 round, so both see the same drift of the machine's bandwidth. The sparse kernel gets W.T and
 TEAL thresholds keeping --keep of each row's channels. Prints the median and best round of each
 build; asserts nothing.
@@ -14,6 +15,7 @@ build; asserts nothing.
     git show HEAD:kernels/csrc/cpu_linear.c > /tmp/old.c  # a change against the last commit
     python bench/ab_kernel_flags.py --a-source /tmp/old.c --a=-DPREFETCH_L2 --b=-DPREFETCH_L2 \
         --rows 8
+    python bench/ab_kernel_flags.py ... --shapes 4096x2048 --layers 24  # other projections: N x K
 """
 
 from __future__ import annotations
@@ -69,7 +71,12 @@ def main() -> None:
     parser.add_argument("--keep", type=float, default=0.5, help="sparse: channels kept per row")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--shapes", nargs="+", help="projections as OUTxIN (default: the benchmark model's)"
+    )
+    parser.add_argument("--layers", type=int, default=LAYERS, help="copies of the shapes")
     args = parser.parse_args()
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES
 
     import torch
 
@@ -82,8 +89,8 @@ def main() -> None:
     }
     generator = torch.Generator().manual_seed(0)
     steps, tensors = [], []  # each projection's call arguments; the tensors they point into
-    for _ in range(LAYERS):
-        for n, k in SHAPES:
+    for _ in range(args.layers):
+        for n, k in shapes:
             x = torch.randn(args.rows, k, generator=generator).bfloat16()
             out = torch.empty(args.rows, n, dtype=torch.bfloat16)
             if args.kernel == "dense":
@@ -106,7 +113,7 @@ def main() -> None:
         if (round_ + 1) % 10 == 0:
             print(f"[ab] round {round_ + 1}/{args.rounds}", file=sys.stderr)
     kind = f"{args.kernel} kernel ({isa})"
-    print(f"{kind}, {args.rows} rows, {LAYERS} x {len(SHAPES)} projections (bf16)")
+    print(f"{kind}, {args.rows} rows, {args.layers} x {len(shapes)} projections (bf16)")
     for name, values in times.items():
         median, best = statistics.median(values) * 1e3, min(values) * 1e3
         print(f"  {name:<40} median {median:6.2f} ms   best {best:6.2f} ms")

@@ -197,6 +197,23 @@ def test_batch_invariance_is_bit_exact(kernel_dtype: torch.dtype) -> None:
 
 
 @needs_fast_kernels
+def test_batch_invariance_where_weight_rows_are_4kb(kernel_dtype: torch.dtype) -> None:
+    # bf16 weight rows of 4 KB and multiples (K = 2048, 4096) take another grouping of eight
+    # input rows on AVX-512: each output still equals its row computed alone, bit for bit (fp32
+    # rows of 4 KB, which keep the usual grouping, are checked the same way).
+    k = 4096 // kernel_dtype.itemsize
+    for n, width in ((301, k), (67, 2 * k)):
+        weight = make((n, width), kernel_dtype, seed=n)
+        bias = make((n,), kernel_dtype, seed=n + 1)
+        batch = make((MAX_ROWS, width), kernel_dtype, seed=n + 2)
+        alone = torch.cat([linear(batch[r : r + 1], weight, bias) for r in range(MAX_ROWS)])
+        for m in (7, 8, 9, MAX_ROWS):
+            out = linear(batch[:m], weight, bias)
+            assert torch.equal(out, alone[:m]), f"batch of {m}, K = {width}"
+            assert_close_to_reference(out, batch[:m], weight, bias)
+
+
+@needs_fast_kernels
 def test_result_does_not_depend_on_thread_count(kernel_dtype: torch.dtype) -> None:
     weight = make((1000, 896), kernel_dtype, seed=8)
     x = make((3, 896), kernel_dtype, seed=9)
