@@ -469,31 +469,38 @@ static const block_fn BLOCKS[MAX_M + 1] = {
     block_9,  block_10, block_11, block_12, block_13, block_14, block_15, block_16,
 };
 
-// bf16, M = 8: two groups of four input rows over blocks of ROWS_FOR(4) weight rows where a
+// bf16, M = 8 and 16: groups of four input rows over blocks of ROWS_FOR(4) weight rows where a
 // weight row is a multiple of 4 KB (K = 2048, 4096, 14336): the rows of a block and of x then
 // fall into the same L1 sets, and eight input rows plus the block's weight rows outnumber the
-// sets' ways. On a Zen 4 (two threads, the two forms alternating) this took 0.72-0.82 of the
-// time at K = 2048 and 0.88-0.96 at K = 4096, 8192, 14336; at other K it was no faster, and
-// slower at some (1.02-1.09 at K = 1024, 4864, 8960); in fp32 slower at 4 KB rows too (1.08 at
-// K = 2048, 1.18 at 4096). Groups of at most four for other M: 0.82-0.90 at M = 16 and K = 2048
-// but 1.02-1.14 at M = 12, so only M = 8 takes them. The same arithmetic per output element.
+// sets' ways. On a Zen 4 (two threads, the two forms alternating) M = 8 took 0.72-0.82 of the
+// time at K = 2048 and 0.88-0.96 at K = 4096, 8192, 14336, M = 16 0.84 at K = 2048 and 0.95-1.02
+// above; at other K it was no faster, and slower at some (1.02-1.09 at K = 1024, 4864, 8960); in
+// fp32 slower at 4 KB rows too (1.08 at K = 2048, 1.18 at 4096); and at M = 12 (groups of six
+// before) 1.02-1.14. The same arithmetic per output element either way.
 #if defined(__AVX512F__) && defined(TANDEM_BF16)
-static void block_8_by_4(const elem_t *w, const input_t *x, const elem_t *bias, elem_t *out,
-                         int64_t k, int64_t ldx, int64_t ldo, int valid, int accumulate) {
-    dot_block(w, x, bias, out, k, ldx, ldo, 4, ROWS_FOR(4), valid, accumulate);
-    dot_block(w, x + 4 * ldx, bias, out + 4 * ldo, k, ldx, ldo, 4, ROWS_FOR(4), valid, accumulate);
-}
-#define ALIASED_ROWS(m, k) ((m) == 8 && (k) * (int64_t)sizeof(elem_t) % 4096 == 0)
+#define DEFINE_BLOCK_BY_4(M)                                                                     \
+    static void block_##M##_by_4(const elem_t *w, const input_t *x, const elem_t *bias,          \
+                                 elem_t *out, int64_t k, int64_t ldx, int64_t ldo, int valid,     \
+                                 int accumulate) {                                               \
+        for (int first = 0; first < (M); first += 4) {                                           \
+            dot_block(w, x + first * ldx, bias, out + first * ldo, k, ldx, ldo, 4, ROWS_FOR(4),  \
+                      valid, accumulate);                                                        \
+        }                                                                                        \
+    }
+DEFINE_BLOCK_BY_4(8)
+DEFINE_BLOCK_BY_4(16)
+#define ALIASED_ROWS(m, k) (((m) == 8 || (m) == 16) && (k) * (int64_t)sizeof(elem_t) % 4096 == 0)
 #else
 #define ALIASED_ROWS(m, k) 0
 #define block_8_by_4 block_8
+#define block_16_by_4 block_16
 #endif
 
 // The block function and the weight rows per block for m input rows of length k.
 INLINE block_fn block_for(int64_t m, int64_t k, int64_t *rows) {
     if (ALIASED_ROWS(m, k)) {
         *rows = ROWS_FOR(4);
-        return block_8_by_4;
+        return m == 8 ? block_8_by_4 : block_16_by_4;
     }
     *rows = ROWS_FOR(m);
     return BLOCKS[m];
