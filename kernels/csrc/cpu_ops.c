@@ -655,61 +655,111 @@ AVX512 static inline void chain16(const float *a, const float *d, int64_t i, flo
     }
 }
 
-// One (pair, chunk) task: alphas [first, first + CHAIN) computed, [own, end) written (chunks may
-// overlap at the grid's end; each alpha is written by one task only).
-AVX512 static void sweep_chained16(const sweep_t *job, int64_t pair, int64_t first, int64_t own,
-                                   int64_t end) {
-    const int64_t v = job->vocab, last_g = job->num_alphas - 1;
-    const float *a = job->a + (pair / job->experts) * job->lda, *d = job->d + pair * job->ldd;
-    const float alpha_0 = job->alphas[0], alpha_n = job->alphas[last_g];
-    const float step = (alpha_n - alpha_0) / (float)last_g;
-    __m512 top0 = _mm512_set1_ps(-INFINITY), top_n = top0;
-    int64_t i = 0;
-    for (; i + 16 <= v; i += 16) {
-        const __m512 av = _mm512_loadu_ps(a + i), dv = _mm512_loadu_ps(d + i);
-        top0 = _mm512_max_ps(top0, _mm512_fmadd_ps(_mm512_set1_ps(alpha_0), dv, av));
-        top_n = _mm512_max_ps(top_n, _mm512_fmadd_ps(_mm512_set1_ps(alpha_n), dv, av));
-    }
-    float m0 = _mm512_reduce_max_ps(top0), mn = _mm512_reduce_max_ps(top_n);
-    for (int64_t j = i; j < v; j++) {
-        const float z0 = a[j] + alpha_0 * d[j], zn = a[j] + alpha_n * d[j];
+// One (pair, chunk) task of the chained sweep: alphas [first, first + CHAIN) computed, [own, end)
+// written (chunks may overlap at the grid's end; each alpha is written by one task only). Its
+// vector passes are per instruction set (sweep_chained16, sweep_chained8); the rest is here.
+typedef struct {
+    const sweep_t *job;
+    const float *a, *d;
+    int64_t pair, first, own, end;
+    float step;          // the grid's
+    float slope;         // the chord's, per step
+    float alpha, shift;  // those of alpha `first`
+} chain_task_t;
+
+static chain_task_t chain_task(const sweep_t *job, int64_t pair, int64_t first, int64_t own,
+                               int64_t end) {
+    const int64_t last_g = job->num_alphas - 1;
+    const chain_task_t t = {
+        .job = job,
+        .a = job->a + (pair / job->experts) * job->lda,
+        .d = job->d + pair * job->ldd,
+        .pair = pair,
+        .first = first,
+        .own = own,
+        .end = end,
+        .step = (job->alphas[last_g] - job->alphas[0]) / (float)last_g,
+    };
+    return t;
+}
+
+// The ends' maxima m0 and mn, given over the tokens before i, finished over the rest; the chord
+// from them. Returns 0, having written lse = mean = 0, where no z is finite.
+static int chain_chord(chain_task_t *t, int64_t i, float m0, float mn) {
+    const sweep_t *job = t->job;
+    const float alpha_0 = job->alphas[0], alpha_n = job->alphas[job->num_alphas - 1];
+    for (int64_t j = i; j < job->vocab; j++) {
+        const float z0 = t->a[j] + alpha_0 * t->d[j], zn = t->a[j] + alpha_n * t->d[j];
         m0 = z0 > m0 ? z0 : m0;
         mn = zn > mn ? zn : mn;
     }
-    if (!isfinite(m0) || !isfinite(mn)) {  // no finite z: lse and mean are 0
-        for (int64_t g = own; g < end; g++) {
-            job->lse[pair * job->num_alphas + g] = 0.0f;
-            job->mean[pair * job->num_alphas + g] = 0.0f;
+    if (!isfinite(m0) || !isfinite(mn)) {
+        for (int64_t g = t->own; g < t->end; g++) {
+            job->lse[t->pair * job->num_alphas + g] = 0.0f;
+            job->mean[t->pair * job->num_alphas + g] = 0.0f;
         }
-        return;
+        return 0;
     }
-    const float slope = (mn - m0) / (float)last_g;
-    const float alpha = job->alphas[first], shift = m0 + slope * (float)first;
-    __m512 sum[CHAIN], weighted[CHAIN];
-    for (int g = 0; g < CHAIN; g++) sum[g] = weighted[g] = _mm512_setzero_ps();
-    for (i = 0; i + 16 <= v; i += 16) chain16(a, d, i, alpha, shift, step, slope, sum, weighted);
-    for (int64_t g = own; g < end; g++) {
-        const int c = (int)(g - first);
-        const float alpha_g = alpha + step * (float)c, shift_g = shift + slope * (float)c;
-        float total = _mm512_reduce_add_ps(sum[c]), moment = _mm512_reduce_add_ps(weighted[c]);
-        for (int64_t j = i; j < v; j++) {
-            const float e = expf(a[j] + alpha_g * d[j] - shift_g);
+    t->slope = (mn - m0) / (float)(job->num_alphas - 1);
+    t->alpha = job->alphas[t->first];
+    t->shift = m0 + t->slope * (float)t->first;
+    return 1;
+}
+
+// The owned alphas' results from the chained sums over the tokens before i (totals[c], moments[c]
+// for alpha first + c), the rest of the tokens added one exponential each; an alpha far below the
+// chord (total under 2^-100) goes to `exact`, the sweep with its own shift.
+static void chain_finish(const chain_task_t *t, int64_t i, const float *totals,
+                         const float *moments, void (*exact)(const sweep_t *, int64_t)) {
+    const sweep_t *job = t->job;
+    for (int64_t g = t->own; g < t->end; g++) {
+        const int c = (int)(g - t->first);
+        const float alpha_g = t->alpha + t->step * (float)c;
+        const float shift_g = t->shift + t->slope * (float)c;
+        float total = totals[c], moment = moments[c];
+        for (int64_t j = i; j < job->vocab; j++) {
+            const float e = expf(t->a[j] + alpha_g * t->d[j] - shift_g);
             total += e;
-            moment += e * d[j];
+            moment += e * t->d[j];
         }
-        if (total < 0x1p-100f) {  // far below the chord: the exact shift of this alpha
-            sweep16(job, pair * job->num_alphas + g);
+        if (total < 0x1p-100f) {
+            exact(job, t->pair * job->num_alphas + g);
             continue;
         }
-        job->lse[pair * job->num_alphas + g] = shift_g + logf(total);
-        job->mean[pair * job->num_alphas + g] = moment / total;
+        job->lse[t->pair * job->num_alphas + g] = shift_g + logf(total);
+        job->mean[t->pair * job->num_alphas + g] = moment / total;
     }
 }
 
-// The chained sweep with AVX2, as sweep_chained16 does it. Its 22 accumulators do not fit in 16
-// registers, but chains of CHAIN alphas still ran faster than those of 6, 8 or 16 (2.3x the
-// exponential per alpha at B = 1 and 8 on a Zen 4; 21 alphas in one chain left B = 1 one task).
+AVX512 static void sweep_chained16(const sweep_t *job, int64_t pair, int64_t first, int64_t own,
+                                   int64_t end) {
+    chain_task_t t = chain_task(job, pair, first, own, end);
+    const int64_t v = job->vocab;
+    const float alpha_0 = job->alphas[0], alpha_n = job->alphas[job->num_alphas - 1];
+    __m512 top0 = _mm512_set1_ps(-INFINITY), top_n = top0;
+    int64_t i = 0;
+    for (; i + 16 <= v; i += 16) {
+        const __m512 av = _mm512_loadu_ps(t.a + i), dv = _mm512_loadu_ps(t.d + i);
+        top0 = _mm512_max_ps(top0, _mm512_fmadd_ps(_mm512_set1_ps(alpha_0), dv, av));
+        top_n = _mm512_max_ps(top_n, _mm512_fmadd_ps(_mm512_set1_ps(alpha_n), dv, av));
+    }
+    if (!chain_chord(&t, i, _mm512_reduce_max_ps(top0), _mm512_reduce_max_ps(top_n))) return;
+    __m512 sum[CHAIN], weighted[CHAIN];
+    for (int g = 0; g < CHAIN; g++) sum[g] = weighted[g] = _mm512_setzero_ps();
+    for (i = 0; i + 16 <= v; i += 16) {
+        chain16(t.a, t.d, i, t.alpha, t.shift, t.step, t.slope, sum, weighted);
+    }
+    float totals[CHAIN], moments[CHAIN];
+    for (int g = 0; g < CHAIN; g++) {
+        totals[g] = _mm512_reduce_add_ps(sum[g]);
+        moments[g] = _mm512_reduce_add_ps(weighted[g]);
+    }
+    chain_finish(&t, i, totals, moments, sweep16);
+}
 
+// The chained sweep with AVX2. Its 22 accumulators do not fit in 16 registers, but chains of
+// CHAIN alphas still ran faster than those of 6, 8 or 16 (2.3x the exponential per alpha at
+// B = 1 and 8 on a Zen 4; 21 alphas in one chain left B = 1 one task).
 static void chain8(const float *a, const float *d, int64_t i, float alpha, float shift,
                    float step, float slope, __m256 *sum, __m256 *weighted) {
     const __m256 dv = _mm256_loadu_ps(d + i);
@@ -742,51 +792,28 @@ static void chain8(const float *a, const float *d, int64_t i, float alpha, float
 
 static void sweep_chained8(const sweep_t *job, int64_t pair, int64_t first, int64_t own,
                            int64_t end) {
-    const int64_t v = job->vocab, last_g = job->num_alphas - 1;
-    const float *a = job->a + (pair / job->experts) * job->lda, *d = job->d + pair * job->ldd;
-    const float alpha_0 = job->alphas[0], alpha_n = job->alphas[last_g];
-    const float step = (alpha_n - alpha_0) / (float)last_g;
+    chain_task_t t = chain_task(job, pair, first, own, end);
+    const int64_t v = job->vocab;
+    const float alpha_0 = job->alphas[0], alpha_n = job->alphas[job->num_alphas - 1];
     __m256 top0 = _mm256_set1_ps(-INFINITY), top_n = top0;
     int64_t i = 0;
     for (; i + VEC <= v; i += VEC) {
-        const __m256 av = _mm256_loadu_ps(a + i), dv = _mm256_loadu_ps(d + i);
+        const __m256 av = _mm256_loadu_ps(t.a + i), dv = _mm256_loadu_ps(t.d + i);
         top0 = _mm256_max_ps(top0, _mm256_fmadd_ps(_mm256_set1_ps(alpha_0), dv, av));
         top_n = _mm256_max_ps(top_n, _mm256_fmadd_ps(_mm256_set1_ps(alpha_n), dv, av));
     }
-    float m0 = max8(top0), mn = max8(top_n);
-    for (int64_t j = i; j < v; j++) {
-        const float z0 = a[j] + alpha_0 * d[j], zn = a[j] + alpha_n * d[j];
-        m0 = z0 > m0 ? z0 : m0;
-        mn = zn > mn ? zn : mn;
-    }
-    if (!isfinite(m0) || !isfinite(mn)) {
-        for (int64_t g = own; g < end; g++) {
-            job->lse[pair * job->num_alphas + g] = 0.0f;
-            job->mean[pair * job->num_alphas + g] = 0.0f;
-        }
-        return;
-    }
-    const float slope = (mn - m0) / (float)last_g;
-    const float alpha = job->alphas[first], shift = m0 + slope * (float)first;
+    if (!chain_chord(&t, i, max8(top0), max8(top_n))) return;
     __m256 sum[CHAIN], weighted[CHAIN];
     for (int g = 0; g < CHAIN; g++) sum[g] = weighted[g] = _mm256_setzero_ps();
-    for (i = 0; i + VEC <= v; i += VEC) chain8(a, d, i, alpha, shift, step, slope, sum, weighted);
-    for (int64_t g = own; g < end; g++) {
-        const int c = (int)(g - first);
-        const float alpha_g = alpha + step * (float)c, shift_g = shift + slope * (float)c;
-        float total = sum8(sum[c]), moment = sum8(weighted[c]);
-        for (int64_t j = i; j < v; j++) {
-            const float e = expf(a[j] + alpha_g * d[j] - shift_g);
-            total += e;
-            moment += e * d[j];
-        }
-        if (total < 0x1p-100f) {
-            sweep(job, pair * job->num_alphas + g);
-            continue;
-        }
-        job->lse[pair * job->num_alphas + g] = shift_g + logf(total);
-        job->mean[pair * job->num_alphas + g] = moment / total;
+    for (i = 0; i + VEC <= v; i += VEC) {
+        chain8(t.a, t.d, i, t.alpha, t.shift, t.step, t.slope, sum, weighted);
     }
+    float totals[CHAIN], moments[CHAIN];
+    for (int g = 0; g < CHAIN; g++) {
+        totals[g] = sum8(sum[g]);
+        moments[g] = sum8(weighted[g]);
+    }
+    chain_finish(&t, i, totals, moments, sweep);
 }
 
 // A chained task: pair task / chunks, chunk task % chunks of CHAIN alphas (the last one ends at
@@ -801,7 +828,9 @@ INLINE void chained_task(const sweep_t *job, int64_t task,
 static void chained_task16(const sweep_t *job, int64_t task) {
     chained_task(job, task, sweep_chained16);
 }
-static void chained_task8(const sweep_t *job, int64_t task) { chained_task(job, task, sweep_chained8); }
+static void chained_task8(const sweep_t *job, int64_t task) {
+    chained_task(job, task, sweep_chained8);
+}
 
 // Whether the sweep may take its AVX-512 code where the CPU has it (kernels/cpu_ops.py turns it
 // off to test the AVX2 code on such CPUs).
