@@ -1,7 +1,8 @@
-"""Median decode step time of the benchmark model in this process, as the environment sets it
-up: to compare OpenMP wait policies or versions of the code, run it under each, alternating.
+"""Median decode step time of the benchmark model (or --model DIR) in this process, as the
+environment sets it up: to compare OpenMP wait policies or versions of the code, run it under
+each, alternating.
 
-    python bench/decode_step_time.py [--batch 1] [--new-tokens 48] [--repeats 3]
+    python bench/decode_step_time.py [--batch 1] [--new-tokens 48] [--repeats 3] [--model DIR]
     OMP_WAIT_POLICY=PASSIVE python bench/decode_step_time.py --batch 8
 
 Greedy, EOS ignored, 32-token prompts; the median over --repeats batches of each batch's median
@@ -25,13 +26,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", help="a model directory (default: the benchmark model)")
     args = parser.parse_args()
 
     from bench.make_bench_model import build_bench_model
     from engine.llm_engine import EngineConfig, LLMEngine
     from engine.types import Request, SamplingParams, StoppingCriteria
 
-    engine = LLMEngine.from_dir(build_bench_model(), EngineConfig(dtype="bfloat16"))
+    model = args.model or build_bench_model()
+    engine = LLMEngine.from_dir(model, EngineConfig(dtype="bfloat16"))
 
     def median_step(new_tokens: int) -> float:
         for i in range(args.batch):

@@ -4,9 +4,11 @@ Only the shapes matter for decode speed, so the weights are random (fixed seed) 
 vocabulary is a real tokenizer shipped in mistral_common, which keeps the LM head and embedding
 sizes realistic: the 32768-token SentencePiece one (the default), or the 131072-token Tekken one
 (`--vocab tekken131k`, for constrained decoding where the vocabulary's size matters). The
-directory is cached under bench/.cache/.
+directory is cached under bench/.cache/. `--shape llama3.2-1b-6l` writes a LlamaForCausalLM with
+Llama-3.2-1B's widths (hidden 2048, MLP 8192, 32 query and 8 KV heads, tied embeddings) and 6 of
+its 16 layers instead: weight rows of 4 KB, which the dense kernel treats apart at batch 8 and 16.
 
-    python bench/make_bench_model.py [--vocab sp32k|tekken131k] [--out DIR]
+    python bench/make_bench_model.py [--vocab sp32k|tekken131k] [--shape NAME] [--out DIR]
 """
 
 from __future__ import annotations
@@ -30,8 +32,11 @@ SEED = 1234
 COMPLETE_MARKER = "model.safetensors"
 
 
-def model_dir(vocab: str) -> Path:
-    return CACHE_DIR / f"qwen2.5-0.5b-shape-{vocab}"
+SHAPES = ("qwen2.5-0.5b", "llama3.2-1b-6l")
+
+
+def model_dir(vocab: str, shape: str = SHAPES[0]) -> Path:
+    return CACHE_DIR / f"{shape}-shape-{vocab}"
 
 
 def qwen25_05b_config(vocab: str = "sp32k"):
@@ -56,28 +61,56 @@ def qwen25_05b_config(vocab: str = "sp32k"):
     )
 
 
-def _write_model(tmp: Path, vocab: str) -> None:
+def llama32_1b_config(vocab: str = "sp32k", layers: int = 6):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=VOCABS[vocab][0],
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500_000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        initializer_range=0.02,
+        bos_token_id=1,
+        eos_token_id=2,
+        dtype="bfloat16",
+    )
+
+
+def _write_model(tmp: Path, vocab: str, shape: str) -> None:
     import torch
-    from transformers import Qwen2ForCausalLM
+    from transformers import LlamaForCausalLM, Qwen2ForCausalLM
 
     from engine import tokenizer
 
     getattr(tokenizer, VOCABS[vocab][1])(tmp)
     torch.manual_seed(SEED)
-    model = Qwen2ForCausalLM(qwen25_05b_config(vocab)).to(torch.bfloat16)
-    model.save_pretrained(str(tmp))
+    if shape == "qwen2.5-0.5b":
+        model = Qwen2ForCausalLM(qwen25_05b_config(vocab))
+    else:
+        model = LlamaForCausalLM(llama32_1b_config(vocab))
+    model.to(torch.bfloat16).save_pretrained(str(tmp))
 
 
-def build_bench_model(out_dir: str | os.PathLike[str] | None = None, vocab: str = "sp32k") -> str:
-    """Write the model to out_dir (default: model_dir(vocab)) unless it is already complete;
-    return the directory."""
-    out = Path(out_dir) if out_dir is not None else model_dir(vocab)
+def build_bench_model(
+    out_dir: str | os.PathLike[str] | None = None, vocab: str = "sp32k", shape: str = SHAPES[0]
+) -> str:
+    """Write the model to out_dir (default: model_dir(vocab, shape)) unless it is already
+    complete; return the directory."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; one of {SHAPES}")
+    out = Path(out_dir) if out_dir is not None else model_dir(vocab, shape)
     if (out / COMPLETE_MARKER).is_file():
         return str(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out.parent))
     try:
-        _write_model(tmp, vocab)
+        _write_model(tmp, vocab, shape)
         out.mkdir(exist_ok=True)
         names = sorted(os.listdir(tmp), key=lambda name: name == COMPLETE_MARKER)
         for name in names:
@@ -90,9 +123,10 @@ def build_bench_model(out_dir: str | os.PathLike[str] | None = None, vocab: str 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", choices=sorted(VOCABS), default="sp32k")
+    parser.add_argument("--shape", choices=SHAPES, default=SHAPES[0])
     parser.add_argument("--out", help="model directory (default: bench/.cache/, by vocabulary)")
     args = parser.parse_args()
-    print(build_bench_model(args.out, args.vocab))
+    print(build_bench_model(args.out, args.vocab, args.shape))
 
 
 if __name__ == "__main__":
