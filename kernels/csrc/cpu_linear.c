@@ -489,19 +489,18 @@ static const block_fn BLOCKS[MAX_M + 1] = {
     }
 DEFINE_BLOCK_BY_4(8)
 DEFINE_BLOCK_BY_4(16)
-#define ALIASED_ROWS(m, k) (((m) == 8 || (m) == 16) && (k) * (int64_t)sizeof(elem_t) % 4096 == 0)
-#else
-#define ALIASED_ROWS(m, k) 0
-#define block_8_by_4 block_8
-#define block_16_by_4 block_16
 #endif
 
 // The block function and the weight rows per block for m input rows of length k.
 INLINE block_fn block_for(int64_t m, int64_t k, int64_t *rows) {
-    if (ALIASED_ROWS(m, k)) {
+#if defined(__AVX512F__) && defined(TANDEM_BF16)
+    if ((m == 8 || m == 16) && k * (int64_t)sizeof(elem_t) % 4096 == 0) {
         *rows = ROWS_FOR(4);
         return m == 8 ? block_8_by_4 : block_16_by_4;
     }
+#else
+    (void)k;
+#endif
     *rows = ROWS_FOR(m);
     return BLOCKS[m];
 }
