@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -64,8 +65,7 @@ class ForwardBatch:
             ],
             dtype=torch.int64,
         ).view(len(spans), width)
-        offsets = torch.arange(block_size, dtype=torch.int64)
-        slot_table = (blocks[:, :, None] * block_size + offsets).view(
+        slot_table = torch.add(_offsets(block_size), blocks[:, :, None], alpha=block_size).view(
             len(spans), width * block_size
         )
         input_ids: list[int] = []
@@ -83,15 +83,24 @@ class ForwardBatch:
             )
             if logits_rows is None or logits_rows[i]:
                 logits_indices.append(len(input_ids) - 1)
+        # One tensor for the four lists (views of it): each torch call costs tens of us here.
+        n = len(input_ids)
+        flat = torch.tensor(input_ids + positions + slots + logits_indices, dtype=torch.int64)
         return cls(
-            input_ids=torch.tensor(input_ids, dtype=torch.int64),
-            positions=torch.tensor(positions, dtype=torch.int64),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            input_ids=flat[:n],
+            positions=flat[n : 2 * n],
+            slot_mapping=flat[2 * n : 3 * n],
             query_lens=[len(t) for t in token_ids],
             context_lens=list(context_lens),
             slot_table=slot_table,
-            logits_indices=torch.tensor(logits_indices, dtype=torch.int64),
+            logits_indices=flat[3 * n :],
         )
+
+
+@functools.cache
+def _offsets(block_size: int) -> torch.Tensor:
+    """0 .. block_size - 1, int64 (made once per block size; only read)."""
+    return torch.arange(block_size, dtype=torch.int64)
 
 
 def sequence_slots(slot_table: torch.Tensor, context_lens: list[int]) -> list[torch.Tensor]:

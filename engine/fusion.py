@@ -20,6 +20,7 @@ That evidence is accumulated from the small models' logits at every position as 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -197,18 +198,20 @@ def _forward(
 ) -> list[torch.Tensor]:
     """One forward of `model` over the member rows; each member's logits [n, V] at its last
     _needed(row) positions."""
+    counts = [_needed(rows[i]) for i, _ in members]
     batch = ForwardBatch.build(
         token_ids=[rows[i].token_ids for i, _ in members],
         context_lens=[rows[i].context_len for i, _ in members],
         block_tables=[rows[i].state.tables[m] for i, m in members],
         block_size=block_size,
+        logits_rows=[n > 0 for n in counts],  # each one's last position: all a decode step needs
     )
-    counts = [_needed(rows[i]) for i, _ in members]
-    ends = torch.cumsum(torch.tensor(batch.query_lens), 0).tolist()
-    batch.logits_indices = torch.tensor(
-        [p for end, n in zip(ends, counts, strict=True) for p in range(end - n, end)],
-        dtype=torch.int64,
-    )
+    if any(n > 1 for n in counts):
+        ends = itertools.accumulate(batch.query_lens)
+        batch.logits_indices = torch.tensor(
+            [p for end, n in zip(ends, counts, strict=True) for p in range(end - n, end)],
+            dtype=torch.int64,
+        )
     lora = None
     if model is base.model:
         uses = [_lora_use(rows[i].state, m) for i, m in members]

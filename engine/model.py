@@ -109,7 +109,7 @@ class CausalLM:
         """float32 logits [len(batch.logits_indices), vocab]; writes the new tokens' K/V.
         `lora`: the LoRA adapters of the batch's rows (None: every row runs the base model)."""
         hidden = F.embedding(batch.input_ids, self.weights.embed)
-        cos, sin = self.rope.cos_sin(batch.positions)
+        cos, sin = self.rope.cos_sin(batch.positions, max(batch.context_lens, default=0))
         meta = AttentionMetadata.from_batch(batch)
         # Each layer ends with the residual add and the next norm in one call (the last layer
         # with the final norm): after a projection has streamed its weights through the caches,

@@ -55,9 +55,15 @@ class RotaryEmbedding:
         self._cos = angles.cos().to(self.dtype)
         self._sin = angles.sin().to(self.dtype)
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of the tables for `positions` [T]: cos, sin [T, head_dim // 2]."""
-        needed = int(positions.max()) + 1 if positions.numel() else 0
+    def cos_sin(
+        self, positions: torch.Tensor, bound: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of the tables for `positions` [T]: cos, sin [T, head_dim // 2]. `bound`: a
+        number above every position where the caller knows one (it spares a reduction)."""
+        if bound is not None:
+            needed = bound
+        else:
+            needed = int(positions.max()) + 1 if positions.numel() else 0
         if needed > self._cos.shape[0]:
             self._extend(max(needed, 2 * self._cos.shape[0]))
         return self._cos[positions], self._sin[positions]

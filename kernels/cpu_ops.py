@@ -491,6 +491,83 @@ def fusion_stats(a: Tensor, small: Tensor, experts: Tensor) -> tuple[Tensor, Ten
     return d, stats
 
 
+def fusion_costs_ref(
+    stats: Tensor, lse: Tensor, mean: Tensor, alphas: Tensor, num_experts: int
+) -> Tensor:
+    """Dynamic logit fusion's costs [B, E, G] (kernels.fusion) from fusion_stats' stats
+    [B * E, len(FUSION_STATS)] and fusion_sweep's lse and mean [B * E, G] over alphas [G]: the
+    squared mismatch of the two KL divergences, large fused against large, and expert against
+    small base. In alphas' dtype."""
+    pairs, num_alphas = lse.shape
+    columns = dict(zip(FUSION_STATS, stats.unbind(-1), strict=True))
+    # KL(Q_t || Q) and KL(Q || Q_t) by the LSE formula: 0 for a pair with no common finite
+    # token or whose d is 0 everywhere.
+    keep_q = (columns["valid"] > 0) & (columns["moved"] > 0)
+    lse_s, lse_e = columns["lse_s"], columns["lse_e"]
+    kl_eq = torch.where(keep_q, (columns["mean_e"] - lse_e + lse_s).clamp_min(0.0), 0.0)
+    kl_qe = torch.where(keep_q, (lse_e - lse_s - columns["mean_s"]).clamp_min(0.0), 0.0)
+    lse_a = columns["lse_a"][:, None]
+    alpha = alphas.view(1, -1)
+    kl_zp = alpha * mean - lse + lse_a  # KL(P~ || P)
+    kl_pz = lse - lse_a - alpha * columns["mean_a"][:, None]  # KL(P || P~)
+    # P~ != P only where d moves a finite large logit, for alpha != 0.
+    kept = (columns["valid_a"] > 0) & (columns["moved_a"] > 0)
+    keep = kept[:, None] & (alpha != 0)
+    kl_zp = torch.where(keep, kl_zp.clamp_min(0.0), 0.0)
+    kl_pz = torch.where(keep, kl_pz.clamp_min(0.0), 0.0)
+    costs = (kl_zp - kl_eq[:, None]) ** 2 + (kl_pz - kl_qe[:, None]) ** 2
+    return costs.view(pairs // num_experts, num_experts, num_alphas)
+
+
+def fusion_choose(
+    stats: Tensor,
+    lse: Tensor,
+    mean: Tensor,
+    alphas: Tensor,
+    num_experts: int,
+    costs: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(expert index [B] int64, alpha [B]) of the lowest of fusion_costs_ref's costs, the first
+    in expert-major then alpha order (as torch.argmin of the flattened costs; alphas ascending);
+    the costs written to `costs` [B, E, G] where given. float32 on the CPU runs the C code: the
+    same float32 operations, so the same bits, without the dozens of torch ops on tiny tensors
+    that cost a batch-1 step a fraction of a millisecond."""
+    module = _kernels()
+    pairs, num_alphas = lse.shape
+    if (
+        module is None
+        or any(t.dtype is not torch.float32 or not t.is_cpu for t in (stats, lse, mean, alphas))
+        or num_experts <= 0
+        or pairs % num_experts
+        or num_alphas == 0
+        or tuple(stats.shape) != (pairs, len(FUSION_STATS))
+        or mean.shape != lse.shape
+        or alphas.numel() != num_alphas
+        or (
+            costs is not None
+            and (
+                costs.dtype is not torch.float32
+                or not (costs.is_cpu and costs.is_contiguous())
+                or costs.numel() != pairs * num_alphas
+            )
+        )
+    ):
+        computed = fusion_costs_ref(stats, lse, mean, alphas, num_experts)
+        if costs is not None:
+            costs.copy_(computed)
+        flat = computed.flatten(1).argmin(1)
+        return flat // num_alphas, alphas.flatten()[flat % num_alphas]
+    stats, lse, mean, alphas = (t.contiguous() for t in (stats, lse, mean, alphas))
+    batch = pairs // num_experts
+    index = torch.empty(batch, dtype=torch.int64)
+    alpha = torch.empty(batch, dtype=torch.float32)
+    module.fusion_choose(
+        stats.data_ptr(), lse.data_ptr(), mean.data_ptr(), alphas.data_ptr(), batch, num_experts,
+        num_alphas, index.data_ptr(), alpha.data_ptr(), 0 if costs is None else costs.data_ptr(),
+    )  # fmt: skip
+    return index, alpha
+
+
 def fusion_apply_ref(
     logits: Tensor,
     rows: Sequence[int],

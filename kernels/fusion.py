@@ -64,7 +64,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from kernels.cpu_ops import FUSION_STATS, fusion_stats, fusion_sweep
+from kernels.cpu_ops import fusion_choose, fusion_costs_ref, fusion_stats, fusion_sweep
 
 try:  # Triton is optional: the PyTorch path needs none.
     import triton
@@ -216,6 +216,29 @@ def fuse_dynamic_naive(
     return fused.to(large.dtype), index, alpha.to(_compute_dtype(large))
 
 
+def _swept(
+    large: Tensor, small: Tensor, experts: Tensor, grid: Grid
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The single-pass formula's inputs to the costs, in the compute dtype: fusion_stats' stats
+    and d [B, E, V], fusion_sweep's lse and mean over the sorted grid, and that grid."""
+    batch, num_experts, vocab = _check(large, small, experts)
+    dtype = _compute_dtype(large)
+    if grid is None:
+        values = _default_grid(dtype, large.device)
+    else:
+        values = sorted_grid(grid).to(device=large.device, dtype=dtype)
+    a = large.to(dtype)
+    d, stats = fusion_stats(a, small.to(dtype), experts.to(dtype))
+    lse_z, mean_z = fusion_sweep(a, d.reshape(batch * num_experts, vocab), values)
+    return stats, lse_z, mean_z, d, values
+
+
+@functools.cache
+def _default_grid(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """sorted_grid() in dtype on device, made once (callers only read it)."""
+    return sorted_grid().to(device=device, dtype=dtype)
+
+
 def dynamic_costs_ref(large: Tensor, small: Tensor, experts: Tensor, grid: Grid = None) -> Tensor:
     """costs [B, E, G] over sorted_grid(grid) by the single-pass formula, vectorised."""
     return _costs_ref(large, small, experts, grid)[0]
@@ -225,36 +248,8 @@ def _costs_ref(
     large: Tensor, small: Tensor, experts: Tensor, grid: Grid
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(costs [B, E, G], d [B, E, V], sorted grid [G]) in the compute dtype."""
-    batch, num_experts, vocab = _check(large, small, experts)
-    dtype = _compute_dtype(large)
-    values = sorted_grid(grid).to(device=large.device, dtype=dtype)
-    a = large.to(dtype)
-    d, stats = fusion_stats(a, small.to(dtype), experts.to(dtype))
-    columns = dict(zip(FUSION_STATS, stats.view(batch, num_experts, -1).unbind(-1), strict=True))
-    # KL(Q_t || Q) and KL(Q || Q_t) by the LSE formula: 0 for a pair with no common finite
-    # token or whose d is 0 everywhere.
-    keep_q = (columns["valid"] > 0) & (columns["moved"] > 0)
-    lse_s, lse_e = columns["lse_s"], columns["lse_e"]
-    kl_eq = torch.where(keep_q, (columns["mean_e"] - lse_e + lse_s).clamp_min(0.0), 0.0)
-    kl_qe = torch.where(keep_q, (lse_e - lse_s - columns["mean_s"]).clamp_min(0.0), 0.0)
-    lse_a, a_valid = columns["lse_a"][:, 0], columns["valid_a"][:, 0] > 0
-    moved = columns["moved_a"] > 0  # P~ != P for alpha != 0: [B, E]
-    mean_a = columns["mean_a"]  # E_P[d_t]: [B, E]
-
-    num_alphas = values.numel()
-    lse_z, mean_z = fusion_sweep(a, d.reshape(batch * num_experts, vocab), values)
-    lse_z = lse_z.view(batch, num_experts, num_alphas)
-    mean_z = mean_z.view(batch, num_experts, num_alphas)
-
-    alpha = values.view(1, 1, -1)
-    lse_a3 = lse_a.view(batch, 1, 1)
-    kl_zp = alpha * mean_z - lse_z + lse_a3  # KL(P~ || P)
-    kl_pz = lse_z - lse_a3 - alpha * mean_a.unsqueeze(-1)  # KL(P || P~)
-    keep = a_valid.view(batch, 1, 1) & moved.unsqueeze(-1) & (alpha != 0)
-    kl_zp = torch.where(keep, kl_zp.clamp_min(0.0), 0.0)
-    kl_pz = torch.where(keep, kl_pz.clamp_min(0.0), 0.0)
-    costs = (kl_zp - kl_eq.unsqueeze(-1)) ** 2 + (kl_pz - kl_qe.unsqueeze(-1)) ** 2
-    return costs, d, values
+    stats, lse_z, mean_z, d, values = _swept(large, small, experts, grid)
+    return fusion_costs_ref(stats, lse_z, mean_z, values, experts.shape[1]), d, values
 
 
 def fuse_dynamic_ref(
@@ -648,8 +643,8 @@ def choose_dynamic(
         return index, alpha
     if experts.shape[1] == 0:
         raise ValueError("dynamic fusion needs at least one expert")
-    costs, _, values = _costs_ref(large, small, experts, grid)
-    return _choose(costs, values)
+    stats, lse_z, mean_z, _, values = _swept(large, small, experts, grid)
+    return fusion_choose(stats, lse_z, mean_z, values, experts.shape[1])
 
 
 def fuse_static(

@@ -966,6 +966,50 @@ static void fusion_stats(const stats_t *job, int64_t pairs, int threads) {
     for (int64_t p = 0; p < pairs; p++) pair_stats(job, p);
 }
 
+// The dynamic choice from fusion_stats' statistics [B * E, STATS] and fusion_sweep's lse and
+// mean [B * E, G] over alphas [G] (ascending): per row, the expert and alpha of the lowest cost,
+// the first in expert-major then alpha order (a NaN cost wins, as torch.argmin has it); the
+// costs [B, E, G] too where `costs` is not NULL. They are kernels.cpu_ops.fusion_costs_ref's
+// float32 operations in its order (no contraction: -ffp-contract=off), so the same bits.
+// torch.where(keep, value.clamp_min(0), 0): a NaN value stays NaN where kept.
+INLINE float clamp_kept(int keep, float value) {
+    return keep ? (value < 0.0f ? 0.0f : value) : 0.0f;
+}
+
+static void fusion_choose(const float *stats, const float *lse, const float *mean,
+                          const float *alphas, int64_t batch, int64_t experts, int64_t num_alphas,
+                          int64_t *index, float *alpha, float *costs) {
+    for (int64_t b = 0; b < batch; b++) {
+        int64_t best = 0;
+        float lowest = INFINITY;
+        for (int64_t t = 0; t < experts; t++) {
+            const int64_t pair = b * experts + t;
+            const float *st = stats + pair * STATS;
+            const int keep_q = st[STAT_VALID] > 0.0f && st[STAT_MOVED] > 0.0f;
+            const float lse_s = st[STAT_LSE_S], lse_e = st[STAT_LSE_E], lse_a = st[STAT_LSE_A];
+            const float kl_eq = clamp_kept(keep_q, st[STAT_MEAN_E] - lse_e + lse_s);
+            const float kl_qe = clamp_kept(keep_q, lse_e - lse_s - st[STAT_MEAN_S]);
+            const int moves = st[STAT_VALID_A] > 0.0f && st[STAT_MOVED_A] > 0.0f;
+            for (int64_t g = 0; g < num_alphas; g++) {
+                const int64_t at = pair * num_alphas + g;
+                const float a = alphas[g];
+                const int keep = moves && a != 0.0f;
+                const float kl_zp = clamp_kept(keep, a * mean[at] - lse[at] + lse_a);
+                const float kl_pz = clamp_kept(keep, lse[at] - lse_a - a * st[STAT_MEAN_A]);
+                const float u = kl_zp - kl_eq, w = kl_pz - kl_qe;
+                const float cost = u * u + w * w;
+                if (costs) costs[at] = cost;
+                if (cost < lowest || (isnan(cost) && !isnan(lowest))) {
+                    lowest = cost;
+                    best = t * num_alphas + g;
+                }
+            }
+        }
+        index[b] = best / num_alphas;
+        alpha[b] = alphas[best % num_alphas];
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Fused logits, in place: for each row b, logits[rows[b], v] += alphas[b, t] * d_bt[v] for the
 // experts t in ascending order, d_bt = expert_bt - small_b (0 wherever either is not finite),
@@ -1472,6 +1516,17 @@ static PyObject *py_fusion_stats(PyObject *module, PyObject *const *args, Py_ssi
     Py_RETURN_NONE;
 }
 
+// fusion_choose(stats, lse, mean, alphas, batch, experts, num_alphas, index, alpha, costs);
+// costs may be 0.
+static PyObject *py_fusion_choose(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    long long v[10];
+    if (parse_ints(args, nargs, 10, v, "fusion_choose") != 0) return NULL;
+    fusion_choose(PTR(v[0]), PTR(v[1]), PTR(v[2]), PTR(v[3]), v[4], v[5], v[6], PTR(v[7]),
+                  PTR(v[8]), PTR(v[9]));
+    Py_RETURN_NONE;
+}
+
 // fusion_apply(logits, ld, rows, small_ptrs, expert_ptrs, alphas, batch, num_experts, vocab,
 //              width, threads)
 static PyObject *py_fusion_apply(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
@@ -1500,6 +1555,7 @@ static PyMethodDef METHODS[] = {
     {"fusion_sweep", FASTCALL(py_fusion_sweep), "LSE and mean of d over a grid of alphas"},
     {"set_sweep_avx512", FASTCALL(py_set_sweep_avx512), "whether fusion_sweep may use AVX-512"},
     {"fusion_stats", FASTCALL(py_fusion_stats), "d and the per-pair statistics of fusion"},
+    {"fusion_choose", FASTCALL(py_fusion_choose), "the expert and alpha of the lowest cost"},
     {"fusion_apply", FASTCALL(py_fusion_apply), "fused logits in place, row by row"},
     {NULL, NULL, 0, NULL},
 };

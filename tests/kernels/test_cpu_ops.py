@@ -483,3 +483,77 @@ def test_choose_dynamic_is_fuse_dynamics_choice() -> None:
     _, index_naive, alpha_naive = fuse_dynamic_naive(large, small, expert)
     assert torch.equal(index, index_ref) and torch.equal(alpha, alpha_ref)
     assert torch.equal(index, index_naive) and torch.equal(alpha.double(), alpha_naive.double())
+
+
+def _choice_inputs(batch: int, experts: int, vocab: int, alphas: list[float], seed: int):
+    """fusion_stats' statistics and fusion_sweep's lse and mean of a _stats_case (masked tokens,
+    a row with nothing finite, an expert that never moves), as the dynamic choice gets them."""
+    large, small, expert = _stats_case(batch, experts, vocab, seed)
+    d, stats = cpu_ops.fusion_stats(large, small, expert)
+    grid = torch.tensor(alphas, dtype=torch.float32)
+    lse, mean = cpu_ops.fusion_sweep(large, d.view(batch * experts, vocab), grid)
+    return stats, lse, mean, grid
+
+
+def _argmin_choice(costs: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = costs.flatten(1).argmin(1)  # the first minimum, expert-major
+    return flat // costs.shape[2], grid[flat % costs.shape[2]]
+
+
+@pytest.mark.parametrize(
+    ("batch", "experts", "vocab", "alphas"),
+    [
+        (1, 1, 32768, [i / 10 for i in range(21)]),
+        (4, 3, 700, [i / 10 for i in range(21)]),
+        (3, 2, 301, [-1.0, -0.25, 0.0, 0.5, 3.0]),
+        (2, 3, 9, [0.0]),
+    ],
+)
+def test_fusion_choose_is_the_argmin_of_the_reference_costs(
+    batch: int, experts: int, vocab: int, alphas: list[float]
+) -> None:
+    stats, lse, mean, grid = _choice_inputs(batch, experts, vocab, alphas, seed=vocab)
+    costs = cpu_ops.fusion_costs_ref(stats, lse, mean, grid, experts)
+    assert costs.shape == (batch, experts, len(alphas)) and torch.isfinite(costs).all()
+    written = torch.empty_like(costs)
+    index, alpha = cpu_ops.fusion_choose(stats, lse, mean, grid, experts, written)
+    assert torch.equal(written, costs)  # the same float32 operations in the same order
+    expected_index, expected_alpha = _argmin_choice(costs, grid)
+    assert index.dtype == torch.int64 and alpha.dtype == torch.float32
+    assert torch.equal(index, expected_index) and torch.equal(alpha, expected_alpha)
+    # The lowest cost is the one chosen (not merely the same position by accident).
+    chosen = costs[torch.arange(batch), index, torch.searchsorted(grid, alpha)]
+    assert torch.equal(chosen, costs.flatten(1).amin(1))
+
+
+def test_fusion_choose_breaks_ties_and_nans_as_argmin() -> None:
+    stats, lse, mean, grid = _choice_inputs(2, 3, 301, [0.0, 0.5, 1.0, 1.5], seed=4)
+    # Row 0: expert 2 a copy of expert 1 (equal costs: the lower expert wins). Row 1: a NaN in
+    # expert 1's sweep at the third alpha (a NaN cost: that one wins, as torch.argmin has it).
+    pairs = stats.view(2, 3, -1)
+    pairs[0, 2] = pairs[0, 1]
+    lse.view(2, 3, -1)[0, 2] = lse.view(2, 3, -1)[0, 1]
+    mean.view(2, 3, -1)[0, 2] = mean.view(2, 3, -1)[0, 1]
+    lse.view(2, 3, -1)[1, 1, 2] = torch.nan
+    pairs[1, :, cpu_ops.FUSION_STATS.index("valid_a")] = 1.0
+    pairs[1, :, cpu_ops.FUSION_STATS.index("moved_a")] = 1.0
+    lse.view(2, 3, -1)[:, :, 0] += 1.0  # alpha 0 leaves P as it is, whatever the sweep says
+    costs = cpu_ops.fusion_costs_ref(stats, lse, mean, grid, 3)
+    assert costs[1, 1, 2].isnan()
+    written = torch.empty_like(costs)
+    index, alpha = cpu_ops.fusion_choose(stats, lse, mean, grid, 3, written)
+    assert torch.equal(written.isnan(), costs.isnan())
+    assert torch.equal(written.nan_to_num(), costs.nan_to_num())
+    expected_index, expected_alpha = _argmin_choice(costs, grid)
+    assert torch.equal(index, expected_index) and torch.equal(alpha, expected_alpha)
+    assert index[1] == 1 and alpha[1] == grid[2]
+    assert costs[0, 1].amin() == costs[0].amin() and index[0] == 1  # the tie's lower expert
+
+
+def test_fusion_choose_float64_takes_the_reference() -> None:
+    stats, lse, mean, grid = _choice_inputs(3, 2, 301, [0.0, 0.5, 1.0], seed=5)
+    as64 = [t.double() for t in (stats, lse, mean, grid)]
+    index, alpha = cpu_ops.fusion_choose(*as64, 2)
+    expected_index, expected_alpha = _argmin_choice(cpu_ops.fusion_costs_ref(*as64, 2), as64[3])
+    assert alpha.dtype == torch.float64
+    assert torch.equal(index, expected_index) and torch.equal(alpha, expected_alpha)
