@@ -10,8 +10,11 @@ each token to the most likely one, a ratio that no renormalization changes.
 
 Sampling uses the exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) i.i.d. is a draw from p
 (E_i / p_i ~ Exp(rate p_i), and the smallest of independent exponentials is index i with
-probability p_i / sum p). The noise of a seeded row comes from that row's own generator, so the
-token depends only on the seed, how many steps the generator has served and the row's logits.
+probability p_i / sum p). Each row draws one 64-bit key per step, from its own generator where
+the request is seeded, and its noise is a hash of that key and the token id (kernels.cpu_ops.
+exponential_race: no buffer of V random numbers, and only tokens that can still win are
+scored). So a seeded row's token depends only on the seed, how many steps the generator has
+served and the row's logits.
 """
 
 from __future__ import annotations
@@ -23,9 +26,7 @@ from itertools import chain
 import torch
 
 from engine.types import SamplingParams, TokenLogprob
-
-# Candidates searched for the top-p nucleus before falling back to a full sort of the row.
-_NUCLEUS_CANDIDATES = 1024
+from kernels.cpu_ops import exponential_race, sampling_thresholds
 
 
 def apply_repetition_penalty(
@@ -62,77 +63,48 @@ def _rows(flags: Sequence[bool], device: torch.device) -> torch.Tensor:
 
 def apply_top_k(logits: torch.Tensor, top_k: Sequence[int]) -> torch.Tensor:
     """Keep each row's k largest logits (ties with the k-th are kept too); k = 0 disables."""
-    vocab = logits.shape[-1]
-    enabled = [0 < k < vocab for k in top_k]
-    if not any(enabled):
-        return logits
-    rows = _rows(enabled, logits.device)
-    k_list = [k for k, on in zip(top_k, enabled, strict=True) if on]
-    ks = torch.tensor(k_list, device=logits.device)
-    selected = logits[rows]
-    # One partial top-k at the largest k serves every row; no full sort.
-    largest = selected.topk(max(k_list), dim=-1).values
-    kth = largest.gather(-1, (ks - 1)[:, None])
-    out = logits.clone()
-    out[rows] = selected.masked_fill(selected < kth, -math.inf)
-    return out
+    return _apply_filters(logits, top_k, [1.0] * len(top_k), [0.0] * len(top_k))
 
 
 def apply_top_p(logits: torch.Tensor, top_p: Sequence[float]) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability mass is >= top_p.
 
     A token is kept iff the mass of the tokens ranked above it is < top_p, which always keeps
-    the most likely token. Rows at 1.0 are left alone.
+    the most likely token (and any tied with the last one kept). Rows at 1.0 are left alone.
     """
-    enabled = [p < 1.0 for p in top_p]
-    if not any(enabled):
-        return logits
-    rows = _rows(enabled, logits.device)
-    ps = torch.tensor(
-        [p for p, on in zip(top_p, enabled, strict=True) if on],
-        dtype=logits.dtype,
-        device=logits.device,
-    )
-    selected = logits[rows]
-    probs = selected.softmax(dim=-1)
-    # A language model's nucleus is usually small: look for it among the top candidates and
-    # sort the whole row only where they do not reach top_p (a full sort of 131k is slow).
-    top_probs, top_ids = probs.topk(min(_NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)
-    keep = torch.zeros_like(selected, dtype=torch.bool)
-    keep.scatter_(-1, top_ids, _nucleus(top_probs, ps))
-    uncovered = (top_probs.sum(dim=-1) < ps).nonzero().squeeze(-1)
-    if uncovered.numel():
-        sorted_probs, order = probs[uncovered].sort(dim=-1, descending=True)
-        keep[uncovered] = torch.zeros_like(order, dtype=torch.bool).scatter_(
-            -1, order, _nucleus(sorted_probs, ps[uncovered])
-        )
-    out = logits.clone()
-    out[rows] = selected.masked_fill(~keep, -math.inf)
-    return out
-
-
-def _nucleus(sorted_probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Which of the descending probabilities are kept: those with less than top_p above them."""
-    mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs
-    return mass_above < top_p[:, None]
+    return _apply_filters(logits, [0] * len(top_p), top_p, [0.0] * len(top_p))
 
 
 def apply_min_p(logits: torch.Tensor, min_p: Sequence[float]) -> torch.Tensor:
     """Drop tokens with p < min_p * p_max; rows at 0.0 are left alone."""
-    enabled = [p > 0.0 for p in min_p]
-    if not any(enabled):
+    return _apply_filters(logits, [0] * len(min_p), [1.0] * len(min_p), min_p)
+
+
+def _thresholds(
+    logits: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float], min_p: Sequence[float]
+) -> tuple[list[int], torch.Tensor | None]:
+    """The rows with a filter on, and their thresholds (kernels.cpu_ops.sampling_thresholds:
+    top-k, top-p over what it kept, then min-p, as one value per row below which a logit is
+    dropped; no sort, where sorting one flat row of 32k logits cost milliseconds)."""
+    vocab = logits.shape[-1]
+    filters = list(zip(top_k, top_p, min_p, strict=True))
+    on = [i for i, (k, p, m) in enumerate(filters) if 0 < k < vocab or p < 1.0 or m > 0.0]
+    if not on:
+        return on, None
+    selected = logits if len(on) == len(filters) else logits[on]
+    ks, ps, ms = zip(*(filters[i] for i in on), strict=True)
+    return on, sampling_thresholds(selected, ks, ps, ms)
+
+
+def _apply_filters(
+    logits: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float], min_p: Sequence[float]
+) -> torch.Tensor:
+    """Top-k, then top-p, then min-p, each row by its own settings; -inf for dropped logits."""
+    on, thresholds = _thresholds(logits, top_k, top_p, min_p)
+    if thresholds is None:
         return logits
-    rows = _rows(enabled, logits.device)
-    log_min_p = torch.tensor(
-        [math.log(p) for p, on in zip(min_p, enabled, strict=True) if on],
-        dtype=logits.dtype,
-        device=logits.device,
-    )
-    selected = logits[rows]
-    # p_i / p_max = exp(l_i - l_max): compare in log space, no softmax needed.
-    threshold = selected.max(dim=-1, keepdim=True).values + log_min_p[:, None]
     out = logits.clone()
-    out[rows] = selected.masked_fill(selected < threshold, -math.inf)
+    out[on] = logits[on].masked_fill(logits[on] < thresholds[:, None], -math.inf)
     return out
 
 
@@ -163,18 +135,6 @@ def uniform_noise(
     return uniform
 
 
-def _exponential_noise(
-    shape: tuple[int, int],
-    generators: Sequence[torch.Generator | None],
-    engine_generator: torch.Generator | None,
-    device: torch.device,
-) -> torch.Tensor:
-    """Exp(1) noise as -log(U): torch's CPU exponential_ is several times slower than this."""
-    uniform = uniform_noise(shape, generators, engine_generator, device)
-    # U = 0 would give infinite noise, so a row with one allowed token could score all zeros.
-    return uniform.clamp_(min=torch.finfo(uniform.dtype).tiny).log_().neg_()
-
-
 def _penalize(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
@@ -191,9 +151,12 @@ def _penalize(
 def _filter_rows(rows: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """Temperature, top-k, top-p and min-p on rows that sample (one params per row)."""
     rows = apply_temperature(rows, [p.temperature for p in params])
-    rows = apply_top_k(rows, [p.top_k for p in params])
-    rows = apply_top_p(rows, [p.top_p for p in params])
-    return apply_min_p(rows, [p.min_p for p in params])
+    return _apply_filters(rows, *_settings(params))
+
+
+def _settings(params: Sequence[SamplingParams]) -> tuple[list[int], list[float], list[float]]:
+    """Each row's top-k, top-p and min-p."""
+    return [p.top_k for p in params], [p.top_p for p in params], [p.min_p for p in params]
 
 
 def filter_logits(
@@ -239,14 +202,36 @@ def sample(
     else:
         tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
         rows = logits
-    rows = _filter_rows(rows, [params[i] for i in sampled])
-    # Unnormalized probabilities suffice: the argmax ignores a per-row scale.
-    weights = (rows - rows.max(dim=-1, keepdim=True).values).exp()
-    noise = _exponential_noise(
-        tuple(rows.shape), [generators[i] for i in sampled], engine_generator, rows.device
-    )
-    tokens[sampled] = (weights / noise).argmax(dim=-1)
+    chosen = [params[i] for i in sampled]
+    rows = apply_temperature(rows, [p.temperature for p in chosen])
+    # The filters as floors of the race: no filtered copy of the logits.
+    on, thresholds = _thresholds(rows, *_settings(chosen))
+    floors = None
+    if thresholds is not None:
+        floors = torch.full((len(chosen),), -math.inf, dtype=thresholds.dtype)
+        floors[on] = thresholds.cpu()
+    keys = race_keys([generators[i] for i in sampled], engine_generator)
+    tokens[sampled] = exponential_race(rows, keys, floors)
     return tokens
+
+
+def race_keys(
+    generators: Sequence[torch.Generator | None], engine_generator: torch.Generator | None
+) -> torch.Tensor:
+    """One int64 key per row for the exponential race: from generators[i], or where that is
+    None from one batched draw of `engine_generator` shared by all such rows."""
+    keys = torch.empty(len(generators), dtype=torch.int64)
+    shared = [i for i, g in enumerate(generators) if g is None]
+    if shared:
+        keys[shared] = torch.empty(len(shared), dtype=torch.int64).random_(
+            generator=engine_generator
+        )
+    for i, generator in enumerate(generators):
+        if generator is not None:
+            keys[i] = torch.empty(1, dtype=torch.int64, device=generator.device).random_(
+                generator=generator
+            )[0]
+    return keys
 
 
 def compute_logprobs(

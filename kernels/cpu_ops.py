@@ -639,6 +639,136 @@ def fusion_apply(
     )  # fmt: skip
 
 
+def _mix32(h: Tensor) -> Tensor:
+    """MurmurHash3's 32-bit finalizer on uint32 values held in int64 (products split in 16-bit
+    halves so that none overflows int64)."""
+
+    def times(h: Tensor, c: int) -> Tensor:
+        return ((h & 0xFFFF) * c + ((((h >> 16) * c) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+    h = h ^ (h >> 16)
+    h = times(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = times(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def race_noise_ref(keys: Tensor, vocab: int) -> Tensor:
+    """The exponential race's noise E [B, vocab] (float64) of int64 keys [B]: token v of row b
+    gets E = -log u with u = (2 (h >> 9) + 1) 2^-24, h = mix(mix(v ^ k0) ^ k1) for the key's
+    low and high 32 bits k0 and k1: Exp(1) noise from a hash, in 2^23 steps of u."""
+    ids = torch.arange(vocab, dtype=torch.int64, device=keys.device)
+    low, high = keys & 0xFFFFFFFF, (keys >> 32) & 0xFFFFFFFF
+    h = _mix32(_mix32(ids[None, :] ^ low[:, None]) ^ high[:, None])
+    return -torch.log(((h >> 9) * 2 + 1).double() * 2.0**-24)
+
+
+def exponential_race_ref(logits: Tensor, keys: Tensor, floors: Tensor | None = None) -> Tensor:
+    """One token per row of logits [B, V] (int64 [B]): argmax_v exp(z_v - max z) / E_v with
+    race_noise_ref's noise, in float64, the first on ties; token 0 where a row has no finite
+    logit. With E_v ~ Exp(1) i.i.d., a draw from softmax(z). floors [B]: logits below their
+    row's count as -inf (a row's maximum must not be). On logits' device."""
+    z = logits.double()
+    if floors is not None:
+        z = z.masked_fill(logits < floors.to(logits.device, logits.dtype)[:, None], -math.inf)
+    top = z.amax(dim=-1, keepdim=True)
+    finite = torch.isfinite(top).squeeze(-1)
+    scores = (z - torch.where(torch.isfinite(top), top, 0.0)).exp() / race_noise_ref(
+        keys.to(z.device), z.shape[1]
+    )
+    return torch.where(finite, scores.argmax(dim=-1), 0)
+
+
+def exponential_race(logits: Tensor, keys: Tensor, floors: Tensor | None = None) -> Tensor:
+    """As exponential_race_ref; float32 logits on the CPU run the C code (its exp and log in
+    float32, within an ulp or two of the reference's: the same token but for near ties; rows
+    in parallel; tokens more than 21 below the row's maximum, which cannot win, skipped)."""
+    module = _kernels()
+    if (
+        module is None
+        or logits.dtype is not torch.float32
+        or keys.dtype is not torch.int64
+        or logits.dim() != 2
+        or logits.stride(1) != 1
+        or tuple(keys.shape) != (logits.shape[0],)
+        or not (logits.is_cpu and keys.is_cpu)
+        or logits.shape[1] >= 2**31
+        or (
+            floors is not None
+            and (
+                floors.dtype is not torch.float32
+                or not floors.is_cpu
+                or tuple(floors.shape) != (logits.shape[0],)
+            )
+        )
+    ):
+        return exponential_race_ref(logits, keys, floors)
+    keys = keys.contiguous()
+    floors = None if floors is None else floors.contiguous()
+    tokens = torch.empty(logits.shape[0], dtype=torch.int64)
+    module.exponential_race(
+        logits.data_ptr(), logits.stride(0), keys.data_ptr(),
+        0 if floors is None else floors.data_ptr(), logits.shape[0], logits.shape[1],
+        tokens.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return tokens
+
+
+def sampling_thresholds_ref(
+    logits: Tensor, top_k: Sequence[int], top_p: Sequence[float], min_p: Sequence[float]
+) -> Tensor:
+    """Per row of logits [B, V], the smallest value theta such that keeping the logits >= theta
+    applies top-k (the k largest and any tied with the k-th; k = 0 or >= V: off), then top-p
+    over what top-k kept, renormalised (each token whose probability mass ranked above it is
+    < p, and any tied with the last one kept; p = 1: off), then min-p (the tokens with p >=
+    min_p p_max, compared as z >= max z + log min_p in logits' dtype; 0: off). -inf where a row
+    keeps every finite logit. By sorting each row, the mass in float64; [B] in logits' dtype."""
+    thresholds = torch.full((logits.shape[0],), -math.inf, dtype=logits.dtype)
+    rows = zip(logits, top_k, top_p, min_p, strict=True)
+    for r, (row, k, p, lowest) in enumerate(rows):
+        values = row[row > -math.inf].sort(descending=True).values
+        if 0 < k < row.numel() and k <= values.numel():
+            thresholds[r] = values[k - 1]
+            values = values[values >= values[k - 1]]
+        if p < 1.0 and values.numel():
+            probs = torch.softmax(values.double(), 0)
+            mass_above = probs.cumsum(0) - probs
+            thresholds[r] = values[int((mass_above < p).sum()) - 1]
+        if lowest > 0.0:
+            cut = row.max() + torch.tensor(math.log(lowest), dtype=logits.dtype)
+            thresholds[r] = torch.maximum(thresholds[r], cut.cpu())
+    return thresholds.to(logits.device)
+
+
+def sampling_thresholds(
+    logits: Tensor, top_k: Sequence[int], top_p: Sequence[float], min_p: Sequence[float]
+) -> Tensor:
+    """As sampling_thresholds_ref; float32 on the CPU runs the C code: no sort (a radix select
+    over the values' bits, three passes over a row at most per filter), the masses from float32
+    exponentials summed in double (the same kept tokens but where the mass above one is within
+    about 1e-6 of p), rows in parallel."""
+    module = _kernels()
+    batch = logits.shape[0] if logits.dim() == 2 else -1
+    if (
+        module is None
+        or logits.dtype is not torch.float32
+        or logits.dim() != 2
+        or logits.stride(1) != 1
+        or not logits.is_cpu
+        or not len(top_k) == len(top_p) == len(min_p) == batch
+    ):
+        return sampling_thresholds_ref(logits, top_k, top_p, min_p)
+    ks = torch.tensor(list(top_k), dtype=torch.int64)
+    ps = torch.tensor(list(top_p), dtype=torch.float64)
+    lowest = torch.tensor(list(min_p), dtype=torch.float64)
+    thresholds = torch.empty(batch, dtype=torch.float32)
+    module.sampling_thresholds(
+        logits.data_ptr(), logits.stride(0), batch, logits.shape[1], ks.data_ptr(),
+        ps.data_ptr(), lowest.data_ptr(), thresholds.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return thresholds
+
+
 def kernel_available() -> bool:
     """Whether these ops have their compiled fast path on this machine."""
     return _kernels() is not None

@@ -1543,6 +1543,294 @@ static PyObject *py_fusion_apply(PyObject *module, PyObject *const *args, Py_ssi
     Py_RETURN_NONE;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Sampling by the exponential race (engine.sampling): row b's token is the argmax over v of
+// exp(z_v - max z) / E_v with E_v = -log(u_v) ~ Exp(1) i.i.d., a draw from softmax(z). The noise
+// of token v is a hash of the row's 64-bit key and v (two rounds of MurmurHash3's finalizer), so
+// it needs no buffer and no generator state: u_v = (2 (h >> 9) + 1) 2^-24, uniform on (0, 1) in
+// 2^23 steps, never 0 or 1. -inf logits never win (their e^-inf is 0). Nor can a token more than
+// 21 below the maximum: its score is at most e^-21 / E_min < 0.013 (E_min = -log(1 - 2^-24) >
+// 2^-24), the maximum's at least 1 / E_max > 0.060 (E_max = -log 2^-24 = 16.64); groups of eight
+// such tokens are skipped, without changing the result. Ties go to the lowest id. A row with no
+// finite logit gets token 0, as torch.argmax of its NaN scores does.
+
+INLINE uint32_t mix32(uint32_t h) {
+    h ^= h >> 16;
+    h *= 0x85ebca6bu;
+    h ^= h >> 13;
+    h *= 0xc2b2ae35u;
+    return h ^ (h >> 16);
+}
+
+INLINE __m256i mix8(__m256i h) {
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+    h = _mm256_mullo_epi32(h, _mm256_set1_epi32((int)0x85ebca6bu));
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
+    h = _mm256_mullo_epi32(h, _mm256_set1_epi32((int)0xc2b2ae35u));
+    return _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+}
+
+// log x for normal x > 0 to about 1 ulp (Cephes' logf): x = m 2^e with m in [sqrt(1/2), sqrt(2)),
+// log m by its polynomial in m - 1 (exact near x = 1, where -log u is smallest).
+INLINE __m256 log8(__m256 x) {
+    const __m256i bits = _mm256_castps_si256(x);
+    __m256 e = _mm256_cvtepi32_ps(
+        _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126)));
+    __m256 m = _mm256_castsi256_ps(_mm256_or_si256(
+        _mm256_and_si256(bits, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f000000)));
+    const __m256 small = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+    e = _mm256_sub_ps(e, _mm256_and_ps(small, _mm256_set1_ps(1.0f)));
+    m = _mm256_add_ps(m, _mm256_and_ps(small, m));
+    const __m256 t = _mm256_sub_ps(m, _mm256_set1_ps(1.0f));
+    const __m256 z = _mm256_mul_ps(t, t);
+    __m256 y = _mm256_set1_ps(7.0376836292e-2f);
+    y = _mm256_fmadd_ps(y, t, _mm256_set1_ps(-1.1514610310e-1f));
+    y = _mm256_fmadd_ps(y, t, _mm256_set1_ps(1.1676998740e-1f));
+    y = _mm256_fmadd_ps(y, t, _mm256_set1_ps(-1.2420140846e-1f));
+    y = _mm256_fmadd_ps(y, t, _mm256_set1_ps(1.4249322787e-1f));
+    y = _mm256_fmadd_ps(y, t, _mm256_set1_ps(-1.6668057665e-1f));
+    y = _mm256_fmadd_ps(y, t, _mm256_set1_ps(2.0000714765e-1f));
+    y = _mm256_fmadd_ps(y, t, _mm256_set1_ps(-2.4999993993e-1f));
+    y = _mm256_fmadd_ps(y, t, _mm256_set1_ps(3.3333331174e-1f));
+    y = _mm256_mul_ps(_mm256_mul_ps(y, t), z);
+    y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
+    y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
+    return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(t, y));
+}
+
+typedef struct {
+    const float *logits;
+    const uint64_t *keys;
+    const float *floors;  // per row: logits below it count as -inf; NULL: none
+    int64_t *tokens;
+    int64_t ld, vocab;
+} race_t;
+
+#define RACE_MARGIN 21.0f
+
+static void race_row(const race_t *job, int64_t b) {
+    const float *z = job->logits + b * job->ld;
+    const int64_t v = job->vocab, full = v / VEC * VEC;
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i tail_lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(v - full)), lanes);
+    const __m256 neg_inf = _mm256_set1_ps(-INFINITY);
+    __m256 top8 = neg_inf;
+    for (int64_t i = 0; i < full; i += VEC) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(z + i));
+    // The last partial group: -inf past the row's end.
+    const __m256 tail = _mm256_blendv_ps(neg_inf, _mm256_maskload_ps(z + full, tail_lanes),
+                                         _mm256_castsi256_ps(tail_lanes));
+    top8 = _mm256_max_ps(top8, tail);
+    const float top = max8(top8);
+    if (!(top > -INFINITY)) {
+        job->tokens[b] = 0;
+        return;
+    }
+    const uint64_t key = job->keys[b];
+    const __m256i k0 = _mm256_set1_epi32((int)(uint32_t)key);
+    const __m256i k1 = _mm256_set1_epi32((int)(uint32_t)(key >> 32));
+    // The row's maximum passes its floor (sampling_thresholds never cut it).
+    const float cut = job->floors ? job->floors[b] : -INFINITY;
+    const __m256 shift = _mm256_set1_ps(top), allowed = _mm256_set1_ps(cut);
+    const __m256 scored = _mm256_set1_ps(cut > top - RACE_MARGIN ? cut : top - RACE_MARGIN);
+    __m256 best = _mm256_setzero_ps();
+    __m256i best_id = _mm256_setzero_si256();
+    for (int64_t i = 0; i < v; i += VEC) {
+        const __m256 zv = i < full ? _mm256_loadu_ps(z + i) : tail;
+        if (_mm256_movemask_ps(_mm256_cmp_ps(zv, scored, _CMP_GE_OQ)) == 0) continue;
+        const __m256i id = _mm256_add_epi32(_mm256_set1_epi32((int)i), lanes);
+        const __m256i h = mix8(_mm256_xor_si256(mix8(_mm256_xor_si256(id, k0)), k1));
+        const __m256 u = _mm256_mul_ps(
+            _mm256_cvtepi32_ps(_mm256_or_si256(
+                _mm256_slli_epi32(_mm256_srli_epi32(h, 9), 1), _mm256_set1_epi32(1))),
+            _mm256_set1_ps(0x1p-24f));
+        const __m256 noise = _mm256_sub_ps(_mm256_setzero_ps(), log8(u));  // E_v > 0
+        const __m256 score = _mm256_and_ps(_mm256_cmp_ps(zv, allowed, _CMP_GE_OQ),
+                                           _mm256_div_ps(exp8(_mm256_sub_ps(zv, shift)), noise));
+        const __m256 wins = _mm256_cmp_ps(score, best, _CMP_GT_OQ);  // a tie keeps the lower id
+        best = _mm256_blendv_ps(best, score, wins);
+        best_id = _mm256_castps_si256(
+            _mm256_blendv_ps(_mm256_castsi256_ps(best_id), _mm256_castsi256_ps(id), wins));
+    }
+    float scores[VEC];
+    int32_t ids[VEC];
+    _mm256_storeu_ps(scores, best);
+    _mm256_storeu_si256((__m256i *)ids, best_id);
+    int winner = 0;
+    for (int lane = 1; lane < VEC; lane++) {
+        if (scores[lane] > scores[winner] ||
+            (scores[lane] == scores[winner] && ids[lane] < ids[winner])) {
+            winner = lane;
+        }
+    }
+    job->tokens[b] = ids[winner];
+}
+
+static void exponential_race(const race_t *job, int64_t batch, int threads) {
+    if (threads <= 1 || batch < 2 || batch * job->vocab < PARALLEL_MIN_ELEMENTS) {
+        for (int64_t b = 0; b < batch; b++) race_row(job, b);
+        return;
+    }
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < batch; b++) race_row(job, b);
+}
+
+// exponential_race(logits, ld, keys, floors, batch, vocab, tokens, threads); floors may be 0.
+static PyObject *py_exponential_race(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    long long v[8];
+    if (parse_ints(args, nargs, 8, v, "exponential_race") != 0) return NULL;
+    const race_t job = {PTR(v[0]), PTR(v[2]), PTR(v[3]), PTR(v[6]), v[1], v[5]};
+    PyThreadState *state = release_gil_for(v[4] * v[5]);
+    exponential_race(&job, v[4], (int)v[7]);
+    reacquire_gil(state);
+    Py_RETURN_NONE;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Top-k, top-p and min-p thresholds (engine.sampling): per row of logits z, the smallest value
+// theta such that keeping the tokens with z >= theta keeps the k largest (ties with the k-th
+// too), then, of those, each token whose probability mass ranked above it (renormalised over
+// the kept ones) is < p, then those with p >= min_p p_max; -inf where a row keeps everything.
+// Tokens tied at the top-p boundary are all kept (a sort keeps an arbitrary share of them).
+// No sort: a radix select over the floats' order-keeping 32-bit keys, three digits (11, 11, 10
+// bits) from the top. Each digit's histogram (counts for top-k, masses e^(z - max z) for top-p,
+// in double) over the tokens of the range chosen so far picks the highest bucket whose weight
+// crosses the target: the boundary value lies there.
+
+INLINE uint32_t order_key(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof(bits));
+    return bits & 0x80000000u ? ~bits : bits | 0x80000000u;
+}
+
+INLINE float key_value(uint32_t key) {
+    const uint32_t bits = key & 0x80000000u ? key & 0x7fffffffu : ~key;
+    float value;
+    memcpy(&value, &bits, sizeof(value));
+    return value;
+}
+
+// The smallest key k of a token with key >= floor_key such that the weight of the tokens with
+// keys above k is < target (weights: e[v], or 1 each where e is NULL); floor_key where none is.
+static uint32_t select_key(const float *z, const float *e, int64_t v, uint32_t floor_key,
+                           double target) {
+    static const int digit_bits[3] = {11, 11, 10};
+    double histogram[1 << 11];
+    uint32_t prefix = 0;
+    int shift = 32;
+    double above = 0.0;
+    for (int level = 0; level < 3; level++) {
+        const int bits = digit_bits[level];
+        const uint32_t high = shift == 32 ? 0 : prefix;  // the key's bits above this digit
+        shift -= bits;
+        memset(histogram, 0, sizeof(double) << bits);
+        for (int64_t i = 0; i < v; i++) {
+            const uint32_t key = order_key(z[i]);
+            if (key < floor_key || (shift + bits < 32 && key >> (shift + bits) != high)) continue;
+            histogram[(key >> shift) & ((1u << bits) - 1)] += e ? (double)e[i] : 1.0;
+        }
+        int digit = (1 << bits) - 1, lowest = -1;
+        for (; digit >= 0; digit--) {
+            if (histogram[digit] > 0.0) lowest = digit;
+            if (above + histogram[digit] >= target) break;
+            above += histogram[digit];
+        }
+        if (digit < 0) {
+            // The range weighs less than the target: at the top, everything is kept; below, its
+            // buckets summed a little under the bucket that held them (rounding): its lowest.
+            if (level == 0 || lowest < 0) return floor_key;
+            digit = lowest;
+        }
+        prefix = (high << bits) | (uint32_t)digit;
+    }
+    return prefix;
+}
+
+typedef struct {
+    const float *logits;
+    const int64_t *top_k;  // 0: off
+    const double *top_p;   // 1: off
+    const double *min_p;   // 0: off
+    float *thresholds;
+    int64_t ld, vocab;
+} threshold_t;
+
+static __thread float *weights_cache;
+static __thread int64_t weights_capacity;
+
+INLINE float row_max(const float *z, int64_t v) {
+    float top = -INFINITY;
+    for (int64_t i = 0; i < v; i++) top = z[i] > top ? z[i] : top;
+    return top;
+}
+
+// e^(z - top) where z >= lowest, else 0, into weights; returns their sum (in double).
+static double masses(const float *z, int64_t v, float top, float lowest, float *weights) {
+    const __m256 shift = _mm256_set1_ps(top), cut = _mm256_set1_ps(lowest);
+    int64_t i = 0;
+    for (; i + VEC <= v; i += VEC) {
+        const __m256 zv = _mm256_loadu_ps(z + i);
+        const __m256 kept = _mm256_cmp_ps(zv, cut, _CMP_GE_OQ);
+        _mm256_storeu_ps(weights + i, _mm256_and_ps(kept, exp8(_mm256_sub_ps(zv, shift))));
+    }
+    for (; i < v; i++) weights[i] = z[i] >= lowest ? expf(z[i] - top) : 0.0f;
+    double total = 0.0;
+    for (i = 0; i < v; i++) total += weights[i];
+    return total;
+}
+
+static int threshold_row(const threshold_t *job, int64_t b) {
+    const float *z = job->logits + b * job->ld;
+    const int64_t v = job->vocab, k = job->top_k[b];
+    const double p = job->top_p[b];
+    const uint32_t finite = order_key(-INFINITY) + 1;  // the lowest key of a finite value
+    uint32_t floor_key = finite;
+    if (k > 0 && k < v) floor_key = select_key(z, NULL, v, floor_key, (double)k);
+    if (p < 1.0) {
+        if (v > weights_capacity) {
+            free(weights_cache);
+            weights_cache = malloc((size_t)v * sizeof(float));
+            weights_capacity = weights_cache ? v : 0;
+            if (weights_cache == NULL) return -1;
+        }
+        const double total = masses(z, v, row_max(z, v), key_value(floor_key), weights_cache);
+        if (total > 0.0) floor_key = select_key(z, weights_cache, v, floor_key, p * total);
+    }
+    float threshold = floor_key == finite ? -INFINITY : key_value(floor_key);
+    if (job->min_p[b] > 0.0) {  // p < min_p p_max where z < max z + log min_p (float32, as torch)
+        const float cut = row_max(z, v) + (float)log(job->min_p[b]);
+        threshold = cut > threshold ? cut : threshold;
+    }
+    job->thresholds[b] = threshold;
+    return 0;
+}
+
+static int sampling_thresholds(const threshold_t *job, int64_t batch, int threads) {
+    int failed = 0;
+    if (threads <= 1 || batch < 2) {
+        for (int64_t b = 0; b < batch; b++) failed |= threshold_row(job, b);
+        return failed;
+    }
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(| : failed)
+    for (int64_t b = 0; b < batch; b++) failed |= threshold_row(job, b);
+    return failed;
+}
+
+// sampling_thresholds(logits, ld, batch, vocab, top_k, top_p, min_p, thresholds, threads)
+static PyObject *py_sampling_thresholds(PyObject *module, PyObject *const *args,
+                                        Py_ssize_t nargs) {
+    (void)module;
+    long long v[9];
+    if (parse_ints(args, nargs, 9, v, "sampling_thresholds") != 0) return NULL;
+    const threshold_t job = {PTR(v[0]), PTR(v[4]), PTR(v[5]), PTR(v[6]), PTR(v[7]), v[1], v[3]};
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = sampling_thresholds(&job, v[2], (int)v[8]);
+    Py_END_ALLOW_THREADS
+    if (status != 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 #define FASTCALL(f) (PyCFunction)(void (*)(void))(f), METH_FASTCALL
 
 static PyMethodDef METHODS[] = {
@@ -1556,6 +1844,8 @@ static PyMethodDef METHODS[] = {
     {"set_sweep_avx512", FASTCALL(py_set_sweep_avx512), "whether fusion_sweep may use AVX-512"},
     {"fusion_stats", FASTCALL(py_fusion_stats), "d and the per-pair statistics of fusion"},
     {"fusion_choose", FASTCALL(py_fusion_choose), "the expert and alpha of the lowest cost"},
+    {"exponential_race", FASTCALL(py_exponential_race), "one token per row by the race"},
+    {"sampling_thresholds", FASTCALL(py_sampling_thresholds), "top-k and top-p thresholds"},
     {"fusion_apply", FASTCALL(py_fusion_apply), "fused logits in place, row by row"},
     {NULL, NULL, 0, NULL},
 };

@@ -557,3 +557,122 @@ def test_fusion_choose_float64_takes_the_reference() -> None:
     expected_index, expected_alpha = _argmin_choice(cpu_ops.fusion_costs_ref(*as64, 2), as64[3])
     assert alpha.dtype == torch.float64
     assert torch.equal(index, expected_index) and torch.equal(alpha, expected_alpha)
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 8, 1000, 32771])
+def test_exponential_race_matches_reference(vocab: int) -> None:
+    generator = torch.Generator().manual_seed(vocab)
+    # Spread wide enough (x 10) that most tokens sit more than 21 below their row's maximum,
+    # where the kernel skips them.
+    logits = torch.randn(12, vocab, generator=generator) * 10
+    logits[0, ::3] = -torch.inf  # a mask, as top-k / top-p leave
+    logits[1] = -torch.inf  # nothing allowed: token 0
+    logits[2, :] = 0.0
+    logits[2, vocab // 2] = 30.0  # one token far above all others
+    keys = torch.empty(12, dtype=torch.int64).random_(generator=generator)
+    keys[3], keys[4] = -1, 0  # keys are any 64 bits
+    tokens = cpu_ops.exponential_race(logits, keys)
+    assert tokens.dtype == torch.int64
+    assert torch.equal(tokens, cpu_ops.exponential_race_ref(logits, keys))
+    assert tokens[1] == 0 and tokens[2] == vocab // 2
+    if vocab > 1:
+        assert torch.isfinite(logits[0, tokens[0]])
+    # Strided rows (a view of wider logits) and the same keys: the same tokens.
+    wide = torch.full((12, vocab + 5), -torch.inf)
+    wide[:, :vocab] = logits
+    assert torch.equal(cpu_ops.exponential_race(wide[:, :vocab], keys), tokens)
+
+
+@pytest.mark.parametrize("scale", [1.0, 8.0])
+def test_exponential_race_draws_from_the_softmax(scale: float) -> None:
+    """Counts over 40000 random keys against the float64 softmax (chi-square); at scale 8 the
+    logits span over 21, so the kernel's skipping is in play."""
+    generator = torch.Generator().manual_seed(3)
+    z = torch.randn(37, generator=generator) * scale
+    draws = 40_000
+    keys = torch.empty(draws, dtype=torch.int64).random_(generator=generator)
+    tokens = cpu_ops.exponential_race(z.expand(draws, -1), keys)
+    counts = torch.bincount(tokens, minlength=37).double()
+    p = torch.softmax(z.double(), 0)
+    seen = p * draws >= 5  # cells expected often enough for the chi-square approximation
+    statistic = (((counts - p * draws) ** 2) / (p * draws))[seen].sum().item()
+    dof = int(seen.sum()) - 1
+    # A p-value of 1e-4 at these degrees of freedom (Wilson-Hilferty), without scipy.
+    z_score = ((statistic / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / (2 / (9 * dof)) ** 0.5
+    assert z_score < 3.72, (statistic, dof)
+    assert counts[~seen].sum() <= draws * p[~seen].sum() * 3 + 10
+
+
+def test_exponential_race_ties_go_to_the_lowest_id() -> None:
+    """u takes 2^23 values, so tokens of one row share noise now and then: two such tokens with
+    equal logits tie exactly. Pairs in the same lane of the kernel's vectors of eight, and with
+    the lower id in a lower and in a higher lane."""
+    vocab = 1 << 16
+    keys = torch.tensor([12345])
+    noise = cpu_ops.race_noise_ref(keys, vocab)[0]
+    order = noise.argsort()
+    same = (noise[order[1:]] == noise[order[:-1]]).nonzero().squeeze(-1)
+    pairs = sorted(sorted((int(order[i]), int(order[i + 1]))) for i in same)
+    same_lane = next(p for p in pairs if p[0] % 8 == p[1] % 8)
+    lower_lane = next(p for p in pairs if p[0] % 8 < p[1] % 8)
+    higher_lane = next(p for p in pairs if p[0] % 8 > p[1] % 8)
+    for low, high in (same_lane, lower_lane, higher_lane):
+        logits = torch.full((1, vocab), -torch.inf)
+        logits[0, [low, high]] = 1.5
+        assert cpu_ops.exponential_race(logits, keys).item() == low
+        assert cpu_ops.exponential_race_ref(logits, keys).item() == low
+
+
+def _threshold_rows(vocab: int, seed: int) -> torch.Tensor:
+    """Rows of logits as samplers meet them: peaked, flat, masked, tied, nothing finite."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randn(8, vocab, generator=generator)
+    rows[0] *= 6.0  # peaked: a small nucleus
+    rows[1] *= 0.05  # flat: the nucleus spans most of the row
+    rows[2, ::3] = -torch.inf  # masked (a constraint, an earlier filter)
+    rows[3] = (rows[3] * 4).round() / 2  # many exact ties
+    rows[4] = -torch.inf  # nothing finite
+    rows[5, : vocab - 2] = -torch.inf  # two finite logits
+    return rows
+
+
+@pytest.mark.parametrize("vocab", [5, 301, 32768])
+def test_sampling_thresholds_match_the_sorting_reference(vocab: int) -> None:
+    logits = _threshold_rows(vocab, seed=vocab)
+    settings = [  # (top_k, top_p, min_p) per row, every row under each
+        (0, 1.0, 0.0),
+        (1, 1.0, 0.0),
+        (3, 1.0, 0.0),
+        (vocab - 1, 1.0, 0.0),
+        (vocab, 0.9, 0.0),  # k = V: off
+        (0, 0.37, 0.0),
+        (0, 1e-6, 0.0),  # just the most likely (and ties)
+        (0, 0.999999, 0.0),
+        (50, 0.9, 0.0),
+        (0, 1.0, 0.2),
+        (10, 0.8, 0.05),
+    ]
+    for k, p, m in settings:
+        count = logits.shape[0]
+        got = cpu_ops.sampling_thresholds(logits, [k] * count, [p] * count, [m] * count)
+        expected = cpu_ops.sampling_thresholds_ref(logits, [k] * count, [p] * count, [m] * count)
+        assert got.dtype == torch.float32
+        assert torch.equal(got, expected), (k, p, m, got, expected)
+    # Each row its own settings, in one call.
+    ks, ps, ms = zip(*(settings[r % len(settings)] for r in range(8)), strict=True)
+    got = cpu_ops.sampling_thresholds(logits, ks, ps, ms)
+    assert torch.equal(got, cpu_ops.sampling_thresholds_ref(logits, ks, ps, ms))
+
+
+def test_sampling_thresholds_keep_what_the_filters_define() -> None:
+    """Against the definitions themselves, on one flat row of 32k (where a sort was slowest):
+    top-k keeps k, top-p keeps the fewest most likely tokens reaching p, min-p the ratio."""
+    z = torch.randn(1, 32768, generator=torch.Generator().manual_seed(2)) * 0.3
+    probs = torch.softmax(z[0].double(), 0)
+    (theta,) = cpu_ops.sampling_thresholds(z, [1000], [1.0], [0.0])
+    assert int((z >= theta).sum()) == 1000
+    (theta,) = cpu_ops.sampling_thresholds(z, [0], [0.9], [0.0])
+    kept = z[0] >= theta
+    assert probs[kept].sum() >= 0.9 > probs[kept].sum() - probs[kept].min()
+    (theta,) = cpu_ops.sampling_thresholds(z, [0], [1.0], [0.5])
+    assert torch.equal(z[0] >= theta, probs >= 0.5 * probs.max() * (1 - 1e-6))
