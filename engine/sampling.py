@@ -26,7 +26,7 @@ from itertools import chain
 import torch
 
 from engine.types import SamplingParams, TokenLogprob
-from kernels.cpu_ops import exponential_race, sampling_thresholds
+from kernels.cpu_ops import argmax_rows, exponential_race, sampling_thresholds
 
 
 def apply_repetition_penalty(
@@ -195,7 +195,7 @@ def sample(
     logits = _penalize(logits, params, prior_token_ids)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if len(sampled) < len(params):
-        tokens = logits.argmax(dim=-1)  # greedy rows; sampled rows are overwritten below
+        tokens = argmax_rows(logits)  # greedy rows; sampled rows are overwritten below
         if not sampled:
             return tokens
         rows = logits[torch.tensor(sampled, device=logits.device)]

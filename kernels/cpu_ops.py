@@ -714,6 +714,27 @@ def exponential_race(logits: Tensor, keys: Tensor, floors: Tensor | None = None)
     return tokens
 
 
+def argmax_rows(logits: Tensor) -> Tensor:
+    """logits.argmax(dim=-1) of logits [B, V] (the first maximum; the first NaN where a row
+    has one); float32 on the CPU in C."""
+    module = _kernels()
+    if (
+        module is None
+        or logits.dtype is not torch.float32
+        or logits.dim() != 2
+        or logits.stride(1) != 1
+        or not logits.is_cpu
+        or logits.shape[1] == 0
+    ):
+        return logits.argmax(dim=-1)
+    tokens = torch.empty(logits.shape[0], dtype=torch.int64)
+    module.argmax_rows(
+        logits.data_ptr(), logits.stride(0), logits.shape[0], logits.shape[1],
+        tokens.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return tokens
+
+
 def sampling_thresholds_ref(
     logits: Tensor, top_k: Sequence[int], top_p: Sequence[float], min_p: Sequence[float]
 ) -> Tensor:

@@ -1686,6 +1686,50 @@ static PyObject *py_exponential_race(PyObject *module, PyObject *const *args, Py
     Py_RETURN_NONE;
 }
 
+// torch.argmax of each row (greedy decoding): the first maximum, or the first NaN where a row
+// has one (torch orders NaN above every number); 0 for a row of -inf. torch's CPU argmax took
+// 0.14 ms for eight rows of 32k, ten times this.
+static int64_t argmax_row(const float *z, int64_t v) {
+    __m256 top8 = _mm256_set1_ps(-INFINITY), nan8 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + VEC <= v; i += VEC) {
+        const __m256 zv = _mm256_loadu_ps(z + i);
+        top8 = _mm256_max_ps(top8, zv);
+        nan8 = _mm256_or_ps(nan8, _mm256_cmp_ps(zv, zv, _CMP_UNORD_Q));
+    }
+    float top = max8(top8);
+    int nan = _mm256_movemask_ps(nan8) != 0;
+    for (int64_t j = i; j < v; j++) {
+        nan |= isnan(z[j]);
+        top = z[j] > top ? z[j] : top;
+    }
+    for (int64_t j = 0; j < v; j++) {
+        if (nan ? isnan(z[j]) : z[j] == top) return j;
+    }
+    return 0;
+}
+
+static void argmax_rows(const float *logits, int64_t ld, int64_t batch, int64_t vocab,
+                        int64_t *tokens, int threads) {
+    if (threads <= 1 || batch < 2 || batch * vocab < PARALLEL_MIN_ELEMENTS) {
+        for (int64_t b = 0; b < batch; b++) tokens[b] = argmax_row(logits + b * ld, vocab);
+        return;
+    }
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < batch; b++) tokens[b] = argmax_row(logits + b * ld, vocab);
+}
+
+// argmax_rows(logits, ld, batch, vocab, tokens, threads)
+static PyObject *py_argmax_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    long long v[6];
+    if (parse_ints(args, nargs, 6, v, "argmax_rows") != 0) return NULL;
+    PyThreadState *state = release_gil_for(v[2] * v[3]);
+    argmax_rows(PTR(v[0]), v[1], v[2], v[3], PTR(v[4]), (int)v[5]);
+    reacquire_gil(state);
+    Py_RETURN_NONE;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Top-k, top-p and min-p thresholds (engine.sampling): per row of logits z, the smallest value
 // theta such that keeping the tokens with z >= theta keeps the k largest (ties with the k-th
@@ -1845,6 +1889,7 @@ static PyMethodDef METHODS[] = {
     {"fusion_stats", FASTCALL(py_fusion_stats), "d and the per-pair statistics of fusion"},
     {"fusion_choose", FASTCALL(py_fusion_choose), "the expert and alpha of the lowest cost"},
     {"exponential_race", FASTCALL(py_exponential_race), "one token per row by the race"},
+    {"argmax_rows", FASTCALL(py_argmax_rows), "torch.argmax of each row"},
     {"sampling_thresholds", FASTCALL(py_sampling_thresholds), "top-k and top-p thresholds"},
     {"fusion_apply", FASTCALL(py_fusion_apply), "fused logits in place, row by row"},
     {NULL, NULL, 0, NULL},

@@ -676,3 +676,18 @@ def test_sampling_thresholds_keep_what_the_filters_define() -> None:
     assert probs[kept].sum() >= 0.9 > probs[kept].sum() - probs[kept].min()
     (theta,) = cpu_ops.sampling_thresholds(z, [0], [1.0], [0.5])
     assert torch.equal(z[0] >= theta, probs >= 0.5 * probs.max() * (1 - 1e-6))
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 8, 33, 32768])
+def test_argmax_rows_is_torch_argmax(vocab: int) -> None:
+    generator = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(9, vocab, generator=generator)
+    logits[1] = (logits[1] * 2).round()  # ties: the first maximum
+    logits[2] = -torch.inf  # a row of -inf: 0
+    logits[3, vocab // 2 :] = torch.nan  # NaN: the first one, as torch orders it
+    logits[4, -1] = torch.inf
+    logits[5] = 3.0  # all equal
+    wide = torch.zeros(9, vocab + 3)
+    wide[:, :vocab] = logits
+    for rows in (logits, wide[:, :vocab], logits[:1]):
+        assert torch.equal(cpu_ops.argmax_rows(rows), rows.argmax(dim=-1))
