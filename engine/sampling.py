@@ -23,6 +23,7 @@ import math
 from collections.abc import Sequence
 from itertools import chain
 
+import numpy as np
 import torch
 
 from engine.types import SamplingParams, TokenLogprob
@@ -38,9 +39,11 @@ def apply_repetition_penalty(
     if not rows:
         return logits
     device = logits.device
-    lengths = torch.tensor([len(token_ids[r]) for r in rows])
-    row_index = torch.tensor(rows).repeat_interleave(lengths).to(device)
-    token_index = torch.tensor(list(chain.from_iterable(token_ids[r] for r in rows))).to(device)
+    lengths = [len(token_ids[r]) for r in rows]
+    row_index = torch.tensor(rows).repeat_interleave(torch.tensor(lengths)).to(device)
+    # Through numpy: torch.tensor of a list of 32k ints took 3.9 ms, np.fromiter 0.55.
+    flat = np.fromiter(chain.from_iterable(token_ids[r] for r in rows), np.int64, sum(lengths))
+    token_index = torch.from_numpy(flat).to(device)
     penalty = torch.tensor(penalties, dtype=logits.dtype, device=device)[row_index]
     seen = logits[row_index, token_index]
     out = logits.clone()
