@@ -37,7 +37,7 @@ def _serve(xgrammar: Any, requests: BinaryIO, replies: BinaryIO, log: BinaryIO) 
     while (job := read_frame(requests)) is not None:
         start = log.seek(0, os.SEEK_END)
         try:
-            grammar = _compile(compiler, job["kind"], job["source"])
+            grammar = _compile(xgrammar, compiler, job["kind"], job["source"])
         except Exception as exc:
             write_frame(replies, {"error": _first_line(str(exc)) or repr(exc)})
             continue
@@ -56,13 +56,27 @@ def _first_line(text: str) -> str:
     return re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", lines[0]) if lines else ""
 
 
-def _compile(compiler: Any, kind: str, source: str) -> Any:
+# xgrammar writes the characters of a string with minLength or maxLength as [^"\\\r\n], which
+# lets raw control characters in: JSON forbids them inside strings (json.loads refuses such a
+# document). Its other strings exclude them; so does this class once patched.
+_LENGTH_STRING_CHARACTERS = r"[^\"\\\r\n]"
+_JSON_STRING_CHARACTERS = r"[^\0-\x1f\"\\\r\n]"
+
+
+def _compile(xgrammar: Any, compiler: Any, kind: str, source: str) -> Any:
     if kind == ConstraintKind.JSON_SCHEMA.value:
         parse_schema(source)
-        return compiler.compile_json_schema(source, any_whitespace=False, strict_mode=True)
+        grammar = xgrammar.Grammar.from_json_schema(source, any_whitespace=False, strict_mode=True)
+        return compiler.compile_grammar(json_schema_ebnf(str(grammar)))
     if kind == ConstraintKind.REGEX.value:
         return compiler.compile_regex(source)
     return compiler.compile_grammar(source)
+
+
+def json_schema_ebnf(ebnf: str) -> str:
+    """xgrammar's grammar of a JSON schema with its length-limited strings' characters made
+    JSON's (no raw control characters)."""
+    return ebnf.replace(_LENGTH_STRING_CHARACTERS, _JSON_STRING_CHARACTERS)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import pytest
 import torch
 import transformers
 
+from engine.awrs import allowed_mask
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.tokenizer import Tokenizer
 from engine.types import (
@@ -250,6 +251,33 @@ def test_bad_constraints_are_invalid_requests(engine, constraint, message) -> No
     with pytest.raises(InvalidRequest, match=message):
         engine.add_request(_request(engine, "bad", constraint))
     assert not engine.has_unfinished()
+
+
+@pytest.mark.parametrize("backend", [GrammarBackend.XGRAMMAR, GrammarBackend.LLGUIDANCE])
+def test_strings_admit_no_raw_control_characters(engine, backend) -> None:
+    """JSON forbids raw control characters in strings (json.loads refuses them); xgrammar
+    wrote the characters of a length-limited string as [^"\\\r\n], which let the byte tokens
+    0x00-0x1f through. Walk into such a string and look at every token allowed there."""
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": "string", "maxLength": 40}},
+        "required": ["a"],
+        "additionalProperties": False,
+    }
+    constraint = Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(schema), backend=backend)
+    compiled = engine.compile_constraint(constraint)
+    matcher, decode = compiled.matcher(), engine.tokenizer.decode
+    path: list[int] = []
+    while decode(path) != '{"a": "':
+        allowed = allowed_mask(matcher, compiled.vocab_size).nonzero().flatten().tolist()
+        steps = [t for t in allowed if '{"a": "'.startswith(decode([*path, t]))]
+        token = max(steps, key=lambda t: len(decode([*path, t])))
+        matcher.accept(token)
+        path.append(token)
+    inside = allowed_mask(matcher, compiled.vocab_size).nonzero().flatten().tolist()
+    assert len(inside) > 1000  # the string's characters, by the thousand
+    raw = [t for t in inside if any(ord(c) < 0x20 for c in decode([*path, t])[len(decode(path)) :])]
+    assert not raw, [(t, decode([t])) for t in raw]
 
 
 def test_ignore_eos_with_a_constraint_is_refused(engine) -> None:
