@@ -23,9 +23,9 @@ from engine.model import CausalLM
 from engine.sampling import (
     compute_logprobs,
     filter_logits,
+    race_keys,
     request_generator,
     sample,
-    uniform_noise,
 )
 from engine.scheduler import ScheduledSequence, Scheduler, SchedulerConfig
 from engine.sequence import Sequence, SequenceStatus
@@ -46,6 +46,7 @@ from engine.types import (
     RequestOutput,
     TokenLogprob,
 )
+from kernels.cpu_ops import race_uniform
 from kernels.threads import serial_ops
 
 log = logging.getLogger(__name__)
@@ -608,9 +609,10 @@ class LLMEngine:
         want_weight = [seq.constraint.method is ConstraintMethod.SMC for seq in seqs]
 
         def uniform(rows: Sequence[int]) -> torch.Tensor:
-            generators = [seqs[r].generator for r in rows]
-            shape = (len(rows), logits.shape[-1])
-            return uniform_noise(shape, generators, self._rng, logits.device)
+            # The race's hashed uniforms, a key per row from its generator: seeded walks are
+            # reproducible whatever the batch, without V draws from a generator.
+            keys = race_keys([seqs[r].generator for r in rows], self._rng)
+            return race_uniform(keys, logits.shape[-1]).to(logits.device)
 
         outcomes = sample_constrained(
             filtered.log_softmax(dim=-1), matchers, greedy, want_weight, uniform

@@ -118,26 +118,6 @@ def request_generator(
     return None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
 
-def uniform_noise(
-    shape: tuple[int, int],
-    generators: Sequence[torch.Generator | None],
-    engine_generator: torch.Generator | None,
-    device: torch.device,
-) -> torch.Tensor:
-    """U(0, 1) noise [B, V]: row i from generators[i], or when that is None from one batched
-    draw of `engine_generator` shared by all such rows."""
-    uniform = torch.empty(shape, device=device)
-    shared = [i for i, g in enumerate(generators) if g is None]
-    if shared:
-        uniform[shared] = torch.empty((len(shared), shape[1]), device=device).uniform_(
-            generator=engine_generator
-        )
-    for i, generator in enumerate(generators):
-        if generator is not None:
-            uniform[i].uniform_(generator=generator)
-    return uniform
-
-
 def _penalize(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],

@@ -653,14 +653,33 @@ def _mix32(h: Tensor) -> Tensor:
     return h ^ (h >> 16)
 
 
-def race_noise_ref(keys: Tensor, vocab: int) -> Tensor:
-    """The exponential race's noise E [B, vocab] (float64) of int64 keys [B]: token v of row b
-    gets E = -log u with u = (2 (h >> 9) + 1) 2^-24, h = mix(mix(v ^ k0) ^ k1) for the key's
-    low and high 32 bits k0 and k1: Exp(1) noise from a hash, in 2^23 steps of u."""
+def race_uniform_ref(keys: Tensor, vocab: int) -> Tensor:
+    """The exponential race's uniform numbers u [B, vocab] (float32, exact) of int64 keys [B]:
+    token v of row b gets u = (2 (h >> 9) + 1) 2^-24 with h = mix(mix(v ^ k0) ^ k1) for the
+    key's low and high 32 bits k0 and k1: U(0, 1) from a hash, in 2^23 steps, never 0 or 1."""
     ids = torch.arange(vocab, dtype=torch.int64, device=keys.device)
     low, high = keys & 0xFFFFFFFF, (keys >> 32) & 0xFFFFFFFF
     h = _mix32(_mix32(ids[None, :] ^ low[:, None]) ^ high[:, None])
-    return -torch.log(((h >> 9) * 2 + 1).double() * 2.0**-24)
+    return ((h >> 9) * 2 + 1).float() * 2.0**-24
+
+
+def race_uniform(keys: Tensor, vocab: int) -> Tensor:
+    """As race_uniform_ref (the same numbers); int64 keys on the CPU in C."""
+    module = _kernels()
+    if module is None or keys.dtype is not torch.int64 or not keys.is_cpu or keys.dim() != 1:
+        return race_uniform_ref(keys, vocab)
+    keys = keys.contiguous()
+    out = torch.empty(keys.shape[0], vocab, dtype=torch.float32)
+    module.race_uniform(
+        keys.data_ptr(), keys.shape[0], vocab, out.data_ptr(), vocab, torch.get_num_threads()
+    )
+    return out
+
+
+def race_noise_ref(keys: Tensor, vocab: int) -> Tensor:
+    """The exponential race's noise E = -log u [B, vocab] (float64) of race_uniform_ref's u:
+    Exp(1) noise from a hash."""
+    return -torch.log(race_uniform_ref(keys, vocab).double())
 
 
 def exponential_race_ref(logits: Tensor, keys: Tensor, floors: Tensor | None = None) -> Tensor:

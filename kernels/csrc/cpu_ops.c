@@ -1598,6 +1598,49 @@ INLINE __m256 log8(__m256 x) {
     return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(t, y));
 }
 
+// u of tokens id (eight lanes) for a row's key halves k0 and k1: (2 (h >> 9) + 1) 2^-24.
+INLINE __m256 uniform8(__m256i id, __m256i k0, __m256i k1) {
+    const __m256i h = mix8(_mm256_xor_si256(mix8(_mm256_xor_si256(id, k0)), k1));
+    const __m256i odd = _mm256_or_si256(_mm256_slli_epi32(_mm256_srli_epi32(h, 9), 1),
+                                        _mm256_set1_epi32(1));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(odd), _mm256_set1_ps(0x1p-24f));
+}
+
+// The race's uniform numbers themselves, u [batch, vocab] (out's rows ld apart), for the
+// constrained walks that order a row's tokens by Gumbel keys (engine.awrs).
+static void race_uniform(const uint64_t *keys, int64_t batch, int64_t vocab, float *out,
+                         int64_t ld, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (batch * vocab >= PARALLEL_MIN_ELEMENTS)
+    for (int64_t b = 0; b < batch; b++) {
+        const __m256i k0 = _mm256_set1_epi32((int)(uint32_t)keys[b]);
+        const __m256i k1 = _mm256_set1_epi32((int)(uint32_t)(keys[b] >> 32));
+        const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        float *row = out + b * ld;
+        int64_t i = 0;
+        for (; i + VEC <= vocab; i += VEC) {
+            _mm256_storeu_ps(row + i,
+                             uniform8(_mm256_add_epi32(_mm256_set1_epi32((int)i), lanes), k0, k1));
+        }
+        if (i < vocab) {
+            float tail[VEC];
+            _mm256_storeu_ps(tail,
+                             uniform8(_mm256_add_epi32(_mm256_set1_epi32((int)i), lanes), k0, k1));
+            memcpy(row + i, tail, (size_t)(vocab - i) * sizeof(float));
+        }
+    }
+}
+
+// race_uniform(keys, batch, vocab, out, ld, threads)
+static PyObject *py_race_uniform(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    long long v[6];
+    if (parse_ints(args, nargs, 6, v, "race_uniform") != 0) return NULL;
+    PyThreadState *state = release_gil_for(v[1] * v[2]);
+    race_uniform(PTR(v[0]), v[1], v[2], PTR(v[3]), v[4], (int)v[5]);
+    reacquire_gil(state);
+    Py_RETURN_NONE;
+}
+
 typedef struct {
     const float *logits;
     const uint64_t *keys;
@@ -1638,12 +1681,7 @@ static void race_row(const race_t *job, int64_t b) {
         const __m256 zv = i < full ? _mm256_loadu_ps(z + i) : tail;
         if (_mm256_movemask_ps(_mm256_cmp_ps(zv, scored, _CMP_GE_OQ)) == 0) continue;
         const __m256i id = _mm256_add_epi32(_mm256_set1_epi32((int)i), lanes);
-        const __m256i h = mix8(_mm256_xor_si256(mix8(_mm256_xor_si256(id, k0)), k1));
-        const __m256 u = _mm256_mul_ps(
-            _mm256_cvtepi32_ps(_mm256_or_si256(
-                _mm256_slli_epi32(_mm256_srli_epi32(h, 9), 1), _mm256_set1_epi32(1))),
-            _mm256_set1_ps(0x1p-24f));
-        const __m256 noise = _mm256_sub_ps(_mm256_setzero_ps(), log8(u));  // E_v > 0
+        const __m256 noise = _mm256_sub_ps(_mm256_setzero_ps(), log8(uniform8(id, k0, k1)));
         const __m256 score = _mm256_and_ps(_mm256_cmp_ps(zv, allowed, _CMP_GE_OQ),
                                            _mm256_div_ps(exp8(_mm256_sub_ps(zv, shift)), noise));
         const __m256 wins = _mm256_cmp_ps(score, best, _CMP_GT_OQ);  // a tie keeps the lower id
@@ -1890,6 +1928,7 @@ static PyMethodDef METHODS[] = {
     {"fusion_choose", FASTCALL(py_fusion_choose), "the expert and alpha of the lowest cost"},
     {"exponential_race", FASTCALL(py_exponential_race), "one token per row by the race"},
     {"argmax_rows", FASTCALL(py_argmax_rows), "torch.argmax of each row"},
+    {"race_uniform", FASTCALL(py_race_uniform), "the race's uniform numbers"},
     {"sampling_thresholds", FASTCALL(py_sampling_thresholds), "top-k and top-p thresholds"},
     {"fusion_apply", FASTCALL(py_fusion_apply), "fused logits in place, row by row"},
     {NULL, NULL, 0, NULL},

@@ -691,3 +691,16 @@ def test_argmax_rows_is_torch_argmax(vocab: int) -> None:
     wide[:, :vocab] = logits
     for rows in (logits, wide[:, :vocab], logits[:1]):
         assert torch.equal(cpu_ops.argmax_rows(rows), rows.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 8, 32771])
+def test_race_uniform_matches_reference_and_is_uniform(vocab: int) -> None:
+    keys = torch.empty(5, dtype=torch.int64).random_(generator=torch.Generator().manual_seed(7))
+    keys[0], keys[1] = -1, 0
+    u = cpu_ops.race_uniform(keys, vocab)
+    assert u.dtype == torch.float32 and u.shape == (5, vocab)
+    assert torch.equal(u, cpu_ops.race_uniform_ref(keys, vocab))
+    assert (u > 0).all() and (u < 1).all()
+    if vocab > 10_000:  # deciles of 5 x 32771 draws: each within 5 standard errors of 1/10
+        counts = torch.bincount((u * 10).long().flatten(), minlength=10).double() / u.numel()
+        assert ((counts - 0.1).abs() < 5 * (0.09 / u.numel()) ** 0.5).all(), counts
