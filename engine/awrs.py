@@ -30,6 +30,7 @@ import torch
 
 from engine.grammar import Matcher, allocate_bitmask, bitmask_to_bool
 from engine.types import ConstraintMethod
+from kernels import cpu_ops
 from kernels.gumbel import gumbel_topk
 
 # Candidates drawn per row: the most checks a walk makes before the full mask.
@@ -45,9 +46,9 @@ class StepOutcome:
 
 
 def gumbel_keys(logprobs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """logprobs + Gumbel noise; U is clamped so that no finite token gets a -inf key."""
-    tiny = torch.finfo(uniform.dtype).tiny
-    return logprobs - (-uniform.clamp(min=tiny).log()).log()
+    """logprobs + Gumbel noise, the keys gumbel_topk ranks (U = 0 counts as the smallest normal
+    number, so that no finite token gets a -inf key)."""
+    return cpu_ops.gumbel_keys(logprobs[None], uniform[None])[0]
 
 
 def allowed_mask(matcher: Matcher, width: int) -> torch.Tensor:

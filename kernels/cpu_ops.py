@@ -754,6 +754,52 @@ def argmax_rows(logits: Tensor) -> Tensor:
     return tokens
 
 
+def _gumbel_fits(logits: Tensor, uniform: Tensor) -> bool:
+    return (
+        _kernels() is not None
+        and logits.dtype is torch.float32
+        and uniform.dtype is torch.float32
+        and logits.dim() == 2
+        and uniform.shape == logits.shape
+        and logits.stride(1) == 1
+        and uniform.stride(1) == 1
+        and logits.is_cpu
+        and uniform.is_cpu
+    )
+
+
+def gumbel_keys(logits: Tensor, uniform: Tensor) -> Tensor:
+    """Gumbel keys logits - log(-log u) [B, V] for logits and uniform u [B, V] (u = 0 counts as
+    float32's smallest normal number); float32 on the CPU in C (its logs within an ulp or two
+    of torch's), else torch."""
+    if not _gumbel_fits(logits, uniform):
+        tiny = torch.finfo(uniform.dtype).tiny
+        return logits - (-uniform.clamp(min=tiny).log()).log()
+    keys = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    _kernels().gumbel(
+        logits.data_ptr(), logits.stride(0), uniform.data_ptr(), uniform.stride(0),
+        logits.shape[0], logits.shape[1], 0, keys.data_ptr(), 0, torch.get_num_threads(),
+    )  # fmt: skip
+    return keys
+
+
+def gumbel_topk_keys(logits: Tensor, uniform: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+    """(keys [B, k], ids [B, k]): each row's k largest gumbel_keys in decreasing order (ties:
+    the lower id first; -inf keys, id 0, where fewer are finite), in C without the keys of the
+    whole row; None where the C code does not take these tensors (then: torch.topk of
+    gumbel_keys)."""
+    if not _gumbel_fits(logits, uniform) or not 1 <= k <= logits.shape[1]:
+        return None
+    keys = torch.empty(logits.shape[0], k, dtype=torch.float32)
+    ids = torch.empty(logits.shape[0], k, dtype=torch.int64)
+    _kernels().gumbel(
+        logits.data_ptr(), logits.stride(0), uniform.data_ptr(), uniform.stride(0),
+        logits.shape[0], logits.shape[1], k, keys.data_ptr(), ids.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return keys, ids
+
+
 def sampling_thresholds_ref(
     logits: Tensor, top_k: Sequence[int], top_p: Sequence[float], min_p: Sequence[float]
 ) -> Tensor:

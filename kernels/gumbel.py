@@ -28,6 +28,8 @@ import functools
 import torch
 from torch import Tensor
 
+from kernels.cpu_ops import gumbel_topk_keys
+
 try:  # Triton is optional: the PyTorch path needs none.
     import triton
     import triton.language as tl
@@ -161,9 +163,12 @@ def gumbel_topk_triton(logits: Tensor, uniform: Tensor, k: int) -> tuple[Tensor,
 
 def gumbel_topk(logits: Tensor, uniform: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Same semantics as gumbel_topk_ref: gumbel_topk_triton for CUDA tensors (for CPU tensors
-    only under TRITON_INTERPRET=1) when Triton is installed and k <= KERNEL_MAX_K, else
+    only under TRITON_INTERPRET=1) when Triton is installed and k <= KERNEL_MAX_K; float32 CPU
+    tensors in C (kernels.cpu_ops.gumbel_topk_keys: the keys of kernels.cpu_ops.gumbel_keys,
+    within an ulp or two of the reference's, u = 0 counted as the smallest normal number); else
     gumbel_topk_ref."""
     kernel_k = triton is not None and k <= KERNEL_MAX_K
     if kernel_k and (logits.is_cuda or triton.knobs.runtime.interpret):
         return gumbel_topk_triton(logits, uniform, k)
-    return gumbel_topk_ref(logits, uniform, k)
+    top = gumbel_topk_keys(logits, uniform, k)  # float32 on the CPU: C, one pass
+    return top if top is not None else gumbel_topk_ref(logits, uniform, k)

@@ -1610,7 +1610,8 @@ INLINE __m256 uniform8(__m256i id, __m256i k0, __m256i k1) {
 // constrained walks that order a row's tokens by Gumbel keys (engine.awrs).
 static void race_uniform(const uint64_t *keys, int64_t batch, int64_t vocab, float *out,
                          int64_t ld, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads) if (batch * vocab >= PARALLEL_MIN_ELEMENTS)
+    const int parallel = batch * vocab >= PARALLEL_MIN_ELEMENTS;
+#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
     for (int64_t b = 0; b < batch; b++) {
         const __m256i k0 = _mm256_set1_epi32((int)(uint32_t)keys[b]);
         const __m256i k1 = _mm256_set1_epi32((int)(uint32_t)(keys[b] >> 32));
@@ -1764,6 +1765,87 @@ static PyObject *py_argmax_rows(PyObject *module, PyObject *const *args, Py_ssiz
     if (parse_ints(args, nargs, 6, v, "argmax_rows") != 0) return NULL;
     PyThreadState *state = release_gil_for(v[2] * v[3]);
     argmax_rows(PTR(v[0]), v[1], v[2], v[3], PTR(v[4]), (int)v[5]);
+    reacquire_gil(state);
+    Py_RETURN_NONE;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gumbel keys z - log(-log u) for the constrained walks (engine.awrs), in float32 with log8; u = 0
+// counts as the smallest normal float, as engine.awrs.gumbel_keys clamps it (u < 1). The walk's
+// candidates (gumbel_topk) and its full-mask fallback (gumbel_keys) read the same keys.
+
+INLINE __m256 gumbel8(__m256 z, __m256 u) {
+    const __m256 clamped = _mm256_max_ps(u, _mm256_set1_ps(FLT_MIN));
+    const __m256 e = _mm256_sub_ps(_mm256_setzero_ps(), log8(clamped));  // -log u > 0
+    return _mm256_sub_ps(z, log8(e));
+}
+
+// Eight keys from i on: the row's last, partial group padded with -inf.
+INLINE __m256 keys_at(const float *z, const float *u, int64_t i, int64_t v) {
+    if (i + VEC <= v) return gumbel8(_mm256_loadu_ps(z + i), _mm256_loadu_ps(u + i));
+    float zs[VEC], us[VEC];
+    for (int j = 0; j < VEC; j++) {
+        zs[j] = i + j < v ? z[i + j] : -INFINITY;
+        us[j] = i + j < v ? u[i + j] : 0.5f;
+    }
+    return gumbel8(_mm256_loadu_ps(zs), _mm256_loadu_ps(us));
+}
+
+static void gumbel_keys_row(const float *z, const float *u, int64_t v, float *out) {
+    int64_t i = 0;
+    for (; i + VEC <= v; i += VEC) _mm256_storeu_ps(out + i, keys_at(z, u, i, v));
+    if (i < v) {
+        float tail[VEC];
+        _mm256_storeu_ps(tail, keys_at(z, u, i, v));
+        memcpy(out + i, tail, (size_t)(v - i) * sizeof(float));
+    }
+}
+
+// The k largest keys of a row in decreasing order (ties: the lower id first) and their ids; -inf
+// keys (id 0) fill what finite keys do not. One pass: a key enters the sorted list of k only
+// above its last, which a row of V keys passes about k ln(V / k) times.
+static void gumbel_topk_row(const float *z, const float *u, int64_t v, int64_t k, float *keys,
+                            int64_t *ids) {
+    for (int64_t j = 0; j < k; j++) keys[j] = -INFINITY, ids[j] = 0;
+    for (int64_t i = 0; i < v; i += VEC) {
+        const __m256 key8 = keys_at(z, u, i, v);
+        const __m256 last = _mm256_set1_ps(keys[k - 1]);
+        int above = _mm256_movemask_ps(_mm256_cmp_ps(key8, last, _CMP_GT_OQ));
+        if (!above) continue;
+        float lane_keys[VEC];
+        _mm256_storeu_ps(lane_keys, key8);
+        for (; above; above &= above - 1) {
+            const int lane = __builtin_ctz((unsigned)above);
+            const float key = lane_keys[lane];
+            if (!(key > keys[k - 1])) continue;
+            int64_t p = k - 1;
+            for (; p > 0 && keys[p - 1] < key; p--) keys[p] = keys[p - 1], ids[p] = ids[p - 1];
+            keys[p] = key, ids[p] = i + lane;
+        }
+    }
+}
+
+// gumbel(logits, ld, uniform, ld_u, batch, vocab, k, keys, ids, threads): k = 0 writes every
+// key to keys [batch, vocab] (ids unused), else the top k [batch, k] and their ids.
+static PyObject *py_gumbel(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    long long v[10];
+    if (parse_ints(args, nargs, 10, v, "gumbel") != 0) return NULL;
+    const float *logits = PTR(v[0]), *uniform = PTR(v[2]);
+    float *keys = PTR(v[7]);
+    int64_t *ids = PTR(v[8]);
+    const int64_t batch = v[4], vocab = v[5], k = v[6];
+    PyThreadState *state = release_gil_for(batch * vocab);
+    const int parallel = batch * vocab >= PARALLEL_MIN_ELEMENTS;
+#pragma omp parallel for schedule(static) num_threads((int)v[9]) if (parallel)
+    for (int64_t b = 0; b < batch; b++) {
+        if (k == 0) {
+            gumbel_keys_row(logits + b * v[1], uniform + b * v[3], vocab, keys + b * vocab);
+        } else {
+            gumbel_topk_row(logits + b * v[1], uniform + b * v[3], vocab, k, keys + b * k,
+                            ids + b * k);
+        }
+    }
     reacquire_gil(state);
     Py_RETURN_NONE;
 }
@@ -1929,6 +2011,7 @@ static PyMethodDef METHODS[] = {
     {"exponential_race", FASTCALL(py_exponential_race), "one token per row by the race"},
     {"argmax_rows", FASTCALL(py_argmax_rows), "torch.argmax of each row"},
     {"race_uniform", FASTCALL(py_race_uniform), "the race's uniform numbers"},
+    {"gumbel", FASTCALL(py_gumbel), "Gumbel keys, or their top k"},
     {"sampling_thresholds", FASTCALL(py_sampling_thresholds), "top-k and top-p thresholds"},
     {"fusion_apply", FASTCALL(py_fusion_apply), "fused logits in place, row by row"},
     {NULL, NULL, 0, NULL},

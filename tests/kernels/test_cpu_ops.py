@@ -704,3 +704,30 @@ def test_race_uniform_matches_reference_and_is_uniform(vocab: int) -> None:
     if vocab > 10_000:  # deciles of 5 x 32771 draws: each within 5 standard errors of 1/10
         counts = torch.bincount((u * 10).long().flatten(), minlength=10).double() / u.numel()
         assert ((counts - 0.1).abs() < 5 * (0.09 / u.numel()) ** 0.5).all(), counts
+
+
+@pytest.mark.parametrize("vocab", [5, 8, 1000, 32771])
+def test_gumbel_keys_and_their_top_k(vocab: int) -> None:
+    generator = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(6, vocab, generator=generator).log_softmax(-1)
+    logits[0, ::2] = -torch.inf  # masked tokens: -inf keys
+    logits[1, 2:] = -torch.inf  # fewer finite tokens than k
+    uniform = torch.rand(6, vocab, generator=generator)
+    uniform[2, 0] = 0.0  # counts as the smallest normal number: a finite key
+    uniform[3] = uniform[3, :1].expand(vocab)  # equal noise ...
+    logits[3] = -1.0  # ... and equal logits: every key ties, the lower ids come first
+    keys = cpu_ops.gumbel_keys(logits, uniform)
+    tiny = torch.finfo(torch.float32).tiny
+    expected = logits.double() - (-uniform.double().clamp(min=tiny).log()).log()
+    assert torch.equal(keys.isinf(), expected.isinf()) and torch.isfinite(keys[2, 0])
+    finite = expected.isfinite()
+    error = (keys.double() - expected)[finite].abs() / expected[finite].abs().clamp_min(1.0)
+    assert error.max() < 8 * ULP[torch.float32]
+    k = min(32, vocab)
+    top_keys, top_ids = cpu_ops.gumbel_topk_keys(logits, uniform, k)
+    ordered = torch.sort(keys, dim=-1, descending=True, stable=True)
+    assert torch.equal(top_keys, ordered.values[:, :k])
+    finite_top = top_keys.isfinite()
+    assert torch.equal(top_ids[finite_top], ordered.indices[:, :k][finite_top])
+    assert (top_ids[~finite_top] == 0).all() and not top_keys[1, 2:].isfinite().any()
+    assert cpu_ops.gumbel_topk_keys(logits.double(), uniform, k) is None  # not the C path's
