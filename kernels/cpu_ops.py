@@ -639,6 +639,20 @@ def fusion_apply(
     )  # fmt: skip
 
 
+def _float32_rows(*tensors: Tensor) -> bool:
+    """Whether the C code can read these [B, V] tensors: the kernels built, float32 on the CPU,
+    2-D with unit stride along a row, all of one shape."""
+    first = tensors[0]
+    return _kernels() is not None and all(
+        t.dtype is torch.float32
+        and t.is_cpu
+        and t.dim() == 2
+        and t.stride(1) == 1
+        and t.shape == first.shape
+        for t in tensors
+    )
+
+
 def _mix32(h: Tensor) -> Tensor:
     """MurmurHash3's 32-bit finalizer on uint32 values held in int64 (products split in 16-bit
     halves so that none overflows int64)."""
@@ -702,15 +716,11 @@ def exponential_race(logits: Tensor, keys: Tensor, floors: Tensor | None = None)
     """As exponential_race_ref; float32 logits on the CPU run the C code (its exp and log in
     float32, within an ulp or two of the reference's: the same token but for near ties; rows
     in parallel; tokens more than 21 below the row's maximum, which cannot win, skipped)."""
-    module = _kernels()
     if (
-        module is None
-        or logits.dtype is not torch.float32
+        not _float32_rows(logits)
         or keys.dtype is not torch.int64
-        or logits.dim() != 2
-        or logits.stride(1) != 1
         or tuple(keys.shape) != (logits.shape[0],)
-        or not (logits.is_cpu and keys.is_cpu)
+        or not keys.is_cpu
         or logits.shape[1] >= 2**31
         or (
             floors is not None
@@ -725,7 +735,7 @@ def exponential_race(logits: Tensor, keys: Tensor, floors: Tensor | None = None)
     keys = keys.contiguous()
     floors = None if floors is None else floors.contiguous()
     tokens = torch.empty(logits.shape[0], dtype=torch.int64)
-    module.exponential_race(
+    _kernels().exponential_race(
         logits.data_ptr(), logits.stride(0), keys.data_ptr(),
         0 if floors is None else floors.data_ptr(), logits.shape[0], logits.shape[1],
         tokens.data_ptr(), torch.get_num_threads(),
@@ -736,43 +746,21 @@ def exponential_race(logits: Tensor, keys: Tensor, floors: Tensor | None = None)
 def argmax_rows(logits: Tensor) -> Tensor:
     """logits.argmax(dim=-1) of logits [B, V] (the first maximum; the first NaN where a row
     has one); float32 on the CPU in C."""
-    module = _kernels()
-    if (
-        module is None
-        or logits.dtype is not torch.float32
-        or logits.dim() != 2
-        or logits.stride(1) != 1
-        or not logits.is_cpu
-        or logits.shape[1] == 0
-    ):
+    if not _float32_rows(logits) or logits.shape[1] == 0:
         return logits.argmax(dim=-1)
     tokens = torch.empty(logits.shape[0], dtype=torch.int64)
-    module.argmax_rows(
+    _kernels().argmax_rows(
         logits.data_ptr(), logits.stride(0), logits.shape[0], logits.shape[1],
         tokens.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return tokens
 
 
-def _gumbel_fits(logits: Tensor, uniform: Tensor) -> bool:
-    return (
-        _kernels() is not None
-        and logits.dtype is torch.float32
-        and uniform.dtype is torch.float32
-        and logits.dim() == 2
-        and uniform.shape == logits.shape
-        and logits.stride(1) == 1
-        and uniform.stride(1) == 1
-        and logits.is_cpu
-        and uniform.is_cpu
-    )
-
-
 def gumbel_keys(logits: Tensor, uniform: Tensor) -> Tensor:
     """Gumbel keys logits - log(-log u) [B, V] for logits and uniform u [B, V] (u = 0 counts as
     float32's smallest normal number); float32 on the CPU in C (its logs within an ulp or two
     of torch's), else torch."""
-    if not _gumbel_fits(logits, uniform):
+    if not _float32_rows(logits, uniform):
         tiny = torch.finfo(uniform.dtype).tiny
         return logits - (-uniform.clamp(min=tiny).log()).log()
     keys = torch.empty_like(logits, memory_format=torch.contiguous_format)
@@ -788,7 +776,7 @@ def gumbel_topk_keys(logits: Tensor, uniform: Tensor, k: int) -> tuple[Tensor, T
     the lower id first; -inf keys, id 0, where fewer are finite), in C without the keys of the
     whole row; None where the C code does not take these tensors (then: torch.topk of
     gumbel_keys)."""
-    if not _gumbel_fits(logits, uniform) or not 1 <= k <= logits.shape[1]:
+    if not _float32_rows(logits, uniform) or not 1 <= k <= logits.shape[1]:
         return None
     keys = torch.empty(logits.shape[0], k, dtype=torch.float32)
     ids = torch.empty(logits.shape[0], k, dtype=torch.int64)
@@ -833,22 +821,14 @@ def sampling_thresholds(
     over the values' bits, three passes over a row at most per filter), the masses from float32
     exponentials summed in double (the same kept tokens but where the mass above one is within
     about 1e-6 of p), rows in parallel."""
-    module = _kernels()
-    batch = logits.shape[0] if logits.dim() == 2 else -1
-    if (
-        module is None
-        or logits.dtype is not torch.float32
-        or logits.dim() != 2
-        or logits.stride(1) != 1
-        or not logits.is_cpu
-        or not len(top_k) == len(top_p) == len(min_p) == batch
-    ):
+    if not _float32_rows(logits) or not len(top_k) == len(top_p) == len(min_p) == len(logits):
         return sampling_thresholds_ref(logits, top_k, top_p, min_p)
+    batch = logits.shape[0]
     ks = torch.tensor(list(top_k), dtype=torch.int64)
     ps = torch.tensor(list(top_p), dtype=torch.float64)
     lowest = torch.tensor(list(min_p), dtype=torch.float64)
     thresholds = torch.empty(batch, dtype=torch.float32)
-    module.sampling_thresholds(
+    _kernels().sampling_thresholds(
         logits.data_ptr(), logits.stride(0), batch, logits.shape[1], ks.data_ptr(),
         ps.data_ptr(), lowest.data_ptr(), thresholds.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
