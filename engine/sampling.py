@@ -60,10 +60,6 @@ def apply_temperature(logits: torch.Tensor, temperatures: Sequence[float]) -> to
     return logits / torch.tensor(divisors, dtype=logits.dtype, device=logits.device)[:, None]
 
 
-def _rows(flags: Sequence[bool], device: torch.device) -> torch.Tensor:
-    return torch.tensor([i for i, flag in enumerate(flags) if flag], device=device)
-
-
 def apply_top_k(logits: torch.Tensor, top_k: Sequence[int]) -> torch.Tensor:
     """Keep each row's k largest logits (ties with the k-th are kept too); k = 0 disables."""
     return _apply_filters(logits, top_k, [1.0] * len(top_k), [0.0] * len(top_k))
@@ -106,8 +102,9 @@ def _apply_filters(
     on, thresholds = _thresholds(logits, top_k, top_p, min_p)
     if thresholds is None:
         return logits
+    rows = logits[on]
     out = logits.clone()
-    out[on] = logits[on].masked_fill(logits[on] < thresholds[:, None], -math.inf)
+    out[on] = rows.masked_fill(rows < thresholds[:, None], -math.inf)
     return out
 
 
