@@ -1,6 +1,8 @@
 """Fused small ops for the CPU: a decoder layer's non-linear ops (the residual add and the
-norm after it in one), and dynamic logit fusion's passes over the vocabulary. The C module
-also runs a decode step's layers in one call for kernels.cpu_decode.
+norm after it in one), dynamic logit fusion's passes over the vocabulary and its choice, and
+sampling's (top-k / top-p / min-p thresholds, the exponential race, the argmax, the Gumbel keys
+of constrained walks). The C module also runs a decode step's layers in one call for
+kernels.cpu_decode.
 
 Each op has a PyTorch reference `<op>_ref` with the same signature: the oracle of the tests and
 the path for every case the C kernel (kernels/csrc/cpu_ops.c) does not take: other devices,

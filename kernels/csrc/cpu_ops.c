@@ -1,9 +1,10 @@
 // Small fused ops for the CPU decode path: RMS norm (alone, or after the residual add),
-// rotary + KV-cache store, decode attention over the paged KV cache, SiLU-and-multiply, and
-// dynamic logit fusion's sweep over its alpha grid. Each replaces several torch ops whose fixed
-// cost per call (5-20 us) dominated a decoding step's non-linear time; here one call costs
-// about a microsecond plus its arithmetic. decode_layers runs a whole decode step's layers
-// with them (and the projections of kernels/csrc/cpu_linear.c, by address) in one call.
+// rotary + KV-cache store, decode attention over the paged KV cache, SiLU-and-multiply, dynamic
+// logit fusion's passes and choice, and sampling's thresholds, draw, argmax and Gumbel keys.
+// Each replaces several torch ops whose fixed cost per call (5-20 us) dominated a decoding
+// step's non-linear time; here one call costs about a microsecond plus its arithmetic.
+// decode_layers runs a whole decode step's layers with them (and the projections of
+// kernels/csrc/cpu_linear.c, by address) in one call.
 //
 // One module, both element types: every op is written once as an always-inline function with a
 // constant `bf16` flag and instantiated twice, so the branches on the type fold away.
