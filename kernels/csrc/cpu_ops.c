@@ -1875,12 +1875,28 @@ INLINE float key_value(uint32_t key) {
     return value;
 }
 
+// The tokens of the first digit's bucket, gathered while the second digit's histogram is
+// counted: the third reads only them (one buffer per thread, grown as needed and kept).
+static __thread int32_t *members_cache;
+static __thread int64_t members_capacity;
+
+static int32_t *members_buffer(int64_t count) {
+    if (count > members_capacity) {
+        free(members_cache);
+        members_cache = malloc((size_t)count * sizeof(int32_t));
+        members_capacity = members_cache ? count : 0;
+    }
+    return members_cache;
+}
+
 // The smallest key k of a token with key >= floor_key such that the weight of the tokens with
 // keys above k is < target (weights: e[v], or 1 each where e is NULL); floor_key where none is.
 static uint32_t select_key(const float *z, const float *e, int64_t v, uint32_t floor_key,
                            double target) {
     static const int digit_bits[3] = {11, 11, 10};
     double histogram[1 << 11];
+    int32_t *members = members_buffer(v);  // NULL: the third digit scans the row too
+    int64_t count = 0;
     uint32_t prefix = 0;
     int shift = 32;
     double above = 0.0;
@@ -1889,10 +1905,14 @@ static uint32_t select_key(const float *z, const float *e, int64_t v, uint32_t f
         const uint32_t high = shift == 32 ? 0 : prefix;  // the key's bits above this digit
         shift -= bits;
         memset(histogram, 0, sizeof(double) << bits);
-        for (int64_t i = 0; i < v; i++) {
+        const int gathered = level == 2 && members != NULL;
+        const int64_t n = gathered ? count : v;
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t i = gathered ? members[j] : j;
             const uint32_t key = order_key(z[i]);
             if (key < floor_key || (shift + bits < 32 && key >> (shift + bits) != high)) continue;
             histogram[(key >> shift) & ((1u << bits) - 1)] += e ? (double)e[i] : 1.0;
+            if (level == 1 && members != NULL) members[count++] = (int32_t)i;
         }
         int digit = (1 << bits) - 1, lowest = -1;
         for (; digit >= 0; digit--) {
