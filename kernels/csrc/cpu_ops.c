@@ -1875,19 +1875,27 @@ INLINE float key_value(uint32_t key) {
     return value;
 }
 
-// The tokens of the first digit's bucket, gathered while the second digit's histogram is
-// counted: the third reads only them (one buffer per thread, grown as needed and kept).
-static __thread int32_t *members_cache;
-static __thread int64_t members_capacity;
+// A scratch buffer of at least `bytes` per thread and use, grown as needed and kept; NULL when
+// it cannot be allocated.
+typedef struct {
+    void *data;
+    size_t bytes;
+} scratch_t;
 
-static int32_t *members_buffer(int64_t count) {
-    if (count > members_capacity) {
-        free(members_cache);
-        members_cache = malloc((size_t)count * sizeof(int32_t));
-        members_capacity = members_cache ? count : 0;
+static void *scratch(scratch_t *buffer, size_t bytes) {
+    if (bytes > buffer->bytes) {
+        free(buffer->data);
+        buffer->data = malloc(bytes);
+        buffer->bytes = buffer->data ? bytes : 0;
     }
-    return members_cache;
+    return buffer->data;
 }
+
+// The tokens of the first digit's bucket, gathered while the second digit's histogram is
+// counted: the third reads only them.
+static __thread scratch_t members_scratch;
+// Top-p's masses e^(z - max z) of a row.
+static __thread scratch_t weights_scratch;
 
 // The smallest key k of a token with key >= floor_key such that the weight of the tokens with
 // keys above k is < target (weights: e[v], or 1 each where e is NULL); floor_key where none is.
@@ -1895,7 +1903,7 @@ static uint32_t select_key(const float *z, const float *e, int64_t v, uint32_t f
                            double target) {
     static const int digit_bits[3] = {11, 11, 10};
     double histogram[1 << 11];
-    int32_t *members = members_buffer(v);  // NULL: the third digit scans the row too
+    int32_t *members = scratch(&members_scratch, (size_t)v * sizeof(int32_t));  // NULL: scan all
     int64_t count = 0;
     uint32_t prefix = 0;
     int shift = 32;
@@ -1940,8 +1948,6 @@ typedef struct {
     int64_t ld, vocab;
 } threshold_t;
 
-static __thread float *weights_cache;
-static __thread int64_t weights_capacity;
 
 INLINE float row_max(const float *z, int64_t v) {
     float top = -INFINITY;
@@ -1971,19 +1977,16 @@ static int threshold_row(const threshold_t *job, int64_t b) {
     const uint32_t finite = order_key(-INFINITY) + 1;  // the lowest key of a finite value
     uint32_t floor_key = finite;
     if (k > 0 && k < v) floor_key = select_key(z, NULL, v, floor_key, (double)k);
+    const float top = p < 1.0 || job->min_p[b] > 0.0 ? row_max(z, v) : -INFINITY;
     if (p < 1.0) {
-        if (v > weights_capacity) {
-            free(weights_cache);
-            weights_cache = malloc((size_t)v * sizeof(float));
-            weights_capacity = weights_cache ? v : 0;
-            if (weights_cache == NULL) return -1;
-        }
-        const double total = masses(z, v, row_max(z, v), key_value(floor_key), weights_cache);
-        if (total > 0.0) floor_key = select_key(z, weights_cache, v, floor_key, p * total);
+        float *weights = scratch(&weights_scratch, (size_t)v * sizeof(float));
+        if (weights == NULL) return -1;
+        const double total = masses(z, v, top, key_value(floor_key), weights);
+        if (total > 0.0) floor_key = select_key(z, weights, v, floor_key, p * total);
     }
     float threshold = floor_key == finite ? -INFINITY : key_value(floor_key);
     if (job->min_p[b] > 0.0) {  // p < min_p p_max where z < max z + log min_p (float32, as torch)
-        const float cut = row_max(z, v) + (float)log(job->min_p[b]);
+        const float cut = top + (float)log(job->min_p[b]);
         threshold = cut > threshold ? cut : threshold;
     }
     job->thresholds[b] = threshold;
