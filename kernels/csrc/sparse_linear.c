@@ -11,8 +11,9 @@
 // 1. gather (one thread per half of the channels): the channels that any row keeps, ascending,
 //    as a list of row indices, and x compacted to those channels per row (0 where a row drops a
 //    channel that another row keeps);
-// 2. stream (every thread): the kept rows of w four at a time, side by side (four sequential streams
-//    for the hardware prefetchers, and the same position of the rows a few blocks ahead
+// 2. stream (every thread): the kept rows of w a block at a time, side by side (sequential
+//    streams for the hardware prefetchers, short rows read from both ends so that no stream
+//    runs on into a skipped row, and the same position of the rows a few blocks ahead
 //    prefetched in software: the prefetchers cannot guess which rows come next), multiplied
 //    into fp32 sums of a tile of columns that stays in L1 (as wide as M rows of sums allow, so
 //    that for few rows each kept row is read as one long contiguous run). The channels below
@@ -96,6 +97,9 @@
 #endif
 #ifndef PREFETCH_BYTES  // weight bytes prefetched ahead of the block being multiplied, about
 #define PREFETCH_BYTES (8 * 1024)
+#endif
+#ifndef CONVERGE_BYTES  // runs of a row up to this long are read from both ends (multiply_rows)
+#define CONVERGE_BYTES 8192
 #endif
 #ifndef PREFETCH_HINT
 #define PREFETCH_HINT _MM_HINT_T0
@@ -729,8 +733,22 @@ INLINE void multiply_rows(const job_t *job, float *acc, int64_t lda, int64_t col
     const void *x = (const float *)job->x + c;
 #endif
     const int64_t full = groups - partial;
-    for (int64_t g = 0; g < full; g++) {
-        multiply_group(job, row, next, x, acc + g * GROUP, lda, g * GROUP * ELEM, 0, T, R, 0);
+    // A short run of each row (at most CONVERGE_BYTES) is read from both ends towards its
+    // middle: the hardware prefetchers run on past the end of a stream, and where rows are
+    // skipped that reads a row nobody wants (with half of 1792-byte rows kept, ascending reads
+    // streamed 10-20% slower). Each group's sums are independent of the others': same bits.
+    if (groups * GROUP * ELEM <= CONVERGE_BYTES) {
+        for (int64_t low = 0, high = full - 1; low <= high; low++, high--) {
+            multiply_group(job, row, next, x, acc + low * GROUP, lda, low * GROUP * ELEM, 0, T,
+                           R, 0);
+            if (high == low) break;
+            multiply_group(job, row, next, x, acc + high * GROUP, lda, high * GROUP * ELEM, 0, T,
+                           R, 0);
+        }
+    } else {
+        for (int64_t g = 0; g < full; g++) {
+            multiply_group(job, row, next, x, acc + g * GROUP, lda, g * GROUP * ELEM, 0, T, R, 0);
+        }
     }
     if (partial) {
         multiply_group(job, row, next, x, acc + full * GROUP, lda, full * GROUP * ELEM, job->tail,
