@@ -877,17 +877,23 @@ static void apply_mask(const lora_t *job) {
 // A team's barrier: sync(team_context) returns once every thread of the team has called it.
 typedef void (*sync_fn)(void *team_context);
 
-#if defined(__AVX512F__)
-// The segmented form (the AVX-512 kernel's): where every row uses at most one slot, with weight
+// The segmented form (the vector kernels'): where every row uses at most one slot, with weight
 // 1 (a 0 / -1 or 0 / 1 mask whose nonzeros form one range of columns per row), each row is
 // multiplied by its own slot's rows of A and columns of B only, where the dense form multiplies
 // every row by every slot and masks: 8 rows of 8 slots made 8x the products, and without AMX
-// the products (VDPBF16PS, about 0.4 a cycle on a Zen 4) bounded a batch-8 step. The same bits
-// as the dense form: a row's shrunk columns are the same dot products (dot_block's chain does
-// not depend on M), the mask would leave them as they are, and in the expand the columns
-// outside the row's range are lanes the dense form fills with exact zeros (an accumulator lane
-// is never -0, so adding them changes nothing; weights must be finite: 0 * inf is no zero). A
-// row without an adapter gets y + 0, as there.
+// the products (VDPBF16PS, about 0.4 a cycle on a Zen 4; fp32 FMAs with AVX2) bounded a
+// batch-8 step. The same bits as the dense form: a row's shrunk columns are the same dot
+// products (dot_block's chain does not depend on M), the mask would leave them as they are,
+// and in the expand the columns outside the row's range are lanes the dense form fills with
+// exact zeros (an accumulator lane is never -0, so adding them changes nothing; weights must be
+// finite: 0 * inf is no zero). A row without an adapter gets y + 0, as there.
+
+// Columns per step of the expand's chain: dot_block's chunk of K.
+#if defined(__AVX512F__)
+#define SEGMENT_CHUNK LANES
+#else
+#define SEGMENT_CHUNK CHUNK
+#endif
 
 // Per row, its range [first, end) of the slot columns (first == end: none); 0 where the
 // segmented form does not apply.
@@ -907,7 +913,8 @@ static int row_ranges(const lora_t *job, int64_t *first, int64_t *end) {
         end[i] = c;
         while (c < job->columns && mask[c] == 0) c++;
         if (c < job->columns) return 0;  // another weight, or a second range
-        if (end[i] - first[i] / LANES * LANES > (MAX_CHUNKS - 1) * LANES) return 0;  // too wide
+        const int64_t span = end[i] - first[i] / SEGMENT_CHUNK * SEGMENT_CHUNK;
+        if (span > (MAX_CHUNKS - 1) * SEGMENT_CHUNK) return 0;  // too wide
     }
     return 1;
 }
@@ -915,6 +922,7 @@ static int row_ranges(const lora_t *job, int64_t *first, int64_t *end) {
 // y[i, n] += sum over the columns [first, end) of shrunk[i, c] * b[n, c], n in [n0, n1), in
 // dot_block's chain over chunks of `columns` (only the chunks that meet the range), then its
 // horizontal sum and its rounding into y.
+#if defined(__AVX512F__)
 static void expand_row(const elem_t *shrunk, const elem_t *b, int64_t columns, int64_t first,
                        int64_t end, elem_t *y, int64_t n0, int64_t n1) {
     const int64_t c0 = first / LANES * LANES;
@@ -937,8 +945,42 @@ static void expand_row(const elem_t *shrunk, const elem_t *b, int64_t columns, i
         y[n] = from_f32(to_f32(y[n]) + to_f32(value));
     }
 }
+#else
+// The same with the AVX2 kernel's chain: per chunk of CHUNK columns that meets the range, its
+// parts (bf16: the even elements, then the odd ones, widened; the partial last chunk of the
+// row zero-padded) times x's, one FMA each, then sum8.
+static void expand_row(const elem_t *shrunk, const elem_t *b, int64_t columns, int64_t first,
+                       int64_t end, elem_t *y, int64_t n0, int64_t n1) {
+    const int64_t c0 = first / CHUNK * CHUNK;
+    __m256 x[MAX_CHUNKS][PARTS];
+    int chunks = 0;
+    for (int64_t c = c0; c < end; c += CHUNK, chunks++) {
+        elem_t in_range[CHUNK];  // x's columns of the range, zeros elsewhere (as masked)
+        for (int64_t j = 0; j < CHUNK; j++) {
+            in_range[j] = c + j >= first && c + j < end ? shrunk[c + j] : from_f32(0.0f);
+        }
+        load_parts(in_range, x[chunks]);
+    }
+    for (int64_t n = n0; n < n1; n++) {
+        const elem_t *row = b + n * columns;
+        __m256 acc = _mm256_setzero_ps();
+        for (int q = 0; q < chunks; q++) {
+            const int64_t c = c0 + q * CHUNK;
+            __m256 part[PARTS];
+            if (c + CHUNK <= columns) {
+                load_parts(row + c, part);
+            } else {
+                load_tail_parts(row + c, columns - c, part);
+            }
+            for (int p = 0; p < PARTS; p++) acc = _mm256_fmadd_ps(part[p], x[q][p], acc);
+        }
+        const elem_t value = from_f32(sum8(acc) + 0.0f);
+        y[n] = from_f32(to_f32(y[n]) + to_f32(value));
+    }
+}
+#endif
 
-#if defined(TANDEM_BF16)
+#if defined(__AVX512F__) && defined(TANDEM_BF16)
 // Eight column pairs (16 bf16 at `at`, as 8 dwords) of sixteen rows of B, `ld` elements apart,
 // transposed: out[l] holds pair l of rows 0..15 in its lanes 0..15.
 INLINE void load_pairs_transposed(const elem_t *at, int64_t ld, __m512i *out) {
@@ -1046,19 +1088,20 @@ static __m512i *pairs_buffer(void) {
 
 // This thread's part of the segmented form; sync(context) once, between the shrink and the
 // expand. Tasks are (row, slice) pairs: shrinks dealt out whole, each expand split by columns.
-static void segmented_part(const lora_t *job, const int64_t *first, const int64_t *end,
-                           int64_t thread, int64_t team, sync_fn sync, void *context) {
+static int segmented_part(const lora_t *job, const int64_t *first, const int64_t *end,
+                          int64_t thread, int64_t team, sync_fn sync, void *context) {
     const int64_t total = job->slices * job->columns;
+    int status = 0;
     for (int64_t task = thread; task < job->m * job->slices; task += team) {
         const int64_t i = task / job->slices, p = task % job->slices;
         if (first[i] == end[i]) continue;
         const int64_t column = p * job->columns + first[i];
-        (void)vector_part(job->x + i * job->ldx, job->ldx, job->a + column * job->k, NULL,
-                          job->shrunk + i * total + column, total, 1, end[i] - first[i], job->k,
-                          0, 0, 1);  // no buffer to fail: AVX-512 reads x as it is
+        status |= vector_part(job->x + i * job->ldx, job->ldx, job->a + column * job->k, NULL,
+                              job->shrunk + i * total + column, total, 1, end[i] - first[i],
+                              job->k, 0, 0, 1);  // AVX2 widens x into a buffer: it may fail
     }
     sync(context);
-#if defined(TANDEM_BF16)
+#if defined(__AVX512F__) && defined(TANDEM_BF16)
     __m512i *pairs = pairs_buffer();
 #endif
     const elem_t *b = job->b;
@@ -1073,7 +1116,7 @@ static void segmented_part(const lora_t *job, const int64_t *first, const int64_
                 continue;
             }
             const elem_t *shrunk = job->shrunk + i * total + p * job->columns;
-#if defined(TANDEM_BF16)
+#if defined(__AVX512F__) && defined(TANDEM_BF16)
             if (pairs != NULL && takes_blocks16(end[i], job->columns)) {
                 broadcast_pairs(shrunk, first[i], end[i], pairs + i * PAIRS_PER_ROW);
                 blocked[count++] = i;
@@ -1086,7 +1129,7 @@ static void segmented_part(const lora_t *job, const int64_t *first, const int64_
         // order. Each row walking all of B for its own piece (one line in four of 256-byte
         // rows) made the batch-8 LoRA calls 9-14% slower.
         int64_t n = n0;
-#if defined(TANDEM_BF16)
+#if defined(__AVX512F__) && defined(TANDEM_BF16)
         for (; n + 16 <= n1; n += 16) {
             for (int64_t r = 0; r < count; r++) {
                 const int64_t i = blocked[r];
@@ -1101,6 +1144,7 @@ static void segmented_part(const lora_t *job, const int64_t *first, const int64_
                        end[i], job->y + i * job->ldy + job->starts[p], n, n1);
         }
     }
+    return status;
 }
 
 static void no_sync(void *context) { (void)context; }
@@ -1109,7 +1153,6 @@ static void omp_sync(void *context) {
     (void)context;
 #pragma omp barrier
 }
-#endif
 
 #if defined(TANDEM_BF16) && defined(__AMX_TILE__)
 // The AMX variant in one parallel region: the threads share the shrink's groups of A, then
@@ -1226,19 +1269,15 @@ static int lora_dense(const lora_t *caller_job) {
         local.shrunk = shrunk_buffer(job->m * total);
         if (local.shrunk == NULL) return -1;
     }
-#if defined(__AVX512F__)
     int64_t first[MAX_M], end[MAX_M];
     if (row_ranges(job, first, end)) {
-        if (job->threads <= 1) {
-            segmented_part(job, first, end, 0, 1, no_sync, NULL);
-            return 0;
-        }
-#pragma omp parallel num_threads(job->threads)
-        segmented_part(job, first, end, omp_get_thread_num(), omp_get_num_threads(), omp_sync,
-                       NULL);
-        return 0;
+        if (job->threads <= 1) return segmented_part(job, first, end, 0, 1, no_sync, NULL);
+        int status = 0;
+#pragma omp parallel num_threads(job->threads) reduction(| : status)
+        status |= segmented_part(job, first, end, omp_get_thread_num(), omp_get_num_threads(),
+                                 omp_sync, NULL);
+        return status;
     }
-#endif
 #if defined(TANDEM_BF16) && defined(__AMX_TILE__)
     if (job->amx) {
         const int status = lora_dense_amx(job);
@@ -1290,13 +1329,10 @@ static int lora_part(const lora_t *caller_job, int64_t thread, int64_t team, syn
     sync(team_context);
     local.shrunk = *shared;
     if (local.shrunk == NULL) return -1;
-#if defined(__AVX512F__)
     int64_t first[MAX_M], end[MAX_M];
     if (row_ranges(job, first, end)) {  // the same answer on every thread
-        segmented_part(job, first, end, thread, team, sync, team_context);
-        return 0;
+        return segmented_part(job, first, end, thread, team, sync, team_context);
     }
-#endif
     int status = project_part(job, job->x, job->ldx, job->a, job->shrunk, total, total, job->k,
                               0, job->skip, thread, team);
     sync(team_context);
