@@ -62,7 +62,7 @@ def main() -> None:
     from kernels.build import cpu_flags
 
     if "avx512_bf16" not in cpu_flags():
-        sys.exit("this benchmark needs AVX-512 with BF16 (the segmented form's kernel)")
+        sys.exit("this benchmark builds the AVX-512 BF16 kernel, which this CPU cannot run")
     default = cpu_linear._SOURCE
     builds = {"A": load(args.a_source or default), "B": load(args.b_source or default)}
     columns = args.slots * RANK

@@ -255,7 +255,7 @@ def test_triton_kernels_compile_for_a_gpu(compile_for_h100) -> None:
 @pytest.mark.parametrize(
     ("ranks", "runs", "mask_kind"),
     [
-        # One adapter of weight 1 per row (or none): the AVX-512 kernel's segmented form.
+        # One adapter of weight 1 per row (or none): the vector kernels' segmented form.
         ((16, 16, 8), [(0, 2, [(0, 1.0)]), (2, 3, [(2, 1.0)]), (5, 1, [])], "int16"),
         # The same with slots across the kernel's chunks of 16 or 32 columns, and their ends
         # inside a pair of columns.
