@@ -1949,24 +1949,38 @@ typedef struct {
 } threshold_t;
 
 
+// The largest value of z that is not NaN (-inf where none is).
 INLINE float row_max(const float *z, int64_t v) {
-    float top = -INFINITY;
-    for (int64_t i = 0; i < v; i++) top = z[i] > top ? z[i] : top;
+    __m256 top8 = _mm256_set1_ps(-INFINITY);
+    int64_t i = 0;
+    for (; i + VEC <= v; i += VEC) top8 = _mm256_max_ps(_mm256_loadu_ps(z + i), top8);  // NaN: top8
+    float lanes[VEC], top = -INFINITY;
+    _mm256_storeu_ps(lanes, top8);
+    for (int l = 0; l < VEC; l++) top = lanes[l] > top ? lanes[l] : top;
+    for (; i < v; i++) top = z[i] > top ? z[i] : top;
     return top;
 }
 
 // e^(z - top) where z >= lowest, else 0, into weights; returns their sum (in double).
 static double masses(const float *z, int64_t v, float top, float lowest, float *weights) {
     const __m256 shift = _mm256_set1_ps(top), cut = _mm256_set1_ps(lowest);
+    __m256d low = _mm256_setzero_pd(), high = _mm256_setzero_pd();  // eight sums in double
     int64_t i = 0;
     for (; i + VEC <= v; i += VEC) {
         const __m256 zv = _mm256_loadu_ps(z + i);
         const __m256 kept = _mm256_cmp_ps(zv, cut, _CMP_GE_OQ);
-        _mm256_storeu_ps(weights + i, _mm256_and_ps(kept, exp8(_mm256_sub_ps(zv, shift))));
+        const __m256 w = _mm256_and_ps(kept, exp8(_mm256_sub_ps(zv, shift)));
+        _mm256_storeu_ps(weights + i, w);
+        low = _mm256_add_pd(low, _mm256_cvtps_pd(_mm256_castps256_ps128(w)));
+        high = _mm256_add_pd(high, _mm256_cvtps_pd(_mm256_extractf128_ps(w, 1)));
     }
-    for (; i < v; i++) weights[i] = z[i] >= lowest ? expf(z[i] - top) : 0.0f;
-    double total = 0.0;
-    for (i = 0; i < v; i++) total += weights[i];
+    double lanes[4], total = 0.0;
+    _mm256_storeu_pd(lanes, _mm256_add_pd(low, high));
+    for (int l = 0; l < 4; l++) total += lanes[l];
+    for (; i < v; i++) {
+        weights[i] = z[i] >= lowest ? expf(z[i] - top) : 0.0f;
+        total += weights[i];
+    }
     return total;
 }
 

@@ -664,6 +664,22 @@ def test_sampling_thresholds_match_the_sorting_reference(vocab: int) -> None:
     assert torch.equal(got, cpu_ops.sampling_thresholds_ref(logits, ks, ps, ms))
 
 
+@pytest.mark.parametrize("vocab", [7, 8, 29, 32768])
+def test_min_p_finds_the_row_maximum_wherever_it_is(vocab: int) -> None:
+    """min-p's cut hangs on the row's maximum: at the first token, inside a vector, in the
+    partial last vector, the last token; NaN logits are not the maximum (next to it, and in its
+    lane of the kernel's vectors of eight)."""
+    generator = torch.Generator().manual_seed(vocab)
+    for at in sorted({0, 3, vocab // 2, vocab - 2, vocab - 1}):
+        row = torch.randn(1, vocab, generator=generator)
+        row[0, at] = 9.0
+        got = cpu_ops.sampling_thresholds(row, [0], [1.0], [0.5])
+        assert torch.equal(got, cpu_ops.sampling_thresholds_ref(row, [0], [1.0], [0.5])), at
+        for nan_at in {(at + 1) % vocab, (at + 8) % vocab} - {at}:
+            row[0, nan_at] = torch.nan
+        assert torch.equal(cpu_ops.sampling_thresholds(row, [0], [1.0], [0.5]), got), at
+
+
 def test_sampling_thresholds_keep_what_the_filters_define() -> None:
     """Against the definitions themselves, on one flat row of 32k (where a sort was slowest):
     top-k keeps k, top-p keeps the fewest most likely tokens reaching p, min-p the ratio."""
