@@ -1130,11 +1130,21 @@ static int segmented_part(const lora_t *job, const int64_t *first, const int64_t
         // rows) made the batch-8 LoRA calls 9-14% slower.
         int64_t n = n0;
 #if defined(__AVX512F__) && defined(TANDEM_BF16)
+        // Each row's arguments in locals: the vector stores into y may alias anything else.
+        const int64_t columns = job->columns;
+        const __m512i *row_pairs[MAX_M];
+        elem_t *row_y[MAX_M];
+        int64_t row_first[MAX_M], row_end[MAX_M];
+        for (int64_t r = 0; r < count; r++) {
+            const int64_t i = blocked[r];
+            row_pairs[r] = pairs + i * PAIRS_PER_ROW;
+            row_y[r] = job->y + i * job->ldy + job->starts[p];
+            row_first[r] = first[i];
+            row_end[r] = end[i];
+        }
         for (; n + 16 <= n1; n += 16) {
             for (int64_t r = 0; r < count; r++) {
-                const int64_t i = blocked[r];
-                expand_block16(pairs + i * PAIRS_PER_ROW, b, job->columns, first[i], end[i],
-                               job->y + i * job->ldy + job->starts[p], n);
+                expand_block16(row_pairs[r], b, columns, row_first[r], row_end[r], row_y[r], n);
             }
         }
 #endif
