@@ -244,12 +244,19 @@ def adapter_params(stacks, mapping, m: int, dtype: torch.dtype) -> list:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 16])
-def test_one_call_shares_every_op_between_threads(dtype: torch.dtype, m: int) -> None:
+@pytest.mark.parametrize("variant", ["default", "avx2"])
+def test_one_call_shares_every_op_between_threads(dtype: torch.dtype, m: int, variant: str) -> None:
     """A layer wide enough that two threads share every projection, the LoRA shrink and
     expands, the attention and (at 16 rows) the norms, rotary and activation: the same bits as
-    the kernels one by one."""
+    the kernels one by one; with the default kernels, and with the AVX2 ones (their own
+    multi-LoRA expand, shared by the team) where the default is another."""
     if not cpu_linear.kernel_available(dtype):
         pytest.skip(f"no {dtype} kernel on this CPU")
+    default = cpu_linear.variants(dtype)[0]
+    if variant != "default":
+        if variant == default:
+            pytest.skip(f"{variant} is the default kernel here: the default case runs it")
+        cpu_linear.set_variant(dtype, variant)  # every CPU with a kernel has the AVX2 one
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -269,6 +276,7 @@ def test_one_call_shares_every_op_between_threads(dtype: torch.dtype, m: int) ->
         assert torch.equal(keys[0], copies[2]) and torch.equal(values[0], copies[3])
     finally:
         torch.set_num_threads(threads)
+        cpu_linear.set_variant(dtype, default)
 
 
 def sparse_model(tensors, mode: str):
