@@ -1086,6 +1086,14 @@ static __m512i *pairs_buffer(void) {
 }
 #endif
 
+// One row of the expand that goes block by block: its shrunk columns, outputs, range, operand.
+typedef struct {
+    const elem_t *shrunk;
+    elem_t *y;
+    int64_t first, end;
+    const void *pairs;
+} blocked_row_t;
+
 // This thread's part of the segmented form; sync(context) once, between the shrink and the
 // expand. Tasks are (row, slice) pairs: shrinks dealt out whole, each expand split by columns.
 static int segmented_part(const lora_t *job, const int64_t *first, const int64_t *end,
@@ -1108,7 +1116,10 @@ static int segmented_part(const lora_t *job, const int64_t *first, const int64_t
     for (int64_t p = 0; p < job->slices; b += job->widths[p] * job->columns, p++) {
         const int64_t width = job->widths[p];
         const int64_t n0 = width * thread / team, n1 = width * (thread + 1) / team;
-        int64_t blocked[MAX_M], count = 0;  // the rows that take expand_block16
+        // The rows that take expand_block16, their arguments in locals: the vector stores into y
+        // may alias anything else, so fields read through job would be reloaded every block.
+        blocked_row_t blocked[MAX_M];
+        int64_t count = 0;
         for (int64_t i = 0; i < job->m; i++) {
             elem_t *y = job->y + i * job->ldy + job->starts[p];
             if (first[i] == end[i]) {
@@ -1119,7 +1130,8 @@ static int segmented_part(const lora_t *job, const int64_t *first, const int64_t
 #if defined(__AVX512F__) && defined(TANDEM_BF16)
             if (pairs != NULL && takes_blocks16(end[i], job->columns)) {
                 broadcast_pairs(shrunk, first[i], end[i], pairs + i * PAIRS_PER_ROW);
-                blocked[count++] = i;
+                blocked[count++] =
+                    (blocked_row_t){shrunk, y, first[i], end[i], pairs + i * PAIRS_PER_ROW};
                 continue;
             }
 #endif
@@ -1128,30 +1140,19 @@ static int segmented_part(const lora_t *job, const int64_t *first, const int64_t
         // Block by block of B's rows, every row's outputs there: B is read once, in address
         // order. Each row walking all of B for its own piece (one line in four of 256-byte
         // rows) made the batch-8 LoRA calls 9-14% slower.
+        const int64_t columns = job->columns;
         int64_t n = n0;
 #if defined(__AVX512F__) && defined(TANDEM_BF16)
-        // Each row's arguments in locals: the vector stores into y may alias anything else.
-        const int64_t columns = job->columns;
-        const __m512i *row_pairs[MAX_M];
-        elem_t *row_y[MAX_M];
-        int64_t row_first[MAX_M], row_end[MAX_M];
-        for (int64_t r = 0; r < count; r++) {
-            const int64_t i = blocked[r];
-            row_pairs[r] = pairs + i * PAIRS_PER_ROW;
-            row_y[r] = job->y + i * job->ldy + job->starts[p];
-            row_first[r] = first[i];
-            row_end[r] = end[i];
-        }
         for (; n + 16 <= n1; n += 16) {
             for (int64_t r = 0; r < count; r++) {
-                expand_block16(row_pairs[r], b, columns, row_first[r], row_end[r], row_y[r], n);
+                expand_block16(blocked[r].pairs, b, columns, blocked[r].first, blocked[r].end,
+                               blocked[r].y, n);
             }
         }
 #endif
         for (int64_t r = 0; r < count && n < n1; r++) {
-            const int64_t i = blocked[r];
-            expand_row(job->shrunk + i * total + p * job->columns, b, job->columns, first[i],
-                       end[i], job->y + i * job->ldy + job->starts[p], n, n1);
+            expand_row(blocked[r].shrunk, b, columns, blocked[r].first, blocked[r].end,
+                       blocked[r].y, n, n1);
         }
     }
     return status;
