@@ -9,7 +9,11 @@ reported with the best of each. Whichever side is not being measured is idle (th
 stepping thread blocks on its inbox).
 
     python bench/bench_grpc.py [--model DIR] [--repeats 5] [--max-new-tokens 64] [--batch 1 8]
-        [--server-env NAME=VALUE ...]
+        [--servers process thread] [--server-env NAME=VALUE ...]
+
+`--servers`: the server's engine in a process of its own (`tandem serve`'s default) and/or on a
+thread of the server's process (`--engine-in-process`); each is a server of its own, all
+alternated with the bare engine in every repeat.
 
 Prints figures, asserts nothing. Greedy, EOS ignored, 32-token random prompts, a fresh prompt
 for every call.
@@ -25,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,6 +40,8 @@ from bench.bench_decode import _free_port, _wait_for_serving, progress  # noqa: 
 from bench.make_bench_model import build_bench_model  # noqa: E402
 
 PROMPT_LEN = 32
+# Server command-line flags per --servers choice.
+SERVER_FLAGS = {"process": [], "thread": ["--engine-in-process"]}
 
 
 def main() -> None:
@@ -43,6 +50,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument(
+        "--servers",
+        nargs="+",
+        choices=sorted(SERVER_FLAGS),
+        default=["process"],
+        help="where each server runs its engine (default: process, tandem serve's default)",
+    )
+    parser.add_argument(
+        "--engine-threads",
+        type=int,
+        help="threads of every engine (torch's and the C kernels' team; default: one per "
+        "core): fewer than the cores leaves the servers' event loops and the client a core",
+    )
     parser.add_argument(
         "--server-env",
         action="append",
@@ -59,20 +79,28 @@ def main() -> None:
     from tandem.v1 import tandem_pb2, tandem_pb2_grpc
 
     model = args.model or build_bench_model()
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--model", model, "--port", str(port),
-         "--dtype", "bfloat16"],
-        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**os.environ, **dict(item.split("=", 1) for item in args.server_env)},
-    )  # fmt: skip
+    env = {**os.environ, **dict(item.split("=", 1) for item in args.server_env)}
+    if args.engine_threads:
+        import torch
+
+        torch.set_num_threads(args.engine_threads)
+        env["OMP_NUM_THREADS"] = str(args.engine_threads)
+    ports = {name: _free_port() for name in args.servers}
+    servers = {}
+    for name in args.servers:
+        command = [sys.executable, "-m", "server.cli", "serve", "--model", model]
+        command += ["--port", str(ports[name]), "--dtype", "bfloat16", *SERVER_FLAGS[name]]
+        servers[name] = subprocess.Popen(
+            command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+        )
     try:
         progress("loading the engine in this process")
         engine = LLMEngine.from_dir(model, EngineConfig(dtype="bfloat16"))
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        progress("waiting for the server to be SERVING")
-        _wait_for_serving(channel, server.pid, 600.0)
-        stub = tandem_pb2_grpc.GenerationStub(channel)
+        channels = {name: grpc.insecure_channel(f"127.0.0.1:{ports[name]}") for name in servers}
+        for name, channel in channels.items():
+            progress(f"waiting for the server ({name}) to be SERVING")
+            _wait_for_serving(channel, servers[name].pid, 600.0)
+        stubs = {name: tandem_pb2_grpc.GenerationStub(ch) for name, ch in channels.items()}
         model_id = Path(model).name
         rng = random.Random(0)
         ids = itertools.count()
@@ -94,7 +122,7 @@ def main() -> None:
             outputs = engine.generate(requests)
             return sum(len(out.token_ids) for out in outputs.values())
 
-        def stream_one(tokens: list[int], n: int) -> int:
+        def stream_one(stub, tokens: list[int], n: int) -> int:
             request = tandem_pb2.GenerateRequest(
                 model=model_id,
                 token_ids=tokens,
@@ -107,35 +135,46 @@ def main() -> None:
 
         with ThreadPoolExecutor(max_workers=max(args.batch)) as pool:
 
-            def run_grpc(batch: int, n: int) -> int:
-                prompts = [prompt() for _ in range(batch)]
-                return sum(pool.map(lambda p: stream_one(p, n), prompts))
+            def grpc_runner(stub) -> Callable[[int, int], int]:
+                def run_grpc(batch: int, n: int) -> int:
+                    prompts = [prompt() for _ in range(batch)]
+                    return sum(pool.map(lambda p: stream_one(stub, p, n), prompts))
 
-            systems = {"engine": run_engine, "grpc": run_grpc}
-            for run in systems.values():  # warm-up, and the server's first requests
+                return run_grpc
+
+            systems = {"engine": run_engine}
+            systems.update({f"grpc-{name}": grpc_runner(stub) for name, stub in stubs.items()})
+            for run in systems.values():  # warm-up, and the servers' first requests
                 run(max(args.batch), 8)
             for batch in args.batch:
                 rates: dict[str, list[float]] = {name: [] for name in systems}
                 for r in range(args.repeats):
-                    order = list(systems) if r % 2 == 0 else list(reversed(systems))
+                    order = list(systems)[r % len(systems) :] + list(systems)[: r % len(systems)]
                     for name in order:
                         progress(f"batch {batch}, repeat {r + 1}/{args.repeats}: {name}")
                         start = time.perf_counter()
                         tokens = systems[name](batch, args.max_new_tokens)
                         rates[name].append(tokens / (time.perf_counter() - start))
-                pairs = [g / e for g, e in zip(rates["grpc"], rates["engine"], strict=True)]
-                best_engine, best_grpc = max(rates["engine"]), max(rates["grpc"])
-                print(
-                    f"batch {batch}: engine best {best_engine:.1f} tok/s, gRPC best "
-                    f"{best_grpc:.1f} tok/s, best/best {best_grpc / best_engine:.3f}; "
-                    f"paired gRPC/engine median {statistics.median(pairs):.3f} "
-                    f"(min {min(pairs):.3f}, max {max(pairs):.3f}, {len(pairs)} pairs)",
-                    flush=True,
-                )
-        channel.close()
+                best_engine = max(rates["engine"])
+                for name in systems:
+                    if name == "engine":
+                        continue
+                    pairs = [g / e for g, e in zip(rates[name], rates["engine"], strict=True)]
+                    best = max(rates[name])
+                    print(
+                        f"batch {batch}: engine best {best_engine:.1f} tok/s, {name} best "
+                        f"{best:.1f} tok/s, best/best {best / best_engine:.3f}; "
+                        f"paired {name}/engine median {statistics.median(pairs):.3f} "
+                        f"(min {min(pairs):.3f}, max {max(pairs):.3f}, {len(pairs)} pairs)",
+                        flush=True,
+                    )
+        for channel in channels.values():
+            channel.close()
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        for server in servers.values():
+            server.terminate()
+        for server in servers.values():
+            server.wait(timeout=60)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from engine.adapters import AdapterRefs
 from engine.grammar import CompiledConstraint
 from engine.llm_engine import EngineConfig, EngineLimits, EngineStats, LLMEngine
 from engine.lora import AdapterUse
+from engine.sparsity import SparsitySettings
 from engine.types import (
     AdapterInfo,
     EngineError,
@@ -103,9 +104,19 @@ class AsyncEngine:
         if not done.wait(timeout=600):
             raise EngineError("warm-up did not finish in 600 s")
 
+    async def warm_up(self) -> str:
+        """warmup() off the event loop; returns what runs the decode steps, for the logs."""
+        await asyncio.get_running_loop().run_in_executor(None, self.warmup)
+        return self.decode_kernels()
+
     def decode_kernels(self) -> str:
         """What runs the model's decode steps (CausalLM.decode_kernels), for the logs."""
         return self.engine.model.decode_kernels()
+
+    @property
+    def sparsity(self) -> SparsitySettings | None:
+        """The model's sparse-activation settings; None runs it dense."""
+        return self.engine.model.sparsity
 
     def shutdown(self) -> None:
         self._stopping = True
@@ -117,6 +128,11 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         return self._stats
+
+    @property
+    def alive(self) -> bool:
+        """The stepping thread runs (or has not started yet); it survives failed steps."""
+        return self._thread is None or self._thread.is_alive() or self._stopping
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -189,7 +205,7 @@ class AsyncEngine:
         """Read, validate and register an adapter on a loader thread."""
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._loader, self.engine.load_adapter, adapter_id, path, pin)
-        return self.adapter_info(adapter_id)
+        return self._adapter_info(adapter_id)
 
     async def merge_adapters(
         self, adapter_id: str, sources: AdapterRefs, out_dir: str, spec: MergeSpec
@@ -199,16 +215,16 @@ class AsyncEngine:
         await loop.run_in_executor(
             self._loader, self.engine.merge_adapters, adapter_id, sources, out_dir, spec
         )
-        return self.adapter_info(adapter_id)
+        return self._adapter_info(adapter_id)
 
-    def remove_adapter(self, adapter_id: str) -> None:
+    async def remove_adapter(self, adapter_id: str) -> None:
         self.engine.remove_adapter(adapter_id)
 
-    def adapter_infos(self) -> list[AdapterInfo]:
+    async def adapter_infos(self) -> list[AdapterInfo]:
         return self.engine.adapter_infos()
 
-    def adapter_info(self, adapter_id: str) -> AdapterInfo:
-        infos = [info for info in self.adapter_infos() if info.adapter_id == adapter_id]
+    def _adapter_info(self, adapter_id: str) -> AdapterInfo:
+        infos = [info for info in self.engine.adapter_infos() if info.adapter_id == adapter_id]
         if not infos:  # unloaded again meanwhile
             raise NotFound(f"unknown adapter {adapter_id!r}")
         return infos[0]
@@ -222,10 +238,10 @@ class AsyncEngine:
             self._loader, self.engine.load_expert, expert_id, path, small_base
         )
 
-    def remove_expert(self, expert_id: str) -> None:
+    async def remove_expert(self, expert_id: str) -> None:
         self.engine.remove_expert(expert_id)
 
-    def expert_infos(self) -> list[ExpertInfo]:
+    async def expert_infos(self) -> list[ExpertInfo]:
         return self.engine.expert_infos()
 
     # ---- the stepping thread ----------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,6 +36,9 @@ from engine.types import (
     AlreadyExists,
     Constraint,
     ConstraintMethod,
+    EngineConfig,
+    EngineLimits,
+    EngineStats,
     ExpertInfo,
     FinishReason,
     InvalidRequest,
@@ -52,47 +54,6 @@ from kernels.threads import serial_ops
 log = logging.getLogger(__name__)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    block_size: int = 16
-    kv_cache_bytes: int = 1 << 30
-    max_num_seqs: int = 64
-    max_batched_tokens: int = 512  # per-step token budget: the prefill chunk size
-    max_prompt_tokens: int | None = None  # default: what the context and the cache can hold
-    max_new_tokens: int = 4096
-    max_queue: int = 1024
-    # AsyncEngine: an idle engine's first request waits for others sent with it while they
-    # follow each other within this time (0: never waits); see AsyncEngine._drain_inbox.
-    batch_wait_s: float = 0.003
-    dtype: str | None = None  # None keeps the checkpoint's dtype
-    seed: int = 0  # seeds the generators of requests that give no seed
-    # LoRA adapters: how many the forward pass holds stacked ("on device"; also the most that
-    # running requests use at once) and how many keep their tensors in host memory.
-    adapter_slots: int = 16
-    adapter_host_cache: int = 128
-    # Each small base's KV pool: its rows and those of its experts (one per fused sequence).
-    expert_kv_cache_bytes: int = 256 << 20
-    # Constraint compilation: per constraint, at most this long and this much memory.
-    constraint_compile_timeout_s: float = 10.0
-    constraint_compile_memory_bytes: int = 4 << 30
-
-
-@dataclass(frozen=True)
-class EngineLimits:
-    max_prompt_tokens: int
-    max_new_tokens: int
-    max_queue: int
-    max_seq_tokens: int  # prompt + output, bounded by the context length and the KV cache
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_blocks_used: int
-    kv_blocks_total: int
 
 
 class LLMEngine:

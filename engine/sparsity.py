@@ -35,7 +35,13 @@ from safetensors.torch import save_file
 
 from engine.batch import ForwardBatch
 from engine.config import ModelConfig
-from engine.types import EngineError
+from engine.types import (
+    SPARSITY_RULES as RULES,
+)
+from engine.types import (
+    SparsityError,
+    SparsitySettings,
+)
 from kernels.sparse import channel_scores, input_top_k_thresholds, top_k_thresholds
 
 if TYPE_CHECKING:
@@ -43,8 +49,6 @@ if TYPE_CHECKING:
     from engine.model import CausalLM
 
 GROUPS = ("qkv", "o", "gate_up", "down")
-RULES = ("wina", "teal")
-MODES = ("top-k", "threshold")
 FORMAT = "tandem-sparsity"
 FORMAT_VERSION = 1
 _HEADER_KEY = "tandem_sparsity"
@@ -57,36 +61,6 @@ _LOG2_LOW, _LOG2_HIGH, _BINS = -32.0, 16.0, 4096
 _NORM_TOLERANCE = 0.05
 # Rows of each forward pass whose scores calibration records (a strided sample).
 _OBSERVED_ROWS = 1024
-
-
-class SparsityError(EngineError):
-    """A sparsity setting or sidecar that cannot serve this model (the message says why)."""
-
-    kind = "failed_precondition"
-
-
-@dataclass(frozen=True)
-class SparsitySettings:
-    """What was asked for: plain values (the server reports them in ListModels)."""
-
-    sparsity: float  # target fraction of each group's input channels skipped
-    rule: str = "wina"
-    mode: str = "top-k"
-    calibration_file: str = ""  # needed by the threshold mode; optional with top-k
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.sparsity < 1.0:
-            raise SparsityError(f"sparsity must be in [0, 1), got {self.sparsity}")
-        if self.rule not in RULES:
-            raise SparsityError(f"sparsity rule must be one of {', '.join(RULES)}: {self.rule!r}")
-        if self.mode not in MODES:
-            raise SparsityError(f"sparsity mode must be one of {', '.join(MODES)}: {self.mode!r}")
-        if self.mode == "threshold" and not self.calibration_file:
-            raise SparsityError("the threshold mode needs a calibration file (tandem calibrate)")
-
-    def describe(self) -> str:
-        source = f", {self.calibration_file}" if self.calibration_file else ""
-        return f"{self.rule.upper()} {self.mode} {self.sparsity:.0%}{source}"
 
 
 @dataclass(frozen=True, eq=False)

@@ -64,6 +64,12 @@ class AdapterError(EngineError):
             self.kind = kind
 
 
+class SparsityError(EngineError):
+    """A sparsity setting or sidecar that cannot serve this model (the message says why)."""
+
+    kind = "failed_precondition"
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0  # 0 means greedy
@@ -294,3 +300,78 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+# ---- engine settings and counters: plain values, torch-free (the server holds them) ----
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    kv_cache_bytes: int = 1 << 30
+    max_num_seqs: int = 64
+    max_batched_tokens: int = 512  # per-step token budget: the prefill chunk size
+    max_prompt_tokens: int | None = None  # default: what the context and the cache can hold
+    max_new_tokens: int = 4096
+    max_queue: int = 1024
+    # AsyncEngine: an idle engine's first request waits for others sent with it while they
+    # follow each other within this time (0: never waits); see AsyncEngine._drain_inbox.
+    batch_wait_s: float = 0.003
+    dtype: str | None = None  # None keeps the checkpoint's dtype
+    seed: int = 0  # seeds the generators of requests that give no seed
+    # LoRA adapters: how many the forward pass holds stacked ("on device"; also the most that
+    # running requests use at once) and how many keep their tensors in host memory.
+    adapter_slots: int = 16
+    adapter_host_cache: int = 128
+    # Each small base's KV pool: its rows and those of its experts (one per fused sequence).
+    expert_kv_cache_bytes: int = 256 << 20
+    # Constraint compilation: per constraint, at most this long and this much memory.
+    constraint_compile_timeout_s: float = 10.0
+    constraint_compile_memory_bytes: int = 4 << 30
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_prompt_tokens: int
+    max_new_tokens: int
+    max_queue: int
+    max_seq_tokens: int  # prompt + output, bounded by the context length and the KV cache
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+
+
+# Sparse activation (engine.sparsity): the rules that score channels, the ways to cut.
+SPARSITY_RULES = ("wina", "teal")
+SPARSITY_MODES = ("top-k", "threshold")
+
+
+@dataclass(frozen=True)
+class SparsitySettings:
+    """What was asked for: plain values (the server reports them in ListModels)."""
+
+    sparsity: float  # target fraction of each group's input channels skipped
+    rule: str = "wina"
+    mode: str = "top-k"
+    calibration_file: str = ""  # needed by the threshold mode; optional with top-k
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0:
+            raise SparsityError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.rule not in SPARSITY_RULES:
+            rules = ", ".join(SPARSITY_RULES)
+            raise SparsityError(f"sparsity rule must be one of {rules}: {self.rule!r}")
+        if self.mode not in SPARSITY_MODES:
+            modes = ", ".join(SPARSITY_MODES)
+            raise SparsityError(f"sparsity mode must be one of {modes}: {self.mode!r}")
+        if self.mode == "threshold" and not self.calibration_file:
+            raise SparsityError("the threshold mode needs a calibration file (tandem calibrate)")
+
+    def describe(self) -> str:
+        source = f", {self.calibration_file}" if self.calibration_file else ""
+        return f"{self.rule.upper()} {self.mode} {self.sparsity:.0%}{source}"

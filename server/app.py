@@ -33,7 +33,7 @@ from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
-    from engine.async_engine import AsyncEngine
+    from server.engines import ServedEngine
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,15 @@ _STOP_GRACE_S = 2.0
 
 class StartupError(Exception):
     """A model that cannot be served (missing files, unsupported architecture): a user error."""
+
+
+class EngineFailed(Exception):
+    """An engine process died while serving: the server drains the others and exits with an
+    error, for its supervisor to restart it."""
+
+
+# How often the server checks that its engines' processes are alive.
+_WATCH_INTERVAL_S = 0.25
 
 
 async def serve(config: ServerConfig) -> None:
@@ -72,8 +81,12 @@ async def serve(config: ServerConfig) -> None:
             for service in _HEALTH_SERVICES:
                 await health.set(service, health_pb2.HealthCheckResponse.SERVING)
             log.info("serving on %s", address)
+            watcher = asyncio.ensure_future(_watch_engines(state, stop_requested))
             await stop_requested.wait()
+            watcher.cancel()
         await _drain(state, health, config.drain_timeout_s)
+        if state.failure:
+            raise EngineFailed(state.failure)
     finally:
         await server.stop(_STOP_GRACE_S)
         for engine in state.engines.values():
@@ -174,12 +187,24 @@ async def _load_and_warm_up(state: ServingState, config: ServerConfig) -> None:
         if config.warmup_delay_s:
             log.info("delaying warm-up of %s by %.1f s", model_id, config.warmup_delay_s)
             await asyncio.sleep(config.warmup_delay_s)
-        await loop.run_in_executor(None, engine.warmup)
+        kernels = await engine.warm_up()
         seconds = time.monotonic() - started
-        log.info("warmed up %s in %.1f s (%s)", model_id, seconds, engine.decode_kernels())
+        log.info("warmed up %s in %.1f s (%s)", model_id, seconds, kernels)
 
 
-def _engine_for(state: ServingState, what: str, model: str, form: str) -> AsyncEngine:
+async def _watch_engines(state: ServingState, stop_requested: asyncio.Event) -> None:
+    """An engine whose process died (its requests already failed with UNAVAILABLE) stops the
+    server: health turns NOT_SERVING as the drain starts."""
+    while not stop_requested.is_set():
+        await asyncio.sleep(_WATCH_INTERVAL_S)
+        dead = [model_id for model_id, engine in state.engines.items() if not engine.alive]
+        if dead:
+            state.failure = f"the engine of {', '.join(dead)} died; stopping the server"
+            log.error("%s", state.failure)
+            stop_requested.set()
+
+
+def _engine_for(state: ServingState, what: str, model: str, form: str) -> ServedEngine:
     """The engine that `what` (e.g. "adapter sql"), given as `form` on the command line, is
     loaded on: `model`, or the only one served when it is empty."""
     served = ", ".join(state.engines)

@@ -146,6 +146,12 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         help="where MergeAdapters writes new adapters (default $TANDEM_HOME/adapters)",
     )
     _add_sparsity_flags(serve)
+    serve.add_argument(
+        "--engine-in-process",
+        action="store_true",
+        help="run each engine on a thread of the server's process instead of a process of its "
+        "own (debugging; slower where the server writes many streams)",
+    )
     serve.add_argument("--log-level", default="INFO")
     serve.set_defaults(command=_serve)
 
@@ -394,6 +400,7 @@ def _serve(args: argparse.Namespace) -> int:
                 sparsity=parse_sparsity_specs(
                     args.sparsity, args.sparsity_file, args.sparsity_rule, args.sparsity_mode
                 ),
+                own_process=not args.engine_in_process,
             ),
             warmup_delay_s=warmup_delay_from_env(),
             adapters=tuple(parse_adapter_spec(value) for value in args.adapter),
@@ -413,12 +420,12 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     _prefer_passive_openmp_waits()
     # Imported here: it loads the engine (and torch), which the client commands never need.
-    from server.app import StartupError, serve
+    from server.app import EngineFailed, StartupError, serve
 
     log = logging.getLogger("tandem")
     try:
         asyncio.run(serve(config))
-    except StartupError as error:
+    except (StartupError, EngineFailed) as error:
         log.error("%s", error)
         return 1
     except Exception:

@@ -170,6 +170,9 @@ class EngineOptions:
     adapter_host_cache: int | None = None
     # Sparse activation per model (SparsitySpec.model) and for all (model ""): off when empty.
     sparsity: tuple[SparsitySpec, ...] = ()
+    # Each engine in a process of its own (its stepping thread then never waits for the GIL
+    # that the event loop holds while it writes); False runs it on a thread of the server's.
+    own_process: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_wait_ms is not None and not 0 <= self.batch_wait_ms <= 1000:

@@ -1,4 +1,5 @@
-"""The only server module that imports the engine (and so torch): loading and configuring it.
+"""The only server module that loads engines: in a process of their own (the server then never
+imports torch) or, with --engine-in-process, on a thread of the server's.
 
 Everything else in server/ stays tensor-free and sees engines only through their interface.
 """
@@ -7,12 +8,15 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from engine.async_engine import AsyncEngine, EngineConfig
-from engine.sparsity import SparsitySettings, apply_sparsity, calibrate_dir
+from engine.engine_process import EngineProcess
+from engine.types import EngineConfig, SparsitySettings
 from server.config import (
     AdapterSpec,
     EngineOptions,
@@ -23,6 +27,12 @@ from server.config import (
 )
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from engine.async_engine import AsyncEngine
+
+    # What the server holds per model: the same interface either way.
+    ServedEngine = AsyncEngine | EngineProcess
 
 # The kit member served when no --model is given (its id too).
 DEFAULT_KIT_MODEL = "base-large"
@@ -60,12 +70,19 @@ def engine_config(options: EngineOptions) -> EngineConfig:
     return EngineConfig(**{name: value for name, value in values.items() if value is not None})
 
 
-def load_engine(spec: ModelSpec, options: EngineOptions) -> AsyncEngine:
+def load_engine(spec: ModelSpec, options: EngineOptions) -> ServedEngine:
     """Blocking: reads the weights (and the sparsity file); run it in an executor."""
-    engine = AsyncEngine.from_dir(spec.model_id, spec.path, engine_config(options))
+    config = engine_config(options)
     sparsity = sparsity_for(options.sparsity, spec.model_id)
-    if sparsity is not None:
-        settings = sparsity_settings(sparsity)
+    settings = sparsity_settings(sparsity) if sparsity is not None else None
+    if options.own_process:
+        return EngineProcess.spawn(spec.model_id, spec.path, config, settings)
+    # Imported here: only an engine in this process needs the model code (and torch).
+    from engine.async_engine import AsyncEngine
+    from engine.sparsity import apply_sparsity
+
+    engine = AsyncEngine.from_dir(spec.model_id, spec.path, config)
+    if settings is not None:
         # Before the engine's thread starts: the model changes its weights' layout.
         apply_sparsity(engine.engine.model, settings)
         log.info("model %s: sparse activation, %s", spec.model_id, settings.describe())
@@ -100,6 +117,8 @@ def calibrate_to_file(
 ) -> dict[str, object]:
     """`tandem calibrate`: write the sparsity sidecar of the model at `model_dir`; returns its
     header (what was calibrated on what)."""
+    from engine.sparsity import calibrate_dir
+
     documents, source = _calibration_documents(text_file)
     calibration = calibrate_dir(
         model_dir,
@@ -143,21 +162,31 @@ def default_model_spec() -> ModelSpec:
 def default_serving() -> Serving:
     """What `tandem serve` serves without --model: the kit's base-large, its adapters and its
     experts; the kit is built on first use (blocking, minutes)."""
-    # Imported here: only the no-`--model` path needs the builder and what it imports.
-    from kit.build import default_kit_dir
+    return kit_serving(_default_kit_dir())
 
-    return kit_serving(default_kit_dir())
+
+def _default_kit_dir() -> str:
+    """The kit's directory, built first if needed, found by a child process: the kit's builder
+    imports torch, which this process (the server's, whose engines run in processes of their
+    own) then never loads. The build's progress goes to stderr."""
+    found = subprocess.run(
+        [sys.executable, "-c", "from kit.build import default_kit_dir; print(default_kit_dir())"],
+        stdout=subprocess.PIPE,
+        text=True,
+        check=False,
+    )
+    if found.returncode != 0:
+        raise OSError(f"the model kit could not be built (exit code {found.returncode})")
+    return found.stdout.strip().splitlines()[-1]
 
 
 def kit_serving(kit_dir: str | os.PathLike[str]) -> Serving:
     """The kit's base-large; every `lora-*` directory of the kit as an adapter of it, and every
     `expert-*` directory as an expert of it on the kit's base-small, each named after its
     directory (e.g. `lora-add`, `expert-add`)."""
-    from kit.build import KitPaths
-
-    kit = KitPaths.open(kit_dir)
-    model = ModelSpec(model_id=DEFAULT_KIT_MODEL, path=str(kit.member(DEFAULT_KIT_MODEL)))
-    members = [path for path in sorted(Path(kit.root).iterdir()) if path.is_dir()]
+    root = Path(kit_dir)
+    model = ModelSpec(model_id=DEFAULT_KIT_MODEL, path=str(_kit_member(root, DEFAULT_KIT_MODEL)))
+    members = [path for path in sorted(root.iterdir()) if path.is_dir()]
     adapters = tuple(
         AdapterSpec(adapter_id=path.name, path=str(path), model=DEFAULT_KIT_MODEL)
         for path in members
@@ -165,7 +194,7 @@ def kit_serving(kit_dir: str | os.PathLike[str]) -> Serving:
     )
     expert_dirs = [path for path in members if path.name.startswith(KIT_EXPERT_PREFIX)]
     # Looked up only when there are experts: a kit without them needs no small base.
-    small_base = str(kit.member(KIT_SMALL_BASE)) if expert_dirs else ""
+    small_base = str(_kit_member(root, KIT_SMALL_BASE)) if expert_dirs else ""
     experts = tuple(
         ExpertSpec(
             expert_id=path.name, path=str(path), small_base=small_base, model=DEFAULT_KIT_MODEL
@@ -173,3 +202,11 @@ def kit_serving(kit_dir: str | os.PathLike[str]) -> Serving:
         for path in expert_dirs
     )
     return Serving(model=model, adapters=adapters, experts=experts)
+
+
+def _kit_member(root: Path, name: str) -> Path:
+    """(kit.build.KitPaths.member without importing the kit's builder, which imports torch.)"""
+    path = root / name
+    if not path.is_dir():
+        raise FileNotFoundError(f"the kit at {root} has no {name}")
+    return path

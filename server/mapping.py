@@ -52,6 +52,7 @@ _STATUS_BY_ERROR_KIND = {
     "already_exists": grpc.StatusCode.ALREADY_EXISTS,
     "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "failed_precondition": grpc.StatusCode.FAILED_PRECONDITION,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
     "internal": grpc.StatusCode.INTERNAL,
 }
 

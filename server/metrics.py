@@ -16,8 +16,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
-    from engine.async_engine import AsyncEngine
     from engine.types import FinishReason, RequestOutput
+    from server.engines import ServedEngine
 
 _LABEL = "model_name"
 # fmt: off
@@ -31,7 +31,7 @@ _REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.
 
 
 class Metrics:
-    def __init__(self, engines: Callable[[], Mapping[str, AsyncEngine]]) -> None:
+    def __init__(self, engines: Callable[[], Mapping[str, ServedEngine]]) -> None:
         self.registry = CollectorRegistry()
         self._http: WSGIServer | None = None
         self.ttft = Histogram(
@@ -133,7 +133,7 @@ class RequestMetrics:
 
 
 class _EngineStatsCollector:
-    def __init__(self, engines: Callable[[], Mapping[str, AsyncEngine]]) -> None:
+    def __init__(self, engines: Callable[[], Mapping[str, ServedEngine]]) -> None:
         self._engines = engines
 
     def collect(self) -> Iterator[Metric]:

@@ -31,7 +31,7 @@ from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
-    from engine.async_engine import AsyncEngine
+    from server.engines import ServedEngine
     from server.metrics import Metrics, RequestMetrics
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class RunningRequest:
     frees its KV blocks) and telling the handler, which sends the final message.
     """
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: ServedEngine) -> None:
         self.engine = engine
         # Engine outputs, an engine error, or _ABORTED.
         self.outputs: asyncio.Queue[object] = asyncio.Queue()
@@ -79,9 +79,10 @@ class ServingState:
     """What the servicers share: loaded engines, readiness, draining, and running requests."""
 
     def __init__(self) -> None:
-        self.engines: dict[str, AsyncEngine] = {}
+        self.engines: dict[str, ServedEngine] = {}
         self.ready = False
         self.draining = False
+        self.failure = ""  # why the server stops, when an engine died
         self._running: dict[str, RunningRequest] = {}
         self._idle = asyncio.Event()
         self._idle.set()
@@ -96,7 +97,7 @@ class ServingState:
         if not self.ready:
             raise RequestRejected(grpc.StatusCode.UNAVAILABLE, "the models are still loading")
 
-    def resolve(self, model: str) -> AsyncEngine:
+    def resolve(self, model: str) -> ServedEngine:
         """The engine of `model`; an empty name means the only model served."""
         served = ", ".join(self.engines) or "none yet"
         if not model:
@@ -114,7 +115,7 @@ class ServingState:
         return engine
 
     @contextmanager
-    def track(self, request_id: str, engine: AsyncEngine) -> Iterator[RunningRequest]:
+    def track(self, request_id: str, engine: ServedEngine) -> Iterator[RunningRequest]:
         """Registers a running request under its id, unique across all models."""
         if request_id in self._running:
             raise RequestRejected(
@@ -275,7 +276,7 @@ def _aborted(request: Request, completion_tokens: int) -> RequestOutput:
     )
 
 
-async def _prompt_token_ids(engine: AsyncEngine, prompt: str | list[int]) -> list[int]:
+async def _prompt_token_ids(engine: ServedEngine, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, list):
         return prompt
     # Off the event loop: a long prompt takes milliseconds to encode.
@@ -291,8 +292,9 @@ class RegistryServicer(pb_grpc.RegistryServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
+        engines = list(self._state.engines.items())
         return pb.ListModelsResponse(
-            models=[_model_info(name, engine) for name, engine in self._state.engines.items()]
+            models=[await _model_info(name, engine) for name, engine in engines]
         )
 
     @_translate_errors
@@ -313,7 +315,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
     ) -> pb.UnloadAdapterResponse:
         self._state.check_accepting()
         engine = self._state.resolve(request.model)
-        engine.remove_adapter(request.adapter_id)
+        await engine.remove_adapter(request.adapter_id)
         log.info("unloaded adapter %s from %s", request.adapter_id, engine.model_id)
         return pb.UnloadAdapterResponse()
 
@@ -356,15 +358,15 @@ class RegistryServicer(pb_grpc.RegistryServicer):
     ) -> pb.UnloadExpertResponse:
         self._state.check_accepting()
         engine = self._state.resolve(request.model)
-        engine.remove_expert(request.expert_id)
+        await engine.remove_expert(request.expert_id)
         log.info("unloaded expert %s from %s", request.expert_id, engine.model_id)
         return pb.UnloadExpertResponse()
 
 
-def _model_info(model_id: str, engine: AsyncEngine) -> pb.ModelInfo:
+async def _model_info(model_id: str, engine: ServedEngine) -> pb.ModelInfo:
     config = engine.config
     # The model's plain SparsitySettings (rule "wina"/"teal", mode "top-k"/"threshold").
-    settings = engine.engine.model.sparsity
+    settings = engine.sparsity
     sparsity = None
     if settings is not None:
         sparsity = pb.SparsityInfo(
@@ -378,8 +380,8 @@ def _model_info(model_id: str, engine: AsyncEngine) -> pb.ModelInfo:
         vocab_size=engine.tokenizer.vocab_size,
         max_prompt_tokens=engine.limits.max_prompt_tokens,
         max_new_tokens=engine.limits.max_new_tokens,
-        adapters=[adapter_info(info) for info in engine.adapter_infos()],
-        experts=[expert_info(info) for info in engine.expert_infos()],
+        adapters=[adapter_info(info) for info in await engine.adapter_infos()],
+        experts=[expert_info(info) for info in await engine.expert_infos()],
         adapter_slots=config.adapter_slots,
         adapter_host_cache=config.adapter_host_cache,
         sparsity=sparsity,

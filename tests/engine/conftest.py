@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,3 +111,33 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., TinyMo
         return built[key]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, sentencepiece_tokenizer_dir) -> str:
+    """A tiny Llama with the real 32k SentencePiece tokenizer (test_engine's and
+    test_engine_process's model)."""
+    out = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=32768,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    # Larger weights than the default init give peaked distributions, so greedy ties are rare.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0)
+    model.save_pretrained(out, safe_serialization=True)
+    for f in Path(sentencepiece_tokenizer_dir).iterdir():
+        if f.is_file():
+            shutil.copy(f, out / f.name)
+    return str(out)

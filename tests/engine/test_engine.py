@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -35,34 +33,6 @@ PROMPTS = [
     "A longer prompt that should be split into several prefill chunks when the token budget "
     "of a step is small, so that decoding of the other requests keeps going meanwhile.",
 ]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, sentencepiece_tokenizer_dir) -> str:
-    out = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=32768,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
-    # Larger weights than the default init give peaked distributions, so greedy ties are rare.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(4.0)
-    model.save_pretrained(out, safe_serialization=True)
-    for f in Path(sentencepiece_tokenizer_dir).iterdir():
-        if f.is_file():
-            shutil.copy(f, out / f.name)
-    return str(out)
 
 
 @pytest.fixture(scope="module")

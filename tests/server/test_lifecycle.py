@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
+from pathlib import Path
 
 import grpc
 import pytest
@@ -70,3 +72,52 @@ def test_drain_timeout_aborts_running_streams(server_factory) -> None:
     assert final.finish_reason == pb.FINISH_REASON_ABORTED
     assert 0 < final.usage.completion_tokens < 2000
     assert server.process.wait(timeout=30) == 0
+
+
+def _engine_pids(server_pid: int) -> list[int]:
+    """The server's engine processes (one per model)."""
+    children = []
+    for task in Path(f"/proc/{server_pid}/task").iterdir():
+        children += [int(pid) for pid in (task / "children").read_text().split()]
+    command = "engine.engine_worker"
+    return [pid for pid in children if command in Path(f"/proc/{pid}/cmdline").read_text()]
+
+
+def test_a_dead_engine_fails_its_streams_and_stops_the_server(server_factory) -> None:
+    """The engine runs in a process of its own; when it dies, its running stream ends with
+    UNAVAILABLE, health turns NOT_SERVING and the server exits with an error (for its
+    supervisor to restart it) instead of serving a model it no longer has."""
+    server = server_factory("--max-new-tokens", "2000")
+    server.wait_until_serving()
+    (engine_pid,) = _engine_pids(server.process.pid)
+    stream = server.generation.Generate(
+        pb.GenerateRequest(
+            text="Go", stopping=pb.StoppingCriteria(max_new_tokens=2000, ignore_eos=True)
+        ),
+        timeout=120,
+    )
+    next(stream)
+    os.kill(engine_pid, signal.SIGKILL)
+    with pytest.raises(grpc.RpcError) as error:
+        list(stream)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "exited" in error.value.details()
+    assert server.process.wait(timeout=30) == 1
+    assert re.search(r"the engine of tiny-llama died; stopping the server", server.log())
+
+
+def test_engine_in_process_serves_the_same_tokens(server_factory, server) -> None:
+    """--engine-in-process (the engine on a thread of the server's): the same greedy tokens as
+    the default server's engine process, and no child process."""
+    threaded = server_factory("--engine-in-process")
+    threaded.wait_until_serving()
+    assert _engine_pids(threaded.process.pid) == []
+    request = dict(
+        text="Tandem serves many adapters",
+        sampling=pb.SamplingParams(temperature=0.0),
+        stopping=pb.StoppingCriteria(max_new_tokens=16, ignore_eos=True),
+    )
+    deltas, final = threaded.generate(**request)
+    expected, _ = server.generate(model="tiny-llama", **request)
+    assert [t for d in deltas for t in d.token_ids] == [t for d in expected for t in d.token_ids]
+    assert final.usage.completion_tokens == 16
