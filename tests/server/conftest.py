@@ -245,10 +245,17 @@ def _terminate_with_parent() -> None:
     _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def _own_group_terminating_with_parent() -> None:
+    """As _terminate_with_parent, in a process group of its own (as a terminal's job is)."""
+    os.setpgid(0, 0)
+    _terminate_with_parent()
+
+
 def start_server(
-    log_dir: Path, args: list[str], env: dict[str, str] | None = None
+    log_dir: Path, args: list[str], env: dict[str, str] | None = None, own_group: bool = False
 ) -> ServerProcess:
-    """Start `tandem serve` on free ports and wait until it listens (not until it is ready)."""
+    """Start `tandem serve` on free ports and wait until it listens (not until it is ready);
+    `own_group`: in a process group of its own, which a test can signal as a terminal would."""
     log_path = log_dir / "server.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(
@@ -267,7 +274,7 @@ def start_server(
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
-            preexec_fn=_terminate_with_parent,
+            preexec_fn=_own_group_terminating_with_parent if own_group else _terminate_with_parent,
         )
     server = ServerProcess(process=process, log_path=log_path)
     try:
@@ -281,18 +288,23 @@ def start_server(
 
 @pytest.fixture(scope="session")
 def server_factory(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Iterator:
-    """server_factory(*extra_args, env=..., tiny_model=True) -> a ServerProcess of the tiny model
-    (without it: only what extra_args and env say); all are stopped at the end of the session."""
+    """server_factory(*extra_args, env=..., tiny_model=True, own_group=False) -> a ServerProcess
+    of the tiny model (without it: only what extra_args and env say); all are stopped at the end
+    of the session."""
     started: list[ServerProcess] = []
 
     def start(
-        *extra_args: str, env: dict[str, str] | None = None, tiny_model: bool = True
+        *extra_args: str,
+        env: dict[str, str] | None = None,
+        tiny_model: bool = True,
+        own_group: bool = False,
     ) -> ServerProcess:
         model_args = ["--model", str(tiny_llama_dir)] if tiny_model else []
         server = start_server(
             tmp_path_factory.mktemp("server"),
             [*model_args, "--kv-cache-mb", "4", *extra_args],
             env,
+            own_group,
         )
         started.append(server)
         return server

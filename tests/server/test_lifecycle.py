@@ -106,6 +106,26 @@ def test_a_dead_engine_fails_its_streams_and_stops_the_server(server_factory) ->
     assert re.search(r"the engine of tiny-llama died; stopping the server", server.log())
 
 
+def test_ctrl_c_drains_with_the_engine_still_stepping(server_factory) -> None:
+    """A terminal's Ctrl-C signals the whole process group, the engine's process too: it keeps
+    stepping (the server drains, then stops it), so the running stream finishes."""
+    server = server_factory("--max-new-tokens", "2000", own_group=True)
+    server.wait_until_serving()
+    stream = server.generation.Generate(
+        pb.GenerateRequest(
+            text="Go", stopping=pb.StoppingCriteria(max_new_tokens=300, ignore_eos=True)
+        ),
+        timeout=120,
+    )
+    first = next(stream)
+    os.killpg(server.process.pid, signal.SIGINT)
+    server.wait_for_log("received SIGINT")
+    rest = list(stream)
+    assert rest[-1].final.finish_reason == pb.FINISH_REASON_LENGTH
+    assert sum(len(r.delta.token_ids) for r in [first, *rest[:-1]]) == 300
+    assert server.process.wait(timeout=30) == 0
+
+
 def test_engine_in_process_serves_the_same_tokens(server_factory, server) -> None:
     """--engine-in-process (the engine on a thread of the server's): the same greedy tokens as
     the default server's engine process, and no child process."""
