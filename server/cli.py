@@ -419,7 +419,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"error: --sparsity* name models not served: {', '.join(unknown)}", file=sys.stderr)
         return 2
     _prefer_passive_openmp_waits()
-    # Imported here: it loads the engine (and torch), which the client commands never need.
+    # Imported here: the server's modules (and, with --engine-in-process, the engine's and
+    # torch), which the client commands never need.
     from server.app import EngineFailed, StartupError, serve
 
     log = logging.getLogger("tandem")
