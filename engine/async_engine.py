@@ -75,10 +75,18 @@ class AsyncEngine:
         self._loader = concurrent.futures.ThreadPoolExecutor(
             _LOADER_THREADS, thread_name_prefix=f"adapters-{model_id}"
         )
+        if self.sparsity is not None:
+            log.info("model %s: sparse activation, %s", model_id, self.sparsity.describe())
 
     @classmethod
-    def from_dir(cls, model_id: str, path: str, config: EngineConfig | None = None) -> AsyncEngine:
-        return cls(model_id, LLMEngine.from_dir(path, config))
+    def from_dir(
+        cls,
+        model_id: str,
+        path: str,
+        config: EngineConfig | None = None,
+        sparsity: SparsitySettings | None = None,
+    ) -> AsyncEngine:
+        return cls(model_id, LLMEngine.from_dir(path, config, sparsity))
 
     # ---- lifecycle --------------------------------------------------------------------------
 

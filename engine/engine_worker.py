@@ -18,7 +18,6 @@ from engine.async_engine import AsyncEngine
 from engine.engine_process import EngineFacts, as_engine_error
 from engine.llm_engine import LLMEngine
 from engine.lora import AdapterUse
-from engine.sparsity import apply_sparsity
 from engine.types import (
     AdapterInfo,
     EngineConfig,
@@ -55,12 +54,7 @@ class EngineWorker(AsyncEngine):
         config: EngineConfig,
         sparsity: SparsitySettings | None,
     ) -> EngineWorker:
-        engine = LLMEngine.from_dir(path, config)
-        if sparsity is not None:
-            # Before the stepping thread starts: the model changes its weights' layout.
-            apply_sparsity(engine.model, sparsity)
-            log.info("model %s: sparse activation, %s", model_id, sparsity.describe())
-        return cls(conn, model_id, engine)
+        return cls(conn, model_id, LLMEngine.from_dir(path, config, sparsity))
 
     def serve(self) -> None:
         """Runs until the parent says stop or goes away."""

@@ -29,6 +29,7 @@ from engine.sampling import (
 from engine.scheduler import ScheduledSequence, Scheduler, SchedulerConfig
 from engine.sequence import Sequence, SequenceStatus
 from engine.smc import ParticleGroup, fork_sequence, resample
+from engine.sparsity import apply_sparsity
 from engine.stopping import StopStringMatcher
 from engine.tokenizer import Tokenizer
 from engine.types import (
@@ -46,6 +47,7 @@ from engine.types import (
     Particle,
     Request,
     RequestOutput,
+    SparsitySettings,
     TokenLogprob,
 )
 from kernels.cpu_ops import race_uniform
@@ -115,11 +117,16 @@ class LLMEngine:
         )
 
     @classmethod
-    def from_dir(cls, path: str, config: EngineConfig | None = None) -> LLMEngine:
+    def from_dir(
+        cls, path: str, config: EngineConfig | None = None, sparsity: SparsitySettings | None = None
+    ) -> LLMEngine:
+        """The model at `path`, with sparse activation when `sparsity` is given."""
         config = config or EngineConfig()
         dtype = _DTYPES[config.dtype] if config.dtype else None
-        model = CausalLM.from_dir(path, dtype=dtype)
-        return cls(model, Tokenizer.from_dir(path), config)
+        engine = cls(CausalLM.from_dir(path, dtype=dtype), Tokenizer.from_dir(path), config)
+        if sparsity is not None:  # changes the weights' layout: before any step
+            apply_sparsity(engine.model, sparsity)
+        return engine
 
     # ---- requests -------------------------------------------------------------------------
 

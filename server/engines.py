@@ -79,14 +79,8 @@ def load_engine(spec: ModelSpec, options: EngineOptions) -> ServedEngine:
         return EngineProcess.spawn(spec.model_id, spec.path, config, settings)
     # Imported here: only an engine in this process needs the model code (and torch).
     from engine.async_engine import AsyncEngine
-    from engine.sparsity import apply_sparsity
 
-    engine = AsyncEngine.from_dir(spec.model_id, spec.path, config)
-    if settings is not None:
-        # Before the engine's thread starts: the model changes its weights' layout.
-        apply_sparsity(engine.engine.model, settings)
-        log.info("model %s: sparse activation, %s", spec.model_id, settings.describe())
-    return engine
+    return AsyncEngine.from_dir(spec.model_id, spec.path, config, settings)
 
 
 def sparsity_settings(spec: SparsitySpec) -> SparsitySettings:
