@@ -23,7 +23,6 @@ from engine.types import (
     EngineConfig,
     EngineError,
     ExpertInfo,
-    FinishReason,
     Request,
     RequestOutput,
     SparsitySettings,
@@ -136,15 +135,7 @@ class EngineWorker(AsyncEngine):
         if request is None:
             self._inbox.put(("abort", request_id, None))
             return
-        aborted = RequestOutput(
-            request_id=request_id,
-            token_ids=[],
-            text="",
-            finish_reason=FinishReason.ABORTED,
-            prompt_tokens=len(request.prompt_token_ids),
-            arrival_time=request.arrival_time,
-        )
-        self._send(("outputs", [aborted], self._stats))
+        self._send(("outputs", [RequestOutput.aborted(request)], self._stats))
 
     def _fail(self, request_id: str, error: BaseException) -> None:
         with self._lock:

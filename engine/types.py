@@ -301,6 +301,19 @@ class RequestOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @classmethod
+    def aborted(cls, request: Request, completion_tokens: int = 0) -> RequestOutput:
+        """The final output of a request ended before (or without) the engine's own."""
+        return cls(
+            request_id=request.request_id,
+            token_ids=[],
+            text="",
+            finish_reason=FinishReason.ABORTED,
+            prompt_tokens=len(request.prompt_token_ids),
+            completion_tokens=completion_tokens,
+            arrival_time=request.arrival_time,
+        )
+
 
 # ---- engine settings and counters: plain values, torch-free (the server holds them) ----
 

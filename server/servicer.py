@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from engine.types import EngineError, FinishReason, Request, RequestOutput
+from engine.types import EngineError, Request, RequestOutput
 from server.mapping import (
     RequestRejected,
     adapter_info,
@@ -246,7 +246,9 @@ async def _next_output(
         if isinstance(item, Exception):
             raise item
         if not isinstance(item, RequestOutput):  # _ABORTED
-            item = _aborted(request, sent_tokens + sum(len(o.token_ids) for o in outputs))
+            item = RequestOutput.aborted(
+                request, sent_tokens + sum(len(o.token_ids) for o in outputs)
+            )
         outputs.append(item)
         if item.finished or running.outputs.empty():
             break
@@ -261,18 +263,6 @@ def _concatenated(outputs: list[RequestOutput]) -> RequestOutput:
         text="".join(output.text for output in outputs),
         logprobs=[entry for output in outputs for entry in output.logprobs],
         fusion_weights=[alphas for output in outputs for alphas in output.fusion_weights],
-    )
-
-
-def _aborted(request: Request, completion_tokens: int) -> RequestOutput:
-    return RequestOutput(
-        request_id=request.request_id,
-        token_ids=[],
-        text="",
-        finish_reason=FinishReason.ABORTED,
-        prompt_tokens=len(request.prompt_token_ids),
-        completion_tokens=completion_tokens,
-        arrival_time=request.arrival_time,
     )
 
 
