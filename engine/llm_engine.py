@@ -19,6 +19,7 @@ from engine.kv_cache import BlockAllocator, KVCache, OutOfBlocks
 from engine.lora import AdapterStacks, AdapterUse, LoraAdapter, LoraBatch
 from engine.lora_merge import merge_adapters, save_adapter
 from engine.model import CausalLM
+from engine.prefix_cache import BlockDigests
 from engine.sampling import (
     compute_logprobs,
     filter_logits,
@@ -237,12 +238,23 @@ class LLMEngine:
             if constraint is not None and request.constraint is not None
             else None,
             max_tokens=self._max_tokens(fusion.experts if fusion else ()),
+            prefix=self._block_digests(adapters, fusion),
         )
         if request.constraint is not None and request.constraint.method is ConstraintMethod.SMC:
             seq.group = self._particle_group(request, request.constraint)
             seq.group.particles.append(seq)
         self._seqs[request.request_id] = seq
         self.scheduler.add(seq)
+
+    def _block_digests(
+        self, adapters: AdapterUse, fusion: FusionState | None
+    ) -> BlockDigests | None:
+        """A new sequence's block digests, or None where prefix caching is off for it: a fused
+        sequence's small models compute its whole prompt, so it takes no cached blocks."""
+        if not self.config.prefix_caching or fusion is not None:
+            return None
+        context = (self.model.kv_version, tuple((a.uid, scale) for a, scale in adapters))
+        return BlockDigests(context)
 
     def _particle_group(self, request: Request, constraint: Constraint) -> ParticleGroup:
         seed = request.sampling.seed
@@ -289,6 +301,8 @@ class LLMEngine:
             num_waiting=len(self.scheduler.waiting),
             kv_blocks_used=self.allocator.num_used,
             kv_blocks_total=self.allocator.num_blocks,
+            prefix_cache_queries=self.scheduler.prefix_queries,
+            prefix_cache_hits=self.scheduler.prefix_hits,
         )
 
     # ---- LoRA adapters ----------------------------------------------------------------------
@@ -379,6 +393,7 @@ class LLMEngine:
             self._fuse(scheduled, sampling, logits)
         for s in scheduled:
             s.seq.num_computed += s.num_new_tokens
+            self.scheduler.cache_blocks(s.seq)
         if not sampling:
             return []
         if any(seq.group is not None and not seq.group.spawned for seq in sampling):
@@ -657,6 +672,7 @@ class LLMEngine:
             finish_reason=seq.finish_reason,
             prompt_tokens=seq.num_prompt_tokens,
             completion_tokens=seq.num_output_tokens,
+            cached_prompt_tokens=seq.cached_prompt_tokens,
             arrival_time=seq.request.arrival_time,
             first_scheduled_time=seq.first_scheduled_time,
             first_token_time=seq.first_token_time,
@@ -692,6 +708,7 @@ def _merge(acc: RequestOutput | None, out: RequestOutput) -> RequestOutput:
     acc.fusion_weights = acc.fusion_weights + out.fusion_weights
     acc.finish_reason = out.finish_reason
     acc.completion_tokens = out.completion_tokens
+    acc.cached_prompt_tokens = out.cached_prompt_tokens
     acc.first_token_time = out.first_token_time
     acc.constraint_checks = out.constraint_checks
     acc.constraint_mask_steps = out.constraint_mask_steps

@@ -47,6 +47,9 @@ class CausalLM:
         # Sparse activation (engine.sparsity): None runs every projection dense.
         self._plan: SparsityPlan | None = None
         self.sparsity: SparsitySettings | None = None
+        # Bumped whenever the keys and values a forward computes change (sparse activation):
+        # cached prefix blocks of an older version are never taken (engine.prefix_cache).
+        self.kv_version = 0
         self.observer: Observer | None = None
         self.skip_counter: SkipCounter | None = None  # set to count skipped channels
         # kernels.cpu_decode's one-call decode step, prepared at first use (None: not possible).
@@ -77,6 +80,7 @@ class CausalLM:
                     setattr(layer, group, weight.contiguous())
         self._plan = plan if sparse else None
         self.sparsity = None if plan is None else plan.settings
+        self.kv_version += 1
         self._decode_layers = _UNPREPARED  # the weights may have moved
 
     def decode_kernels(self) -> str:

@@ -2,7 +2,8 @@
 
 Every step: running sequences that decode get one token each first (decode latency never waits
 for someone's long prompt), then the remaining token budget goes to prompts, in arrival order,
-in chunks. A sequence joins the running set as soon as blocks and a batch slot are free. When the
+in chunks. A sequence joins the running set as soon as blocks and a batch slot are free, first
+taking the cached blocks of its longest cached prompt prefix (engine.prefix_cache). When the
 cache runs out, the newest running sequence is preempted (its blocks freed, recomputed later).
 """
 
@@ -53,6 +54,10 @@ class Scheduler:
         self.allocator = allocator
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # Prefix caching, over the sequences admitted for the first time: their prompt tokens,
+        # and those of them found cached.
+        self.prefix_queries = 0
+        self.prefix_hits = 0
 
     @property
     def num_unfinished(self) -> int:
@@ -98,18 +103,63 @@ class Scheduler:
             if limit is not None and (len(needed) > limit or (passed_over and seq.adapters)):
                 passed_over.append(self.waiting.popleft())
                 continue
+            self._take_cached_prefix(seq)
             want = min(seq.num_uncomputed, budget)
             if not self._try_grow(seq, seq.num_computed + want):
+                self._drop_cached_prefix(seq)
                 break
             self.waiting.popleft()
             adapters = needed
             seq.status = SequenceStatus.RUNNING
             if not seq.first_scheduled_time:
                 seq.first_scheduled_time = time.monotonic()
+                self._count_prefix(seq)
             self.running.append(seq)
             scheduled.append(ScheduledSequence(seq, want))
             budget -= want
         self.waiting.extendleft(reversed(passed_over))
+
+    def _take_cached_prefix(self, seq: Sequence) -> None:
+        """Give a sequence about to be admitted the cached blocks of its longest cached prefix.
+        Its last token is always computed (its logits are drawn from), in a block of its own:
+        a block taken from the cache is never written to."""
+        if seq.prefix is None or seq.block_table:
+            return
+        size = self.config.block_size
+        for digest in seq.prefix.upto(seq.token_ids, (len(seq.token_ids) - 1) // size, size):
+            block = self.allocator.take_cached(digest)
+            if block is None:
+                break
+            seq.block_table.append(block)
+        seq.num_cached_blocks = len(seq.block_table)
+        seq.num_computed = seq.num_cached_blocks * size
+
+    def _drop_cached_prefix(self, seq: Sequence) -> None:
+        """Undo _take_cached_prefix for a sequence that stays waiting."""
+        self.allocator.free_all(seq.block_table)
+        seq.block_table = []
+        seq.num_cached_blocks = seq.num_computed = 0
+
+    def _count_prefix(self, seq: Sequence) -> None:
+        if seq.prefix is None:
+            return
+        seq.cached_prompt_tokens = min(seq.num_computed, seq.num_prompt_tokens)
+        self.prefix_queries += seq.num_prompt_tokens
+        self.prefix_hits += seq.cached_prompt_tokens
+
+    def cache_blocks(self, seq: Sequence) -> None:
+        """Register the blocks of `seq` whose keys and values are now complete, for later
+        requests with the same prefix to take."""
+        if seq.prefix is None:
+            return
+        size = self.config.block_size
+        full = seq.num_computed // size
+        if full <= seq.num_cached_blocks:
+            return
+        digests = seq.prefix.upto(seq.token_ids, full, size)
+        for index in range(seq.num_cached_blocks, full):
+            self.allocator.cache(seq.block_table[index], digests[index])
+        seq.num_cached_blocks = full
 
     def _running_adapters(self) -> set[int]:
         if self.config.max_adapters is None:
@@ -170,6 +220,7 @@ class Scheduler:
     def _free_blocks(self, seq: Sequence) -> None:
         self.allocator.free_all(seq.block_table)
         seq.block_table = []
+        seq.num_cached_blocks = 0
         if seq.fusion is not None:
             seq.fusion.free()
 

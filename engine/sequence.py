@@ -12,6 +12,7 @@ from engine.awrs import ConstraintState
 from engine.detokenizer import IncrementalDetokenizer
 from engine.fusion import FusionState
 from engine.lora import AdapterUse
+from engine.prefix_cache import BlockDigests
 from engine.stopping import StopStringMatcher
 from engine.types import FinishReason, Request, TokenLogprob
 
@@ -45,6 +46,12 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
+    # Prefix caching (engine.prefix_cache): its blocks' digests, or None where it takes and
+    # offers no cached blocks; how many leading blocks of block_table the cache knows (taken
+    # from it, or registered once complete); prompt tokens found cached at its admission.
+    prefix: BlockDigests | None = None
+    num_cached_blocks: int = 0
+    cached_prompt_tokens: int = 0
     finish_reason: FinishReason | None = None
     first_scheduled_time: float = 0.0
     first_token_time: float = 0.0

@@ -108,6 +108,9 @@ def fork_sequence(
         child.constraint = copy.copy(seq.constraint)
         child.constraint.matcher = seq.constraint.matcher.fork()
     child.block_table = []
+    child.num_cached_blocks = 0
+    if seq.prefix is not None:
+        child.prefix = seq.prefix.copy()
     computed = 0 if seq.is_finished else seq.num_computed
     full, partial = divmod(computed, block_size)
     if partial and allocator.num_free == 0:
@@ -117,6 +120,7 @@ def fork_sequence(
     if seq.is_finished:
         return child
     child.block_table = [allocator.fork(block) for block in seq.block_table[:full]]
+    child.num_cached_blocks = min(seq.num_cached_blocks, full)
     if partial:
         block = allocator.allocate()
         kv.copy_block(seq.block_table[full], block)

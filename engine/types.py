@@ -286,6 +286,7 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     # Timestamps (time.monotonic) for metrics; filled on the final output.
     arrival_time: float = 0.0
     first_scheduled_time: float = 0.0
@@ -341,6 +342,9 @@ class EngineConfig:
     # Constraint compilation: per constraint, at most this long and this much memory.
     constraint_compile_timeout_s: float = 10.0
     constraint_compile_memory_bytes: int = 4 << 30
+    # Automatic prefix caching (engine.prefix_cache): requests take the cached KV blocks of a
+    # prompt prefix that earlier requests computed.
+    prefix_caching: bool = True
 
 
 @dataclass(frozen=True)
@@ -357,6 +361,9 @@ class EngineStats:
     num_waiting: int
     kv_blocks_used: int
     kv_blocks_total: int
+    # Prefix caching, cumulative: prompt tokens of admitted requests, and those found cached.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
 
 # Sparse activation (engine.sparsity): the rules that score channels, the ways to cut.

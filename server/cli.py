@@ -112,6 +112,12 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--block-size", type=int, help="tokens per KV cache block")
     serve.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        help="prefill every prompt in full, never taking the KV blocks of an earlier request's "
+        "identical prefix",
+    )
+    serve.add_argument(
         "--dtype", choices=("float32", "bfloat16", "float16"), help="default: the checkpoint's"
     )
     serve.add_argument(
@@ -397,6 +403,7 @@ def _serve(args: argparse.Namespace) -> int:
                 dtype=args.dtype,
                 adapter_slots=args.adapter_slots,
                 adapter_host_cache=args.adapter_host_cache,
+                prefix_caching=not args.no_prefix_caching,
                 sparsity=parse_sparsity_specs(
                     args.sparsity, args.sparsity_file, args.sparsity_rule, args.sparsity_mode
                 ),

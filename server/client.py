@@ -54,8 +54,9 @@ def _report_final(
         )
     if final.HasField("log_weight"):
         constrained += f", log weight {final.log_weight:.3f}"
+    cached = f" ({usage.cached_prompt_tokens} cached)" if usage.cached_prompt_tokens else ""
     err.write(
-        f"\n[finish: {reason}, prompt {usage.prompt_tokens} tokens, "
+        f"\n[finish: {reason}, prompt {usage.prompt_tokens} tokens{cached}, "
         f"completion {usage.completion_tokens} tokens{constrained}]\n"
     )
 

@@ -168,6 +168,7 @@ class EngineOptions:
     dtype: str | None = None
     adapter_slots: int | None = None
     adapter_host_cache: int | None = None
+    prefix_caching: bool = True
     # Sparse activation per model (SparsitySpec.model) and for all (model ""): off when empty.
     sparsity: tuple[SparsitySpec, ...] = ()
     # Each engine in a process of its own (its stepping thread then never waits for the GIL

@@ -53,6 +53,7 @@ _SAME_NAME_OPTIONS = (
     "dtype",
     "adapter_slots",
     "adapter_host_cache",
+    "prefix_caching",
 )
 
 

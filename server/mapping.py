@@ -366,6 +366,7 @@ def _final(output: RequestOutput, reason: FinishReason) -> pb.Final:
         usage=pb.Usage(
             prompt_tokens=output.prompt_tokens,
             completion_tokens=output.completion_tokens,
+            cached_prompt_tokens=output.cached_prompt_tokens,
             constraint_checks=output.constraint_checks,
             constraint_mask_steps=output.constraint_mask_steps,
         ),

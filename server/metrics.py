@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -148,10 +148,22 @@ class _EngineStatsCollector:
             "Fraction of KV cache blocks in use (0 to 1, as vLLM reports it).",
             labels=[_LABEL],
         )
+        prefix_queries = CounterMetricFamily(
+            "tandem:prefix_cache_queries",
+            "Prompt tokens of admitted requests, looked up in the prefix cache.",
+            labels=[_LABEL],
+        )
+        prefix_hits = CounterMetricFamily(
+            "tandem:prefix_cache_hits",
+            "Prompt tokens found in the prefix cache (not prefilled again).",
+            labels=[_LABEL],
+        )
         # A snapshot: this runs on the HTTP thread while the event loop may add models.
         for model_id, engine in list(self._engines().items()):
             stats = engine.stats()
             running.add_metric([model_id], stats.num_running)
             waiting.add_metric([model_id], stats.num_waiting)
             kv_usage.add_metric([model_id], stats.kv_blocks_used / max(1, stats.kv_blocks_total))
-        yield from (running, waiting, kv_usage)
+            prefix_queries.add_metric([model_id], stats.prefix_cache_queries)
+            prefix_hits.add_metric([model_id], stats.prefix_cache_hits)
+        yield from (running, waiting, kv_usage, prefix_queries, prefix_hits)

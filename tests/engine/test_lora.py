@@ -445,6 +445,27 @@ def test_engine_requests_with_adapters_match_peft(
     assert engine.allocator.num_used == 0
 
 
+def test_prefix_cache_never_mixes_adapters(
+    tiny_model: Callable, adapter: Callable, sentencepiece_tokenizer
+) -> None:
+    """A prompt's cached blocks serve only requests with the same adapters at the same scales:
+    the keys and values of an adapter's request differ from the base model's."""
+    engine = make_engine(tiny_model, sentencepiece_tokenizer)
+    engine.load_adapter("all_r64", adapter("all_r64").path)
+    prompt = random_tokens(40, 22)
+    full = (len(prompt) - 1) // 4 * 4
+    steered = (("all_r64", 1.0),)
+    expected = adapter("all_r64").generate(prompt, NEW_TOKENS)
+    runs = [("base", (), 0), ("lora", steered, 0), ("lora again", steered, full)]
+    runs.append(("half scale", (("all_r64", 0.5),), 0))
+    for rid, adapters, cached in runs:
+        out = engine.generate([greedy(rid, prompt, adapters)])[rid]
+        assert out.cached_prompt_tokens == cached, rid
+        if adapters == steered:
+            assert out.token_ids == expected, rid
+    assert engine.allocator.num_used == 0
+
+
 def test_engine_adapter_registry_errors(
     tiny_model: Callable, adapter: Callable, sentencepiece_tokenizer, tmp_path: Path
 ) -> None:

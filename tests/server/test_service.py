@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+import torch
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
@@ -78,3 +79,41 @@ def test_metrics_count_a_finished_request(server) -> None:
     assert increase("tandem:inter_token_latency_seconds_count") == 8 - len(deltas[0].token_ids)
     assert server.metric("tandem:kv_cache_usage_perc", **label) == 0
     assert server.metric("tandem:num_requests_running", **label) == 0
+
+
+def test_a_repeated_prompt_takes_its_cached_blocks(server, hf_model) -> None:
+    """The second request with the same prompt reports its whole blocks (16 tokens each) as
+    cached, counts them in the metrics, and streams the tokens transformers generates."""
+    label = {"model_name": "second"}
+    prompt = [1, *range(3100, 3140)]  # 41 tokens no other test sends
+    expected = hf_model.generate(
+        torch.tensor([prompt]), do_sample=False, max_new_tokens=6, eos_token_id=None
+    )[0, len(prompt) :].tolist()
+    before = server.metrics()
+    for cached in (0, 32):
+        deltas, final = server.generate(
+            model="second",
+            token_ids=prompt,
+            sampling=pb.SamplingParams(temperature=0.0),
+            stopping=pb.StoppingCriteria(max_new_tokens=6, ignore_eos=True),
+        )
+        assert [t for d in deltas for t in d.token_ids] == expected
+        assert final.usage.cached_prompt_tokens == cached
+    for name, increase in (("queries", 2 * len(prompt)), ("hits", 32)):
+        key = (f"tandem:prefix_cache_{name}_total", frozenset(label.items()))
+        value = before.get(key, 0.0) + increase
+        server.wait_for_metric(key[0], value, **label)
+
+
+def test_no_prefix_caching_prefills_every_prompt(server_factory) -> None:
+    server = server_factory("--no-prefix-caching")
+    server.wait_until_serving()
+    prompt = [1, *range(3200, 3240)]
+    for _ in range(2):
+        _, final = server.generate(
+            model="tiny-llama",
+            token_ids=prompt,
+            stopping=pb.StoppingCriteria(max_new_tokens=2, ignore_eos=True),
+        )
+        assert final.usage.cached_prompt_tokens == 0
+    server.wait_for_metric("tandem:prefix_cache_queries_total", 0.0, model_name="tiny-llama")

@@ -292,16 +292,18 @@ class Final(_message.Message):
     def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., particles: _Optional[_Iterable[_Union[Particle, _Mapping]]] = ..., log_weight: _Optional[float] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "constraint_checks", "constraint_mask_steps")
+    __slots__ = ("prompt_tokens", "completion_tokens", "constraint_checks", "constraint_mask_steps", "cached_prompt_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CONSTRAINT_CHECKS_FIELD_NUMBER: _ClassVar[int]
     CONSTRAINT_MASK_STEPS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     constraint_checks: int
     constraint_mask_steps: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., constraint_checks: _Optional[int] = ..., constraint_mask_steps: _Optional[int] = ...) -> None: ...
+    cached_prompt_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., constraint_checks: _Optional[int] = ..., constraint_mask_steps: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class Particle(_message.Message):
     __slots__ = ("token_ids", "text", "log_weight")
