@@ -2,13 +2,16 @@
 
 Every request is a long shared prefix (a system prompt, few-shot examples) plus a short suffix
 of its own, so prefix caching can take the prefix's KV blocks and prefill only the suffix. Two
-engines of the same model stay loaded (caching on, caching off); each round times one request
-on each, alternating which goes first. The prefix is cached once on the caching engine before
-timing (as it is after a server's first such request). Prints the median TTFT of each and their
-ratio; asserts nothing.
+engines of the same model stay loaded (caching on, caching off); each round times, on each,
+alternating which goes first:
+- warm: one request whose prefix was cached before timing (as it is after a server's first
+  such request);
+- burst: --burst requests sent together with a prefix never seen before; the time until every
+  one has its first token (the first computes the prefix, the others take its blocks).
+Prints the medians and their ratios; asserts nothing.
 
     python bench/bench_prefix_cache.py [--model DIR] [--prefix-len 480] [--suffix-len 32]
-        [--rounds 5]
+        [--burst 8] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def main() -> None:
     parser.add_argument("--model", help="Hugging Face model directory (default: the bench model)")
     parser.add_argument("--prefix-len", type=int, default=480)
     parser.add_argument("--suffix-len", type=int, default=32)
+    parser.add_argument("--burst", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
@@ -50,40 +54,58 @@ def main() -> None:
     prefix = [rng.randrange(3, vocab) for _ in range(args.prefix_len)]
     ids = iter(range(1 << 30))
 
-    def first_token_seconds(engine: LLMEngine) -> tuple[float, int]:
-        """TTFT of a 1-token request with the shared prefix and a fresh suffix; and how many of
-        its prompt tokens were cached."""
-        suffix = [rng.randrange(3, vocab) for _ in range(args.suffix_len)]
-        request = Request(
+    def one_token(prompt: list[int]) -> Request:
+        return Request(
             f"r{next(ids)}",
-            prefix + suffix,
+            prompt,
             SamplingParams(temperature=0.0),
             StoppingCriteria(max_new_tokens=1, ignore_eos=True),
         )
+
+    def fresh(length: int) -> list[int]:
+        return [rng.randrange(3, vocab) for _ in range(length)]
+
+    def warm(engine: LLMEngine) -> tuple[float, int]:
+        """TTFT of one request with the cached prefix and a fresh suffix, and how many of its
+        prompt tokens were cached."""
+        request = one_token(prefix + fresh(args.suffix_len))
         start = time.perf_counter()
         out = engine.generate([request])[request.request_id]
         return time.perf_counter() - start, out.cached_prompt_tokens
 
+    def burst(engine: LLMEngine) -> tuple[float, int]:
+        """Seconds until every request of a burst with a new prefix has its first token, and
+        their cached prompt tokens in all."""
+        shared = fresh(args.prefix_len)
+        requests = [one_token(shared + fresh(args.suffix_len)) for _ in range(args.burst)]
+        start = time.perf_counter()
+        outputs = engine.generate(requests)
+        return time.perf_counter() - start, sum(o.cached_prompt_tokens for o in outputs.values())
+
     for engine in engines.values():  # warm-up; caches the prefix on the caching engine
-        first_token_seconds(engine)
-    times: dict[str, list[float]] = {name: [] for name in engines}
-    cached: dict[str, int] = {}
+        warm(engine)
     names = list(engines)
-    for r in range(args.rounds):
-        for name in names[r % 2 :] + names[: r % 2]:
-            progress(f"round {r + 1}/{args.rounds}: {name}")
-            seconds, cached[name] = first_token_seconds(engines[name])
-            times[name].append(seconds)
     prompt_len = args.prefix_len + args.suffix_len
-    for name in names:
-        print(
-            f"{name}: TTFT median {statistics.median(times[name]) * 1e3:.1f} ms "
-            f"(best {min(times[name]) * 1e3:.1f}), {cached[name]} of {prompt_len} prompt tokens "
-            f"cached",
-            flush=True,
-        )
-    ratio = statistics.median(times["caching off"]) / statistics.median(times["caching on"])
-    print(f"TTFT caching off / on: {ratio:.2f}x (medians over {args.rounds} rounds)")
+    for label, run, tokens in (
+        ("warm", warm, prompt_len),
+        (f"burst of {args.burst}", burst, args.burst * prompt_len),
+    ):
+        times: dict[str, list[float]] = {name: [] for name in engines}
+        cached: dict[str, int] = {}
+        for r in range(args.rounds):
+            for name in names[r % 2 :] + names[: r % 2]:
+                progress(f"{label}, round {r + 1}/{args.rounds}: {name}")
+                seconds, cached[name] = run(engines[name])
+                times[name].append(seconds)
+        for name in names:
+            print(
+                f"{label}, {name}: TTFT median {statistics.median(times[name]) * 1e3:.1f} ms "
+                f"(best {min(times[name]) * 1e3:.1f}), {cached[name]} of {tokens} prompt "
+                f"tokens cached",
+                flush=True,
+            )
+        ratio = statistics.median(times["caching off"]) / statistics.median(times["caching on"])
+        print(f"{label}: TTFT caching off / on {ratio:.2f}x (medians of {args.rounds} rounds)")
 
 
 if __name__ == "__main__":

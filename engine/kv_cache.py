@@ -106,6 +106,14 @@ class BlockAllocator:
         self._refcounts[block] += 1
         return block
 
+    def clear_cache(self) -> None:
+        """Forget every cached block: the free ones become plain free blocks, the owned ones
+        stay with their owners."""
+        self._free.extend(reversed(self._evictable))
+        self._evictable.clear()
+        self._cached.clear()
+        self._digests.clear()
+
 
 class KVCache:
     """Per-layer key and value pools shaped [num_blocks * block_size, num_kv_heads, head_dim].

@@ -286,10 +286,12 @@ class LLMEngine:
         return self._take_output(seq)
 
     def abort_all(self) -> list[str]:
-        """Abort every request (after a failed step); returns their ids."""
+        """Abort every request (after a failed step); returns their ids. The prefix cache is
+        emptied too: the failed step registered blocks it may not have written."""
         ids = list(self._seqs)
         for request_id in ids:
             self.abort(request_id)
+        self.allocator.clear_cache()
         return ids
 
     def has_unfinished(self) -> bool:
@@ -393,7 +395,6 @@ class LLMEngine:
             self._fuse(scheduled, sampling, logits)
         for s in scheduled:
             s.seq.num_computed += s.num_new_tokens
-            self.scheduler.cache_blocks(s.seq)
         if not sampling:
             return []
         if any(seq.group is not None and not seq.group.spawned for seq in sampling):

@@ -80,6 +80,7 @@ class Scheduler:
             if not self._reserve(seq, want, scheduled):
                 continue
             scheduled.append(ScheduledSequence(seq, want))
+            self._cache_blocks(seq, seq.num_computed + want)
             budget -= want
         self._admit(scheduled, budget)
         return scheduled
@@ -116,6 +117,7 @@ class Scheduler:
                 self._count_prefix(seq)
             self.running.append(seq)
             scheduled.append(ScheduledSequence(seq, want))
+            self._cache_blocks(seq, seq.num_computed + want)
             budget -= want
         self.waiting.extendleft(reversed(passed_over))
 
@@ -147,13 +149,15 @@ class Scheduler:
         self.prefix_queries += seq.num_prompt_tokens
         self.prefix_hits += seq.cached_prompt_tokens
 
-    def cache_blocks(self, seq: Sequence) -> None:
-        """Register the blocks of `seq` whose keys and values are now complete, for later
-        requests with the same prefix to take."""
+    def _cache_blocks(self, seq: Sequence, computed: int) -> None:
+        """Register the blocks of `seq` that hold whole once its first `computed` tokens are
+        computed, this step included: a sequence admitted after it in this step may take them.
+        The forward writes every row's keys and values of a layer before any row attends, so
+        its attention reads them complete."""
         if seq.prefix is None:
             return
         size = self.config.block_size
-        full = seq.num_computed // size
+        full = computed // size
         if full <= seq.num_cached_blocks:
             return
         digests = seq.prefix.upto(seq.token_ids, full, size)

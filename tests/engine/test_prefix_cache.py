@@ -119,6 +119,19 @@ def test_cache_registers_a_digest_once_and_only_allocated_blocks():
         allocator.cache(second, b"y")  # freed
 
 
+def test_clear_cache_forgets_every_digest():
+    allocator = BlockAllocator(2)
+    held, freed = allocator.allocate(), allocator.allocate()
+    allocator.cache(held, b"held")
+    allocator.cache(freed, b"freed")
+    allocator.free(freed)
+    allocator.clear_cache()
+    assert allocator.num_cached == 0 and allocator.num_free == 1
+    assert allocator.take_cached(b"held") is None and allocator.take_cached(b"freed") is None
+    allocator.free(held)
+    assert allocator.num_free == 2
+
+
 # ---- the digests -----------------------------------------------------------------------------
 
 
@@ -208,6 +221,30 @@ def test_concurrent_requests_share_blocks_and_free_them(model_dir, hf_model):
     for rid, prompt in prompts.items():
         assert outputs[rid] == hf_greedy(hf_model, prompt, 8)
     assert engine.allocator.num_used == 0
+
+
+def test_a_burst_computes_its_shared_prefix_once(model_dir, hf_model):
+    """Requests admitted in the same step as the first one with their prefix take its blocks:
+    that step's forward writes them before any row attends."""
+    engine = make_engine(model_dir)
+    counts = count_computed_tokens(engine)
+    system = engine.tokenizer.encode(SYSTEM)
+    prompts = {f"b{i}": [*system, 1000 + i, 1100 + i] for i in range(4)}
+    outputs = engine.generate([greedy(rid, prompt) for rid, prompt in prompts.items()])
+    share = cacheable(len(system) + 2, len(system))
+    assert counts[0] == sum(len(p) for p in prompts.values()) - 3 * share
+    for rid, prompt in prompts.items():
+        assert outputs[rid].cached_prompt_tokens == (share if rid != "b0" else 0)
+        assert outputs[rid].token_ids == hf_greedy(hf_model, prompt, 8)
+
+
+def test_a_failed_step_empties_the_cache(model_dir):
+    engine = make_engine(model_dir)
+    engine.generate([greedy("a", engine.tokenizer.encode(SYSTEM))])
+    assert engine.allocator.num_cached > 0
+    engine.add_request(greedy("b", engine.tokenizer.encode(SYSTEM)))
+    assert engine.abort_all() == ["b"]
+    assert engine.allocator.num_cached == 0 and engine.allocator.num_used == 0
 
 
 def test_eviction_takes_the_tail_of_the_least_recent_prefix_first(model_dir, hf_model):
