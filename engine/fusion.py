@@ -38,8 +38,8 @@ from kernels.fusion import choose_dynamic
 
 @dataclass(eq=False)
 class FusionState:
-    """A sequence's experts, the KV block tables of its small-model rows, and the routing
-    evidence gathered so far."""
+    """A sequence's experts, the KV block tables of its small-model rows, how many tokens those
+    rows have computed, and the routing evidence gathered so far."""
 
     experts: tuple[Expert, ...]
     alphas: tuple[float, ...]  # static fusion's fixed alphas, in the experts' order
@@ -47,6 +47,9 @@ class FusionState:
     routing: FusionRouting = FusionRouting.LIKELIHOOD
     # Row 0 is the small base, row 1 + t expert t; all in the small base's KV pool.
     tables: list[list[int]] = field(default_factory=list)
+    # Behind the large model's only at admission, when it took a cached prefix: the small
+    # models then compute those tokens in the same step as the large model's first chunk.
+    num_computed: int = 0
     # Likelihood routing: sum of log p_Et - log p_S over the tokens seen, float64 [E], and each
     # row's logits at the last position seen (they score the next token when it arrives).
     evidence: torch.Tensor | None = None
@@ -93,6 +96,7 @@ class FusionState:
         evidence copied. Raises OutOfBlocks, having taken no block, when the pool cannot hold
         the copies."""
         child = FusionState(self.experts, self.alphas, self.mode, self.routing)
+        child.num_computed = num_computed
         assert self.evidence is not None
         child.evidence = self.evidence.clone()
         child.last_logits = self.last_logits  # never written in place: add_evidence replaces it
@@ -114,6 +118,7 @@ class FusionState:
         for table in self.tables:
             self.small_base.allocator.free_all(table)
             table.clear()
+        self.num_computed = 0
         self.reset_evidence()
 
     def reset_evidence(self) -> None:

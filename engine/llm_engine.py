@@ -238,7 +238,7 @@ class LLMEngine:
             if constraint is not None and request.constraint is not None
             else None,
             max_tokens=self._max_tokens(fusion.experts if fusion else ()),
-            prefix=self._block_digests(adapters, fusion),
+            prefix=self._block_digests(adapters),
         )
         if request.constraint is not None and request.constraint.method is ConstraintMethod.SMC:
             seq.group = self._particle_group(request, request.constraint)
@@ -246,12 +246,11 @@ class LLMEngine:
         self._seqs[request.request_id] = seq
         self.scheduler.add(seq)
 
-    def _block_digests(
-        self, adapters: AdapterUse, fusion: FusionState | None
-    ) -> BlockDigests | None:
-        """A new sequence's block digests, or None where prefix caching is off for it: a fused
-        sequence's small models compute its whole prompt, so it takes no cached blocks."""
-        if not self.config.prefix_caching or fusion is not None:
+    def _block_digests(self, adapters: AdapterUse) -> BlockDigests | None:
+        """A new sequence's block digests, or None where prefix caching is off. Fusion does not
+        change the large model's keys and values: a fused sequence takes and offers blocks
+        too, and its small models catch up on a cached prefix (FusionState.num_computed)."""
+        if not self.config.prefix_caching:
             return None
         context = (self.model.kv_version, tuple((a.uid, scale) for a, scale in adapters))
         return BlockDigests(context)
@@ -482,11 +481,18 @@ class LLMEngine:
         """Run the experts' small models on the step's fused sequences and fuse the logits of
         those that sample (in place); their alphas go to the output when asked for."""
         rows = [
-            FusionRow(s.seq.fusion, s.new_token_ids, s.context_len, s.samples)
+            FusionRow(
+                s.seq.fusion,
+                s.seq.token_ids[s.seq.fusion.num_computed : s.context_len],
+                s.context_len,
+                s.samples,
+            )
             for s in scheduled
             if s.seq.fusion is not None
         ]
         small = run_experts(rows, self.config.block_size)
+        for row in rows:
+            row.state.num_computed = row.context_len
         fused = [i for i, seq in enumerate(sampling) if seq.fusion is not None]
         if not fused:
             return

@@ -281,6 +281,25 @@ def test_engine_matches_the_step_by_step_oracle(family: dict) -> None:
     assert all(e.num_requests == 0 for e in engine.expert_infos())
 
 
+def test_fused_requests_take_a_cached_prefix_and_still_match_the_oracle(family: dict) -> None:
+    """After a plain request computed the prompt's blocks, every case takes them for the
+    large model while its small models compute the prefix (routing evidence included)."""
+    engine = make_engine(family)
+    load_all(engine, family)
+    prompt = prompt_of(11, 14)
+    engine.generate([request("plain", prompt, [], FusionMode.DYNAMIC)])
+    cached = len(prompt) // 4 * 4  # the whole blocks of prompt + suffix, short of its last token
+    for name, (experts, mode, routing, weights) in CASES.items():
+        routing = routing or FusionRouting.LIKELIHOOD
+        suffix = [5 + len(name)]  # each case a prompt of its own past the shared blocks
+        out = engine.generate([request(name, prompt + suffix, experts, mode, routing, weights)])
+        assert out[name].cached_prompt_tokens == cached, name
+        expected = oracle(family, prompt + suffix, experts, mode, routing, weights)
+        assert_matches(out[name], expected)
+    assert engine.allocator.num_used == 0
+    assert all(b.allocator.num_used == 0 for b in engine.experts._small_bases.values())
+
+
 def test_static_weight_zero_is_the_large_model(family: dict) -> None:
     engine = make_engine(family)
     load_all(engine, family)
