@@ -375,4 +375,5 @@ async def _model_info(model_id: str, engine: ServedEngine) -> pb.ModelInfo:
         adapter_slots=config.adapter_slots,
         adapter_host_cache=config.adapter_host_cache,
         sparsity=sparsity,
+        prefix_caching=config.prefix_caching,
     )

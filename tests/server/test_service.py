@@ -43,6 +43,7 @@ def test_list_models_lists_both_served_models(server) -> None:
         assert model.vocab_size == 32768
         assert model.max_prompt_tokens == 64
         assert model.max_new_tokens == 1500
+        assert model.prefix_caching
     # Both answer, each on its own engine.
     for model in models:
         _, final = server.generate(
@@ -108,6 +109,8 @@ def test_a_repeated_prompt_takes_its_cached_blocks(server, hf_model) -> None:
 def test_no_prefix_caching_prefills_every_prompt(server_factory) -> None:
     server = server_factory("--no-prefix-caching")
     server.wait_until_serving()
+    (model,) = server.registry.ListModels(pb.ListModelsRequest()).models
+    assert not model.prefix_caching
     prompt = [1, *range(3200, 3240)]
     for _ in range(2):
         _, final = server.generate(

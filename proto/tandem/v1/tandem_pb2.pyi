@@ -350,7 +350,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("id", "vocab_size", "max_prompt_tokens", "max_new_tokens", "adapters", "experts", "adapter_slots", "adapter_host_cache", "sparsity")
+    __slots__ = ("id", "vocab_size", "max_prompt_tokens", "max_new_tokens", "adapters", "experts", "adapter_slots", "adapter_host_cache", "sparsity", "prefix_caching")
     ID_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -360,6 +360,7 @@ class ModelInfo(_message.Message):
     ADAPTER_SLOTS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_HOST_CACHE_FIELD_NUMBER: _ClassVar[int]
     SPARSITY_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
     id: str
     vocab_size: int
     max_prompt_tokens: int
@@ -369,7 +370,8 @@ class ModelInfo(_message.Message):
     adapter_slots: int
     adapter_host_cache: int
     sparsity: SparsityInfo
-    def __init__(self, id: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., experts: _Optional[_Iterable[_Union[ExpertInfo, _Mapping]]] = ..., adapter_slots: _Optional[int] = ..., adapter_host_cache: _Optional[int] = ..., sparsity: _Optional[_Union[SparsityInfo, _Mapping]] = ...) -> None: ...
+    prefix_caching: bool
+    def __init__(self, id: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., experts: _Optional[_Iterable[_Union[ExpertInfo, _Mapping]]] = ..., adapter_slots: _Optional[int] = ..., adapter_host_cache: _Optional[int] = ..., sparsity: _Optional[_Union[SparsityInfo, _Mapping]] = ..., prefix_caching: _Optional[bool] = ...) -> None: ...
 
 class SparsityInfo(_message.Message):
     __slots__ = ("sparsity", "rule", "mode", "calibration_file")
