@@ -144,17 +144,29 @@ def main() -> None:
 
             systems = {"engine": run_engine}
             systems.update({f"grpc-{name}": grpc_runner(stub) for name, stub in stubs.items()})
+            pids = {f"grpc-{name}": server.pid for name, server in servers.items()}
             for run in systems.values():  # warm-up, and the servers' first requests
                 run(max(args.batch), 8)
             for batch in args.batch:
                 rates: dict[str, list[float]] = {name: [] for name in systems}
+                # Per streamed token, microseconds of CPU: the server's own process (its event
+                # loop and gRPC's threads, not an engine process) and this client's.
+                server_cpu: dict[str, list[float]] = {name: [] for name in pids}
+                client_cpu: dict[str, list[float]] = {name: [] for name in pids}
                 for r in range(args.repeats):
                     order = list(systems)[r % len(systems) :] + list(systems)[: r % len(systems)]
                     for name in order:
                         progress(f"batch {batch}, repeat {r + 1}/{args.repeats}: {name}")
+                        server_start = _cpu_seconds(pids[name]) if name in pids else 0.0
+                        client_start = time.process_time()
                         start = time.perf_counter()
                         tokens = systems[name](batch, args.max_new_tokens)
                         rates[name].append(tokens / (time.perf_counter() - start))
+                        if name in pids:
+                            server = _cpu_seconds(pids[name]) - server_start
+                            server_cpu[name].append(server / tokens * 1e6)
+                            client = time.process_time() - client_start
+                            client_cpu[name].append(client / tokens * 1e6)
                 best_engine = max(rates["engine"])
                 for name in systems:
                     if name == "engine":
@@ -165,7 +177,9 @@ def main() -> None:
                         f"batch {batch}: engine best {best_engine:.1f} tok/s, {name} best "
                         f"{best:.1f} tok/s, best/best {best / best_engine:.3f}; "
                         f"paired {name}/engine median {statistics.median(pairs):.3f} "
-                        f"(min {min(pairs):.3f}, max {max(pairs):.3f}, {len(pairs)} pairs)",
+                        f"(min {min(pairs):.3f}, max {max(pairs):.3f}, {len(pairs)} pairs); "
+                        f"CPU per token: server {statistics.median(server_cpu[name]):.0f} us, "
+                        f"client {statistics.median(client_cpu[name]):.0f} us (medians)",
                         flush=True,
                     )
         for channel in channels.values():
@@ -175,6 +189,17 @@ def main() -> None:
             server.terminate()
         for server in servers.values():
             server.wait(timeout=60)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time of every thread of process `pid` so far (Linux schedstat, nanoseconds)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):  # a thread that just ended
+            continue
+    return total / 1e9
 
 
 if __name__ == "__main__":
