@@ -10,7 +10,9 @@ whose blocks collide with another tenant's (vLLM's CVE-2025-25183 was such a col
 Python's unkeyed hash).
 
 The allocator (engine.kv_cache) keeps the cached blocks; the scheduler takes a new sequence's
-longest cached prefix when it admits it and registers each block once its KV is complete.
+longest cached prefix when it admits it, and registers each full block in the step that
+computes it (a request admitted later in that step may take it: the forward writes a layer's
+keys and values for every row before any row attends).
 """
 
 from __future__ import annotations

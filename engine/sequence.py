@@ -48,7 +48,8 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     # Prefix caching (engine.prefix_cache): its blocks' digests, or None where it takes and
     # offers no cached blocks; how many leading blocks of block_table the cache knows (taken
-    # from it, or registered once complete); prompt tokens found cached at its admission.
+    # from it, or registered in the step that computes them); prompt tokens found cached at its
+    # admission.
     prefix: BlockDigests | None = None
     num_cached_blocks: int = 0
     cached_prompt_tokens: int = 0
