@@ -107,7 +107,8 @@ class Scheduler:
             self._take_cached_prefix(seq)
             want = min(seq.num_uncomputed, budget)
             if not self._try_grow(seq, seq.num_computed + want):
-                self._drop_cached_prefix(seq)
+                self._free_blocks(seq)  # the cached prefix it took: it stays waiting
+                seq.num_computed = 0
                 break
             self.waiting.popleft()
             adapters = needed
@@ -135,12 +136,6 @@ class Scheduler:
             seq.block_table.append(block)
         seq.num_cached_blocks = len(seq.block_table)
         seq.num_computed = seq.num_cached_blocks * size
-
-    def _drop_cached_prefix(self, seq: Sequence) -> None:
-        """Undo _take_cached_prefix for a sequence that stays waiting."""
-        self.allocator.free_all(seq.block_table)
-        seq.block_table = []
-        seq.num_cached_blocks = seq.num_computed = 0
 
     def _count_prefix(self, seq: Sequence) -> None:
         if seq.prefix is None:
