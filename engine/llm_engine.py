@@ -304,6 +304,7 @@ class LLMEngine:
             kv_blocks_total=self.allocator.num_blocks,
             prefix_cache_queries=self.scheduler.prefix_queries,
             prefix_cache_hits=self.scheduler.prefix_hits,
+            num_preemptions=self.scheduler.num_preemptions,
         )
 
     # ---- LoRA adapters ----------------------------------------------------------------------

@@ -58,6 +58,7 @@ class Scheduler:
         # and those of them found cached.
         self.prefix_queries = 0
         self.prefix_hits = 0
+        self.num_preemptions = 0
 
     @property
     def num_unfinished(self) -> int:
@@ -195,6 +196,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         """Drop seq's cache; it goes back to the front of the queue and recomputes its tokens."""
+        self.num_preemptions += 1
         self.running.remove(seq)
         self._free_blocks(seq)
         seq.num_computed = 0

@@ -364,6 +364,8 @@ class EngineStats:
     # Prefix caching, cumulative: prompt tokens of admitted requests, and those found cached.
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    # Running sequences sent back to the queue to free KV blocks (they recompute), cumulative.
+    num_preemptions: int = 0
 
 
 # Sparse activation (engine.sparsity): the rules that score channels, the ways to cut.

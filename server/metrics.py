@@ -158,6 +158,11 @@ class _EngineStatsCollector:
             "Prompt tokens found in the prefix cache (not prefilled again).",
             labels=[_LABEL],
         )
+        preemptions = CounterMetricFamily(
+            "tandem:num_preemptions",
+            "Running requests sent back to the queue to free KV cache blocks (they recompute).",
+            labels=[_LABEL],
+        )
         # A snapshot: this runs on the HTTP thread while the event loop may add models.
         for model_id, engine in list(self._engines().items()):
             stats = engine.stats()
@@ -166,4 +171,5 @@ class _EngineStatsCollector:
             kv_usage.add_metric([model_id], stats.kv_blocks_used / max(1, stats.kv_blocks_total))
             prefix_queries.add_metric([model_id], stats.prefix_cache_queries)
             prefix_hits.add_metric([model_id], stats.prefix_cache_hits)
-        yield from (running, waiting, kv_usage, prefix_queries, prefix_hits)
+            preemptions.add_metric([model_id], stats.num_preemptions)
+        yield from (running, waiting, kv_usage, prefix_queries, prefix_hits, preemptions)

@@ -138,6 +138,7 @@ def test_preemption_recomputes_without_changing_output(model_dir):
     )
     assert {k: v.token_ids for k, v in outputs.items()} == expected
     assert tight.allocator.num_used == 0
+    assert tight.stats().num_preemptions > 0 and roomy.stats().num_preemptions == 0
 
 
 def test_stop_string_token_and_length(model_dir):
