@@ -208,22 +208,11 @@ def start_tandem(
 
 def _wait_tandem(address: str, process: subprocess.Popen) -> None:
     import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    from bench.bench_decode import _wait_for_serving
+
     with grpc.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError("tandem serve exited before it was SERVING")
-            try:
-                status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.5)
-    raise RuntimeError("tandem serve not SERVING in time")
+        _wait_for_serving(channel, process.pid, STARTUP_TIMEOUT_S)
 
 
 def start_vllm(
