@@ -143,37 +143,29 @@ def load_round(path: str) -> list[Arrival]:
 # ---- Tandem's side: its gRPC server -------------------------------------------------------------
 
 
-def tandem_sender(address: str):
+async def _tandem_send(stub, arrival: Arrival, trace: Trace) -> None:
+    from tandem.v1 import tandem_pb2 as pb
+
+    request = pb.GenerateRequest(
+        token_ids=arrival.prompt,
+        sampling=pb.SamplingParams(temperature=0.0),
+        stopping=pb.StoppingCriteria(max_new_tokens=arrival.new_tokens, ignore_eos=True),
+    )
+    async for response in stub.Generate(request, timeout=600):
+        if response.HasField("delta") and response.delta.token_ids:
+            trace.tokens_arrived(len(response.delta.token_ids))
+
+
+def run_tandem_round(address: str, _: Path, arrivals: list[Arrival]) -> list[Trace]:
+    """Replay the arrivals against `tandem serve` at `address` (the round file is vLLM's)."""
     import grpc
 
-    from tandem.v1 import tandem_pb2 as pb
     from tandem.v1 import tandem_pb2_grpc as pb_grpc
 
-    channel = grpc.aio.insecure_channel(address)
-    stub = pb_grpc.GenerationStub(channel)
-
-    async def send(arrival: Arrival, trace: Trace) -> None:
-        request = pb.GenerateRequest(
-            token_ids=arrival.prompt,
-            sampling=pb.SamplingParams(temperature=0.0),
-            stopping=pb.StoppingCriteria(max_new_tokens=arrival.new_tokens, ignore_eos=True),
-        )
-        async for response in stub.Generate(request, timeout=600):
-            if response.HasField("delta") and response.delta.token_ids:
-                trace.tokens_arrived(len(response.delta.token_ids))
-
-    return send, channel
-
-
-def _tandem_runner(address: str, _: Path, arrivals: list[Arrival]) -> list[Trace]:
-    return run_tandem_round(address, arrivals)
-
-
-def run_tandem_round(address: str, arrivals: list[Arrival]) -> list[Trace]:
     async def main() -> list[Trace]:
-        send, channel = tandem_sender(address)
-        async with channel:
-            return await replay(arrivals, send)
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            return await replay(arrivals, functools.partial(_tandem_send, stub))
 
     return asyncio.run(main())
 
@@ -181,17 +173,11 @@ def run_tandem_round(address: str, arrivals: list[Arrival]) -> list[Trace]:
 # ---- the servers ------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_tandem(
     model: str, log_path: Path, max_num_seqs: int, flags: list[str]
 ) -> tuple[subprocess.Popen, str]:
+    from bench.bench_decode import _free_port
+
     port = _free_port()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "proto")])
@@ -220,6 +206,8 @@ def start_vllm(
 ) -> tuple[subprocess.Popen, str]:
     """vLLM's OpenAI server as installed; its model's cores follow VLLM_CPU_OMP_THREADS_BIND
     (default `auto`: on 2 cores, one for the model and one for its scheduler)."""
+    from bench.bench_decode import _free_port
+
     port = _free_port()
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB
@@ -314,7 +302,7 @@ def main() -> None:
             log = work / f"tandem{index}.log"
             tandem, address = start_tandem(args.model, log, args.max_num_seqs, flags.split())
             processes.append(tandem)
-            servers[name] = functools.partial(_tandem_runner, address)
+            servers[name] = functools.partial(run_tandem_round, address)
         if args.vllm_python:
             log = work / "vllm.log"
             vllm, url = start_vllm(args.vllm_python, args.model, log, args.max_num_seqs)

@@ -69,14 +69,8 @@ def hf_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
 
 
 def stream(server, timeout: float = 60, **fields: object) -> tuple[list[int], str, pb.Final]:
-    tokens, text, final = [], [], None
-    for response in server.generation.Generate(pb.GenerateRequest(**fields), timeout=timeout):
-        if response.HasField("delta"):
-            tokens.extend(response.delta.token_ids)
-            text.append(response.delta.text)
-        else:
-            final = response.final
-    return tokens, "".join(text), final
+    deltas, final = server.generate(timeout=timeout, **fields)
+    return [t for d in deltas for t in d.token_ids], "".join(d.text for d in deltas), final
 
 
 def code_of(call: Callable[[], object]) -> grpc.StatusCode:
@@ -193,20 +187,14 @@ class Soak:
         registry = self.server.registry
         request = pb.LoadAdapterRequest(adapter_id=adapter_id, path=str(self.adapter_dir))
         codes = [code_of(lambda: registry.LoadAdapter(request))]
-        tokens = []
-        codes.append(
-            code_of(
-                lambda: tokens.extend(
-                    stream(
-                        self.server,
-                        token_ids=PROMPTS[0],
-                        adapter_id=adapter_id,
-                        sampling=GREEDY,
-                        stopping=pb.StoppingCriteria(max_new_tokens=NEW_TOKENS, ignore_eos=True),
-                    )[0]
-                )
-            )
-        )
+        tokens: list[int] = []
+        fields = {
+            "token_ids": PROMPTS[0],
+            "adapter_id": adapter_id,
+            "sampling": GREEDY,
+            "stopping": pb.StoppingCriteria(max_new_tokens=NEW_TOKENS, ignore_eos=True),
+        }
+        codes.append(code_of(lambda: tokens.extend(stream(self.server, **fields)[0])))
         unload = pb.UnloadAdapterRequest(adapter_id=adapter_id)
         codes.append(code_of(lambda: registry.UnloadAdapter(unload)))
         allowed = [
