@@ -176,8 +176,12 @@ class EngineProcess:
         request_id = request.request_id
         if request_id in self._streams:
             raise InvalidRequest(f"request id {request_id!r} is already running")
-        if len(self._streams) >= self.limits.max_queue + self.config.max_num_seqs:
-            raise QueueFull(f"too many requests in flight ({len(self._streams)})")
+        if self._full():
+            # A request that can never run gets its own error first, as in process: a client
+            # retries RESOURCE_EXHAUSTED, and a retry cannot fix a bad request.
+            await self._call("validate", request)
+            if self._full():
+                raise QueueFull(f"too many requests in flight ({len(self._streams)})")
         self._check_alive()
         stream: asyncio.Queue[object] = asyncio.Queue()
         self._streams[request_id] = stream
@@ -196,6 +200,9 @@ class EngineProcess:
             self._streams.pop(request_id, None)
             if not finished and self._dead is None:
                 self._send(("abort", request_id))
+
+    def _full(self) -> bool:
+        return len(self._streams) >= self.limits.max_queue + self.config.max_num_seqs
 
     def abort(self, request_id: str) -> bool:
         known = request_id in self._streams

@@ -188,6 +188,9 @@ class EngineWorker(AsyncEngine):
         self.warmup()
         return self.decode_kernels()
 
+    def _call_validate(self, request: Request) -> None:
+        self.engine.validate(request)
+
     def _call_load_adapter(self, adapter_id: str, path: str, pin: bool) -> AdapterInfo:
         self.engine.load_adapter(adapter_id, path, pin)
         return self._adapter_info(adapter_id)

@@ -103,6 +103,15 @@ def test_full_queue_is_resource_exhausted(server) -> None:
         with pytest.raises(grpc.RpcError) as error:
             server.generate(model="tiny-llama", text="Hi")
         assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # A request that can never run gets its own code, not one that invites a retry.
+        bad_requests = {
+            grpc.StatusCode.NOT_FOUND: {"adapter_id": "sql"},
+            grpc.StatusCode.INVALID_ARGUMENT: {"sampling": pb.SamplingParams(temperature=-1)},
+        }
+        for code, fields in bad_requests.items():
+            with pytest.raises(grpc.RpcError) as error:
+                server.generate(model="tiny-llama", text="Hi", **fields)
+            assert error.value.code() == code
     finally:
         for call in calls:
             call.cancel()
