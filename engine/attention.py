@@ -2,18 +2,22 @@
 
 Layout: q [T, heads, head_dim]; key/value pools [slots, kv_heads, head_dim]. The functions take
 plain tensors plus `AttentionMetadata` (built once per forward pass, shared by all layers).
-Decode-only steps run kernels.cpu_ops.decode_attention, which reads the cache at the slots
-directly; steps with prompt tokens gather each sequence's K/V for torch's SDPA.
+Decode rows (one new token) run kernels.cpu_ops.decode_attention, prompt rows
+kernels.cpu_attention.prefill_attention; a step with both splits its rows between them, so a
+decode row gets the same kernel, and the same bits, whether or not a prompt joined its step.
+Both read the cache at the slots.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
+from itertools import accumulate
 
 import torch
-import torch.nn.functional as F
 
 from engine.batch import ForwardBatch, sequence_slots
+from kernels.cpu_attention import prefill_attention
 from kernels.cpu_ops import decode_attention
 
 
@@ -64,6 +68,53 @@ class AttentionMetadata:
             self._decode_gathers[window] = gather
         return self._decode_gathers[window]
 
+    @cached_property
+    def row_split(self) -> RowSplit | None:
+        """The decode rows apart from the prompt rows, where a step has both (else None)."""
+        return _split_rows(self)
+
+
+@dataclass
+class RowSplit:
+    """A step's decode rows and prompt rows (slices where they are runs), each with its
+    sequences' metadata."""
+
+    decode_rows: slice | torch.Tensor
+    decode: AttentionMetadata
+    prompt_rows: slice | torch.Tensor
+    prompt: AttentionMetadata
+
+
+def _split_rows(meta: AttentionMetadata) -> RowSplit | None:
+    decoding = [s for s, n in enumerate(meta.query_lens) if n == 1]
+    if meta.decode_only or not decoding:
+        return None
+    prompts = [s for s, n in enumerate(meta.query_lens) if n != 1]
+    starts = list(accumulate(meta.query_lens, initial=0))
+    return RowSplit(*_part(meta, starts, decoding), *_part(meta, starts, prompts))
+
+
+def _part(
+    meta: AttentionMetadata, starts: list[int], sequences: list[int]
+) -> tuple[slice | torch.Tensor, AttentionMetadata]:
+    """The rows of some of the sequences (ascending indices), and their metadata."""
+    rows = _index([r for s in sequences for r in range(starts[s], starts[s + 1])])
+    query_lens = [meta.query_lens[s] for s in sequences]
+    return rows, AttentionMetadata(
+        slot_mapping=meta.slot_mapping[rows],
+        query_lens=query_lens,
+        context_lens=[meta.context_lens[s] for s in sequences],
+        slot_table=meta.slot_table[_index(sequences)],
+        decode_only=all(n == 1 for n in query_lens),
+    )
+
+
+def _index(positions: list[int]) -> slice | torch.Tensor:
+    """positions (ascending) as a slice where they are a run (views, no copies), else a tensor."""
+    if positions[-1] - positions[0] == len(positions) - 1:
+        return slice(positions[0], positions[-1] + 1)
+    return torch.tensor(positions, dtype=torch.int64)
+
 
 def _attended_slots(context_slots: torch.Tensor, window: int | None) -> torch.Tensor:
     """The slots the last token of a sequence may attend to."""
@@ -98,63 +149,13 @@ def paged_attention(
     if meta.decode_only:
         gather = meta.decode_gather(window)
         return decode_attention(q, key_cache, value_cache, gather.slots, gather.lengths, scale)
-    out = torch.empty_like(q)
-    start = 0
-    for query_len, context_len, slots in zip(
-        meta.query_lens, meta.context_lens, meta.context_slots, strict=True
-    ):
-        end = start + query_len
-        out[start:end] = _sequence_attention(
-            q[start:end], key_cache, value_cache, slots, context_len, scale, window
-        )
-        start = end
-    return out
-
-
-def _sequence_attention(
-    q: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    context_slots: torch.Tensor,
-    context_len: int,
-    scale: float,
-    window: int | None,
-) -> torch.Tensor:
-    """q [n, heads, d] for positions context_len - n .. context_len - 1 of one sequence."""
-    query_len = q.shape[0]
-    first_query = context_len - query_len
-    # Keys older than the first query's window are never attended: skip gathering them.
-    first_key = 0 if window is None else max(0, first_query - window + 1)
-    slots = context_slots[first_key:context_len]
-    keys = key_cache[slots].transpose(0, 1)
-    values = value_cache[slots].transpose(0, 1)
-    mask = _causal_mask(first_query, context_len, first_key, window)
-    # A batch dimension of one: torch runs its fused (flash) CPU kernel only on 4-D inputs and
-    # falls back to the unfused math path for 3-D ones (29 against 3 ms per layer for a
-    # 512-token prompt of the benchmark model).
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1)[None],
-        keys[None],
-        values[None],
-        attn_mask=mask,
-        is_causal=mask is None and query_len > 1,
-        scale=scale,
-        enable_gqa=True,
-    )
-    return out[0].transpose(0, 1)
-
-
-def _causal_mask(
-    first_query: int, context_len: int, first_key: int, window: int | None
-) -> torch.Tensor | None:
-    """[n, L] bool (True = attend), or None when plain top-left causal masking is exact (no
-    cached prefix and no window cutting in)."""
-    no_window_cut = window is None or window >= context_len
-    if first_query == 0 and no_window_cut:
-        return None
-    query_pos = torch.arange(first_query, context_len)[:, None]
-    key_pos = torch.arange(first_key, context_len)[None, :]
-    mask = key_pos <= query_pos
-    if window is not None:
-        mask &= key_pos > query_pos - window
-    return mask
+    split = meta.row_split
+    if split is not None:
+        out = torch.empty_like(q)
+        for rows, part in ((split.decode_rows, split.decode), (split.prompt_rows, split.prompt)):
+            out[rows] = paged_attention(q[rows], key_cache, value_cache, part, scale, window)
+        return out
+    return prefill_attention(
+        q, key_cache, value_cache, meta.slot_table, meta.query_lens, meta.context_lens, scale,
+        window,
+    )  # fmt: skip
