@@ -6,8 +6,13 @@ alone (TTFT's forward pass, without sampling or request overhead); --prefix N fi
 tokens, so the timed pass is a chunk over a cached prefix. Prints the median and best of each
 and their ratio; asserts nothing.
 
+--mixed times one layer's attention of a step that mixes decode rows with a prompt chunk, as
+the engine runs it (engine.attention.paged_attention: decode rows to the decode kernel, the
+chunk to the prefill kernel) against torch's SDPA per sequence (what it ran before).
+
     python bench/ab_prefill_attention.py                      # 128, 512 and 2048 tokens
     python bench/ab_prefill_attention.py --lengths 512 --prefix 1536 --rounds 5
+    python bench/ab_prefill_attention.py --mixed
 """
 
 from __future__ import annotations
@@ -38,12 +43,60 @@ def prefill_seconds(model, kv, prompt: list[int], prefix: int) -> float:
     return time.perf_counter() - started
 
 
+# (decode rows, their context, prompt chunk) of the --mixed steps.
+MIXED_STEPS = ((8, 1000, 256), (8, 2000, 64), (32, 500, 128), (4, 4000, 512))
+
+
+def mixed_steps(rounds: int) -> None:
+    """One layer's attention (the benchmark model's heads) of each of MIXED_STEPS."""
+    import torch
+
+    from engine.attention import AttentionMetadata, paged_attention
+    from engine.batch import ForwardBatch
+    from kernels import cpu_attention
+
+    heads, kv_heads, dim = 14, 2, 64
+    scale = dim**-0.5
+
+    def engine(q, caches, batch: ForwardBatch):
+        return paged_attention(q, *caches, AttentionMetadata.from_batch(batch), scale, None)
+
+    def torch_per_sequence(q, caches, batch: ForwardBatch):
+        return cpu_attention.prefill_attention_ref(
+            q, *caches, batch.slot_table, batch.query_lens, batch.context_lens, scale, None
+        )
+
+    for decodes, context, chunk in MIXED_STEPS:
+        query_lens, context_lens = [chunk] + [1] * decodes, [chunk] + [context] * decodes
+        spans = [-(-n // BLOCK_SIZE) for n in context_lens]
+        tables = [list(range(sum(spans[:s]), sum(spans[: s + 1]))) for s in range(len(spans))]
+        tokens = [[1] * n for n in query_lens]
+        batch = ForwardBatch.build(tokens, context_lens, tables, BLOCK_SIZE)
+        caches = [torch.randn(sum(spans) * BLOCK_SIZE, kv_heads, dim).bfloat16() for _ in "kv"]
+        q = torch.randn(sum(query_lens), heads, dim).bfloat16()
+        times: dict[str, list[float]] = {"engine": [], "torch": []}
+        for _ in range(rounds + 1):  # the first round warms up
+            for name, run in (("engine", engine), ("torch", torch_per_sequence)):
+                started = time.perf_counter()
+                run(q, caches, batch)
+                times[name].append(time.perf_counter() - started)
+        ours, theirs = (statistics.median(times[n][1:]) * 1e3 for n in ("engine", "torch"))
+        print(
+            f"{decodes} decode rows at {context} tokens + a {chunk}-token chunk: engine "
+            f"{ours:.2f} ms, torch SDPA per sequence {theirs:.2f} ms; {theirs / ours:.2f}x"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 2048])
     parser.add_argument("--prefix", type=int, default=0, help="tokens cached before each prompt")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--mixed", action="store_true", help="mixed steps' attention instead")
     args = parser.parse_args()
+    if args.mixed:
+        mixed_steps(max(args.rounds, 15))
+        return
 
     import torch
 
