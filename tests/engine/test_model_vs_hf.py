@@ -197,10 +197,15 @@ def test_tied_embeddings_share_one_tensor(tiny_model: Callable) -> None:
     assert untied.weights.lm_head is not untied.weights.embed
 
 
-def _decode_run(model: CausalLM, tokens: list[int]) -> torch.Tensor:
-    """Logits of every position: prefill of the first 12 tokens, then one decode step each."""
+def _decode_run(
+    model: CausalLM, tokens: list[int], prefill_ends: tuple[int, ...] = (PROMPT_LEN,)
+) -> torch.Tensor:
+    """Logits of every position: prefill of the first 12 tokens (in chunks ending at
+    prefill_ends), then one decode step each."""
     kv = model.new_kv_cache(NUM_BLOCKS, BLOCK_SIZE)
-    rows = [step(model, kv, [(tokens[:PROMPT_LEN], PROMPT_LEN, TABLE_A)], all_rows=True)]
+    rows = []
+    for start, end in zip((0, *prefill_ends), prefill_ends, strict=False):
+        rows.append(step(model, kv, [(tokens[start:end], end, TABLE_A)], all_rows=True))
     for length in range(PROMPT_LEN + 1, len(tokens) + 1):
         rows.append(step(model, kv, [(tokens[length - 1 : length], length, TABLE_A)]))
     return torch.cat(rows)
@@ -212,14 +217,19 @@ def _hf_reference(path: Path, dtype: torch.dtype) -> transformers.PreTrainedMode
     ).eval()
 
 
-@pytest.mark.parametrize("variant", ["llama", "qwen2_tied"])
-def test_bf16_checkpoint_close_to_hf_bf16(tiny_model: Callable, variant: str) -> None:
+@pytest.mark.parametrize("prefill_ends", [(PROMPT_LEN,), (5, PROMPT_LEN)])
+@pytest.mark.parametrize("variant", ["llama", "qwen2_tied", *WINDOW_VARIANTS])
+def test_bf16_checkpoint_close_to_hf_bf16(
+    tiny_model: Callable, variant: str, prefill_ends: tuple[int, ...]
+) -> None:
+    """bf16 runs kernels.cpu_attention's kernel for prompts where the CPU has AVX-512 BF16:
+    whole and chunked, with and without a window."""
     tiny = tiny_model(variant, torch.bfloat16)
     model = CausalLM.from_dir(tiny.path)
     assert model.config.dtype == torch.bfloat16
     assert model.weights.layers[0].qkv.dtype == torch.bfloat16
     tokens = random_tokens(5, 20)
-    ours = _decode_run(model, tokens)
+    ours = _decode_run(model, tokens, prefill_ends)
     theirs = hf_logits(_hf_reference(tiny.path, torch.bfloat16), tokens)
     # Both round differently at bf16 (~0.4% per op); a real mistake moves logits by whole units.
     assert (ours - theirs).abs().max() < 0.3
