@@ -87,6 +87,8 @@ CASES = {
     "head size 256": ([5, 16, 1], [200, 16, 1], 12, 3, 256, None),
     "head size 16, group 7": ([40], [40], 7, 1, 16, None),
     "long window over a prefix": ([200], [900], 4, 1, 32, 300),
+    "window of one": ([40], [40], 4, 2, 64, 1),
+    "context of one": ([1], [1], 4, 2, 64, None),
 }
 
 
