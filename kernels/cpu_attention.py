@@ -3,7 +3,7 @@ them) over the paged KV cache.
 
 `prefill_attention_ref` runs torch's SDPA per sequence on K/V gathered from the cache.
 `prefill_attention` runs kernels/csrc/prefill_attention.c instead for bf16 on CPUs with AVX-512
-BF16 (head sizes in multiples of 16 up to 256): 3.2x torch's flash CPU kernel on a 512-token
+BF16 (head sizes in multiples of 16 up to 256): 3.3x torch's flash CPU kernel on a 512-token
 prompt, as accurate, and the same bits for a row however its prompt was chunked or cached.
 Anything else runs the reference.
 
