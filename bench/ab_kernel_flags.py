@@ -117,6 +117,12 @@ def main() -> None:
     for name, values in times.items():
         median, best = statistics.median(values) * 1e3, min(values) * 1e3
         print(f"  {name:<40} median {median:6.2f} ms   best {best:6.2f} ms")
+    a, b = times.values()
+    ratios = sorted(y / x for x, y in zip(a, b, strict=True))
+    print(
+        f"  B / A, round by round: median {statistics.median(ratios):.3f}, quartiles "
+        f"{ratios[len(ratios) // 4]:.3f} - {ratios[3 * len(ratios) // 4]:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -162,30 +162,36 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def worker_bandwidth(args: argparse.Namespace) -> dict:
-    """Best-of streaming read of a buffer far larger than the caches, by the fastest of three
-    reads: each reads every byte once, and which streams best depends on the CPU (on a Xeon
-    BLAS's matrix-vector product, sum reaching 75-85% of it; on an AMD EPYC sum and amax, mv
-    reaching 60% of them).
-    """
+def read_rates(matrix, repeats: int, label: str = "bandwidth") -> dict[str, float]:
+    """Bytes per second of the best of `repeats` for each of three streaming reads of `matrix`
+    (float32, far larger than the caches): each reads every byte once, and which streams best
+    depends on the CPU (on a Xeon BLAS's matrix-vector product, sum reaching 75-85% of it; on an
+    AMD EPYC sum and amax, mv reaching 40-60% of them)."""
     import torch
 
-    matrix = torch.ones(args.bandwidth_bytes // 4 // 4096, 4096, dtype=torch.float32)
-    vector = torch.ones(4096, dtype=torch.float32)
+    vector = torch.ones(matrix.shape[1], dtype=torch.float32)
     reads = {
         "mv": lambda: torch.mv(matrix, vector),
         "sum": lambda: matrix.sum(),
         "amax": lambda: matrix.amax(),
     }
-    reads["mv"]()  # fault the pages in before timing
     best = {name: float("inf") for name in reads}
-    for r in range(args.bandwidth_repeats):
-        progress(f"bandwidth: read {r + 1}/{args.bandwidth_repeats}")
+    for r in range(repeats):
+        progress(f"{label}: read {r + 1}/{repeats}")
         for name, read in reads.items():
             start = time.perf_counter()
             read()
             best[name] = min(best[name], time.perf_counter() - start)
-    rates = {name: matrix.numel() * 4 / seconds for name, seconds in best.items()}
+    return {name: matrix.numel() * 4 / seconds for name, seconds in best.items()}
+
+
+def worker_bandwidth(args: argparse.Namespace) -> dict:
+    """Best-of streaming read of a buffer far larger than the caches, by the fastest of
+    read_rates' three reads."""
+    import torch
+
+    matrix = torch.ones(args.bandwidth_bytes // 4 // 4096, 4096, dtype=torch.float32)
+    rates = read_rates(matrix, args.bandwidth_repeats)
     return {
         "bandwidth_bytes_s": max(rates.values()),
         "bandwidth_by_read": rates,

@@ -111,10 +111,15 @@ INLINE int64_t clamp_row(int r, int valid) { return r < valid ? r : valid - 1; }
 // and then the one stream at M = 1 is prefetched STREAM_AHEAD_BYTES ahead as well. kernels/
 // cpu_linear.py sets it on AMD CPUs: on a Zen 4 EPYC (2 threads, interleaved A/B over a decode
 // step's 96 projections) M = 4 and 8 took 24 and 31 ms instead of 35 and 43 (prefetches into L1
-// stall on its few miss buffers), and M = 1 9-12% less (0.5-16 KB ahead all alike).
+// stall on its few miss buffers). At M = 1 (the same 96 projections, 1500 rounds alternating,
+// each round's torch.sum read rate telling this VM's fast spells, 56-59 GB/s, from its slow
+// ones, 33-34), per round against 8 KB ahead: 256-1024 bytes 0.88-0.90 fast and 0.94-0.95
+// slow, 128 0.96, 2 KB 0.94, 4 KB 1.04, 32 KB 1.04, and none at all 1.27 and 1.10.
 #ifdef PREFETCH_L2
 #define PREFETCH_HINT _MM_HINT_T1
-#define STREAM_AHEAD_BYTES 8192
+#ifndef STREAM_AHEAD_BYTES
+#define STREAM_AHEAD_BYTES 512
+#endif
 #else
 #define PREFETCH_HINT _MM_HINT_T0
 #define STREAM_AHEAD_BYTES 0
