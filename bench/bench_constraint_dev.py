@@ -40,8 +40,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS = REPO_ROOT / "tests" / "data" / "jsonschemabench-dev"
 CACHE = REPO_ROOT / "bench" / ".cache"
-# Token texts that end strings, numbers and containers (what the synthetic model favours).
 EVICTION_BYTES = 64 << 20  # more than this EPYC's 32 MB L3
+# Token texts that end strings, numbers and containers (what the synthetic model favours).
 CLOSING = re.compile(r'^\s*["\]},:0-9]+\s*$|^\s*(true|false|null)\s*$')
 
 
