@@ -10,7 +10,14 @@ batch (median step), runs alternating, best of --repeats; beside each ratio of b
 median over rounds of the round's own ratio (a machine whose speed drifts between rounds moves
 both sides of a round's ratio together). Prints figures, asserts nothing.
 
+With --spell-pairs N, instead: N pairs per fused configuration, each the large model alone
+then fused (--new-tokens each) between two streaming reads of 2 GiB (bench_decode.read_rates);
+a pair whose reads differ by more than 15% saw the machine's bandwidth jump and is left out,
+the rest are split by their read (at least 80% of the fastest read: the fast spell), and each
+spell's median ratio is printed (bench/bench_bound.py does the same for the bound).
+
     python bench/bench_fusion_step.py [--batch 1 8] [--new-tokens 32] [--repeats 3]
+    python bench/bench_fusion_step.py --batch 1 --new-tokens 16 --spell-pairs 20
 """
 
 from __future__ import annotations
@@ -97,12 +104,58 @@ def step_time(engine, batch: int, experts: tuple, mode, new_tokens: int, prompt_
     return statistics.median(times)
 
 
+SPELL_CHANGE = 0.15  # reads before and after a pair further apart: the pair is left out
+FAST_SPELL = 0.8
+
+
+def spell_pairs(engine, batch: int, runs: dict, args) -> None:
+    """--spell-pairs: each fused configuration against the large model alone, pair by pair,
+    split by the machine's bandwidth spell (see the module's docstring)."""
+    import torch
+
+    from bench.bench_decode import read_rates
+
+    matrix = torch.ones((2 << 30) // 4 // 4096, 4096, dtype=torch.float32)
+    alone = runs["alone"]
+    pairs: dict[str, list[tuple[float, float]]] = {name: [] for name in runs if name != "alone"}
+    fastest, left_out = 0.0, 0
+    for _ in range(args.spell_pairs):
+        for name in pairs:
+            before = max(read_rates(matrix, 2, "read").values())
+            base = step_time(engine, batch, *alone, args.new_tokens, args.prompt_len)
+            fused = step_time(engine, batch, *runs[name], args.new_tokens, args.prompt_len)
+            after = max(read_rates(matrix, 2, "read").values())
+            fastest = max(fastest, before, after)
+            if abs(before - after) > SPELL_CHANGE * min(before, after):
+                left_out += 1
+                continue
+            pairs[name].append(((before + after) / 2, fused / base))
+    print(
+        f"batch {batch}: {left_out} pairs left out (the bandwidth jumped); fast spell: reads at "
+        f"least {FAST_SPELL:.0%} of the fastest ({fastest / 1e9:.1f} GB/s)",
+        flush=True,
+    )
+    for name, kept in pairs.items():
+        parts = []
+        for spell, chosen in (
+            ("fast", [r for bw, r in kept if bw >= FAST_SPELL * fastest]),
+            ("slow", [r for bw, r in kept if bw < FAST_SPELL * fastest]),
+        ):
+            if chosen:
+                parts.append(
+                    f"{spell} {statistics.median(chosen):.2f}x ({len(chosen)} pairs, "
+                    f"{min(chosen):.2f}-{max(chosen):.2f})"
+                )
+        print(f"batch {batch}: {name:<22} " + ", ".join(parts or ["no pairs"]), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--spell-pairs", type=int, default=0, help="pairs split by spell")
     args = parser.parse_args()
 
     from bench.bench_lora import write_adapter
@@ -131,6 +184,9 @@ def main() -> None:
     }
     for batch in args.batch:
         step_time(engine, batch, runs["full expert, dynamic"][0], FusionMode.DYNAMIC, 4, 8)
+        if args.spell_pairs:
+            spell_pairs(engine, batch, runs, args)
+            continue
         rounds: dict[str, list[float]] = {name: [] for name in runs}
         for _ in range(args.repeats):
             for name, (experts, mode) in runs.items():
