@@ -16,6 +16,11 @@ build; asserts nothing.
     python bench/ab_kernel_flags.py --a-source /tmp/old.c --a=-DPREFETCH_L2 --b=-DPREFETCH_L2 \
         --rows 8
     python bench/ab_kernel_flags.py ... --shapes 4096x2048 --layers 24  # other projections: N x K
+    python bench/ab_kernel_flags.py ... --rounds 1500 --spells  # B / A per bandwidth spell
+
+--spells reads 1 GiB (torch.sum) at the start of every round and splits the rounds' B / A
+ratios by that read: a VM whose read rate jumps between levels (the EPYC: about 34 and 60
+GB/s) can rank two builds differently at each level.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ if str(REPO_ROOT) not in sys.path:
 # (out features, in features) of each projection of a layer.
 SHAPES = ((1152, 896), (896, 896), (9728, 896), (896, 4864))
 LAYERS = 24
+FAST_SPELL = 0.8  # --spells: rounds whose read is at least this share of the fastest
 
 
 def load(kernel: str, isa: str, extra: list[str], source_file: str | None = None):
@@ -75,6 +81,7 @@ def main() -> None:
         "--shapes", nargs="+", help="projections as OUTxIN (default: the benchmark model's)"
     )
     parser.add_argument("--layers", type=int, default=LAYERS, help="copies of the shapes")
+    parser.add_argument("--spells", action="store_true", help="split B / A by bandwidth spell")
     args = parser.parse_args()
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES
 
@@ -104,7 +111,13 @@ def main() -> None:
                           out.data_ptr(), args.rows, n, k))  # fmt: skip
             tensors.append((x, w, out, thresholds))
     times: dict[str, list[float]] = {name: [] for name in builds}
+    probe = torch.ones((1 << 30) // 4 // 4096, 4096) if args.spells else None
+    reads: list[float] = []
     for round_ in range(args.rounds):
+        if probe is not None:
+            started = time.perf_counter()
+            probe.sum()
+            reads.append(probe.numel() * 4 / (time.perf_counter() - started))
         for name, linear in builds.items():
             started = time.perf_counter()
             for call in steps:
@@ -118,11 +131,20 @@ def main() -> None:
         median, best = statistics.median(values) * 1e3, min(values) * 1e3
         print(f"  {name:<40} median {median:6.2f} ms   best {best:6.2f} ms")
     a, b = times.values()
-    ratios = sorted(y / x for x, y in zip(a, b, strict=True))
-    print(
-        f"  B / A, round by round: median {statistics.median(ratios):.3f}, quartiles "
-        f"{ratios[len(ratios) // 4]:.3f} - {ratios[3 * len(ratios) // 4]:.3f}"
-    )
+    ratios = [y / x for x, y in zip(a, b, strict=True)]
+    groups = {"all rounds": ratios}
+    if reads:
+        fast = [read >= FAST_SPELL * max(reads) for read in reads]
+        groups["fast spell"] = [r for r, is_fast in zip(ratios, fast, strict=True) if is_fast]
+        groups["slow spell"] = [r for r, is_fast in zip(ratios, fast, strict=True) if not is_fast]
+        print(f"  spells: fast = a read at least {FAST_SPELL:.0%} of {max(reads) / 1e9:.1f} GB/s")
+    for label, values in groups.items():
+        if values:
+            ordered = sorted(values)
+            print(
+                f"  B / A, {label} ({len(values)}): median {statistics.median(values):.3f}, "
+                f"quartiles {ordered[len(values) // 4]:.3f} - {ordered[3 * len(values) // 4]:.3f}"
+            )
 
 
 if __name__ == "__main__":
