@@ -42,15 +42,16 @@ LAYERS = 24
 FAST_SPELL = 0.8  # --spells: rounds whose read is at least this share of the fastest
 
 
-def load(kernel: str, isa: str, extra: list[str], source_file: str | None = None):
-    """The bf16 module's `linear`, built from its source (or `source_file`, a variant of it)
-    with kernels/'s flags for instruction set `isa` (not its CPU-dependent ones) plus `extra`."""
+def load(kernel: str, isa: str, extra: list[str], source_file: str | None = None, dtype="bf16"):
+    """The `dtype` module's `linear` (bf16 or f32; f32 for the dense kernel only), built from
+    its source (or `source_file`, a variant of it) with kernels/'s flags for instruction set
+    `isa` (not its CPU-dependent ones) plus `extra`."""
     from kernels import cpu_linear, sparse
     from kernels.build import build_shared_library, load_extension
 
     suffix = "" if isa == "avx512" else f"_{isa}"
     if kernel == "dense":
-        name, source = f"cpu_linear_bf16{suffix}", cpu_linear._SOURCE
+        name, source = f"cpu_linear_{dtype}{suffix}", cpu_linear._SOURCE
         flags = (*cpu_linear._COMMON_FLAGS, *cpu_linear._ISA_FLAGS[isa])
     else:
         name, source = f"sparse_linear_bf16{suffix}", sparse._SOURCE
@@ -59,7 +60,7 @@ def load(kernel: str, isa: str, extra: list[str], source_file: str | None = None
             flags = (*flags, "-mavx512bf16")
     source = Path(source_file) if source_file else source
     include = f"-I{sysconfig.get_paths()['include']}"
-    path = build_shared_library(source, (*flags, "-DTANDEM_BF16", include, *extra))
+    path = build_shared_library(source, (*flags, f"-DTANDEM_{dtype.upper()}", include, *extra))
     return load_extension(name, path).linear
 
 
@@ -74,6 +75,9 @@ def main() -> None:
     parser.add_argument("--a-source", help="build A from this copy of the kernel's source")
     parser.add_argument("--b-source", help="build B from this copy of the kernel's source")
     parser.add_argument("--rows", type=int, default=1)
+    parser.add_argument(
+        "--dtype", choices=["bf16", "f32"], default="bf16", help="weights and x (f32: dense only)"
+    )
     parser.add_argument("--keep", type=float, default=0.5, help="sparse: channels kept per row")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
@@ -84,6 +88,8 @@ def main() -> None:
     parser.add_argument("--spells", action="store_true", help="split B / A by bandwidth spell")
     args = parser.parse_args()
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES
+    if args.dtype == "f32" and args.kernel != "dense":
+        parser.error("--dtype f32 times the dense kernel only")
 
     import torch
 
@@ -91,17 +97,22 @@ def main() -> None:
 
     isa = args.isa or ("avx512" if "avx512_bf16" in cpu_flags() else "avx2")
     builds = {
-        f"A {args.a_source or ''} {args.a}": load(args.kernel, isa, args.a.split(), args.a_source),
-        f"B {args.b_source or ''} {args.b}": load(args.kernel, isa, args.b.split(), args.b_source),
+        f"A {args.a_source or ''} {args.a}": load(
+            args.kernel, isa, args.a.split(), args.a_source, args.dtype
+        ),
+        f"B {args.b_source or ''} {args.b}": load(
+            args.kernel, isa, args.b.split(), args.b_source, args.dtype
+        ),
     }
+    dtype = torch.float32 if args.dtype == "f32" else torch.bfloat16
     generator = torch.Generator().manual_seed(0)
     steps, tensors = [], []  # each projection's call arguments; the tensors they point into
     for _ in range(args.layers):
         for n, k in shapes:
-            x = torch.randn(args.rows, k, generator=generator).bfloat16()
-            out = torch.empty(args.rows, n, dtype=torch.bfloat16)
+            x = torch.randn(args.rows, k, generator=generator).to(dtype)
+            out = torch.empty(args.rows, n, dtype=dtype)
             if args.kernel == "dense":
-                w = (torch.randn(n, k, generator=generator) * 0.02).bfloat16()
+                w = (torch.randn(n, k, generator=generator) * 0.02).to(dtype)
                 steps.append((x.data_ptr(), k, w.data_ptr(), 0, out.data_ptr(), args.rows, n, k))
                 tensors.append((x, w, out))
                 continue
@@ -126,7 +137,7 @@ def main() -> None:
         if (round_ + 1) % 10 == 0:
             print(f"[ab] round {round_ + 1}/{args.rounds}", file=sys.stderr)
     kind = f"{args.kernel} kernel ({isa})"
-    print(f"{kind}, {args.rows} rows, {args.layers} x {len(shapes)} projections (bf16)")
+    print(f"{kind}, {args.rows} rows, {args.layers} x {len(shapes)} projections ({args.dtype})")
     for name, values in times.items():
         median, best = statistics.median(values) * 1e3, min(values) * 1e3
         print(f"  {name:<40} median {median:6.2f} ms   best {best:6.2f} ms")

@@ -108,10 +108,11 @@ INLINE elem_t from_f32(float value) { return value; }
 INLINE int64_t clamp_row(int r, int valid) { return r < valid ? r : valid - 1; }
 
 // Software prefetches go into L1, which measured best on a Xeon, or with -DPREFETCH_L2 into L2,
-// and then the one stream at M = 1 is prefetched STREAM_AHEAD_BYTES ahead as well. kernels/
-// cpu_linear.py sets it on AMD CPUs: on a Zen 4 EPYC (2 threads, interleaved A/B over a decode
-// step's 96 projections) M = 4 and 8 took 24 and 31 ms instead of 35 and 43 (prefetches into L1
-// stall on its few miss buffers). At M = 1 (the same 96 projections, 1500 rounds alternating,
+// and then the one stream at M = 1 (fp32's: bf16 takes two rows there, see ROWS_FOR) is
+// prefetched STREAM_AHEAD_BYTES ahead as well. kernels/cpu_linear.py sets it on AMD CPUs: on a
+// Zen 4 EPYC (2 threads, interleaved A/B over a decode step's 96 projections) M = 4 and 8 took
+// 24 and 31 ms instead of 35 and 43 (prefetches into L1 stall on its few miss buffers). At M = 1
+// (bf16, one row at a time then; the same 96 projections, 1500 rounds alternating,
 // each round's torch.sum read rate telling this VM's fast spells, 56-59 GB/s, from its slow
 // ones, 33-34), per round against 8 KB ahead: 256-1024 bytes 0.88-0.90 fast and 0.94-0.95
 // slow, 128 0.96, 2 KB 0.94, 4 KB 1.04, 32 KB 1.04, and none at all 1.27 and 1.10.
@@ -243,14 +244,25 @@ INLINE void dot_block(const elem_t *restrict w, const elem_t *restrict x, const 
 // M = 1 takes one row at a time: the weight is then read in address order, one stream, and
 // out-of-order execution overlaps the rows' independent chains. On an AMD EPYC (Zen 4) this
 // streamed K = 896 rows at 22-29 GB/s against 17-19 with four rows side by side (interleaved
-// A/B, 2 threads); an output element's arithmetic is the same either way.
+// A/B, 2 threads); an output element's arithmetic is the same either way. Except bf16 on AMD
+// CPUs (PREFETCH_L2), which takes two: a row's products are one chain of VDPBF16PS, and two
+// rows in the loop overlap the chains' latency where out-of-order execution alone did not. On
+// the EPYC (`bench/ab_kernel_flags.py`, interleaved) two rows took 0.89 of one row's time over
+// a decode step's 96 projections (qkv's 1152 x 896 0.60, gate_up's 9728 x 896 0.78, down's
+// 896 x 4864 0.97: its long rows hid the latency already); three rows 1.04 of two, four 1.09,
+// two with the one-row prefetch 512 bytes ahead 1.08. fp32 with two rows: 1.06 of one.
 // Larger M multiply each weight vector loaded into rows * M accumulators: about 20-24 of the 32
 // zmm registers, so the loop does fewer loads per VDPBF16PS. M > 8 runs its input rows in two
 // groups over the same weight rows (the second reads them from cache). On the EPYC (96
 // projections of a decode step, `bench/ab_kernel_flags.py`) three rows at M = 8 took 26-29 ms
 // against 32-33 with two, four at M = 5 and 6 24-26 against 30.
 #define GROUPS_FOR(M) ((M) > 8 ? 2 : 1)
-#define ROWS_FOR(M) ((M) == 1 ? 1 : ((M) + GROUPS_FOR(M) - 1) / GROUPS_FOR(M) <= 6 ? 4 : 3)
+#if defined(TANDEM_BF16) && defined(PREFETCH_L2)
+#define ROWS_M1 2
+#else
+#define ROWS_M1 1
+#endif
+#define ROWS_FOR(M) ((M) == 1 ? ROWS_M1 : ((M) + GROUPS_FOR(M) - 1) / GROUPS_FOR(M) <= 6 ? 4 : 3)
 
 // x as the blocks read it: x itself.
 INLINE const input_t *prepare_input(const elem_t *x, int64_t ldx, int64_t m, int64_t k,
