@@ -223,8 +223,11 @@ INLINE void dot_block(const elem_t *restrict w, const elem_t *restrict x, const 
             // The same position one block ahead: the hardware prefetcher alone keeps too few
             // DRAM requests in flight when several short rows are streamed side by side. One
             // row at a time is one sequential stream, which it follows unaided (or helped: see
-            // PREFETCH_L2).
-            if (rows > 1) {
+            // PREFETCH_L2). M = 1's two rows (see ROWS_FOR) go into L1 even on AMD: on the Zen 4
+            // EPYC 0.94-0.95 of their time into L2, where M = 4 and 8 stall.
+            if (rows > 1 && m == 1) {
+                _mm_prefetch((const char *)(row[r] + rows * k + kk), _MM_HINT_T0);
+            } else if (rows > 1) {
                 _mm_prefetch((const char *)(row[r] + rows * k + kk), PREFETCH_HINT);
             } else if (STREAM_AHEAD_BYTES && m == 1) {
                 _mm_prefetch((const char *)(row[r] + kk) + STREAM_AHEAD_BYTES, PREFETCH_HINT);
@@ -250,7 +253,8 @@ INLINE void dot_block(const elem_t *restrict w, const elem_t *restrict x, const 
 // the EPYC (`bench/ab_kernel_flags.py`, interleaved) two rows took 0.89 of one row's time over
 // a decode step's 96 projections (qkv's 1152 x 896 0.60, gate_up's 9728 x 896 0.78, down's
 // 896 x 4864 0.97: its long rows hid the latency already); three rows 1.04 of two, four 1.09,
-// two with the one-row prefetch 512 bytes ahead 1.08. fp32 with two rows: 1.06 of one.
+// two with the one-row prefetch 512 bytes ahead 1.08, two blocks ahead 0.96-1.02 (by the VM's
+// bandwidth spell). fp32 with two rows: 1.06 of one.
 // Larger M multiply each weight vector loaded into rows * M accumulators: about 20-24 of the 32
 // zmm registers, so the loop does fewer loads per VDPBF16PS. M > 8 runs its input rows in two
 // groups over the same weight rows (the second reads them from cache). On the EPYC (96
