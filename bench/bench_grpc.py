@@ -9,7 +9,7 @@ reported with the best of each. Whichever side is not being measured is idle (th
 stepping thread blocks on its inbox).
 
     python bench/bench_grpc.py [--model DIR] [--repeats 5] [--max-new-tokens 64] [--batch 1 8]
-        [--servers process thread] [--server-env NAME=VALUE ...]
+        [--servers process thread] [--server-env NAME=VALUE ...] [--server-arg=ARG ...]
 
 `--servers`: the server's engine in a process of its own (`tandem serve`'s default) and/or on a
 thread of the server's process (`--engine-in-process`); each is a server of its own, all
@@ -64,6 +64,14 @@ def main() -> None:
         "core): fewer than the cores leaves the servers' event loops and the client a core",
     )
     parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="append to every server's command line (e.g. --server-arg=--stream-interval "
+        "--server-arg=4), repeatable",
+    )
+    parser.add_argument(
         "--server-env",
         action="append",
         default=[],
@@ -90,6 +98,7 @@ def main() -> None:
     for name in args.servers:
         command = [sys.executable, "-m", "server.cli", "serve", "--model", model]
         command += ["--port", str(ports[name]), "--dtype", "bfloat16", *SERVER_FLAGS[name]]
+        command += args.server_arg
         servers[name] = subprocess.Popen(
             command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
         )

@@ -63,7 +63,7 @@ async def serve(config: ServerConfig) -> None:
     metrics = Metrics(lambda: state.engines)
     health = health_aio.HealthServicer()
     merged_dir = config.merged_adapter_dir or default_merged_adapter_dir()
-    server = _build_server(state, metrics, health, merged_dir)
+    server = _build_server(state, metrics, health, merged_dir, config.stream_interval)
     port = server.add_insecure_port(_address(config.host, config.port))
     for service in _HEALTH_SERVICES:
         await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -100,10 +100,12 @@ def _build_server(
     metrics: Metrics,
     health: health_aio.HealthServicer,
     merged_adapter_dir: str,
+    stream_interval: int,
 ) -> grpc.aio.Server:
     # Without this, Linux lets a second server bind the same port and silently share it.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_GenerationServicer_to_server(GenerationServicer(state, metrics), server)
+    generation = GenerationServicer(state, metrics, stream_interval)
+    pb_grpc.add_GenerationServicer_to_server(generation, server)
     pb_grpc.add_RegistryServicer_to_server(RegistryServicer(state, merged_adapter_dir), server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(

@@ -195,11 +195,17 @@ class ServerConfig:
     port: int = 50051  # 0 picks a free port (logged as "listening on host:port")
     metrics_port: int | None = None  # None: no metrics endpoint; 0 picks a free port
     drain_timeout_s: float = 30.0
+    # Tokens per streamed delta after the first one (which goes at once, and so does the last).
+    stream_interval: int = 1
     engine: EngineOptions = field(default_factory=EngineOptions)
     warmup_delay_s: float = 0.0
     adapters: tuple[AdapterSpec, ...] = ()  # loaded at start, after the models
     experts: tuple[ExpertSpec, ...] = ()  # loaded at start, after the adapters
     merged_adapter_dir: str | None = None  # where MergeAdapters writes; None: the default
+
+    def __post_init__(self) -> None:
+        if self.stream_interval < 1:
+            raise ValueError(f"--stream-interval must be at least 1, got {self.stream_interval}")
 
 
 def default_merged_adapter_dir() -> str:

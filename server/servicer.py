@@ -172,9 +172,10 @@ def _translate_errors(handler: _Handler) -> _Handler:
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, state: ServingState, metrics: Metrics) -> None:
+    def __init__(self, state: ServingState, metrics: Metrics, stream_interval: int = 1) -> None:
         self._state = state
         self._metrics = metrics
+        self._stream_interval = stream_interval
 
     @_translate_errors
     async def Generate(
@@ -189,7 +190,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 request_id, request, prompt_token_ids, engine.limits.max_new_tokens
             )
             running.start(engine_req)
-            await _stream(running, engine_req, context, self._metrics.for_request(engine.model_id))
+            observer = self._metrics.for_request(engine.model_id)
+            await _stream(running, engine_req, context, observer, self._stream_interval)
 
     @_translate_errors
     async def Tokenize(
@@ -215,17 +217,26 @@ async def _stream(
     request: Request,
     context: grpc.aio.ServicerContext,
     observer: RequestMetrics,
+    interval: int,
 ) -> None:
-    """Write one delta per engine step (or fewer, see _next_output), then the final message.
+    """Write the engine's outputs as deltas, then the final message: the first token at once,
+    then a delta whenever `interval` tokens are held (or fewer, see _next_output), and what is
+    held when the request finishes. The metrics see every output as it comes.
 
     Written with context.write rather than yield so that a client cancel or deadline always
     lands in this coroutine; leaving `track` then stops the engine request.
     """
     sent_tokens = 0
+    held: list[RequestOutput] = []
     while True:
-        output = await _next_output(running, request, sent_tokens)
-        sent_tokens += len(output.token_ids)
+        held_tokens = sum(len(output.token_ids) for output in held)
+        output = await _next_output(running, request, sent_tokens + held_tokens)
         observer.observe(output)
+        held.append(output)
+        if sent_tokens and not output.finished and held_tokens + len(output.token_ids) < interval:
+            continue
+        output, held = _merged(held), []
+        sent_tokens += len(output.token_ids)
         for message in responses(request.request_id, output):
             await context.write(message)
         if output.finished:
@@ -253,10 +264,13 @@ async def _next_output(
         if item.finished or running.outputs.empty():
             break
         item = running.outputs.get_nowait()
-    return outputs[0] if len(outputs) == 1 else _concatenated(outputs)
+    return _merged(outputs)
 
 
-def _concatenated(outputs: list[RequestOutput]) -> RequestOutput:
+def _merged(outputs: list[RequestOutput]) -> RequestOutput:
+    """Consecutive outputs of one request as one."""
+    if len(outputs) == 1:
+        return outputs[0]
     return dataclasses.replace(
         outputs[-1],  # counts, finish reason and timestamps are the latest
         token_ids=[token for output in outputs for token in output.token_ids],

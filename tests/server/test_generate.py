@@ -49,6 +49,30 @@ def test_greedy_stream_matches_transformers(server, hf_model, hf_tokenizer) -> N
     assert final.usage.completion_tokens == len(tokens)
 
 
+def test_stream_interval_sends_the_first_token_at_once_then_several_a_delta(
+    server_factory, hf_model, hf_tokenizer
+) -> None:
+    # The same tokens, text and logprobs as one delta per token, in fewer messages.
+    server = server_factory("--stream-interval", "4")
+    server.wait_until_serving()
+    deltas, final = server.generate(
+        token_ids=PROMPT_IDS,
+        sampling=pb.SamplingParams(temperature=0.0),
+        stopping=pb.StoppingCriteria(max_new_tokens=23),
+        output=pb.OutputOptions(logprobs=True, top_logprobs=2),
+    )
+    tokens = _tokens(deltas)
+    assert tokens == _hf_greedy(hf_model, PROMPT_IDS, 23)
+    assert len(deltas[0].token_ids) == 1
+    assert all(len(delta.token_ids) >= 4 for delta in deltas[1:-1])
+    assert 1 + (len(tokens) - 1 + 3) // 4 >= len(deltas) > 1
+    full = hf_tokenizer.decode(PROMPT_IDS + tokens, skip_special_tokens=True)
+    prompt_text = hf_tokenizer.decode(PROMPT_IDS, skip_special_tokens=True)
+    assert "".join(delta.text for delta in deltas) == full[len(prompt_text) :]
+    assert [lp.token_id for delta in deltas for lp in delta.logprobs] == tokens
+    assert final.usage.completion_tokens == len(tokens)
+
+
 def test_tokenize_round_trip(server, hf_tokenizer) -> None:
     text = "Tandem serves one large model and many small experts."
     ids = list(server.generation.Tokenize(pb.TokenizeRequest(model="second", text=text)).token_ids)

@@ -30,6 +30,7 @@ from engine.types import (
 from server import mapping
 from server.config import (
     EngineOptions,
+    ServerConfig,
     parse_adapter_spec,
     parse_expert_spec,
     parse_model_spec,
@@ -180,6 +181,13 @@ def test_adapter_capacities() -> None:
         EngineOptions(adapter_slots=8, adapter_host_cache=4)
     with pytest.raises(ValueError, match="--adapter-slots"):
         EngineOptions(adapter_slots=0)
+
+
+def test_stream_interval_is_at_least_one() -> None:
+    assert ServerConfig(models=()).stream_interval == 1
+    assert ServerConfig(models=(), stream_interval=8).stream_interval == 8
+    with pytest.raises(ValueError, match="--stream-interval must be at least 1, got 0"):
+        ServerConfig(models=(), stream_interval=0)
 
 
 # ---- experts ---------------------------------------------------------------------------------
@@ -351,11 +359,11 @@ def test_fusion_weights_go_into_the_delta_one_per_token() -> None:
 
 
 def test_queued_outputs_keep_their_fusion_weights() -> None:
-    from server.servicer import _concatenated
+    from server.servicer import _merged
 
     first = RequestOutput(request_id="r", token_ids=[5], text="a", fusion_weights=[(1.0,)])
     second = RequestOutput(request_id="r", token_ids=[6, 7], text="bc", fusion_weights=[(0.5,)] * 2)
-    merged = _concatenated([first, second])
+    merged = _merged([first, second])
     assert merged.token_ids == [5, 6, 7]
     assert merged.fusion_weights == [(1.0,), (0.5,), (0.5,)]
 
