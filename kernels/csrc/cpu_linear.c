@@ -241,6 +241,18 @@ INLINE void dot_block(const elem_t *restrict w, const elem_t *restrict x, const 
             for (int r = 0; r < rows; r++) acc[r][i] = multiply_add(acc[r][i], wv[r], xv);
         }
     }
+    if (rows > 1 && m == 1 && kk == k && valid == rows) {
+        // finish_block's arithmetic inline where M = 1 takes two rows: 0.95 of the call's time
+        // over a decode step's 96 projections on the Zen 4 EPYC, 0.89 on one thread (inline
+        // at one row a block measured 1.04).
+#pragma GCC unroll 4
+        for (int r = 0; r < rows; r++) {
+            const elem_t value =
+                from_f32(_mm512_reduce_add_ps(acc[r][0]) + (bias ? to_f32(bias[r]) : 0.0f));
+            out[r] = accumulate ? from_f32(to_f32(out[r]) + to_f32(value)) : value;
+        }
+        return;
+    }
     finish_block(&acc[0][0], row, x, bias, out, k, kk, ldx, ldo, m, valid, accumulate);
 }
 
