@@ -107,23 +107,15 @@ INLINE elem_t from_f32(float value) { return value; }
 // the same value twice.
 INLINE int64_t clamp_row(int r, int valid) { return r < valid ? r : valid - 1; }
 
-// Software prefetches go into L1, which measured best on a Xeon, or with -DPREFETCH_L2 into L2,
-// and then the one stream at M = 1 (fp32's: bf16 takes two rows there, see ROWS_FOR) is
-// prefetched STREAM_AHEAD_BYTES ahead as well. kernels/cpu_linear.py sets it on AMD CPUs: on a
-// Zen 4 EPYC (2 threads, interleaved A/B over a decode step's 96 projections) M = 4 and 8 took
-// 24 and 31 ms instead of 35 and 43 (prefetches into L1 stall on its few miss buffers). At M = 1
-// (bf16, one row at a time then; the same 96 projections, 1500 rounds alternating,
-// each round's torch.sum read rate telling this VM's fast spells, 56-59 GB/s, from its slow
-// ones, 33-34), per round against 8 KB ahead: 256-1024 bytes 0.88-0.90 fast and 0.94-0.95
-// slow, 128 0.96, 2 KB 0.94, 4 KB 1.04, 32 KB 1.04, and none at all 1.27 and 1.10.
+// Software prefetches go into L1, which measured best on a Xeon, or with -DPREFETCH_L2 into L2:
+// kernels/cpu_linear.py sets it on AMD CPUs. On a Zen 4 EPYC (2 threads, interleaved A/B over a
+// decode step's 96 projections) M = 4 and 8 took 24 and 31 ms instead of 35 and 43 (prefetches
+// into L1 stall on its few miss buffers). M = 1 takes two rows at a time there (see ROWS_FOR),
+// prefetched into L1 all the same.
 #ifdef PREFETCH_L2
 #define PREFETCH_HINT _MM_HINT_T1
-#ifndef STREAM_AHEAD_BYTES
-#define STREAM_AHEAD_BYTES 512
-#endif
 #else
 #define PREFETCH_HINT _MM_HINT_T0
-#define STREAM_AHEAD_BYTES 0
 #endif
 
 #if defined(__AVX512F__)
@@ -222,15 +214,12 @@ INLINE void dot_block(const elem_t *restrict w, const elem_t *restrict x, const 
         for (int r = 0; r < rows; r++) {
             // The same position one block ahead: the hardware prefetcher alone keeps too few
             // DRAM requests in flight when several short rows are streamed side by side. One
-            // row at a time is one sequential stream, which it follows unaided (or helped: see
-            // PREFETCH_L2). M = 1's two rows (see ROWS_FOR) go into L1 even on AMD: on the Zen 4
-            // EPYC 0.94-0.95 of their time into L2, where M = 4 and 8 stall.
+            // row at a time is one sequential stream, which it follows unaided. M = 1's two rows
+            // go into L1 even on AMD: on the Zen 4 EPYC 0.94-0.95 of their time into L2.
             if (rows > 1 && m == 1) {
                 _mm_prefetch((const char *)(row[r] + rows * k + kk), _MM_HINT_T0);
             } else if (rows > 1) {
                 _mm_prefetch((const char *)(row[r] + rows * k + kk), PREFETCH_HINT);
-            } else if (STREAM_AHEAD_BYTES && m == 1) {
-                _mm_prefetch((const char *)(row[r] + kk) + STREAM_AHEAD_BYTES, PREFETCH_HINT);
             }
             wv[r] = load_full(row[r] + kk);
         }
@@ -261,24 +250,25 @@ INLINE void dot_block(const elem_t *restrict w, const elem_t *restrict x, const 
     finish_block(&acc[0][0], row, x, bias, out, k, kk, ldx, ldo, m, valid, accumulate);
 }
 
-// M = 1 takes one row at a time: the weight is then read in address order, one stream, and
-// out-of-order execution overlaps the rows' independent chains. On an AMD EPYC (Zen 4) this
-// streamed K = 896 rows at 22-29 GB/s against 17-19 with four rows side by side (interleaved
-// A/B, 2 threads); an output element's arithmetic is the same either way. Except bf16 on AMD
-// CPUs (PREFETCH_L2), which takes two: a row's products are one chain of VDPBF16PS, and two
-// rows in the loop overlap the chains' latency where out-of-order execution alone did not. On
-// the EPYC (`bench/ab_kernel_flags.py`, interleaved) two rows took 0.89 of one row's time over
-// a decode step's 96 projections (qkv's 1152 x 896 0.60, gate_up's 9728 x 896 0.78, down's
-// 896 x 4864 0.97: its long rows hid the latency already); three rows 1.04 of two, four 1.09,
-// two with the one-row prefetch 512 bytes ahead 1.08, two blocks ahead 0.96-1.02 (by the VM's
-// bandwidth spell). fp32 with two rows: 1.06 of one.
+// M = 1 takes one row at a time on Xeons: the weight is then read in address order, one
+// stream, and out-of-order execution overlaps the rows' independent chains. On AMD CPUs
+// (PREFETCH_L2) it takes two: a row's products are one chain of VDPBF16PS (of FMAs in fp32), and
+// on a Zen 4 EPYC out-of-order execution overlapped too little of consecutive rows' chains. There
+// (`bench/ab_kernel_flags.py`, interleaved, 2 threads) two rows took 0.89 of one row's time over
+// a decode step's 96 projections in bf16 (qkv's 1152 x 896 0.60, gate_up's 9728 x 896 0.78,
+// down's 896 x 4864 0.97: its long rows hid the latency already), 0.80 in fp32 (with the L1
+// prefetch and the inline finish below); three rows 1.04 of two, four 1.09, prefetching two or
+// four blocks ahead instead of one 0.96-1.02 (by the VM's bandwidth spell). Against one row
+// with its stream prefetched 512 bytes ahead into L2 (session 26's kernel), the three changes
+// together took 0.61 of the time where the VM read 78 GB/s, 0.79 where it read 48. An output
+// element's arithmetic is the same either way.
 // Larger M multiply each weight vector loaded into rows * M accumulators: about 20-24 of the 32
 // zmm registers, so the loop does fewer loads per VDPBF16PS. M > 8 runs its input rows in two
 // groups over the same weight rows (the second reads them from cache). On the EPYC (96
 // projections of a decode step, `bench/ab_kernel_flags.py`) three rows at M = 8 took 26-29 ms
 // against 32-33 with two, four at M = 5 and 6 24-26 against 30.
 #define GROUPS_FOR(M) ((M) > 8 ? 2 : 1)
-#if defined(TANDEM_BF16) && defined(PREFETCH_L2)
+#ifdef PREFETCH_L2
 #define ROWS_M1 2
 #else
 #define ROWS_M1 1
@@ -394,8 +384,6 @@ INLINE void dot_block(const elem_t *restrict w, const input_t *restrict x, const
         for (int r = 0; r < rows; r++) {
             if (rows > 1) {  // as in the AVX-512 kernel: the same position one block ahead
                 _mm_prefetch((const char *)(row[r] + rows * k + kk), PREFETCH_HINT);
-            } else if (STREAM_AHEAD_BYTES && m == 1) {
-                _mm_prefetch((const char *)(row[r] + kk) + STREAM_AHEAD_BYTES, PREFETCH_HINT);
             }
             __m256 part[PARTS];
             load_parts(row[r] + kk, part);
