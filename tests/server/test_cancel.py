@@ -5,6 +5,8 @@ Each test ends with the KV cache back at zero blocks, read from the metrics endp
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 
@@ -42,9 +44,14 @@ def test_client_cancel_frees_kv_blocks(server) -> None:
 
 
 def test_deadline_exceeded_frees_kv_blocks(server) -> None:
+    # A third of what the whole stream takes on this machine: the deadline lands mid-stream
+    # however fast the tiny model decodes (a fixed second did not, once it took under one).
+    started = time.monotonic()
+    server.generate(model="tiny-llama", text="Count with me:", stopping=LONG)
+    deadline = (time.monotonic() - started) / 3
     received = 0
     with pytest.raises(grpc.RpcError) as error:
-        for _ in server.generation.Generate(_long_request(), timeout=1.0):
+        for _ in server.generation.Generate(_long_request(), timeout=deadline):
             received += 1
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert 0 < received < 1500
