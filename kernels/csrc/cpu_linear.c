@@ -171,8 +171,10 @@ INLINE __m512 multiply_add(__m512 acc, vec_t w, vec_t x) { return _mm512_fmadd_p
 // The inputs as the blocks read them: x itself.
 typedef elem_t input_t;
 
-// The end of a block, shared by every M (kept out of line: it runs once per block, and one copy
-// instead of sixteen keeps compile time down): the partial last chunk of K with masked loads
+// The end of a block that dot_block does not finish inline (a partial last chunk of K, a last
+// block with repeated rows, one row at M = 1), shared by every M (out of line: one copy instead
+// of sixteen keeps compile time down; the inline finish is its arithmetic for whole blocks,
+// which dot_block's comment measures): the partial last chunk of K with masked loads
 // (masked-off lanes are zeros, adding exact zeros), the horizontal sum, the bias, the store
 // (of the valid rows only: a repeated row must not be added twice). `accumulate` adds the
 // rounded result to what `out` holds and rounds again, as out.add_(linear(...)) would.
