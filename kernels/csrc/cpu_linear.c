@@ -110,12 +110,20 @@ INLINE int64_t clamp_row(int r, int valid) { return r < valid ? r : valid - 1; }
 // Software prefetches go into L1, which measured best on a Xeon, or with -DPREFETCH_L2 into L2:
 // kernels/cpu_linear.py sets it on AMD CPUs. On a Zen 4 EPYC (2 threads, interleaved A/B over a
 // decode step's 96 projections) M = 4 and 8 took 24 and 31 ms instead of 35 and 43 (prefetches
-// into L1 stall on its few miss buffers). M = 1 takes two rows at a time there (see ROWS_FOR),
-// prefetched into L1 all the same.
+// into L1 stall on its few miss buffers), in session 13; by session 28 the VM ran them faster
+// from L1, farther ahead: the AVX-512 blocks prefetch so at M >= 4 (dot_block).
 #ifdef PREFETCH_L2
 #define PREFETCH_HINT _MM_HINT_T1
 #else
 #define PREFETCH_HINT _MM_HINT_T0
+#endif
+
+// How far ahead the AVX-512 blocks prefetch at M >= 4: the whole blocks nearest this many bytes
+// (at least one). On the Xeon one block.
+#ifdef PREFETCH_L2
+#define PREFETCH_AHEAD_BYTES (10 * 1024)
+#else
+#define PREFETCH_AHEAD_BYTES 0
 #endif
 
 #if defined(__AVX512F__)
@@ -209,19 +217,31 @@ INLINE void dot_block(const elem_t *restrict w, const elem_t *restrict x, const 
 #pragma GCC unroll 16
         for (int i = 0; i < m; i++) acc[r][i] = _mm512_setzero_ps();
     }
+    // The same position of the rows a few blocks ahead is prefetched: the hardware prefetcher
+    // alone keeps too few DRAM requests in flight when several short rows are streamed side by
+    // side (one row at a time is one sequential stream, which it follows unaided). At M = 2
+    // and 3 one block ahead into PREFETCH_HINT's level, otherwise into L1, at M >= 4 the whole
+    // blocks nearest PREFETCH_AHEAD_BYTES ahead. On the Zen 4 EPYC (session 28, 96 projections
+    // of a decode step, interleaved) that took M = 8 0.90 of the time of one block ahead into
+    // L2 where the VM read 75-80 GB/s and 1.00-1.03 where it read 46-48 (and computed about
+    // half as fast), M = 4 0.88-0.94 and 1.00-1.02, M = 2 0.97-0.99 but 1.03-1.04: kept in L2.
+    // M = 1's two rows had gone into L1 already (0.94-0.95 of their time into L2).
+    const int into_l2 = m == 2 || m == 3;
+    const int64_t block_bytes = rows * k * (int64_t)sizeof(elem_t);
+    const int64_t blocks_ahead =
+        m < 4 || block_bytes * 3 / 2 >= PREFETCH_AHEAD_BYTES
+            ? 1
+            : (PREFETCH_AHEAD_BYTES + block_bytes / 2) / block_bytes;
+    const int64_t ahead = blocks_ahead * rows * k;  // elements
     int64_t kk = 0;
     for (; kk + LANES <= k; kk += LANES) {
         vec_t wv[MAX_BLOCK_ROWS];
 #pragma GCC unroll 4
         for (int r = 0; r < rows; r++) {
-            // The same position one block ahead: the hardware prefetcher alone keeps too few
-            // DRAM requests in flight when several short rows are streamed side by side. One
-            // row at a time is one sequential stream, which it follows unaided. M = 1's two rows
-            // go into L1 even on AMD: on the Zen 4 EPYC 0.94-0.95 of their time into L2.
-            if (rows > 1 && m == 1) {
-                _mm_prefetch((const char *)(row[r] + rows * k + kk), _MM_HINT_T0);
+            if (rows > 1 && into_l2) {
+                _mm_prefetch((const char *)(row[r] + ahead + kk), PREFETCH_HINT);
             } else if (rows > 1) {
-                _mm_prefetch((const char *)(row[r] + rows * k + kk), PREFETCH_HINT);
+                _mm_prefetch((const char *)(row[r] + ahead + kk), _MM_HINT_T0);
             }
             wv[r] = load_full(row[r] + kk);
         }
