@@ -118,6 +118,13 @@ INLINE int64_t clamp_row(int r, int valid) { return r < valid ? r : valid - 1; }
 #define PREFETCH_HINT _MM_HINT_T0
 #endif
 
+// M = 1's prefetches (AVX-512): non-temporal on AMD (see dot_block).
+#ifdef PREFETCH_L2
+#define PREFETCH_HINT_M1 _MM_HINT_NTA
+#else
+#define PREFETCH_HINT_M1 _MM_HINT_T0
+#endif
+
 // How far ahead the AVX-512 blocks prefetch at M >= 4: the whole blocks nearest this many bytes
 // (at least one). On the Xeon one block.
 #ifdef PREFETCH_L2
@@ -225,7 +232,9 @@ INLINE void dot_block(const elem_t *restrict w, const elem_t *restrict x, const 
     // of a decode step, interleaved) that took M = 8 0.90 of the time of one block ahead into
     // L2 where the VM read 75-80 GB/s and 1.00-1.03 where it read 46-48 (and computed about
     // half as fast), M = 4 0.88-0.94 and 1.00-1.02, M = 2 0.97-0.99 but 1.03-1.04: kept in L2.
-    // M = 1's two rows had gone into L1 already (0.94-0.95 of their time into L2).
+    // M = 1's two rows had gone into L1 already (0.94-0.95 of their time into L2); as
+    // non-temporal prefetches (PREFETCH_HINT_M1) the whole decode step took 0.98-0.995 of its
+    // time in the slow state, 0.994-0.996 in the fast one.
     const int into_l2 = m == 2 || m == 3;
     const int64_t block_bytes = rows * k * (int64_t)sizeof(elem_t);
     const int64_t blocks_ahead =
@@ -240,6 +249,8 @@ INLINE void dot_block(const elem_t *restrict w, const elem_t *restrict x, const 
         for (int r = 0; r < rows; r++) {
             if (rows > 1 && into_l2) {
                 _mm_prefetch((const char *)(row[r] + ahead + kk), PREFETCH_HINT);
+            } else if (rows > 1 && m == 1) {
+                _mm_prefetch((const char *)(row[r] + ahead + kk), PREFETCH_HINT_M1);
             } else if (rows > 1) {
                 _mm_prefetch((const char *)(row[r] + ahead + kk), _MM_HINT_T0);
             }
