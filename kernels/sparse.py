@@ -383,11 +383,12 @@ def _build_kernel(
         if dot_pairs:
             flags = (*flags, "-mavx512bf16")
         if cpu_vendor() == "AuthenticAMD":
-            # Zen 4 streams the kept rows 20-25% faster with the prefetches going to L2 (into
-            # L1 they stall on its few miss buffers), 14% faster with AVX2; a Xeon was faster
+            # The Zen 4 EPYC streamed the kept rows 20-25% faster with the prefetches going
+            # to L2 than into L1 (session 13), and faster again non-temporal (session 28: 0.94-
+            # 0.97 of L2's time at one input row, 0.88 at eight, AVX2 0.93); a Xeon was faster
             # with them into L1. Four kept rows a block at one or two input rows, not eight:
             # 0.83 and 0.90 of the time there (session 27; see sparse_linear.c).
-            flags = (*flags, "-DPREFETCH_HINT=_MM_HINT_T1", "-DBLOCK_ROWS_FEW=4")
+            flags = (*flags, "-DPREFETCH_HINT=_MM_HINT_NTA", "-DBLOCK_ROWS_FEW=4")
         path = build_shared_library(_SOURCE, flags)
         module = load_extension(name if isa == "avx512" else f"{name}_{isa}", path)
     except (BuildError, ImportError, OSError) as error:

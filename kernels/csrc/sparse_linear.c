@@ -70,13 +70,16 @@
 // Tuning knobs (-D overrides them for experiments). The values below measured best on a 2-core
 // AMX-capable Xeon VM, where 2 or 8 rows per block, other prefetch distances, prefetches into L2
 // or none, and narrower or wider tiles were all slower or no faster. On a Zen 4 EPYC prefetches
-// into L2 stream 20-25% faster (kernels/sparse.py builds it so there); the rest is as good there.
+// into L2 streamed 20-25% faster (session 13); by session 28 non-temporal ones (_MM_HINT_NTA)
+// took 0.94-0.97 of L2's time at one input row and 0.88 at eight where the VM read 80 GB/s
+// (kernels/sparse.py builds it so on AMD CPUs); the rest is as good there.
 // On another Xeon VM (2026-11-23) 8 rows per block made the memory-bound stream of 1 or 2 input
 // rows 20-22% faster (bench/ab_kernel_flags.py --kernel sparse), 4 the rest; on the Zen 4 8 and
 // 4 were equal, until it ran compute about twice as fast (session 27): there 4 took 0.83 of 8's
 // time at one input row and 0.90 at two (kernels/sparse.py builds it so on AMD CPUs), where
-// prefetching 2 or 4 KB ahead instead of 8 changed nothing (1.00). The AVX2 code streams one row as fast as the AVX-512 code on the Zen 4 (14 ms
-// for a decode step's 96 projections at half the channels, prefetches into L2 both).
+// prefetching 2 or 4 KB ahead instead of 8 changed nothing (1.00). The AVX2 code streams one
+// row as fast as the AVX-512 code on the Zen 4 (14 ms for a decode step's 96 projections at half
+// the channels, prefetches into L2 both).
 #ifndef BLOCK_ROWS  // kept rows of w streamed side by side (even: VDPBF16PS takes pairs)
 #define BLOCK_ROWS 4
 #endif
