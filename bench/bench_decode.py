@@ -149,6 +149,23 @@ def measure(generate: GenerateFn, workload: Workload, name: str) -> dict[str, fl
     }
 
 
+# Round-by-round comparisons (bench/bench_vs_vllm.py): a system loaded once answers timing
+# requests on stdin, one JSON line each, with one line on stdout that starts with this prefix
+# (other lines are the system's own logs).
+ROUND_PREFIX = "@@round "
+
+
+def serve_rounds(generate: GenerateFn) -> None:
+    """Answer timing requests until stdin closes: each line {"prompts": [[ids]],
+    "max_new_tokens": n} runs the prompts as one batch; each answer {"seconds": s}. The first
+    line out, {"ready": true}, says the system has loaded."""
+    print(ROUND_PREFIX + json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        job = json.loads(line)
+        seconds = _timed(generate, job["prompts"], job["max_new_tokens"])
+        print(ROUND_PREFIX + json.dumps({"seconds": seconds}), flush=True)
+
+
 def write_result(path: str, result: dict) -> None:
     Path(path).write_text(json.dumps(result, indent=2))
 
