@@ -106,7 +106,7 @@ class Workload:
 GenerateFn = Callable[[list[list[int]], int], list[int]]
 
 
-def _timed(generate: GenerateFn, prompts: list[list[int]], max_new_tokens: int) -> float:
+def timed_call(generate: GenerateFn, prompts: list[list[int]], max_new_tokens: int) -> float:
     start = time.perf_counter()
     counts = generate(prompts, max_new_tokens)
     elapsed = time.perf_counter() - start
@@ -126,20 +126,20 @@ def measure(generate: GenerateFn, workload: Workload, name: str) -> dict[str, fl
     """
     n = workload.max_new_tokens
     progress(f"{name}: warmup")
-    _timed(generate, [workload.warmup_prompt], n)
+    timed_call(generate, [workload.warmup_prompt], n)
     one_token, full = [], []
     for r in range(workload.repeats):
         progress(f"{name}: batch 1, repeat {r + 1}/{workload.repeats}")
-        one_token.append(_timed(generate, [workload.single_prompts[2 * r]], 1))
-        full.append(_timed(generate, [workload.single_prompts[2 * r + 1]], n))
+        one_token.append(timed_call(generate, [workload.single_prompts[2 * r]], 1))
+        full.append(timed_call(generate, [workload.single_prompts[2 * r + 1]], n))
     batch = []
     for r in range(workload.repeats):
         progress(f"{name}: batch {workload.batch_size}, repeat {r + 1}/{workload.repeats}")
-        batch.append(_timed(generate, workload.batch_prompts[r], n))
+        batch.append(timed_call(generate, workload.batch_prompts[r], n))
     ttft = []
     for r in range(workload.repeats):
         progress(f"{name}: TTFT, repeat {r + 1}/{workload.repeats}")
-        ttft.append(_timed(generate, [workload.ttft_prompts[r]], 1))
+        ttft.append(timed_call(generate, [workload.ttft_prompts[r]], 1))
     decode_s = min(full) - min(one_token)
     return {
         "decode_tok_s_b1": (n - 1) / decode_s if decode_s > 0 else float("nan"),
@@ -162,7 +162,7 @@ def serve_rounds(generate: GenerateFn) -> None:
     print(ROUND_PREFIX + json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         job = json.loads(line)
-        seconds = _timed(generate, job["prompts"], job["max_new_tokens"])
+        seconds = timed_call(generate, job["prompts"], job["max_new_tokens"])
         print(ROUND_PREFIX + json.dumps({"seconds": seconds}), flush=True)
 
 
@@ -216,12 +216,13 @@ def worker_bandwidth(args: argparse.Namespace) -> dict:
     }
 
 
-def worker_tandem_engine(args: argparse.Namespace) -> dict:
+def tandem_engine_generate(model: str) -> tuple[GenerateFn, float]:
+    """Tandem's engine on `model` (bf16) as a GenerateFn, and the seconds its load took."""
     from engine.llm_engine import EngineConfig, LLMEngine
     from engine.types import Request, SamplingParams, StoppingCriteria
 
     start = time.perf_counter()
-    engine = LLMEngine.from_dir(args.model, EngineConfig(dtype="bfloat16"))
+    engine = LLMEngine.from_dir(model, EngineConfig(dtype="bfloat16"))
     load_s = time.perf_counter() - start
     progress(f"tandem engine: loaded in {load_s:.1f} s")
     ids = itertools.count()
@@ -239,6 +240,11 @@ def worker_tandem_engine(args: argparse.Namespace) -> dict:
         outputs = engine.generate(requests)
         return [len(outputs[r.request_id].token_ids) for r in requests]
 
+    return generate, load_s
+
+
+def worker_tandem_engine(args: argparse.Namespace) -> dict:
+    generate, load_s = tandem_engine_generate(args.model)
     metrics = measure(generate, Workload.load(args.workload), "tandem engine")
     return {**metrics, "load_s": load_s, "torch_threads": _torch_threads()}
 
@@ -372,14 +378,31 @@ def _rss_bytes(pid: int) -> int:
     return resident_pages * os.sysconf("SC_PAGE_SIZE")
 
 
-def tree_rss_bytes(root: int) -> int:
-    """RSS summed over a process and its descendants (vLLM runs its engine in a child)."""
+def _process_tree(root: int) -> list[int]:
+    """A process and its descendants (vLLM runs its engine in a child)."""
     children = _children_by_parent()
-    total, todo = 0, [root]
+    tree, todo = [], [root]
     while todo:
         pid = todo.pop()
-        total += _rss_bytes(pid)
+        tree.append(pid)
         todo.extend(children.get(pid, []))
+    return tree
+
+
+def tree_rss_bytes(root: int) -> int:
+    """RSS summed over a process and its descendants."""
+    return sum(_rss_bytes(pid) for pid in _process_tree(root))
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU time (user + system) of a process and its descendants so far."""
+    ticks, total = os.sysconf("SC_CLK_TCK"), 0.0
+    for pid in _process_tree(root):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # the process ended meanwhile
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
     return total
 
 

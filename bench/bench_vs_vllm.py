@@ -23,7 +23,7 @@ default, which keeps one core for its scheduler).
 from __future__ import annotations
 
 import argparse
-import itertools
+import functools
 import json
 import os
 import random
@@ -90,22 +90,6 @@ class VllmRounds:
         self.proc.stdin.flush()
         return self._answer(timeout_s=600.0)["seconds"]
 
-    def cpu_seconds(self) -> float:
-        """CPU time of the process tree so far (user + system, from /proc)."""
-        from bench.bench_decode import _children_by_parent
-
-        children, total, todo = _children_by_parent(), 0.0, [self.proc.pid]
-        ticks = os.sysconf("SC_CLK_TCK")
-        while todo:
-            pid = todo.pop()
-            todo.extend(children.get(pid, []))
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += (int(fields[11]) + int(fields[12])) / ticks
-        return total
-
     def close(self) -> None:
         self.proc.stdin.close()
         try:
@@ -114,35 +98,6 @@ class VllmRounds:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
-
-
-def tandem_timer(model: str, batch: int):
-    """Tandem's engine in this process: a function timing one call, as VllmRounds.timed."""
-    from engine.llm_engine import EngineConfig, LLMEngine
-    from engine.types import Request, SamplingParams, StoppingCriteria
-
-    engine = LLMEngine.from_dir(model, EngineConfig(dtype="bfloat16", max_num_seqs=batch))
-    ids = itertools.count()
-
-    def timed(prompts: list[list[int]], max_new_tokens: int) -> float:
-        requests = [
-            Request(
-                request_id=f"r{next(ids)}",
-                prompt_token_ids=prompt,
-                sampling=SamplingParams(temperature=0.0),
-                stopping=StoppingCriteria(max_new_tokens=max_new_tokens, ignore_eos=True),
-            )
-            for prompt in prompts
-        ]
-        start = time.perf_counter()
-        outputs = engine.generate(requests)
-        seconds = time.perf_counter() - start
-        counts = [len(outputs[r.request_id].token_ids) for r in requests]
-        if counts != [max_new_tokens] * len(prompts):
-            raise RuntimeError(f"expected {max_new_tokens} tokens per prompt, got {counts}")
-        return seconds
-
-    return timed
 
 
 def one_round(timed, prompt, args) -> dict[str, float]:
@@ -168,7 +123,15 @@ def main() -> int:
     sys.path.insert(0, str(REPO_ROOT))
     import torch
 
-    from bench.bench_decode import CACHE_DIR, progress, read_rates, weight_bytes
+    from bench.bench_decode import (
+        CACHE_DIR,
+        progress,
+        read_rates,
+        tandem_engine_generate,
+        timed_call,
+        tree_cpu_seconds,
+        weight_bytes,
+    )
     from bench.make_bench_model import build_bench_model
 
     model = str(Path(args.model or build_bench_model()).resolve())
@@ -184,7 +147,8 @@ def main() -> int:
     vllm = VllmRounds(args.vllm_python, model, args.batch, log_path)
     try:
         progress("loading Tandem's engine")
-        systems = {"tandem": tandem_timer(model, args.batch), "vllm": vllm.timed}
+        generate = tandem_engine_generate(model)[0]
+        systems = {"tandem": functools.partial(timed_call, generate), "vllm": vllm.timed}
         matrix = torch.ones(args.buffer_bytes // 4 // 4096, 4096, dtype=torch.float32)
         progress("warm-up")
         for timed in systems.values():
@@ -198,10 +162,10 @@ def main() -> int:
             rates = {}
             for name in order:
                 progress(f"round {r + 1}: {name}")
-                cpu = vllm.cpu_seconds() if name == "tandem" else time.process_time()
+                cpu = tree_cpu_seconds(vllm.proc.pid) if name == "tandem" else time.process_time()
                 rates[name] = one_round(systems[name], prompt, args)
                 if name == "tandem":
-                    idle_cpu["vllm"].append(vllm.cpu_seconds() - cpu)
+                    idle_cpu["vllm"].append(tree_cpu_seconds(vllm.proc.pid) - cpu)
                 else:
                     idle_cpu["tandem"].append(time.process_time() - cpu)
             after = max(read_rates(matrix, args.reads, f"round {r + 1}").values())
