@@ -226,17 +226,17 @@ async def _stream(
     Written with context.write rather than yield so that a client cancel or deadline always
     lands in this coroutine; leaving `track` then stops the engine request.
     """
-    sent_tokens = 0
+    sent_tokens = received_tokens = 0  # received: sent plus held
     held: list[RequestOutput] = []
     while True:
-        held_tokens = sum(len(output.token_ids) for output in held)
-        output = await _next_output(running, request, sent_tokens + held_tokens)
+        output = await _next_output(running, request, received_tokens)
         observer.observe(output)
         held.append(output)
-        if sent_tokens and not output.finished and held_tokens + len(output.token_ids) < interval:
+        received_tokens += len(output.token_ids)
+        if sent_tokens and not output.finished and received_tokens - sent_tokens < interval:
             continue
         output, held = _merged(held), []
-        sent_tokens += len(output.token_ids)
+        sent_tokens = received_tokens
         for message in responses(request.request_id, output):
             await context.write(message)
         if output.finished:
