@@ -247,12 +247,15 @@ INLINE void dot_block(const elem_t *restrict w, const elem_t *restrict x, const 
         vec_t wv[MAX_BLOCK_ROWS];
 #pragma GCC unroll 4
         for (int r = 0; r < rows; r++) {
-            if (rows > 1 && into_l2) {
-                _mm_prefetch((const char *)(row[r] + ahead + kk), PREFETCH_HINT);
-            } else if (rows > 1 && m == 1) {
-                _mm_prefetch((const char *)(row[r] + ahead + kk), PREFETCH_HINT_M1);
-            } else if (rows > 1) {
-                _mm_prefetch((const char *)(row[r] + ahead + kk), _MM_HINT_T0);
+            if (rows > 1) {
+                const char *target = (const char *)(row[r] + ahead + kk);
+                if (into_l2) {
+                    _mm_prefetch(target, PREFETCH_HINT);
+                } else if (m == 1) {
+                    _mm_prefetch(target, PREFETCH_HINT_M1);
+                } else {
+                    _mm_prefetch(target, _MM_HINT_T0);
+                }
             }
             wv[r] = load_full(row[r] + kk);
         }
