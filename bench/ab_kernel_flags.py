@@ -6,9 +6,10 @@ Builds kernels/csrc/cpu_linear.c (or sparse_linear.c; or a copy of it, `--a-sour
 shapes (Qwen2.5-0.5B: 24 layers of qkv, o, gate_up, down; bf16, random
 weights, 716 MB, more than the caches hold; or --layers copies of the --shapes given) at
 --rows input rows, each build in turn in every
-round, so both see the same drift of the machine's bandwidth. The sparse kernel gets W.T and
-TEAL thresholds keeping --keep of each row's channels. Prints the median and best round of each
-build; asserts nothing.
+round, so both see the same drift of the machine's bandwidth. The weights sit in one huge-page
+arena as the engine's loader places them (engine.huge_pages; --4k-pages: torch's allocator).
+The sparse kernel gets W.T and TEAL thresholds keeping --keep of each row's channels. Prints
+the median and best round of each build; asserts nothing.
 
     python bench/ab_kernel_flags.py --b=-DPREFETCH_L2 --rows 8
     python bench/ab_kernel_flags.py --kernel sparse --b=-DPREFETCH_HINT=_MM_HINT_T1
@@ -86,6 +87,9 @@ def main() -> None:
     )
     parser.add_argument("--layers", type=int, default=LAYERS, help="copies of the shapes")
     parser.add_argument("--spells", action="store_true", help="split B / A by bandwidth spell")
+    parser.add_argument(
+        "--4k-pages", dest="small_pages", action="store_true", help="weights from torch's allocator"
+    )
     args = parser.parse_args()
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES
     if args.dtype == "f32" and args.kernel != "dense":
@@ -104,19 +108,24 @@ def main() -> None:
             args.kernel, isa, args.b.split(), args.b_source, args.dtype
         ),
     }
+    from engine.huge_pages import HugePageArena
+
     dtype = torch.float32 if args.dtype == "f32" else torch.bfloat16
     generator = torch.Generator().manual_seed(0)
+    arena = HugePageArena.for_sizes(
+        [0 if args.small_pages else n * k * dtype.itemsize for n, k in shapes] * args.layers
+    )
     steps, tensors = [], []  # each projection's call arguments; the tensors they point into
     for _ in range(args.layers):
         for n, k in shapes:
             x = torch.randn(args.rows, k, generator=generator).to(dtype)
             out = torch.empty(args.rows, n, dtype=dtype)
             if args.kernel == "dense":
-                w = (torch.randn(n, k, generator=generator) * 0.02).to(dtype)
+                w = arena.copy_of(torch.randn(n, k, generator=generator) * 0.02, dtype)
                 steps.append((x.data_ptr(), k, w.data_ptr(), 0, out.data_ptr(), args.rows, n, k))
                 tensors.append((x, w, out))
                 continue
-            w = (torch.randn(k, n, generator=generator) * 0.02).bfloat16()
+            w = arena.copy_of(torch.randn(k, n, generator=generator) * 0.02, torch.bfloat16)
             thresholds = x.float().abs().quantile(1 - args.keep, dim=1).contiguous()
             steps.append((x.data_ptr(), k, w.data_ptr(), 0, thresholds.data_ptr(), 0,
                           out.data_ptr(), args.rows, n, k))  # fmt: skip

@@ -10,9 +10,12 @@ it for something else (least recently freed first).
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 
 import torch
+
+from engine.huge_pages import HugePageArena
 
 
 class OutOfBlocks(Exception):
@@ -135,8 +138,18 @@ class KVCache:
         self.block_size = block_size
         self.num_blocks = num_blocks
         shape = (num_blocks * block_size, num_kv_heads, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.keys, self.values = [], []
+        if torch.device(device).type == "cpu":
+            # Host caches in huge pages (engine.huge_pages): attention gathers scattered blocks.
+            nbytes = math.prod(shape) * dtype.itemsize
+            arena = HugePageArena.for_sizes([nbytes] * 2 * num_layers)
+            for tensors in (self.keys, self.values):
+                tensors.extend(arena.empty(shape, dtype).zero_() for _ in range(num_layers))
+        else:
+            for tensors in (self.keys, self.values):
+                tensors.extend(
+                    torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)
+                )
 
     @staticmethod
     def bytes_per_block(

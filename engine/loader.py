@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from engine.config import ModelConfig
+from engine.huge_pages import HugePageArena
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +50,8 @@ class ModelWeights:
 
 class CheckpointReader:
     """Tensors by Hugging Face name across all safetensors files of a model directory, read from
-    the memory-mapped files straight into their destination dtype."""
+    the memory-mapped files into their destination dtype, in one arena of huge pages
+    (engine.huge_pages: the decode step streams them all)."""
 
     def __init__(self, model_dir: Path, dtype: torch.dtype, stack: ExitStack) -> None:
         self.dtype = dtype
@@ -57,28 +60,38 @@ class CheckpointReader:
             handle = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
             for name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 self._handles[name] = handle
+        # Room for every tensor of the checkpoint (a fused one takes its parts' room).
+        self.arena = HugePageArena.for_sizes(self._nbytes(name) for name in self._handles)
         self._read = 0
         self._started = time.monotonic()
 
     def get(self, name: str) -> torch.Tensor:
-        tensor = self._raw(name)
-        return tensor if tensor.dtype == self.dtype else tensor.to(self.dtype)
+        return self.arena.copy_of(self._raw(name), self.dtype)
 
     def stacked(self, names: list[str]) -> torch.Tensor:
         """Concatenate along dim 0 without holding the pieces and the result twice over."""
-        shapes = [self._handles[name].get_slice(name).get_shape() for name in names]
+        shapes = [self._shape(name) for name in names]
         rows = sum(shape[0] for shape in shapes)
-        out = torch.empty((rows, *shapes[0][1:]), dtype=self.dtype)
+        out = self.arena.empty((rows, *shapes[0][1:]), self.dtype)
         start = 0
         for name, shape in zip(names, shapes, strict=True):
             out[start : start + shape[0]].copy_(self._raw(name))
             start += shape[0]
         return out
 
-    def _raw(self, name: str) -> torch.Tensor:
+    def _shape(self, name: str) -> list[int]:
+        return self._handle(name).get_slice(name).get_shape()
+
+    def _nbytes(self, name: str) -> int:
+        return math.prod(self._shape(name)) * self.dtype.itemsize
+
+    def _handle(self, name: str):
         if name not in self._handles:
             raise KeyError(f"checkpoint has no tensor {name!r}")
-        tensor = self._handles[name].get_tensor(name)
+        return self._handles[name]
+
+    def _raw(self, name: str) -> torch.Tensor:
+        tensor = self._handle(name).get_tensor(name)
         self._read += 1
         if self._read % _PROGRESS_EVERY_TENSORS == 0:
             logger.info(

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from engine.attention import AttentionMetadata, paged_attention
 from engine.batch import ForwardBatch
 from engine.config import ModelConfig, resolve_dtype
+from engine.huge_pages import rewrite_in_place
 from engine.kv_cache import KVCache
 from engine.loader import LayerWeights, ModelWeights, load_weights
 from engine.lora import LoraBatch
@@ -67,17 +68,16 @@ class CausalLM:
 
         Sparse, the projection weights are stored input-channel-major (W.T contiguous, so a
         skipped channel is a skipped row of memory) and kept as transposed views, [N, K] like
-        before: memory does not grow. Dense (or at sparsity 0) they are contiguous [N, K] again,
-        so the dense path is exactly today's.
+        before. Dense (or at sparsity 0) they are contiguous [N, K] again, so the dense path is
+        exactly today's. Either way they are rewritten over their own bytes: memory does not
+        grow, and the weights stay in the loader's huge pages.
         """
         sparse = plan is not None and plan.active
         for layer in self.weights.layers:
             for group in GROUPS:
                 weight = getattr(layer, group)
-                if sparse and weight.is_contiguous():
-                    setattr(layer, group, weight.t().contiguous().t())
-                elif not sparse and not weight.is_contiguous():
-                    setattr(layer, group, weight.contiguous())
+                if sparse == weight.is_contiguous():
+                    setattr(layer, group, rewrite_in_place(weight, input_major=sparse))
         self._plan = plan if sparse else None
         self.sparsity = None if plan is None else plan.settings
         self.kv_version += 1
