@@ -121,11 +121,15 @@ class CausalLM:
         layers = self.weights.layers
         norms = [layer.input_norm for layer in layers] + [self.weights.final_norm]
         x = rms_norm(hidden, norms[0], self.config.rms_norm_eps)
-        if not self._decode_in_one_call(hidden, x, cos, sin, meta, kv, lora):
+        # logits_indices ascend without repeats: as many as the rows means every row.
+        every_row = len(batch.logits_indices) == len(x)
+        ran, logits = self._decode_in_one_call(hidden, x, cos, sin, meta, kv, lora, every_row)
+        if logits is not None:
+            return logits
+        if not ran:
             for index, (layer, following_norm) in enumerate(zip(layers, norms[1:], strict=True)):
                 x = self._layer(index, layer, hidden, x, following_norm, cos, sin, meta, kv, lora)
-        # logits_indices ascend without repeats: as many as the rows means every row.
-        rows = x if len(batch.logits_indices) == len(x) else x[batch.logits_indices]
+        rows = x if every_row else x[batch.logits_indices]
         logits = linear(rows, self.weights.lm_head)
         with serial_ops(logits.numel()):
             return logits.float()
@@ -139,26 +143,34 @@ class CausalLM:
         meta: AttentionMetadata,
         kv: KVCache,
         lora: LoraBatch | None,
-    ) -> bool:
+        with_logits: bool,
+    ) -> tuple[bool, torch.Tensor | None]:
         """Every layer of a decode-only step in one C call (kernels.cpu_decode: the same
         kernels in the same order as _layer, so the same bits, without Python between them),
         where nothing needs the Python path: no observer, no skip counter, adapters only
-        through the dense C kernel."""
+        through the dense C kernel. Whether it ran, and with_logits, the logits of every row
+        (float32) where the call ran the LM head too."""
         if self.observer is not None or self.skip_counter is not None or not meta.decode_only:
-            return False
+            return False, None
         adapters = None
         if lora is not None:
             adapters = lora.decode_params()
             if adapters is None:
-                return False
+                return False, None
         if self._decode_layers is _UNPREPARED:
             self._decode_layers = self._prepare_decode_layers()
         step = self._decode_layers
         if step is None:
-            return False
+            return False, None
         gathers = [meta.decode_gather(window) for window in self.config.sliding_windows]
         pairs = [(gather.slots, gather.lengths) for gather in gathers]
-        return step(hidden, x, kv.keys, kv.values, pairs, cos, sin, meta.slot_mapping, adapters)
+        logits = None
+        if with_logits and step.lm_head is not None:
+            logits = x.new_empty(len(x), step.lm_head.shape[0], dtype=torch.float32)
+        ran = step(
+            hidden, x, kv.keys, kv.values, pairs, cos, sin, meta.slot_mapping, adapters, logits
+        )
+        return ran, logits if ran else None
 
     def _prepare_decode_layers(self) -> DecodeLayers | None:
         c, layers = self.config, self.weights.layers
@@ -178,7 +190,7 @@ class CausalLM:
                 for plans in self._plan.layers
             ]
         return DecodeLayers.prepare(
-            tensors, norms_after, shape, c.rms_norm_eps, self._scale, sparsity
+            tensors, norms_after, shape, c.rms_norm_eps, self._scale, sparsity, self.weights.lm_head
         )
 
     def _layer(

@@ -69,8 +69,10 @@ class DecodeLayers:
         eps: float,
         scale: float,
         sparsity: Sequence[Sequence[GroupSparsity]] | None = None,
+        lm_head: Tensor | None = None,
     ) -> None:
         self.shape, self.eps, self.scale = shape, eps, scale
+        self.lm_head = lm_head
         self.dtype = layers[0][0].dtype
         self.num_layers = len(layers)
         self.has_qk_norm = layers[0][2] is not None
@@ -86,7 +88,13 @@ class DecodeLayers:
             [0] * 12 if sparsity is None else _sparse_fields(groups)
             for groups in (sparsity or [None] * self.num_layers)
         ]
+        self._plain_tails = [[0] * 4 + fields for fields in self._sparse_fields]
         self._kv: tuple[list[Tensor], list[Tensor], list[tuple[int, int]]] | None = None
+        # The last call's table and what it was built from (a decode step's sequences make the
+        # same table step after step), and the ops' scratch for MAX_ROWS rows: after the
+        # weights stream, each Python-level tensor op before the C call runs cold.
+        self._table: tuple[tuple, Tensor] | None = None
+        self._scratch: dict[str, Tensor] | None = None
 
     @classmethod
     def prepare(
@@ -97,11 +105,13 @@ class DecodeLayers:
         eps: float,
         scale: float,
         sparsity: Sequence[Sequence[GroupSparsity]] | None = None,
+        lm_head: Tensor | None = None,
     ) -> DecodeLayers | None:
         """The step, or None where the kernels cannot take these weights. norms_after[i]: the
         norm that follows layer i (the next layer's input norm; the final norm last).
         sparsity[i]: layer i's groups, for a sparse model, whose four projection weights are
-        then transposed views (W.T contiguous)."""
+        then transposed views (W.T contiguous). lm_head [vocab, hidden]: calls may ask for the
+        logits too; without it (or where the kernel cannot take it) they cannot."""
         module = cpu_ops._kernels()
         if module is None or not hasattr(module, "decode_layers") or not layers:
             return None
@@ -148,7 +158,14 @@ class DecodeLayers:
                     return None
         if sparsity is not None and not _sparsity_fits(sparsity, layers, dtype):
             return None
-        return cls(layers, norms_after, shape, eps, scale, sparsity)
+        if lm_head is not None and not (
+            lm_head.dim() == 2
+            and lm_head.shape[1] == hidden
+            and _rows(lm_head, lm_head.shape[0], hidden, dtype)
+            and not lm_head.requires_grad
+        ):
+            lm_head = None
+        return cls(layers, norms_after, shape, eps, scale, sparsity, lm_head)
 
     def __call__(
         self,
@@ -161,15 +178,18 @@ class DecodeLayers:
         sin: Tensor,
         slot_mapping: Tensor,
         adapters: Sequence[Sequence[Tensor | None]] | None = None,
+        logits: Tensor | None = None,
     ) -> bool:
         """Runs every layer: hidden [m, H] (the residual stream) is updated in place and x
         [m, H] (layer 0's normed input) ends as the final norm of hidden, as the layers one by
         one would leave them. keys and values: the KV cache's per-layer pools; gathers[i]: the
-        decode gather (slots [m, L] int64, lengths [m] int64) layer i attends; cos and sin
-        [m, D / 2]; slot_mapping [m] int64: where the new keys and values go; adapters[i]: the
-        multi-LoRA params (kernels.cpu_linear.LoraDense.params) of layer i's qkv, o, gate_up
-        and down, None where a group has none. Returns False, having done nothing, where a
-        tensor does not fit.
+        decode gather (slots [m, L] int64, lengths [m] int64) layer i attends (layers of one
+        window share the very same tensors); cos and sin [m, D / 2]; slot_mapping [m] int64:
+        where the new keys and values go; adapters[i]: the multi-LoRA params
+        (kernels.cpu_linear.LoraDense.params) of layer i's qkv, o, gate_up and down, None where
+        a group has none; logits (float32 [m, vocab], only with an LM head): filled with
+        x's rows through it, as linear(x, lm_head).float() would. Returns False, having done
+        nothing, where a tensor does not fit. Not re-entrant: calls share their scratch.
 
         A batch of more than MAX_ROWS rows runs as near-equal chunks of at most MAX_ROWS (each
         row's arithmetic is the same in any batch, so the same bits); not with adapters, whose
@@ -189,58 +209,105 @@ class DecodeLayers:
             or (torch.is_grad_enabled() and (hidden.requires_grad or x.requires_grad))
         ):
             return False
+        if logits is not None and (
+            self.lm_head is None or not _rows(logits, m, self.lm_head.shape[0], torch.float32)
+        ):
+            return False
         kv = self._kv_addresses(keys, values)
         if kv is None:
             return False
-        checked: set[int] = set()
+        # The distinct gathers (one per window), and the one each layer attends.
+        found: dict[int, int] = {}
+        distinct: list[tuple[Tensor, Tensor]] = []
         for slots, lengths in gathers:
-            if id(slots) not in checked and not (
-                slots.dim() == 2
-                and slots.shape[1] > 0
-                and _rows(slots, m, slots.shape[1], torch.int64)
-                and _vector(lengths, m)
-            ):
-                return False
-            checked.add(id(slots))
+            if id(slots) not in found:
+                if not (
+                    slots.dim() == 2
+                    and slots.shape[1] > 0
+                    and _rows(slots, m, slots.shape[1], torch.int64)
+                    and _vector(lengths, m)
+                ):
+                    return False
+                found[id(slots)] = len(distinct)
+                distinct.append((slots, lengths))
+        which = tuple(found[id(slots)] for slots, _ in gathers)
         lora = 0
-        groups: Sequence[Sequence[Tensor | None]] = [(None,) * 4] * self.num_layers
+        tails = self._plain_tails  # per layer the table's fields after the gather's
         if adapters is not None:
             lora = cpu_linear.lora_entry_address(dtype)
             if not lora or len(adapters) != self.num_layers:
                 return False
             if any(len(layer) != 4 for layer in adapters):
                 return False
-            groups = adapters
-        # Per layer the table's fields after the gather: its adapters, its sparsity.
-        tails = [
-            [0 if p is None else p.data_ptr() for p in layer] + sparse_fields
-            for layer, sparse_fields in zip(groups, self._sparse_fields, strict=True)
-        ]
+            tails = [
+                [0 if p is None else p.data_ptr() for p in layer] + sparse_fields
+                for layer, sparse_fields in zip(adapters, self._sparse_fields, strict=True)
+            ]
+        table = self._table_for(kv, which, tails)
         chunks = -(-m // cpu_linear.MAX_ROWS)
         bounds = [m * i // chunks for i in range(chunks + 1)]
         for begin, end in itertools.pairwise(bounds):
             rows = slice(begin, end)
-            # Per layer: its pools, where this chunk's rows of its gather (int64, contiguous) start.
-            dynamic = [
+            # Where this chunk's rows of each gather (int64, contiguous) start.
+            chunk_gathers = torch.tensor(
                 [
-                    key_at,
-                    value_at,
-                    slots.data_ptr() + begin * slots.shape[1] * 8,
-                    lengths.data_ptr() + begin * 8,
-                    slots.shape[1],
-                ]
-                for (slots, lengths), (key_at, value_at) in zip(gathers, kv, strict=True)
-            ]
+                    [
+                        slots.data_ptr() + begin * slots.shape[1] * 8,
+                        lengths.data_ptr() + begin * 8,
+                        slots.shape[1],
+                    ]
+                    for slots, lengths in distinct
+                ],
+                dtype=torch.int64,
+            )
             self._run(
-                dynamic, tails, hidden[rows], x[rows], cos[rows], sin[rows], slot_mapping[rows],
-                linear, lora,
+                table, chunk_gathers, hidden[rows], x[rows], cos[rows], sin[rows],
+                slot_mapping[rows], linear, lora, None if logits is None else logits[rows],
             )  # fmt: skip
         return True
 
+    def _table_for(
+        self, kv: list[tuple[int, int]], which: tuple[int, ...], tails: list[list[int]]
+    ) -> Tensor:
+        """The C call's per-layer table (cpu_ops.c's LAYER_* fields), made again only when
+        the KV pools, the layers' gathers or the adapters' params differ from the last call's."""
+        key = (kv, which, None if tails is self._plain_tails else [*map(tuple, tails)])
+        if self._table is None or self._table[0] != key:
+            rows = [
+                [*static, key_at, value_at, gather, *tail]
+                for static, (key_at, value_at), gather, tail in zip(
+                    self._static, kv, which, tails, strict=True
+                )
+            ]
+            self._table = (key, torch.tensor(rows, dtype=torch.int64))
+        return self._table[1]
+
+    def _scratch_rows(self, m: int) -> dict[str, Tensor]:
+        """The ops' scratch tensors for m <= MAX_ROWS rows: views of buffers made once."""
+        if self._scratch is None:
+            shape, rows = self.shape, cpu_linear.MAX_ROWS
+            d, hq, hk = shape.head_dim, shape.num_heads, shape.num_kv_heads
+            f = shape.intermediate_size
+            widths = {
+                "qkv": (hq + 2 * hk) * d,
+                "qk": (hq + hk) * d,
+                "attn": hq * d,
+                "proj": shape.hidden_size,
+                "gate_up": 2 * f,
+                "act": f,
+                "masked": max(shape.hidden_size, hq * d, f),
+            }
+            if self.lm_head is not None and self.dtype is torch.bfloat16:
+                widths["lm_out"] = self.lm_head.shape[0]
+            self._scratch = {
+                name: torch.empty(rows, width, dtype=self.dtype) for name, width in widths.items()
+            }
+        return {name: buffer[:m] for name, buffer in self._scratch.items()}
+
     def _run(
         self,
-        dynamic: list[list[int]],
-        tails: list[list[int]],
+        table: Tensor,
+        gathers: Tensor,
         hidden: Tensor,
         x: Tensor,
         cos: Tensor,
@@ -248,34 +315,29 @@ class DecodeLayers:
         slot_mapping: Tensor,
         linear: int,
         lora: int,
+        logits: Tensor | None,
     ) -> None:
-        """One C call over at most MAX_ROWS rows; dynamic[i] and tails[i]: layer i's table
-        fields of these rows' KV gather, and those after it."""
+        """One C call over at most MAX_ROWS rows; gathers: these rows' decode gathers."""
         shape, m = self.shape, hidden.shape[0]
-        table = torch.tensor(
-            [
-                row + extra + tail
-                for row, extra, tail in zip(self._static, dynamic, tails, strict=True)
-            ],
-            dtype=torch.int64,
-        )
+        scratch = self._scratch_rows(m)
+        qkv = scratch["qkv"]
+        qk = scratch["qk"] if self.has_qk_norm else qkv
+        # Only where a sparse model's adapters read each group's input.
+        masked = scratch["masked"].data_ptr() if lora and self.sparse else 0
+        lm_head = lm_out = vocab = 0
+        if logits is not None:
+            assert self.lm_head is not None
+            lm_head, vocab = self.lm_head.data_ptr(), self.lm_head.shape[0]
+            lm_out = scratch["lm_out"].data_ptr() if "lm_out" in scratch else 0
         d, hq, hk, f = shape.head_dim, shape.num_heads, shape.num_kv_heads, shape.intermediate_size
-        qkv = hidden.new_empty(m, (hq + 2 * hk) * d)
-        qk = hidden.new_empty(m, (hq + hk) * d) if self.has_qk_norm else qkv
-        attn = hidden.new_empty(m, hq * d)
-        proj = hidden.new_empty(m, shape.hidden_size)
-        gate_up = hidden.new_empty(m, 2 * f)
-        act = hidden.new_empty(m, f)
-        masked = None
-        if lora and self.sparse:  # where a sparse model's adapters read each group's input
-            masked = hidden.new_empty(m, max(shape.hidden_size, hq * d, f))
         cpu_ops._kernels().decode_layers(
-            cpu_ops._DTYPES[self.dtype], table.data_ptr(), self.num_layers, m,
-            shape.hidden_size, hq, hk, d, f, hidden.data_ptr(), x.data_ptr(), qkv.data_ptr(),
-            qk.data_ptr(), attn.data_ptr(), proj.data_ptr(), gate_up.data_ptr(), act.data_ptr(),
-            0 if masked is None else masked.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-            slot_mapping.data_ptr(), self.eps, self.scale, linear, lora, self._sparse_entry,
-            torch.get_num_threads(),
+            cpu_ops._DTYPES[self.dtype], table.data_ptr(), gathers.data_ptr(), self.num_layers,
+            m, shape.hidden_size, hq, hk, d, f, hidden.data_ptr(), x.data_ptr(), qkv.data_ptr(),
+            qk.data_ptr(), scratch["attn"].data_ptr(), scratch["proj"].data_ptr(),
+            scratch["gate_up"].data_ptr(), scratch["act"].data_ptr(), masked, cos.data_ptr(),
+            sin.data_ptr(), slot_mapping.data_ptr(), self.eps, self.scale, linear, lora,
+            self._sparse_entry, lm_head, vocab, lm_out,
+            0 if logits is None else logits.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
 
     def _kv_addresses(

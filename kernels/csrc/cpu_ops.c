@@ -1156,9 +1156,7 @@ enum {
     LAYER_NEXT_NORM,    // [hidden]: the next layer's input norm, or the final norm
     LAYER_KEYS,         // the KV cache's [slots, hk, d] pools
     LAYER_VALUES,
-    LAYER_SLOTS,        // this step's decode gather for the layer's window: [m, max_len] int64
-    LAYER_LENGTHS,      // [m] int64
-    LAYER_MAX_LEN,
+    LAYER_GATHER,       // which of the step's decode gathers the layer's window attends
     LAYER_LORA_QKV,      // each projection group's multi-LoRA params, or 0: no adapter
     LAYER_LORA_O,
     LAYER_LORA_GATE_UP,
@@ -1174,8 +1172,12 @@ enum { GROUP_QKV, GROUP_O, GROUP_GATE_UP, GROUP_DOWN };
 static const int GROUP_WEIGHT[4] = {LAYER_QKV, LAYER_O, LAYER_GATE_UP, LAYER_DOWN};
 static const int GROUP_BIAS[4] = {LAYER_QKV_BIAS, LAYER_O_BIAS, -1, -1};
 
+// A decode gather's fields: slots [m, max_len] int64, lengths [m] int64, max_len.
+enum { GATHER_SLOTS, GATHER_LENGTHS, GATHER_MAX_LEN, GATHER_FIELDS };
+
 typedef struct {
-    const int64_t *layers;  // [num_layers, LAYER_FIELDS]
+    const int64_t *layers;   // [num_layers, LAYER_FIELDS]
+    const int64_t *gathers;  // [gathers, GATHER_FIELDS]: this step's, one per distinct window
     int64_t num_layers, m, hidden_size, hq, hk, d, f;
     char *hidden, *x;  // the residual stream (updated) and its normed copy (layer 0's input)
     char *qkv, *qk, *attn, *proj, *gate_up, *act;  // scratch; qk only with a q/k norm
@@ -1186,6 +1188,12 @@ typedef struct {
     linear_fn linear;
     lora_fn lora;      // NULL where no layer has adapters
     sparse_fn sparse;  // NULL: dense projections
+    // The LM head [vocab, hidden] or NULL; then logits [m, vocab] fp32 = the final norm's rows
+    // through it, in bf16 via `lm_out` [m, vocab] (NULL for fp32, where it writes logits).
+    const char *lm_head;
+    int64_t vocab;
+    char *lm_out;
+    float *logits;
     int threads;
 } decode_step_t;
 
@@ -1276,6 +1284,22 @@ INLINE int attend_part(const int bf16, const attention_t *a, int64_t sequences,
     return 0;
 }
 
+// The LM head over x (the final norm of every row), then, in bf16, its output widened to fp32
+// logits (exact), each member its share; the same bits as the linear kernel and Tensor.float().
+INLINE int lm_head_part(const int bf16, const decode_step_t *s, member_t *member) {
+    void *out = bf16 ? (void *)s->lm_out : (void *)s->logits;
+    const int status = s->linear(s->x, s->hidden_size, s->lm_head, NULL, out, s->m, s->vocab,
+                                 s->hidden_size, member->thread, member->size);
+    if (!bf16) return status;
+    team_sync(member);
+    const int64_t total = s->m * s->vocab;
+    const int64_t begin = total * member->thread / member->size;
+    const int64_t end = total * (member->thread + 1) / member->size;
+    const uint16_t *from = (const uint16_t *)s->lm_out;
+    for (int64_t i = begin; i < end; i++) s->logits[i] = bf16_to_f32(from[i]);
+    return status;
+}
+
 // One member's part of every layer, the team in step at every op. Returns 0, or -1 when a
 // kernel could not allocate its scratch (the member still goes through every barrier).
 INLINE int decode_layers_part(const int bf16, const decode_step_t *s, member_t *member) {
@@ -1289,17 +1313,18 @@ INLINE int decode_layers_part(const int bf16, const decode_step_t *s, member_t *
         int64_t ld_qk;
         rotate_and_store(bf16, s, member, layer, &q, &k, &ld_qk);
         team_sync(member);
+        const int64_t *gather = s->gathers + layer[LAYER_GATHER] * GATHER_FIELDS;
         const attention_t attention = {q,
                                        AT(layer, LAYER_KEYS),
                                        AT(layer, LAYER_VALUES),
-                                       AT(layer, LAYER_SLOTS),
-                                       AT(layer, LAYER_LENGTHS),
+                                       AT(gather, GATHER_SLOTS),
+                                       AT(gather, GATHER_LENGTHS),
                                        s->attn,
                                        ld_qk,
                                        s->hq,
                                        s->hk,
                                        d,
-                                       layer[LAYER_MAX_LEN],
+                                       gather[GATHER_MAX_LEN],
                                        s->scale};
         status |= attend_part(bf16, &attention, m, member);
         team_sync(member);
@@ -1319,6 +1344,7 @@ INLINE int decode_layers_part(const int bf16, const decode_step_t *s, member_t *
         add_norm(bf16, s, member, s->proj, AT(layer, LAYER_NEXT_NORM));
         team_sync(member);
     }
+    if (s->lm_head) status |= lm_head_part(bf16, s, member);
     return status;
 }
 
@@ -1440,23 +1466,50 @@ static PyObject *py_decode_attention(PyObject *module, PyObject *const *args, Py
     Py_RETURN_NONE;
 }
 
-// decode_layers(bf16, layers, num_layers, m, hidden_size, hq, hk, d, f, hidden, x, qkv, qk,
-//               attn, proj, gate_up, act, masked, cos, sin, slot_mapping, eps, scale, linear,
-//               lora, sparse, threads): see decode_layers above; `masked` (0 but for a sparse
-// model with adapters), `lora` and `sparse` may be 0; `linear`, `lora` and `sparse` are the
-// kernels' addresses.
+// decode_layers(bf16, layers, gathers, num_layers, m, hidden_size, hq, hk, d, f, hidden, x,
+//               qkv, qk, attn, proj, gate_up, act, masked, cos, sin, slot_mapping, eps, scale,
+//               linear, lora, sparse, lm_head, vocab, lm_out, logits, threads): see
+// decode_layers above; `masked` (0 but for a sparse model with adapters), `lora`, `sparse`
+// and `lm_head` (then also `lm_out` and `logits`; `lm_out` for bf16 only) may be 0; `linear`,
+// `lora` and `sparse` are the kernels' addresses.
 static PyObject *py_decode_layers(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
-    long long v[27];
-    if (parse_ints(args, nargs, 27, v, "decode_layers") != 0) return NULL;
-    const float eps = (float)PyFloat_AsDouble(args[21]), scale = (float)PyFloat_AsDouble(args[22]);
+    long long v[32];
+    if (parse_ints(args, nargs, 32, v, "decode_layers") != 0) return NULL;
+    const float eps = (float)PyFloat_AsDouble(args[22]), scale = (float)PyFloat_AsDouble(args[23]);
     if (PyErr_Occurred()) return NULL;
     const decode_step_t step = {
-        PTR(v[1]),  v[2],       v[3],       v[4],       v[5],       v[6],
-        v[7],       v[8],       PTR(v[9]),  PTR(v[10]), PTR(v[11]), PTR(v[12]),
-        PTR(v[13]), PTR(v[14]), PTR(v[15]), PTR(v[16]), PTR(v[17]), PTR(v[18]),
-        PTR(v[19]), PTR(v[20]), eps,        scale,      (linear_fn)PTR(v[23]),
-        (lora_fn)PTR(v[24]),    (sparse_fn)PTR(v[25]),  (int)v[26],
+        .layers = PTR(v[1]),
+        .gathers = PTR(v[2]),
+        .num_layers = v[3],
+        .m = v[4],
+        .hidden_size = v[5],
+        .hq = v[6],
+        .hk = v[7],
+        .d = v[8],
+        .f = v[9],
+        .hidden = PTR(v[10]),
+        .x = PTR(v[11]),
+        .qkv = PTR(v[12]),
+        .qk = PTR(v[13]),
+        .attn = PTR(v[14]),
+        .proj = PTR(v[15]),
+        .gate_up = PTR(v[16]),
+        .act = PTR(v[17]),
+        .masked = PTR(v[18]),
+        .cos = PTR(v[19]),
+        .sin = PTR(v[20]),
+        .slot_mapping = PTR(v[21]),
+        .eps = eps,
+        .scale = scale,
+        .linear = (linear_fn)PTR(v[24]),
+        .lora = (lora_fn)PTR(v[25]),
+        .sparse = (sparse_fn)PTR(v[26]),
+        .lm_head = PTR(v[27]),
+        .vocab = v[28],
+        .lm_out = PTR(v[29]),
+        .logits = PTR(v[30]),
+        .threads = (int)v[31],
     };
     // Tens of milliseconds: the server's event loop runs meanwhile.
     PyThreadState *state = PyEval_SaveThread();

@@ -342,17 +342,17 @@ def test_decode_in_one_call_is_the_layers_one_by_one(
     tiny_model: Callable, variant: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Decode steps of two sequences (different lengths, scattered blocks, sliding windows that
-    cut in) through kernels.cpu_decode's one C call give the very logits and KV cache of the
-    layers run one by one in Python."""
+    cut in) through kernels.cpu_decode's one C call, the LM head included, give the very logits
+    and KV cache of the layers and the LM head run one by one in Python."""
     model = CausalLM.from_dir(tiny_model(variant, dtype).path)
     one_call = CausalLM._decode_in_one_call
     used = []
 
     def run(fast: bool) -> tuple[list[torch.Tensor], KVCache]:
-        def decode_in_one_call(self, *args) -> bool:
-            done = fast and one_call(self, *args)
-            used.append(done)
-            return done
+        def decode_in_one_call(self, *args) -> tuple[bool, torch.Tensor | None]:
+            ran, logits = one_call(self, *args) if fast else (False, None)
+            used.append(ran and logits is not None)
+            return ran, logits
 
         monkeypatch.setattr(CausalLM, "_decode_in_one_call", decode_in_one_call)
         kv = model.new_kv_cache(NUM_BLOCKS, BLOCK_SIZE)

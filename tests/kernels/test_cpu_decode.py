@@ -145,11 +145,14 @@ def test_one_call_is_the_kernels_one_by_one(
     if not cpu_linear.kernel_available(dtype):
         pytest.skip(f"no {dtype} kernel on this CPU")
     tensors, norms_after = make_layers(dtype, 3, qk_norm, bias)
-    step = DecodeLayers.prepare(tensors, norms_after, SHAPE, EPS, SCALE)
-    assert step is not None
+    # The LM head too: a vocabulary that is no multiple of a block's rows.
+    lm_head = (0.2 * torch.randn(301, SHAPE.hidden_size, generator=torch.Generator())).to(dtype)
+    step = DecodeLayers.prepare(tensors, norms_after, SHAPE, EPS, SCALE, lm_head=lm_head)
+    assert step is not None and step.lm_head is lm_head
     hidden, x, keys, values, gather, cos, sin, slot_mapping = make_step(dtype, m, 3)
     copies = [t.clone() for t in (hidden, x, *keys, *values)]
-    assert step(hidden, x, keys, values, [gather] * 3, cos, sin, slot_mapping)
+    logits = torch.full((m, 301), float("nan"))
+    assert step(hidden, x, keys, values, [gather] * 3, cos, sin, slot_mapping, logits=logits)
     ref_hidden, ref_x = copies[0], copies[1]
     ref_keys, ref_values = copies[2:5], copies[5:8]
     ref_x = one_by_one(
@@ -167,6 +170,7 @@ def test_one_call_is_the_kernels_one_by_one(
     assert torch.equal(x, ref_x) and torch.equal(hidden, ref_hidden)
     for got, wanted in zip((*keys, *values), (*ref_keys, *ref_values), strict=True):
         assert torch.equal(got, wanted)
+    assert torch.equal(logits, cpu_linear.linear(ref_x, lm_head).float())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -181,11 +185,13 @@ def test_more_rows_than_the_kernels_take_are_each_row_alone(dtype: torch.dtype, 
     sparsity = None
     if mode != "dense":
         tensors, sparsity = sparse_model(tensors, mode)
-    step = DecodeLayers.prepare(tensors, norms_after, SHAPE, EPS, SCALE, sparsity)
+    lm_head = (0.2 * torch.randn(77, SHAPE.hidden_size, generator=torch.Generator())).to(dtype)
+    step = DecodeLayers.prepare(tensors, norms_after, SHAPE, EPS, SCALE, sparsity, lm_head)
     assert step is not None
     hidden, x, keys, values, gather, cos, sin, slot_mapping = make_step(dtype, m, 3)
     copies = [t.clone() for t in (hidden, x, *keys, *values)]
-    assert step(hidden, x, keys, values, [gather] * 3, cos, sin, slot_mapping)
+    logits = torch.empty(m, 77)
+    assert step(hidden, x, keys, values, [gather] * 3, cos, sin, slot_mapping, logits=logits)
     ref_hidden, ref_keys, ref_values = copies[0], copies[2:5], copies[5:8]
     slots, lengths = gather
     for r in range(m):
@@ -196,6 +202,7 @@ def test_more_rows_than_the_kernels_take_are_each_row_alone(dtype: torch.dtype, 
             sparsity=sparsity,
         )  # fmt: skip
         assert torch.equal(x[row], ref_x), f"row {r}"
+        assert torch.equal(logits[row], cpu_linear.linear(ref_x, lm_head).float()), f"row {r}"
     assert torch.equal(hidden, ref_hidden)
     for got, wanted in zip((*keys, *values), (*ref_keys, *ref_values), strict=True):
         assert torch.equal(got, wanted)
@@ -449,8 +456,20 @@ def test_refusals_leave_everything_as_it_was() -> None:
     }
     for name, (k, v, gathers, c) in refused.items():
         assert not step(hidden, x, k, v, gathers, c, sin, slot_mapping), name
+    # Logits from a step prepared without an LM head, or of the wrong shape or dtype.
+    assert not step(hidden, x, keys, values, [gather] * 2, cos, sin, slot_mapping, None, x)
+    lm_head = torch.randn(30, SHAPE.hidden_size)
+    with_head = DecodeLayers.prepare(tensors, norms_after, SHAPE, EPS, SCALE, lm_head=lm_head)
+    assert with_head is not None and with_head.lm_head is lm_head
+    for logits in (torch.empty(3, 29), torch.empty(2, 30), torch.empty(3, 30).double()):
+        assert not with_head(
+            hidden, x, keys, values, [gather] * 2, cos, sin, slot_mapping, logits=logits
+        )
     for got, wanted in zip((hidden, x, *keys, *values), before, strict=True):
         assert torch.equal(got, wanted)
+    # An LM head the kernel cannot take: the step runs, but not with logits.
+    narrow = DecodeLayers.prepare(tensors, norms_after, SHAPE, EPS, SCALE, lm_head=lm_head[:, :8])
+    assert narrow is not None and narrow.lm_head is None
     assert step(*make_step(dtype, 3, 2)[:4], [gather] * 2, cos, sin, slot_mapping, [params] * 2)
 
 
