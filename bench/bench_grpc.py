@@ -13,7 +13,10 @@ stepping thread blocks on its inbox).
 
 `--servers`: the server's engine in a process of its own (`tandem serve`'s default) and/or on a
 thread of the server's process (`--engine-in-process`); each is a server of its own, all
-alternated with the bare engine in every repeat.
+alternated with the bare engine in every repeat. `--client`: blocking stubs, one thread per
+stream (the default), or `aio`: grpc.aio stubs, every stream on one event loop, which costs
+this process less CPU per message (the client shares the machine's cores with the engines;
+a production client runs elsewhere).
 
 Prints figures, asserts nothing. Greedy, EOS ignored, 32-token random prompts, a fresh prompt
 for every call.
@@ -70,6 +73,12 @@ def main() -> None:
         metavar="ARG",
         help="append to every server's command line (e.g. --server-arg=--stream-interval "
         "--server-arg=4), repeatable",
+    )
+    parser.add_argument(
+        "--client",
+        choices=["threads", "aio"],
+        default="threads",
+        help="blocking stubs on a thread per stream, or grpc.aio on one event loop",
     )
     parser.add_argument(
         "--server-env",
@@ -151,8 +160,14 @@ def main() -> None:
 
                 return run_grpc
 
+            runner = grpc_runner
+            if args.client == "aio":
+                runner = AioClient(
+                    {name: f"127.0.0.1:{port}" for name, port in ports.items()}, model_id, prompt
+                ).runner
             systems = {"engine": run_engine}
-            systems.update({f"grpc-{name}": grpc_runner(stub) for name, stub in stubs.items()})
+            systems.update({f"grpc-{name}": runner(name) if args.client == "aio" else runner(stub)
+                            for name, stub in stubs.items()})  # fmt: skip
             pids = {f"grpc-{name}": server.pid for name, server in servers.items()}
             for run in systems.values():  # warm-up, and the servers' first requests
                 run(max(args.batch), 8)
@@ -198,6 +213,60 @@ def main() -> None:
             server.terminate()
         for server in servers.values():
             server.wait(timeout=60)
+
+
+class AioClient:
+    """grpc.aio stubs on one event loop, run by a thread of its own: a batch's streams are
+    coroutines of that loop, not threads."""
+
+    def __init__(self, addresses: dict[str, str], model_id: str, prompt: Callable) -> None:
+        import asyncio
+        import threading
+
+        self._asyncio = asyncio
+        self._loop = asyncio.new_event_loop()
+        threading.Thread(target=self._loop.run_forever, daemon=True).start()
+        self._model_id, self._prompt = model_id, prompt
+        self._stubs = self._call(self._make_stubs(addresses))
+
+    def _call(self, coroutine):
+        return self._asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    async def _make_stubs(self, addresses: dict[str, str]) -> dict:
+        import grpc
+
+        from tandem.v1 import tandem_pb2_grpc
+
+        return {
+            name: tandem_pb2_grpc.GenerationStub(grpc.aio.insecure_channel(address))
+            for name, address in addresses.items()
+        }
+
+    async def _stream_one(self, stub, tokens: list[int], n: int) -> int:
+        from tandem.v1 import tandem_pb2
+
+        request = tandem_pb2.GenerateRequest(
+            model=self._model_id,
+            token_ids=tokens,
+            sampling=tandem_pb2.SamplingParams(temperature=0.0),
+            stopping=tandem_pb2.StoppingCriteria(max_new_tokens=n, ignore_eos=True),
+        )
+        received = 0
+        async for response in stub.Generate(request):
+            if response.HasField("delta"):
+                received += len(response.delta.token_ids)
+        return received
+
+    async def _batch(self, stub, prompts: list[list[int]], n: int) -> int:
+        streams = [self._stream_one(stub, tokens, n) for tokens in prompts]
+        return sum(await self._asyncio.gather(*streams))
+
+    def runner(self, name: str) -> Callable[[int, int], int]:
+        def run_grpc(batch: int, n: int) -> int:
+            prompts = [self._prompt() for _ in range(batch)]
+            return self._call(self._batch(self._stubs[name], prompts, n))
+
+        return run_grpc
 
 
 def _cpu_seconds(pid: int) -> float:
