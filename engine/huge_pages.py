@@ -27,8 +27,8 @@ class HugePageArena:
     Each tensor has a torch storage of its own over exactly its bytes, so storage identity,
     sizes and views behave as for torch.empty's tensors; the mapping lives while any of them
     does. Pages are backed only once written: reserving more than is used costs address space,
-    not memory. When the capacity runs out, or the platform has no anonymous mappings,
-    `empty` falls back to torch.empty.
+    not memory. When the capacity runs out, or no mapping can be had (no anonymous mappings on
+    the platform, or the kernel refuses one that large), `empty` falls back to torch.empty.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -37,7 +37,10 @@ class HugePageArena:
         if capacity <= 0 or not hasattr(mmap, "MAP_ANONYMOUS"):
             return
         size = capacity + _HUGE_PAGE  # room to start on a huge-page boundary
-        self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        except OSError:  # e.g. more than the kernel's overcommit policy lets one mapping have
+            return
         with contextlib.suppress(AttributeError, OSError):  # no THP: ordinary pages
             self._map.madvise(mmap.MADV_HUGEPAGE)
         base = ctypes.addressof((ctypes.c_char * 1).from_buffer(self._map))

@@ -69,6 +69,12 @@ def test_arena_falls_back_to_torch_when_full() -> None:
     assert arena.empty((0, 4), torch.float32).shape == (0, 4)
 
 
+def test_arena_falls_back_to_torch_when_no_mapping_can_be_had() -> None:
+    arena = HugePageArena(1 << 60)  # more address space than a process has
+    tensor = arena.empty((4,), torch.float32).fill_(2.0)
+    assert tensor.sum().item() == 8
+
+
 def test_arena_memory_outlives_the_arena() -> None:
     tensor = HugePageArena.for_sizes([4 << 20]).empty((1 << 20,), torch.float32)
     tensor.fill_(3.0)  # the arena object is gone; its mapping lives with the tensor
