@@ -11,6 +11,10 @@ meet at a spinning barrier between ops: a region per op woke the sleeping thread
 step where OpenMP waits passively (the server's setting), which on a virtual machine cost as
 much as the step itself.
 
+Prepared with the LM head, a call can also run it over the final norm's rows and widen its
+output to float32 logits in the same region (the LM head's own call and `logits.float()` were
+two more cold ops and a region).
+
 A sparse model (WINA / TEAL) runs its projections through kernels.sparse's C kernel instead,
 on weights stored input-channel-major, as the Python path does (same bits); where a group has
 adapters, that kernel also writes the input with each row's dropped channels zeroed, the input

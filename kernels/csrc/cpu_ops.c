@@ -4,7 +4,7 @@
 // Each replaces several torch ops whose fixed cost per call (5-20 us) dominated a decoding
 // step's non-linear time; here one call costs about a microsecond plus its arithmetic.
 // decode_layers runs a whole decode step's layers with them (and the projections of
-// kernels/csrc/cpu_linear.c, by address) in one call.
+// kernels/csrc/cpu_linear.c, by address) in one call, and the LM head after them.
 //
 // One module, both element types: every op is written once as an always-inline function with a
 // constant `bf16` flag and instantiated twice, so the branches on the type fold away.
