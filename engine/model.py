@@ -112,65 +112,75 @@ class CausalLM:
     ) -> torch.Tensor:
         """float32 logits [len(batch.logits_indices), vocab]; writes the new tokens' K/V.
         `lora`: the LoRA adapters of the batch's rows (None: every row runs the base model)."""
+        meta = AttentionMetadata.from_batch(batch)
+        # logits_indices ascend without repeats: as many as the rows means every row.
+        every_row = len(batch.logits_indices) == batch.num_tokens
+        x, logits = self._decode_in_one_call(batch, meta, kv, lora, every_row)
+        if logits is not None:
+            return logits
+        if x is None:
+            x = self._layers(batch, meta, kv, lora)
+        rows = x if every_row else x[batch.logits_indices]
+        logits = linear(rows, self.weights.lm_head)
+        with serial_ops(logits.numel()):
+            return logits.float()
+
+    def _layers(
+        self, batch: ForwardBatch, meta: AttentionMetadata, kv: KVCache, lora: LoraBatch | None
+    ) -> torch.Tensor:
+        """The embedding and every layer op by op; the final norm of every row."""
         hidden = F.embedding(batch.input_ids, self.weights.embed)
         cos, sin = self.rope.cos_sin(batch.positions, max(batch.context_lens, default=0))
-        meta = AttentionMetadata.from_batch(batch)
         # Each layer ends with the residual add and the next norm in one call (the last layer
         # with the final norm): after a projection has streamed its weights through the caches,
         # every distinct call runs cold, at ~20 us.
         layers = self.weights.layers
         norms = [layer.input_norm for layer in layers] + [self.weights.final_norm]
         x = rms_norm(hidden, norms[0], self.config.rms_norm_eps)
-        # logits_indices ascend without repeats: as many as the rows means every row.
-        every_row = len(batch.logits_indices) == len(x)
-        ran, logits = self._decode_in_one_call(hidden, x, cos, sin, meta, kv, lora, every_row)
-        if logits is not None:
-            return logits
-        if not ran:
-            for index, (layer, following_norm) in enumerate(zip(layers, norms[1:], strict=True)):
-                x = self._layer(index, layer, hidden, x, following_norm, cos, sin, meta, kv, lora)
-        rows = x if every_row else x[batch.logits_indices]
-        logits = linear(rows, self.weights.lm_head)
-        with serial_ops(logits.numel()):
-            return logits.float()
+        for index, (layer, following_norm) in enumerate(zip(layers, norms[1:], strict=True)):
+            x = self._layer(index, layer, hidden, x, following_norm, cos, sin, meta, kv, lora)
+        return x
 
     def _decode_in_one_call(
         self,
-        hidden: torch.Tensor,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        batch: ForwardBatch,
         meta: AttentionMetadata,
         kv: KVCache,
         lora: LoraBatch | None,
         with_logits: bool,
-    ) -> tuple[bool, torch.Tensor | None]:
-        """Every layer of a decode-only step in one C call (kernels.cpu_decode: the same
-        kernels in the same order as _layer, so the same bits, without Python between them),
-        where nothing needs the Python path: no observer, no skip counter, adapters only
-        through the dense C kernel. Whether it ran, and with_logits, the logits of every row
-        (float32) where the call ran the LM head too."""
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """A decode-only step from its token ids through every layer in one C call
+        (kernels.cpu_decode: the same kernels in the same order as _layers, so the same bits,
+        without Python between them), where nothing needs the Python path: no observer, no
+        skip counter, adapters only through the dense C kernel. The final norm of every row
+        (None where the call did not run), and with_logits the logits of every row (float32)
+        where the call ran the LM head too."""
         if self.observer is not None or self.skip_counter is not None or not meta.decode_only:
-            return False, None
+            return None, None
         adapters = None
         if lora is not None:
             adapters = lora.decode_params()
             if adapters is None:
-                return False, None
+                return None, None
         if self._decode_layers is _UNPREPARED:
             self._decode_layers = self._prepare_decode_layers()
         step = self._decode_layers
-        if step is None:
-            return False, None
+        if step is None or step.embedding is None:
+            return None, None
         gathers = [meta.decode_gather(window) for window in self.config.sliding_windows]
         pairs = [(gather.slots, gather.lengths) for gather in gathers]
+        m, hidden_size = batch.num_tokens, self.config.hidden_size
+        hidden = torch.empty(m, hidden_size, dtype=self.dtype)
+        x = torch.empty(m, hidden_size, dtype=self.dtype)
+        cos, sin = self.rope.tables(max(batch.context_lens, default=0))
         logits = None
         if with_logits and step.lm_head is not None:
-            logits = x.new_empty(len(x), step.lm_head.shape[0], dtype=torch.float32)
-        ran = step(
-            hidden, x, kv.keys, kv.values, pairs, cos, sin, meta.slot_mapping, adapters, logits
-        )
-        return ran, logits if ran else None
+            logits = torch.empty(m, step.lm_head.shape[0], dtype=torch.float32)
+        tokens = (batch.input_ids, batch.positions)
+        if not step(hidden, x, kv.keys, kv.values, pairs, cos, sin, meta.slot_mapping, adapters,
+                    logits, tokens):  # fmt: skip
+            return None, None
+        return x, logits
 
     def _prepare_decode_layers(self) -> DecodeLayers | None:
         c, layers = self.config, self.weights.layers
@@ -189,9 +199,11 @@ class CausalLM:
                 [plans[group].kernel_args(widths[group]) for group in GROUPS]
                 for plans in self._plan.layers
             ]
+        embedding = (self.weights.embed, layers[0].input_norm)
         return DecodeLayers.prepare(
-            tensors, norms_after, shape, c.rms_norm_eps, self._scale, sparsity, self.weights.lm_head
-        )
+            tensors, norms_after, shape, c.rms_norm_eps, self._scale, sparsity,
+            self.weights.lm_head, embedding,
+        )  # fmt: skip
 
     def _layer(
         self,

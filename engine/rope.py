@@ -64,6 +64,11 @@ class RotaryEmbedding:
             needed = bound
         else:
             needed = int(positions.max()) + 1 if positions.numel() else 0
-        if needed > self._cos.shape[0]:
-            self._extend(max(needed, 2 * self._cos.shape[0]))
-        return self._cos[positions], self._sin[positions]
+        cos, sin = self.tables(needed)
+        return cos[positions], sin[positions]
+
+    def tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cos and sin tables [P, head_dim // 2] (row p: position p), P >= length."""
+        if length > self._cos.shape[0]:
+            self._extend(max(length, 2 * self._cos.shape[0]))
+        return self._cos, self._sin

@@ -13,7 +13,9 @@ much as the step itself.
 
 Prepared with the LM head, a call can also run it over the final norm's rows and widen its
 output to float32 logits in the same region (the LM head's own call and `logits.float()` were
-two more cold ops and a region).
+two more cold ops and a region); prepared with the embedding and layer 0's norm, it can start
+from token ids and positions, gathering the embedding rows, their norm and each row's rotary
+rows itself (three more cold ops).
 
 A sparse model (WINA / TEAL) runs its projections through kernels.sparse's C kernel instead,
 on weights stored input-channel-major, as the Python path does (same bits); where a group has
@@ -74,9 +76,11 @@ class DecodeLayers:
         scale: float,
         sparsity: Sequence[Sequence[GroupSparsity]] | None = None,
         lm_head: Tensor | None = None,
+        embedding: tuple[Tensor, Tensor] | None = None,
     ) -> None:
         self.shape, self.eps, self.scale = shape, eps, scale
         self.lm_head = lm_head
+        self.embedding = embedding
         self.dtype = layers[0][0].dtype
         self.num_layers = len(layers)
         self.has_qk_norm = layers[0][2] is not None
@@ -110,12 +114,15 @@ class DecodeLayers:
         scale: float,
         sparsity: Sequence[Sequence[GroupSparsity]] | None = None,
         lm_head: Tensor | None = None,
+        embedding: tuple[Tensor, Tensor] | None = None,
     ) -> DecodeLayers | None:
         """The step, or None where the kernels cannot take these weights. norms_after[i]: the
         norm that follows layer i (the next layer's input norm; the final norm last).
         sparsity[i]: layer i's groups, for a sparse model, whose four projection weights are
         then transposed views (W.T contiguous). lm_head [vocab, hidden]: calls may ask for the
-        logits too; without it (or where the kernel cannot take it) they cannot."""
+        logits too; embedding (the embedding [vocab, hidden] and layer 0's input norm
+        [hidden]): calls may start from token ids. Without them (or where the kernels cannot
+        take them) they cannot."""
         module = cpu_ops._kernels()
         if module is None or not hasattr(module, "decode_layers") or not layers:
             return None
@@ -169,7 +176,14 @@ class DecodeLayers:
             and not lm_head.requires_grad
         ):
             lm_head = None
-        return cls(layers, norms_after, shape, eps, scale, sparsity, lm_head)
+        if embedding is not None and not (
+            embedding[0].dim() == 2
+            and _rows(embedding[0], embedding[0].shape[0], hidden, dtype)
+            and _rows(embedding[1].view(1, -1), 1, hidden, dtype)
+            and not any(t.requires_grad for t in embedding)
+        ):
+            embedding = None
+        return cls(layers, norms_after, shape, eps, scale, sparsity, lm_head, embedding)
 
     def __call__(
         self,
@@ -183,6 +197,7 @@ class DecodeLayers:
         slot_mapping: Tensor,
         adapters: Sequence[Sequence[Tensor | None]] | None = None,
         logits: Tensor | None = None,
+        tokens: tuple[Tensor, Tensor] | None = None,
     ) -> bool:
         """Runs every layer: hidden [m, H] (the residual stream) is updated in place and x
         [m, H] (layer 0's normed input) ends as the final norm of hidden, as the layers one by
@@ -192,8 +207,12 @@ class DecodeLayers:
         where the new keys and values go; adapters[i]: the multi-LoRA params
         (kernels.cpu_linear.LoraDense.params) of layer i's qkv, o, gate_up and down, None where
         a group has none; logits (float32 [m, vocab], only with an LM head): filled with
-        x's rows through it, as linear(x, lm_head).float() would. Returns False, having done
-        nothing, where a tensor does not fit. Not re-entrant: calls share their scratch.
+        x's rows through it, as linear(x, lm_head).float() would. tokens (token ids [m] and
+        positions [m], int64; only with the embedding): the call starts from them, writing
+        hidden (their embedding rows) and x (its norm) first, and cos and sin are the rotary
+        tables [P, D / 2] whose row p is position p's (IndexError where an id or a position is
+        outside its table). Returns False, having done nothing, where a tensor does not fit.
+        Not re-entrant: calls share their scratch.
 
         A batch of more than MAX_ROWS rows runs as near-equal chunks of at most MAX_ROWS (each
         row's arithmetic is the same in any batch, so the same bits); not with adapters, whose
@@ -207,9 +226,13 @@ class DecodeLayers:
             or len(gathers) != self.num_layers
             or not _rows(hidden, m, shape.hidden_size, dtype)
             or not _rows(x, m, shape.hidden_size, dtype)
-            or not _rows(cos, m, shape.head_dim // 2, dtype)
-            or not _rows(sin, m, shape.head_dim // 2, dtype)
+            or not _rows(cos, cos.shape[0] if tokens else m, shape.head_dim // 2, dtype)
+            or not _rows(sin, cos.shape[0] if tokens else m, shape.head_dim // 2, dtype)
             or not _vector(slot_mapping, m)
+            or (
+                tokens is not None
+                and (self.embedding is None or not all(_vector(t, m) for t in tokens))
+            )
             or (torch.is_grad_enabled() and (hidden.requires_grad or x.requires_grad))
         ):
             return False
@@ -249,6 +272,10 @@ class DecodeLayers:
             ]
         table = self._table_for(kv, which, tails)
         chunks = -(-m // cpu_linear.MAX_ROWS)
+        if tokens is not None and chunks > 1:  # each call checks its own rows: check all first
+            assert self.embedding is not None
+            _check_indices(tokens[0], self.embedding[0].shape[0])
+            _check_indices(tokens[1], cos.shape[0])
         bounds = [m * i // chunks for i in range(chunks + 1)]
         for begin, end in itertools.pairwise(bounds):
             rows = slice(begin, end)
@@ -265,8 +292,10 @@ class DecodeLayers:
                 dtype=torch.int64,
             )
             self._run(
-                table, chunk_gathers, hidden[rows], x[rows], cos[rows], sin[rows],
-                slot_mapping[rows], linear, lora, None if logits is None else logits[rows],
+                table, chunk_gathers, hidden[rows], x[rows],
+                (cos, sin) if tokens else (cos[rows], sin[rows]), slot_mapping[rows], linear,
+                lora, None if logits is None else logits[rows],
+                None if tokens is None else (tokens[0][rows], tokens[1][rows]),
             )  # fmt: skip
         return True
 
@@ -314,14 +343,15 @@ class DecodeLayers:
         gathers: Tensor,
         hidden: Tensor,
         x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
+        rotary: tuple[Tensor, Tensor],
         slot_mapping: Tensor,
         linear: int,
         lora: int,
         logits: Tensor | None,
+        tokens: tuple[Tensor, Tensor] | None,
     ) -> None:
-        """One C call over at most MAX_ROWS rows; gathers: these rows' decode gathers."""
+        """One C call over at most MAX_ROWS rows; gathers: these rows' decode gathers;
+        rotary: their cos and sin rows, or with tokens the tables."""
         shape, m = self.shape, hidden.shape[0]
         scratch = self._scratch_rows(m)
         qkv = scratch["qkv"]
@@ -333,6 +363,13 @@ class DecodeLayers:
             assert self.lm_head is not None
             lm_head, vocab = self.lm_head.data_ptr(), self.lm_head.shape[0]
             lm_out = scratch["lm_out"].data_ptr() if "lm_out" in scratch else 0
+        ids = embed = embed_rows = first_norm = positions = 0
+        if tokens is not None:
+            assert self.embedding is not None
+            ids, positions = tokens[0].data_ptr(), tokens[1].data_ptr()
+            embed, embed_rows = self.embedding[0].data_ptr(), self.embedding[0].shape[0]
+            first_norm = self.embedding[1].data_ptr()
+        cos, sin = rotary
         d, hq, hk, f = shape.head_dim, shape.num_heads, shape.num_kv_heads, shape.intermediate_size
         cpu_ops._kernels().decode_layers(
             cpu_ops._DTYPES[self.dtype], table.data_ptr(), gathers.data_ptr(), self.num_layers,
@@ -341,7 +378,8 @@ class DecodeLayers:
             scratch["gate_up"].data_ptr(), scratch["act"].data_ptr(), masked, cos.data_ptr(),
             sin.data_ptr(), slot_mapping.data_ptr(), self.eps, self.scale, linear, lora,
             self._sparse_entry, lm_head, vocab, lm_out,
-            0 if logits is None else logits.data_ptr(), torch.get_num_threads(),
+            0 if logits is None else logits.data_ptr(), torch.get_num_threads(), ids, embed,
+            embed_rows, first_norm, positions, cos.shape[0],
         )  # fmt: skip
 
     def _kv_addresses(
@@ -395,6 +433,11 @@ def _sparse_fields(groups: Sequence[GroupSparsity]) -> list[int]:
     keeps = [keep for _, keep, _ in groups]
     thresholds = [0 if t is None else t.data_ptr() for _, _, t in groups]
     return norms + keeps + thresholds
+
+
+def _check_indices(indices: Tensor, size: int) -> None:
+    if int(indices.min()) < 0 or int(indices.max()) >= size:
+        raise IndexError("decode_layers: a token id or position is out of range")
 
 
 def _fp32(t: Tensor, length: int) -> bool:

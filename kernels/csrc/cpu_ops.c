@@ -4,7 +4,8 @@
 // Each replaces several torch ops whose fixed cost per call (5-20 us) dominated a decoding
 // step's non-linear time; here one call costs about a microsecond plus its arithmetic.
 // decode_layers runs a whole decode step's layers with them (and the projections of
-// kernels/csrc/cpu_linear.c, by address) in one call, and the LM head after them.
+// kernels/csrc/cpu_linear.c, by address) in one call, from the token ids' embedding rows to
+// the LM head.
 //
 // One module, both element types: every op is written once as an always-inline function with a
 // constant `bf16` flag and instantiated twice, so the branches on the type fold away.
@@ -1182,7 +1183,14 @@ typedef struct {
     char *hidden, *x;  // the residual stream (updated) and its normed copy (layer 0's input)
     char *qkv, *qk, *attn, *proj, *gate_up, *act;  // scratch; qk only with a q/k norm
     char *masked;  // scratch [m, max(hidden, hq d, f)] for a sparse model's adapters, or NULL
+    // The rows' cos and sin [m, d / 2], or with `positions` the rotary tables, row p for
+    // position p.
     const char *cos, *sin;
+    const int64_t *positions;  // [m] or NULL
+    // Where the call starts from token ids [m] (else NULL): hidden's rows are gathered from
+    // the embedding [vocab, hidden], x is their norm by `first_norm`.
+    const int64_t *input_ids;
+    const char *embed, *first_norm;
     const int64_t *slot_mapping;
     float eps, scale;
     linear_fn linear;
@@ -1260,11 +1268,35 @@ INLINE void rotate_and_store(const int bf16, const decode_step_t *s, const membe
         rms_norm(bf16, s->qkv + r0 * qkv_width * size, qkv_width, d, AT(layer, LAYER_QK_NORM), d,
                  s->qk + r0 * qk_width * size, r1 - r0, s->hq + s->hk, d, s->eps, 1);
     }
-    rope_store_kv(bf16, *q + r0 * *ld_qk * size, *ld_qk, *k + r0 * *ld_qk * size, *ld_qk,
-                  s->qkv + (r0 * qkv_width + qk_width) * size, qkv_width,
-                  s->cos + r0 * (d / 2) * size, s->sin + r0 * (d / 2) * size,
-                  AT(layer, LAYER_KEYS), AT(layer, LAYER_VALUES), s->slot_mapping + r0, r1 - r0,
-                  s->hq, s->hk, d);
+    if (s->positions == NULL) {
+        rope_store_kv(bf16, *q + r0 * *ld_qk * size, *ld_qk, *k + r0 * *ld_qk * size, *ld_qk,
+                      s->qkv + (r0 * qkv_width + qk_width) * size, qkv_width,
+                      s->cos + r0 * (d / 2) * size, s->sin + r0 * (d / 2) * size,
+                      AT(layer, LAYER_KEYS), AT(layer, LAYER_VALUES), s->slot_mapping + r0,
+                      r1 - r0, s->hq, s->hk, d);
+        return;
+    }
+    for (int64_t r = r0; r < r1; r++) {  // each row's cos and sin from the tables
+        const int64_t at = s->positions[r] * (d / 2) * (int64_t)size;
+        rope_store_kv(bf16, *q + r * *ld_qk * size, *ld_qk, *k + r * *ld_qk * size, *ld_qk,
+                      s->qkv + (r * qkv_width + qk_width) * size, qkv_width, s->cos + at,
+                      s->sin + at, AT(layer, LAYER_KEYS), AT(layer, LAYER_VALUES),
+                      s->slot_mapping + r, 1, s->hq, s->hk, d);
+    }
+}
+
+// hidden's rows from the embedding, then x = their norm by first_norm: the member's rows.
+INLINE void embed_part(const int bf16, const decode_step_t *s, const member_t *member) {
+    const size_t size = element_size(bf16);
+    const int64_t h = s->hidden_size;
+    int64_t r0, r1;
+    rows_of(member, s->m, s->m >= 2 && s->m * h >= PARALLEL_MIN_ELEMENTS, &r0, &r1);
+    if (r0 >= r1) return;
+    for (int64_t r = r0; r < r1; r++) {
+        memcpy(s->hidden + r * h * size, s->embed + s->input_ids[r] * h * size, h * size);
+    }
+    rms_norm(bf16, s->hidden + r0 * h * size, h, 0, s->first_norm, 0, s->x + r0 * h * size,
+             r1 - r0, 1, h, s->eps, 1);
 }
 
 // decode_attention's tasks (sequence, KV head) of this member. Returns 0, or -1 when scratch
@@ -1306,6 +1338,10 @@ INLINE int decode_layers_part(const int bf16, const decode_step_t *s, member_t *
     const size_t size = element_size(bf16);
     const int64_t m = s->m, d = s->d, qkv_width = (s->hq + 2 * s->hk) * d;
     int status = 0;
+    if (s->embed) {
+        embed_part(bf16, s, member);
+        team_sync(member);
+    }
     for (int64_t index = 0; index < s->num_layers; index++) {
         const int64_t *layer = s->layers + index * LAYER_FIELDS;
         status |= project(s, member, layer, GROUP_QKV, s->x, s->hidden_size, s->qkv, qkv_width);
@@ -1468,14 +1504,26 @@ static PyObject *py_decode_attention(PyObject *module, PyObject *const *args, Py
 
 // decode_layers(bf16, layers, gathers, num_layers, m, hidden_size, hq, hk, d, f, hidden, x,
 //               qkv, qk, attn, proj, gate_up, act, masked, cos, sin, slot_mapping, eps, scale,
-//               linear, lora, sparse, lm_head, vocab, lm_out, logits, threads): see
-// decode_layers above; `masked` (0 but for a sparse model with adapters), `lora`, `sparse`
-// and `lm_head` (then also `lm_out` and `logits`; `lm_out` for bf16 only) may be 0; `linear`,
-// `lora` and `sparse` are the kernels' addresses.
+//               linear, lora, sparse, lm_head, vocab, lm_out, logits, threads, input_ids,
+//               embed, embed_rows, first_norm, positions, table_rows): see decode_layers
+// above; `masked` (0 but for a sparse model with adapters), `lora`, `sparse`, `lm_head` (then
+// also `lm_out` and `logits`; `lm_out` for bf16 only), `input_ids` (then also `embed` with its
+// embed_rows, and `first_norm`) and `positions` (then cos and sin are tables of table_rows
+// rows) may be 0; `linear`, `lora` and `sparse` are the kernels' addresses. An id or a
+// position outside its table raises IndexError before anything is written.
 static PyObject *py_decode_layers(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
-    long long v[32];
-    if (parse_ints(args, nargs, 32, v, "decode_layers") != 0) return NULL;
+    long long v[38];
+    if (parse_ints(args, nargs, 38, v, "decode_layers") != 0) return NULL;
+    const int64_t *input_ids = PTR(v[32]), *positions = PTR(v[36]);
+    for (int64_t r = 0; r < v[4]; r++) {
+        if ((input_ids && (input_ids[r] < 0 || input_ids[r] >= v[34])) ||
+            (positions && (positions[r] < 0 || positions[r] >= v[37]))) {
+            PyErr_SetString(PyExc_IndexError, "decode_layers: a token id or position is out of "
+                                              "range");
+            return NULL;
+        }
+    }
     const float eps = (float)PyFloat_AsDouble(args[22]), scale = (float)PyFloat_AsDouble(args[23]);
     if (PyErr_Occurred()) return NULL;
     const decode_step_t step = {
@@ -1510,6 +1558,10 @@ static PyObject *py_decode_layers(PyObject *module, PyObject *const *args, Py_ss
         .lm_out = PTR(v[29]),
         .logits = PTR(v[30]),
         .threads = (int)v[31],
+        .input_ids = input_ids,
+        .embed = PTR(v[33]),
+        .first_norm = PTR(v[35]),
+        .positions = positions,
     };
     // Tens of milliseconds: the server's event loop runs meanwhile.
     PyThreadState *state = PyEval_SaveThread();

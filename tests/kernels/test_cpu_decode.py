@@ -174,6 +174,49 @@ def test_one_call_is_the_kernels_one_by_one(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [3, cpu_linear.MAX_ROWS + 5])
+def test_from_token_ids_is_from_their_rows(dtype: torch.dtype, m: int) -> None:
+    """A call from token ids and positions (the embedding, the first norm and the rotary rows
+    read in C) equals one given the rows the Python path gathers; an id or a position outside
+    its table raises IndexError, having written nothing."""
+    if not cpu_linear.kernel_available(dtype):
+        pytest.skip(f"no {dtype} kernel on this CPU")
+    generator = torch.Generator().manual_seed(9)
+    tensors, norms_after = make_layers(dtype, 3, qk_norm=True, bias=True)
+    embed = (0.5 * torch.randn(50, SHAPE.hidden_size, generator=generator)).to(dtype)
+    first_norm = (1 + 0.2 * torch.randn(SHAPE.hidden_size, generator=generator)).to(dtype)
+    angles = torch.rand(20, SHAPE.head_dim // 2, generator=generator) * 6
+    cos_table, sin_table = angles.cos().to(dtype), angles.sin().to(dtype)
+    step = DecodeLayers.prepare(
+        tensors, norms_after, SHAPE, EPS, SCALE, embedding=(embed, first_norm)
+    )
+    assert step is not None and step.embedding is not None
+    _, _, keys, values, gather, _, _, slot_mapping = make_step(dtype, m, 3)
+    ids = torch.randint(0, 50, (m,), generator=generator)
+    positions = torch.randint(0, 20, (m,), generator=generator)
+    pools = [t.clone() for t in (*keys, *values)]
+    hidden = embed[ids]
+    x = cpu_ops.rms_norm(hidden, first_norm, EPS)
+    assert step(hidden, x, keys, values, [gather] * 3, cos_table[positions],
+                sin_table[positions], slot_mapping)  # fmt: skip
+    from_ids = torch.full_like(hidden, float("nan")), torch.full_like(x, float("nan"))
+    assert step(*from_ids, pools[:3], pools[3:], [gather] * 3, cos_table, sin_table,
+                slot_mapping, tokens=(ids, positions))  # fmt: skip
+    assert torch.equal(from_ids[0], hidden) and torch.equal(from_ids[1], x)
+    for got, wanted in zip(pools, (*keys, *values), strict=True):
+        assert torch.equal(got, wanted)
+    before = [t.clone() for t in pools]
+    bad_id, bad_position = ids.clone(), positions.clone()
+    bad_id[m - 1], bad_position[m - 1] = 50, 20  # the last row: past the first chunk's
+    for tokens in ((bad_id, positions), (ids, bad_position)):
+        with pytest.raises(IndexError):
+            step(*from_ids, pools[:3], pools[3:], [gather] * 3, cos_table, sin_table,
+                 slot_mapping, tokens=tokens)  # fmt: skip
+        for got, wanted in zip(pools, before, strict=True):
+            assert torch.equal(got, wanted)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["dense", "top-k"])
 def test_more_rows_than_the_kernels_take_are_each_row_alone(dtype: torch.dtype, mode: str) -> None:
     """MAX_ROWS + 5 rows run in chunks: each row ends as the kernels one by one leave it run
@@ -456,8 +499,13 @@ def test_refusals_leave_everything_as_it_was() -> None:
     }
     for name, (k, v, gathers, c) in refused.items():
         assert not step(hidden, x, k, v, gathers, c, sin, slot_mapping), name
-    # Logits from a step prepared without an LM head, or of the wrong shape or dtype.
+    # Logits from a step prepared without an LM head, or of the wrong shape or dtype; token
+    # ids for one prepared without the embedding.
     assert not step(hidden, x, keys, values, [gather] * 2, cos, sin, slot_mapping, None, x)
+    ids = torch.zeros(3, dtype=torch.int64)
+    assert not step(
+        hidden, x, keys, values, [gather] * 2, cos, sin, slot_mapping, tokens=(ids, ids)
+    )
     lm_head = torch.randn(30, SHAPE.hidden_size)
     with_head = DecodeLayers.prepare(tensors, norms_after, SHAPE, EPS, SCALE, lm_head=lm_head)
     assert with_head is not None and with_head.lm_head is lm_head
