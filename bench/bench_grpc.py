@@ -160,14 +160,14 @@ def main() -> None:
 
                 return run_grpc
 
-            runner = grpc_runner
             if args.client == "aio":
-                runner = AioClient(
-                    {name: f"127.0.0.1:{port}" for name, port in ports.items()}, model_id, prompt
-                ).runner
+                addresses = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
+                client = AioClient(addresses, model_id, prompt)
+                runners = {name: client.runner(name) for name in stubs}
+            else:
+                runners = {name: grpc_runner(stub) for name, stub in stubs.items()}
             systems = {"engine": run_engine}
-            systems.update({f"grpc-{name}": runner(name) if args.client == "aio" else runner(stub)
-                            for name, stub in stubs.items()})  # fmt: skip
+            systems.update({f"grpc-{name}": run for name, run in runners.items()})
             pids = {f"grpc-{name}": server.pid for name, server in servers.items()}
             for run in systems.values():  # warm-up, and the servers' first requests
                 run(max(args.batch), 8)

@@ -138,18 +138,20 @@ class KVCache:
         self.block_size = block_size
         self.num_blocks = num_blocks
         shape = (num_blocks * block_size, num_kv_heads, head_dim)
-        self.keys, self.values = [], []
         if torch.device(device).type == "cpu":
             # Host caches in huge pages (engine.huge_pages): attention gathers scattered blocks.
             nbytes = math.prod(shape) * dtype.itemsize
             arena = HugePageArena.for_sizes([nbytes] * 2 * num_layers)
-            for tensors in (self.keys, self.values):
-                tensors.extend(arena.empty(shape, dtype).zero_() for _ in range(num_layers))
+
+            def pool() -> torch.Tensor:
+                return arena.empty(shape, dtype).zero_()
         else:
-            for tensors in (self.keys, self.values):
-                tensors.extend(
-                    torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)
-                )
+
+            def pool() -> torch.Tensor:
+                return torch.zeros(shape, dtype=dtype, device=device)
+
+        self.keys = [pool() for _ in range(num_layers)]
+        self.values = [pool() for _ in range(num_layers)]
 
     @staticmethod
     def bytes_per_block(

@@ -102,7 +102,7 @@ class DecodeLayers:
         # same table step after step), and the ops' scratch for MAX_ROWS rows: after the
         # weights stream, each Python-level tensor op before the C call runs cold.
         self._table: tuple[tuple, Tensor] | None = None
-        self._scratch: dict[str, Tensor] | None = None
+        self._scratch: dict[str, Tensor] = {}
 
     @classmethod
     def prepare(
@@ -171,7 +171,6 @@ class DecodeLayers:
             return None
         if lm_head is not None and not (
             lm_head.dim() == 2
-            and lm_head.shape[1] == hidden
             and _rows(lm_head, lm_head.shape[0], hidden, dtype)
             and not lm_head.requires_grad
         ):
@@ -315,9 +314,10 @@ class DecodeLayers:
             self._table = (key, torch.tensor(rows, dtype=torch.int64))
         return self._table[1]
 
-    def _scratch_rows(self, m: int) -> dict[str, Tensor]:
-        """The ops' scratch tensors for m <= MAX_ROWS rows: views of buffers made once."""
-        if self._scratch is None:
+    def _scratch_addresses(self) -> dict[str, int]:
+        """Where the ops' scratch buffers start: [MAX_ROWS, width] each, made once (a call of
+        m rows uses their first m rows)."""
+        if not self._scratch:
             shape, rows = self.shape, cpu_linear.MAX_ROWS
             d, hq, hk = shape.head_dim, shape.num_heads, shape.num_kv_heads
             f = shape.intermediate_size
@@ -335,7 +335,7 @@ class DecodeLayers:
             self._scratch = {
                 name: torch.empty(rows, width, dtype=self.dtype) for name, width in widths.items()
             }
-        return {name: buffer[:m] for name, buffer in self._scratch.items()}
+        return {name: buffer.data_ptr() for name, buffer in self._scratch.items()}
 
     def _run(
         self,
@@ -353,16 +353,15 @@ class DecodeLayers:
         """One C call over at most MAX_ROWS rows; gathers: these rows' decode gathers;
         rotary: their cos and sin rows, or with tokens the tables."""
         shape, m = self.shape, hidden.shape[0]
-        scratch = self._scratch_rows(m)
-        qkv = scratch["qkv"]
-        qk = scratch["qk"] if self.has_qk_norm else qkv
+        scratch = self._scratch_addresses()
+        qk = scratch["qk"] if self.has_qk_norm else scratch["qkv"]
         # Only where a sparse model's adapters read each group's input.
-        masked = scratch["masked"].data_ptr() if lora and self.sparse else 0
+        masked = scratch["masked"] if lora and self.sparse else 0
         lm_head = lm_out = vocab = 0
         if logits is not None:
             assert self.lm_head is not None
             lm_head, vocab = self.lm_head.data_ptr(), self.lm_head.shape[0]
-            lm_out = scratch["lm_out"].data_ptr() if "lm_out" in scratch else 0
+            lm_out = scratch.get("lm_out", 0)
         ids = embed = embed_rows = first_norm = positions = 0
         if tokens is not None:
             assert self.embedding is not None
@@ -373,9 +372,9 @@ class DecodeLayers:
         d, hq, hk, f = shape.head_dim, shape.num_heads, shape.num_kv_heads, shape.intermediate_size
         cpu_ops._kernels().decode_layers(
             cpu_ops._DTYPES[self.dtype], table.data_ptr(), gathers.data_ptr(), self.num_layers,
-            m, shape.hidden_size, hq, hk, d, f, hidden.data_ptr(), x.data_ptr(), qkv.data_ptr(),
-            qk.data_ptr(), scratch["attn"].data_ptr(), scratch["proj"].data_ptr(),
-            scratch["gate_up"].data_ptr(), scratch["act"].data_ptr(), masked, cos.data_ptr(),
+            m, shape.hidden_size, hq, hk, d, f, hidden.data_ptr(), x.data_ptr(), scratch["qkv"],
+            qk, scratch["attn"], scratch["proj"], scratch["gate_up"], scratch["act"], masked,
+            cos.data_ptr(),
             sin.data_ptr(), slot_mapping.data_ptr(), self.eps, self.scale, linear, lora,
             self._sparse_entry, lm_head, vocab, lm_out,
             0 if logits is None else logits.data_ptr(), torch.get_num_threads(), ids, embed,
