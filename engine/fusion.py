@@ -32,8 +32,8 @@ from engine.kv_cache import OutOfBlocks
 from engine.lora import LoraAdapter
 from engine.model import CausalLM
 from engine.types import FusionMode, FusionRouting
-from kernels.cpu_ops import fusion_apply
-from kernels.fusion import choose_dynamic
+from kernels.cpu_ops import fusion_apply, fusion_dynamic
+from kernels.fusion import default_grid
 
 
 @dataclass(eq=False)
@@ -258,50 +258,16 @@ def fuse(
                 logits, targets, base, offered, torch.tensor(chosen, dtype=torch.float32), vocab
             )
         else:
-            first = targets[0]
-            consecutive = targets == list(range(first, first + len(targets)))
-            expert, alpha = choose_dynamic(
-                logits[first : first + len(targets), :vocab]
-                if consecutive
-                else logits[targets, :vocab],
-                _rows(base),
-                _rows([row[0] for row in offered]).unsqueeze(1)
-                if len(offered[0]) == 1
-                else torch.stack([torch.stack(row) for row in offered]),
+            picks, alpha = fusion_dynamic(
+                logits, targets, base, offered, default_grid(torch.float32, logits.device), vocab
             )
-            picks = expert.tolist()
-            steer = [[row[e]] for row, e in zip(offered, picks, strict=True)]
-            fusion_apply(logits, targets, base, steer, alpha[:, None].float(), vocab)
             chosen = [
                 _one_hot(len(states[i].experts), candidates[i][e], a)
-                for i, e, a in zip(indices, picks, alpha.tolist(), strict=True)
+                for i, e, a in zip(indices, picks, alpha, strict=True)
             ]
         for i, row_alphas in zip(indices, chosen, strict=True):
             alphas[i] = tuple(row_alphas)
     return alphas
-
-
-def _rows(vectors: list[torch.Tensor]) -> torch.Tensor:
-    """The vectors as the rows of one [n, V] tensor: a view where they are evenly spaced rows of
-    one buffer (the small models' logits of a decode step are), else a stacked copy."""
-    first = vectors[0]
-    step = vectors[1].data_ptr() - first.data_ptr() if len(vectors) > 1 else 0
-    storage = first.untyped_storage().data_ptr()
-    evenly_spaced = (
-        step > 0
-        and step % first.element_size() == 0
-        and step // first.element_size() >= first.shape[0]
-        and all(
-            v.untyped_storage().data_ptr() == storage
-            and v.data_ptr() == first.data_ptr() + i * step
-            and v.shape == first.shape
-            and v.stride() == (1,)
-            for i, v in enumerate(vectors)
-        )
-    )
-    if not evenly_spaced:
-        return torch.stack(vectors)
-    return first.as_strided((len(vectors), first.shape[0]), (step // first.element_size(), 1))
 
 
 def _one_hot(size: int, index: int, value: float) -> tuple[float, ...]:

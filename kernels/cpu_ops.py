@@ -23,6 +23,7 @@ import math
 import sysconfig
 import threading
 import warnings
+from array import array
 from collections.abc import Sequence
 from types import ModuleType
 
@@ -639,6 +640,107 @@ def fusion_apply(
         pointers.data_ptr() + 8 * batch, weights.data_ptr(), batch, weights.shape[1], vocab,
         logits.shape[1], torch.get_num_threads(),
     )  # fmt: skip
+
+
+def fusion_dynamic_ref(
+    logits: Tensor,
+    rows: Sequence[int],
+    small: Sequence[Tensor],
+    experts: Sequence[Sequence[Tensor]],
+    alphas: Tensor,
+    vocab: int,
+) -> tuple[list[int], list[float]]:
+    """Dynamic fusion of logits[rows[i]] in place (kernels.fusion's dynamic mode, row by row):
+    each row's expert and alpha of the lowest cost over the grid alphas [G] (ascending), from
+    its large logits[rows[i], :vocab], its small base's small[i] and its experts' experts[i]
+    (1-D rows of at least vocab floats, the same number per row); then, as fusion_apply_ref,
+    logits[rows[i], :vocab] += alpha_i * d of the chosen expert and logits[rows[i], vocab:] =
+    -inf. Returns (expert index, alpha) per row. float32 logits."""
+    index = torch.tensor(list(rows), dtype=torch.int64)
+    large, alphas = logits[index, :vocab], alphas.to(logits.dtype)
+    base = torch.stack([row[:vocab] for row in small])
+    offered = torch.stack([torch.stack([t[:vocab] for t in row]) for row in experts])
+    d, stats = fusion_stats_ref(large, base, offered)
+    lse, mean = fusion_sweep_ref(large, d.flatten(0, 1), alphas)
+    costs = fusion_costs_ref(stats, lse, mean, alphas, offered.shape[1])
+    flat = costs.flatten(1).argmin(1)
+    picks, alpha = flat // alphas.numel(), alphas[flat % alphas.numel()]
+    steer = [[row[e]] for row, e in zip(experts, picks.tolist(), strict=True)]
+    fusion_apply_ref(logits, rows, small, steer, alpha[:, None], vocab)
+    return picks.tolist(), alpha.tolist()
+
+
+def fusion_dynamic(
+    logits: Tensor,
+    rows: Sequence[int],
+    small: Sequence[Tensor],
+    experts: Sequence[Sequence[Tensor]],
+    alphas: Tensor,
+    vocab: int,
+) -> tuple[list[int], list[float]]:
+    """As fusion_dynamic_ref; on the CPU one C call: fusion_stats, fusion_sweep, fusion_choose
+    and fusion_apply's C code in turn (their bits), with none of the dozen torch ops around
+    them that cost a decode step hundreds of microseconds once the weights' stream has left
+    the caches cold. Rows must differ."""
+    module = _kernels()
+    num_experts = len(experts[0]) if experts else 0
+    pieces = [*small, *(t for row in experts for t in row)]
+    if (
+        module is None
+        or logits.dtype is not torch.float32
+        or alphas.dtype is not torch.float32
+        or logits.dim() != 2
+        or not logits.is_contiguous()
+        or not (logits.is_cpu and alphas.is_cpu and alphas.is_contiguous())
+        or alphas.dim() != 1
+        or alphas.numel() == 0
+        or not rows
+        or num_experts == 0
+        or len(small) != len(rows)
+        or len(experts) != len(rows)
+        or any(len(row) != num_experts for row in experts)
+        or not 0 < vocab <= logits.shape[1]
+        or any(
+            t.dtype is not torch.float32 or not t.is_cpu or t.dim() != 1 or t.stride(0) != 1
+            or t.shape[0] < vocab
+            for t in pieces
+        )
+        or not all(0 <= r < logits.shape[0] for r in rows)
+        or len(set(rows)) != len(rows)
+        or (torch.is_grad_enabled() and logits.requires_grad)
+    ):  # fmt: skip
+        return fusion_dynamic_ref(logits, rows, small, experts, alphas, vocab)
+    batch, num_alphas = len(rows), alphas.numel()
+    pairs = batch * num_experts
+    sizes = (pairs * vocab, pairs * module.FUSION_STATS, pairs * num_alphas, pairs * num_alphas)
+    d, stats, lse, mean = _scratch_addresses(sizes)
+    index, alpha = array("q", bytes(8 * batch)), array("f", bytes(4 * batch))
+    # Named, so that they live through the call.
+    targets, pointers = array("q", rows), array("q", [t.data_ptr() for t in pieces])
+    module.fusion_dynamic(
+        logits.data_ptr(), logits.stride(0), targets.buffer_info()[0],
+        pointers.buffer_info()[0], pointers.buffer_info()[0] + 8 * batch, batch, num_experts,
+        vocab, logits.shape[1], alphas.data_ptr(), num_alphas, d, stats, lse, mean,
+        index.buffer_info()[0], alpha.buffer_info()[0], torch.get_num_threads(),
+    )  # fmt: skip
+    return index.tolist(), alpha.tolist()
+
+
+_scratch = threading.local()
+
+
+def _scratch_addresses(sizes: Sequence[int]) -> list[int]:
+    """Addresses of float32 buffers of these sizes, laid end to end in this thread's scratch
+    (grown as needed, kept between calls: an allocation per call costs a step tens of us)."""
+    total = sum(sizes)
+    buffer = getattr(_scratch, "floats", None)
+    if buffer is None or buffer.numel() < total:
+        buffer = _scratch.floats = torch.empty(total, dtype=torch.float32)
+    address, addresses = buffer.data_ptr(), []
+    for size in sizes:
+        addresses.append(address)
+        address += 4 * size
+    return addresses
 
 
 def _float32_rows(*tensors: Tensor) -> bool:

@@ -224,7 +224,7 @@ def _swept(
     batch, num_experts, vocab = _check(large, small, experts)
     dtype = _compute_dtype(large)
     if grid is None:
-        values = _default_grid(dtype, large.device)
+        values = default_grid(dtype, large.device)
     else:
         values = sorted_grid(grid).to(device=large.device, dtype=dtype)
     a = large.to(dtype)
@@ -234,7 +234,7 @@ def _swept(
 
 
 @functools.cache
-def _default_grid(dtype: torch.dtype, device: torch.device) -> Tensor:
+def default_grid(dtype: torch.dtype, device: torch.device) -> Tensor:
     """sorted_grid() in dtype on device, made once (callers only read it)."""
     return sorted_grid().to(device=device, dtype=dtype)
 

@@ -495,11 +495,17 @@ typedef struct {
     const float *a, *d, *alphas;
     float *lse, *mean;
     int64_t lda, ldd, experts, vocab, num_alphas;
+    const int64_t *rows;  // row b of a is a + rows[b] * lda where given, else a + b * lda
 } sweep_t;
+
+INLINE const float *sweep_a(const sweep_t *job, int64_t pair) {
+    const int64_t b = pair / job->experts;
+    return job->a + (job->rows ? job->rows[b] : b) * job->lda;
+}
 
 static void sweep(const sweep_t *job, int64_t task) {
     const int64_t pair = task / job->num_alphas, g = task % job->num_alphas, v = job->vocab;
-    const float *a = job->a + (pair / job->experts) * job->lda, *d = job->d + pair * job->ldd;
+    const float *a = sweep_a(job, pair), *d = job->d + pair * job->ldd;
     const float alpha = job->alphas[g];
     const __m256 alpha8 = _mm256_set1_ps(alpha);
     __m256 top8 = _mm256_set1_ps(-INFINITY);
@@ -564,7 +570,7 @@ AVX512 static inline __m512 exp16(__m512 x) {
 
 AVX512 static void sweep16(const sweep_t *job, int64_t task) {
     const int64_t pair = task / job->num_alphas, g = task % job->num_alphas, v = job->vocab;
-    const float *a = job->a + (pair / job->experts) * job->lda, *d = job->d + pair * job->ldd;
+    const float *a = sweep_a(job, pair), *d = job->d + pair * job->ldd;
     const float alpha = job->alphas[g];
     const __m512 alpha16 = _mm512_set1_ps(alpha);
     __m512 top16 = _mm512_set1_ps(-INFINITY);
@@ -674,7 +680,7 @@ static chain_task_t chain_task(const sweep_t *job, int64_t pair, int64_t first, 
     const int64_t last_g = job->num_alphas - 1;
     const chain_task_t t = {
         .job = job,
-        .a = job->a + (pair / job->experts) * job->lda,
+        .a = sweep_a(job, pair),
         .d = job->d + pair * job->ldd,
         .pair = pair,
         .first = first,
@@ -872,6 +878,10 @@ typedef struct {
     const float *a, *small, *experts;
     float *d, *stats;
     int64_t lda, lds, ld_expert_row, ld_expert, experts_per_row, vocab;
+    // Where given, row b of a is a + rows[b] * lda, the small base's row small_rows[b] and the
+    // expert's of pair p expert_rows[p] (rows anywhere, as the engine's small models leave them).
+    const int64_t *rows;
+    const float *const *small_rows, *const *expert_rows;
 } stats_t;
 
 INLINE __m256 finite8(__m256 x) {
@@ -884,8 +894,10 @@ INLINE float shift(float m) { return isfinite(m) ? m : 0.0f; }
 INLINE void pair_stats(const stats_t *job, int64_t pair) {
     const int64_t b = pair / job->experts_per_row, t = pair % job->experts_per_row;
     const int64_t v = job->vocab;
-    const float *a = job->a + b * job->lda, *s = job->small + b * job->lds;
-    const float *e = job->experts + b * job->ld_expert_row + t * job->ld_expert;
+    const float *a = job->a + (job->rows ? job->rows[b] : b) * job->lda;
+    const float *s = job->small_rows ? job->small_rows[b] : job->small + b * job->lds;
+    const float *e = job->expert_rows ? job->expert_rows[pair]
+                                      : job->experts + b * job->ld_expert_row + t * job->ld_expert;
     float *d = job->d + pair * v;
     const __m256 neg_inf = _mm256_set1_ps(-INFINITY), zero = _mm256_setzero_ps();
     __m256 top_s8 = neg_inf, top_e8 = neg_inf, top_a8 = neg_inf;
@@ -1062,6 +1074,50 @@ static int fusion_apply(const apply_t *job, int threads) {
     }
     free(active);
     return 0;
+}
+
+// Dynamic fusion of a group of rows in one call, in place: fusion_stats, fusion_sweep,
+// fusion_choose and fusion_apply of the chosen expert's column (the same bits as those four
+// calls), reading the large logits at rows, the small base's and the experts' rows wherever they
+// lie. Scratch d [B * E, V], stats [B * E, STATS], lse and mean [B * E, G]; index [B] and alpha
+// [B] out. Returns -1 when memory runs out.
+
+typedef struct {
+    float *logits;
+    const int64_t *rows;          // [batch] rows of logits
+    const float *const *small;    // [batch] rows of vocab floats
+    const float *const *experts;  // [batch * num_experts]
+    const float *alphas;          // the grid [num_alphas], ascending
+    float *d, *stats, *lse, *mean;
+    int64_t *index;
+    float *alpha;
+    int64_t ld, batch, num_experts, vocab, width, num_alphas;
+} dynamic_t;
+
+static int fusion_dynamic(const dynamic_t *job, int threads) {
+    const int64_t batch = job->batch, e = job->num_experts, pairs = batch * e;
+    const stats_t stats = {
+        .a = job->logits, .d = job->d, .stats = job->stats, .lda = job->ld,
+        .experts_per_row = e, .vocab = job->vocab, .rows = job->rows,
+        .small_rows = job->small, .expert_rows = job->experts,
+    };
+    fusion_stats(&stats, pairs, threads);
+    const sweep_t sweep = {
+        .a = job->logits, .d = job->d, .alphas = job->alphas, .lse = job->lse,
+        .mean = job->mean, .lda = job->ld, .ldd = job->vocab, .experts = e, .vocab = job->vocab,
+        .num_alphas = job->num_alphas, .rows = job->rows,
+    };
+    fusion_sweep(&sweep, pairs, threads);
+    fusion_choose(job->stats, job->lse, job->mean, job->alphas, batch, e, job->num_alphas,
+                  job->index, job->alpha, NULL);
+    const float **chosen = malloc((size_t)(batch > 0 ? batch : 1) * sizeof(*chosen));
+    if (chosen == NULL) return -1;
+    for (int64_t b = 0; b < batch; b++) chosen[b] = job->experts[b * e + job->index[b]];
+    const apply_t apply = {job->logits, job->rows, job->small, chosen, job->alpha,
+                           job->ld,     batch,     1,          job->vocab, job->width};
+    const int status = fusion_apply(&apply, threads);
+    free(chosen);
+    return status;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1592,7 +1648,7 @@ static PyObject *py_fusion_sweep(PyObject *module, PyObject *const *args, Py_ssi
     long long v[12];
     if (parse_ints(args, nargs, 12, v, "fusion_sweep") != 0) return NULL;
     const sweep_t job = {PTR(v[0]), PTR(v[2]), PTR(v[7]), PTR(v[9]), PTR(v[10]),
-                         v[1],      v[3],      v[5],      v[6],      v[8]};
+                         v[1],      v[3],      v[5],      v[6],      v[8],       NULL};
     Py_BEGIN_ALLOW_THREADS
     fusion_sweep(&job, v[4], (int)v[11]);
     Py_END_ALLOW_THREADS
@@ -1615,7 +1671,8 @@ static PyObject *py_fusion_stats(PyObject *module, PyObject *const *args, Py_ssi
     long long v[13];
     if (parse_ints(args, nargs, 13, v, "fusion_stats") != 0) return NULL;
     const stats_t job = {PTR(v[0]), PTR(v[2]), PTR(v[4]), PTR(v[10]), PTR(v[11]),
-                         v[1],      v[3],      v[5],      v[6],       v[8],       v[9]};
+                         v[1],      v[3],      v[5],      v[6],       v[8],       v[9],
+                         NULL,      NULL,      NULL};
     Py_BEGIN_ALLOW_THREADS
     fusion_stats(&job, v[7] * v[8], (int)v[12]);
     Py_END_ALLOW_THREADS
@@ -1630,6 +1687,26 @@ static PyObject *py_fusion_choose(PyObject *module, PyObject *const *args, Py_ss
     if (parse_ints(args, nargs, 10, v, "fusion_choose") != 0) return NULL;
     fusion_choose(PTR(v[0]), PTR(v[1]), PTR(v[2]), PTR(v[3]), v[4], v[5], v[6], PTR(v[7]),
                   PTR(v[8]), PTR(v[9]));
+    Py_RETURN_NONE;
+}
+
+// fusion_dynamic(logits, ld, rows, small_ptrs, expert_ptrs, batch, num_experts, vocab, width,
+//                alphas, num_alphas, d, stats, lse, mean, index, alpha, threads)
+static PyObject *py_fusion_dynamic(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    long long v[18];
+    if (parse_ints(args, nargs, 18, v, "fusion_dynamic") != 0) return NULL;
+    const dynamic_t job = {
+        .logits = PTR(v[0]), .ld = v[1], .rows = PTR(v[2]), .small = PTR(v[3]),
+        .experts = PTR(v[4]), .batch = v[5], .num_experts = v[6], .vocab = v[7], .width = v[8],
+        .alphas = PTR(v[9]), .num_alphas = v[10], .d = PTR(v[11]), .stats = PTR(v[12]),
+        .lse = PTR(v[13]), .mean = PTR(v[14]), .index = PTR(v[15]), .alpha = PTR(v[16]),
+    };
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = fusion_dynamic(&job, (int)v[17]);
+    Py_END_ALLOW_THREADS
+    if (status != 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
@@ -2157,6 +2234,7 @@ static PyMethodDef METHODS[] = {
     {"gumbel", FASTCALL(py_gumbel), "Gumbel keys, or their top k"},
     {"sampling_thresholds", FASTCALL(py_sampling_thresholds), "top-k and top-p thresholds"},
     {"fusion_apply", FASTCALL(py_fusion_apply), "fused logits in place, row by row"},
+    {"fusion_dynamic", FASTCALL(py_fusion_dynamic), "dynamic fusion of rows in place, one call"},
     {NULL, NULL, 0, NULL},
 };
 

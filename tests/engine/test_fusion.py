@@ -475,21 +475,3 @@ def test_removed_expert_lets_running_requests_finish(family: dict) -> None:
     engine.load_expert("expert-a", family["expert-a"].path, family["small"].path)
     again = engine.generate([request("t", prompt, ["expert-a"], FusionMode.DYNAMIC)])
     assert again["t"].token_ids == expected[0]
-
-
-def test_rows_are_a_view_only_of_evenly_spaced_rows() -> None:
-    from engine.fusion import _rows
-
-    logits = torch.randn(5, 40)
-    rows = [logits[i, :33] for i in (1, 2, 3)]  # as run_experts hands them over
-    view = _rows(rows)
-    assert view.data_ptr() == rows[0].data_ptr() and torch.equal(view, torch.stack(rows))
-    for vectors in (
-        [logits[i, :33] for i in (0, 2, 3)],  # uneven
-        [logits[3, :33], logits[1, :33]],  # backwards
-        [logits[0, :33], torch.randn(40)[:33]],  # two buffers
-        [logits[0, :33]],
-        [logits[i, 0:40:2] for i in (0, 1)],  # strided elements
-    ):
-        copied = _rows(vectors)
-        assert copied.data_ptr() != logits.data_ptr() and torch.equal(copied, torch.stack(vectors))

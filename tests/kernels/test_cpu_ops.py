@@ -485,6 +485,83 @@ def test_choose_dynamic_is_fuse_dynamics_choice() -> None:
     assert torch.equal(index, index_naive) and torch.equal(alpha.double(), alpha_naive.double())
 
 
+DEFAULT_ALPHAS = [i / 10 for i in range(21)]
+
+
+@pytest.mark.parametrize(
+    ("batch", "experts", "vocab", "width", "alphas"),
+    [
+        (1, 1, 32768, 32768, DEFAULT_ALPHAS),
+        (3, 2, 301, 320, DEFAULT_ALPHAS),
+        (2, 3, 9, 9, [-1.0, -0.25, 0.0, 0.5, 3.0]),
+        (8, 1, 1000, 1024, DEFAULT_ALPHAS),
+    ],
+)
+def test_fusion_dynamic_is_the_four_passes_bit_for_bit(
+    batch: int, experts: int, vocab: int, width: int, alphas: list[float]
+) -> None:
+    """One call, the same bits as fusion_stats, fusion_sweep, fusion_choose and fusion_apply of
+    the chosen expert's column, with the rows wherever they lie (reversed rows of the large
+    logits, rows of wider small and expert tensors)."""
+    logits, rows, small, expert, (large, small_t, expert_t) = _apply_case(
+        batch, experts, vocab, width, seed=vocab + 1
+    )
+    grid = torch.tensor(alphas, dtype=torch.float32)
+    out = logits.clone()
+    index, alpha = cpu_ops.fusion_dynamic(out, rows, small, expert, grid, vocab)
+    d, stats = cpu_ops.fusion_stats(large, small_t, expert_t)
+    lse, mean = cpu_ops.fusion_sweep(large, d.view(batch * experts, vocab), grid)
+    index_ref, alpha_ref = cpu_ops.fusion_choose(stats, lse, mean, grid, experts)
+    assert index == index_ref.tolist() and alpha == alpha_ref.tolist()
+    expected = logits.clone()
+    steer = [[row[e]] for row, e in zip(expert, index, strict=True)]
+    cpu_ops.fusion_apply(expected, rows, small, steer, alpha_ref[:, None], vocab)
+    assert torch.equal(out.nan_to_num(), expected.nan_to_num())
+    assert torch.equal(out.isnan(), expected.isnan())
+
+
+def test_fusion_dynamic_against_the_naive_fusion_and_its_reference() -> None:
+    """The choice and the fused logits of kernels.fusion's oracle (a full softmax per candidate,
+    float64), and of the PyTorch reference, on experts that move the small base by different
+    amounts (so that rows choose different experts and alphas) and masked tokens."""
+    from kernels.fusion import fuse_dynamic_naive
+
+    batch, experts, vocab, width = 4, 3, 700, 704
+    generator = torch.Generator().manual_seed(15)
+    large = torch.randn(batch, vocab, generator=generator) * 3
+    small_t = torch.randn(batch, vocab, generator=generator) * 3
+    noise = torch.randn(batch, experts, vocab, generator=generator)
+    expert_t = small_t[:, None] + noise * torch.rand(batch, experts, 1, generator=generator) * 2
+    large[0, ::4], small_t[1, 1::5], expert_t[2, 0, 2::7] = -torch.inf, -torch.inf, torch.nan
+    logits = torch.randn(batch + 2, width, generator=generator)
+    rows = [batch - i for i in range(batch)]
+    logits[rows, :vocab] = large
+    small = list(small_t)
+    expert = [list(row) for row in expert_t]
+    grid = torch.tensor(DEFAULT_ALPHAS, dtype=torch.float32)
+    out, out_ref = logits.clone(), logits.clone()
+    index, alpha = cpu_ops.fusion_dynamic(out, rows, small, expert, grid, vocab)
+    index_ref, alpha_ref = cpu_ops.fusion_dynamic_ref(out_ref, rows, small, expert, grid, vocab)
+    fused, index_naive, alpha_naive = fuse_dynamic_naive(large, small_t, expert_t)
+    assert index == index_ref == index_naive.tolist()
+    assert alpha == alpha_ref == alpha_naive.float().tolist()
+    assert len(set(index)) > 1 and len(set(alpha)) > 1  # the case tells choices apart
+    for got in (out, out_ref):
+        torch.testing.assert_close(got[rows, :vocab], fused, rtol=1e-6, atol=1e-5)
+        assert torch.isneginf(got[rows, vocab:]).all()
+        assert torch.equal(got[[0, batch + 1]], logits[[0, batch + 1]])
+
+
+def test_fusion_dynamic_takes_the_reference_for_what_the_kernel_does_not() -> None:
+    logits, rows, small, expert, _ = _apply_case(2, 2, 50, 64, seed=5)
+    grid = torch.tensor(DEFAULT_ALPHAS, dtype=torch.float32)
+    out, out_ref = logits.clone(), logits.clone()
+    choice = cpu_ops.fusion_dynamic(out, rows, small, expert, grid.double(), 50)  # float64 grid
+    choice_ref = cpu_ops.fusion_dynamic_ref(out_ref, rows, small, expert, grid, 50)
+    assert choice == choice_ref
+    torch.testing.assert_close(out.nan_to_num(), out_ref.nan_to_num())
+
+
 def _choice_inputs(batch: int, experts: int, vocab: int, alphas: list[float], seed: int):
     """fusion_stats' statistics and fusion_sweep's lse and mean of a _stats_case (masked tokens,
     a row with nothing finite, an expert that never moves), as the dynamic choice gets them."""
