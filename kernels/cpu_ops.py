@@ -631,13 +631,13 @@ def fusion_apply(
     ):  # fmt: skip
         fusion_apply_ref(logits, rows, small, experts, alphas, vocab)
         return
-    index = torch.tensor(list(rows), dtype=torch.int64)
-    pointers = torch.tensor([t.data_ptr() for t in pieces], dtype=torch.int64)
+    # Arrays, not tensors: a torch op costs a step tens of us once the caches are cold.
+    targets, pointers = array("q", rows), array("q", [t.data_ptr() for t in pieces])
     weights = alphas.contiguous()
     batch = len(rows)
     module.fusion_apply(
-        logits.data_ptr(), logits.stride(0), index.data_ptr(), pointers.data_ptr(),
-        pointers.data_ptr() + 8 * batch, weights.data_ptr(), batch, weights.shape[1], vocab,
+        logits.data_ptr(), logits.stride(0), targets.buffer_info()[0], pointers.buffer_info()[0],
+        pointers.buffer_info()[0] + 8 * batch, weights.data_ptr(), batch, weights.shape[1], vocab,
         logits.shape[1], torch.get_num_threads(),
     )  # fmt: skip
 
