@@ -21,7 +21,7 @@ That evidence is accumulated from the small models' logits at every position as 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -156,10 +156,13 @@ class FusionRow:
     samples: bool  # draws a token this step (then its logits are fused)
 
 
-def run_experts(rows: Sequence[FusionRow], block_size: int) -> list[list[torch.Tensor]]:
-    """Run the small models over the step's rows (and gather routing evidence); per row that
-    samples, in order, the logits [V] of its small base then of each expert (float32, cut to
-    the row's vocabulary)."""
+def prepare_experts(
+    rows: Sequence[FusionRow], block_size: int
+) -> Callable[[], list[list[torch.Tensor]]]:
+    """The small models' passes over the step's rows made ready (CausalLM.prepare); the
+    returned function runs them (and gathers routing evidence) and gives, per row that samples,
+    in order, the logits [V] of its small base then of each expert (float32, cut to the row's
+    vocabulary)."""
     groups: dict[int, tuple[CausalLM, SmallBase, list[tuple[int, int]]]] = {}
     for index, row in enumerate(rows):
         base = row.state.small_base
@@ -169,21 +172,27 @@ def run_experts(rows: Sequence[FusionRow], block_size: int) -> list[list[torch.T
             key = id(model) if model is not None else id(base.model)
             entry = groups.setdefault(key, (model or base.model, base, []))
             entry[2].append((index, member))
-    # Per row and member: logits [n, V] at the positions it needs (see _needed).
-    out: list[list[torch.Tensor]] = [[None] * r.state.num_rows for r in rows]  # type: ignore[list-item]
-    for model, base, members in groups.values():
-        for (i, m), logits in zip(
-            members, _forward(model, base, rows, members, block_size), strict=True
-        ):
-            out[i][m] = logits
-    for row, logits in zip(rows, out, strict=True):
-        if row.state.routes_by_likelihood:
-            row.state.add_evidence(row.token_ids, logits)
-    return [
-        [member[-1, : row.state.vocab_size] for member in logits]
-        for row, logits in zip(rows, out, strict=True)
-        if row.samples
+    passes = [
+        (members, *_prepare(model, base, rows, members, block_size))
+        for model, base, members in groups.values()
     ]
+
+    def run() -> list[list[torch.Tensor]]:
+        # Per row and member: logits [n, V] at the positions it needs (see _needed).
+        out: list[list[torch.Tensor]] = [[None] * r.state.num_rows for r in rows]  # type: ignore[list-item]
+        for members, counts, forward in passes:
+            for (i, m), logits in zip(members, forward().split(counts), strict=True):
+                out[i][m] = logits
+        for row, logits in zip(rows, out, strict=True):
+            if row.state.routes_by_likelihood:
+                row.state.add_evidence(row.token_ids, logits)
+        return [
+            [member[-1, : row.state.vocab_size] for member in logits]
+            for row, logits in zip(rows, out, strict=True)
+            if row.samples
+        ]
+
+    return run
 
 
 def _needed(row: FusionRow) -> int:
@@ -194,15 +203,15 @@ def _needed(row: FusionRow) -> int:
     return 1 if row.samples else 0
 
 
-def _forward(
+def _prepare(
     model: CausalLM,
     base: SmallBase,
     rows: Sequence[FusionRow],
     members: list[tuple[int, int]],
     block_size: int,
-) -> list[torch.Tensor]:
-    """One forward of `model` over the member rows; each member's logits [n, V] at its last
-    _needed(row) positions."""
+) -> tuple[list[int], Callable[[], torch.Tensor]]:
+    """One pass of `model` over the member rows, made ready: how many logits rows each member
+    gets (its last _needed(row) positions), and the pass."""
     counts = [_needed(rows[i]) for i, _ in members]
     batch = ForwardBatch.build(
         token_ids=[rows[i].token_ids for i, _ in members],
@@ -221,7 +230,7 @@ def _forward(
     if model is base.model:
         uses = [_lora_use(rows[i].state, m) for i, m in members]
         lora = base.stacks.batch(uses, batch.query_lens)
-    return list(model.forward(batch, base.kv, lora).split(counts))
+    return counts, model.prepare(batch, base.kv, lora)
 
 
 def _lora_use(state: FusionState, member: int) -> tuple[tuple[LoraAdapter, float], ...]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from engine.awrs import ConstraintState, StepOutcome, mask_logits, sample_constr
 from engine.batch import ForwardBatch
 from engine.detokenizer import IncrementalDetokenizer
 from engine.experts import Expert, ExpertRegistry
-from engine.fusion import FusionRow, FusionState, fuse, run_experts
+from engine.fusion import FusionRow, FusionState, fuse, prepare_experts
 from engine.grammar import CompiledConstraint, CompileLimits, ConstraintCompiler
 from engine.kv_cache import BlockAllocator, KVCache, OutOfBlocks
 from engine.lora import AdapterStacks, AdapterUse, LoraAdapter, LoraBatch
@@ -387,12 +388,16 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        logits = self.model.forward(
+        # Every model's pass is made ready before the first runs: their Python then runs back
+        # to back while warm, not each after a model's weights have streamed through the caches.
+        forward = self.model.prepare(
             self._forward_batch(scheduled), self.kv, self._lora_batch(scheduled)
         )
+        experts = self._prepare_experts(scheduled)
+        logits = forward()
         sampling = [s.seq for s in scheduled if s.samples]
-        if any(s.seq.fusion for s in scheduled):
-            self._fuse(scheduled, sampling, logits)
+        if experts is not None:
+            self._fuse(*experts, sampling, logits)
         for s in scheduled:
             s.seq.num_computed += s.num_new_tokens
         if not sampling:
@@ -475,12 +480,11 @@ class LLMEngine:
             out.particles = particles
         return out
 
-    @torch.inference_mode()
-    def _fuse(
-        self, scheduled: list[ScheduledSequence], sampling: list[Sequence], logits: torch.Tensor
-    ) -> None:
-        """Run the experts' small models on the step's fused sequences and fuse the logits of
-        those that sample (in place); their alphas go to the output when asked for."""
+    def _prepare_experts(
+        self, scheduled: list[ScheduledSequence]
+    ) -> tuple[list[FusionRow], Callable[[], list[list[torch.Tensor]]]] | None:
+        """The step's fused sequences, and their small models' passes made ready (None where
+        no sequence is fused)."""
         rows = [
             FusionRow(
                 s.seq.fusion,
@@ -491,7 +495,19 @@ class LLMEngine:
             for s in scheduled
             if s.seq.fusion is not None
         ]
-        small = run_experts(rows, self.config.block_size)
+        return (rows, prepare_experts(rows, self.config.block_size)) if rows else None
+
+    @torch.inference_mode()
+    def _fuse(
+        self,
+        rows: list[FusionRow],
+        run_experts: Callable[[], list[list[torch.Tensor]]],
+        sampling: list[Sequence],
+        logits: torch.Tensor,
+    ) -> None:
+        """Run the experts' small models on the step's fused rows and fuse the logits of those
+        that sample (in place); their alphas go to the output when asked for."""
+        small = run_experts()
         for row in rows:
             row.state.num_computed = row.context_len
         fused = [i for i, seq in enumerate(sampling) if seq.fusion is not None]

@@ -25,7 +25,7 @@ from engine.sparsity import (
 )
 from kernels import cpu_linear
 from kernels import sparse as sparse_kernels
-from kernels.cpu_decode import DecodeLayers, DecodeShape
+from kernels.cpu_decode import DecodeCall, DecodeLayers, DecodeShape
 from kernels.cpu_linear import linear
 from kernels.cpu_ops import add_rms_norm, rms_norm, rope_store_kv, silu_mul
 from kernels.sparse import channel_scores, sparse_linear
@@ -106,20 +106,37 @@ class CausalLM:
         c = self.config
         return KVCache(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, self.dtype)
 
-    @torch.inference_mode()
     def forward(
         self, batch: ForwardBatch, kv: KVCache, lora: LoraBatch | None = None
     ) -> torch.Tensor:
         """float32 logits [len(batch.logits_indices), vocab]; writes the new tokens' K/V.
         `lora`: the LoRA adapters of the batch's rows (None: every row runs the base model)."""
+        return self.prepare(batch, kv, lora)()
+
+    @torch.inference_mode()
+    def prepare(
+        self, batch: ForwardBatch, kv: KVCache, lora: LoraBatch | None = None
+    ) -> Callable[[], torch.Tensor]:
+        """forward made ready: its Python work now, the pass itself (and the K/V writes) when
+        the returned function is called, once. A step prepares each of its models' passes
+        before the first one runs: their Python then runs back to back while the caches are
+        warm, not each after a model's weights have streamed through them."""
         meta = AttentionMetadata.from_batch(batch)
         # logits_indices ascend without repeats: as many as the rows means every row.
         every_row = len(batch.logits_indices) == batch.num_tokens
-        x, logits = self._decode_in_one_call(batch, meta, kv, lora, every_row)
-        if logits is not None:
-            return logits
-        if x is None:
-            x = self._layers(batch, meta, kv, lora)
+        one_call = self._decode_in_one_call(batch, meta, kv, lora, every_row)
+
+        def run() -> torch.Tensor:
+            with torch.inference_mode():
+                if one_call is None:
+                    return self._lm_head(batch, self._layers(batch, meta, kv, lora), every_row)
+                call, x, logits = one_call
+                call.run()
+                return logits if logits is not None else self._lm_head(batch, x, every_row)
+
+        return run
+
+    def _lm_head(self, batch: ForwardBatch, x: torch.Tensor, every_row: bool) -> torch.Tensor:
         rows = x if every_row else x[batch.logits_indices]
         logits = linear(rows, self.weights.lm_head)
         with serial_ops(logits.numel()):
@@ -148,25 +165,25 @@ class CausalLM:
         kv: KVCache,
         lora: LoraBatch | None,
         with_logits: bool,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """A decode-only step from its token ids through every layer in one C call
+    ) -> tuple[DecodeCall, torch.Tensor, torch.Tensor | None] | None:
+        """A decode-only step from its token ids through every layer as one C call
         (kernels.cpu_decode: the same kernels in the same order as _layers, so the same bits,
         without Python between them), where nothing needs the Python path: no observer, no
-        skip counter, adapters only through the dense C kernel. The final norm of every row
-        (None where the call did not run), and with_logits the logits of every row (float32)
-        where the call ran the LM head too."""
+        skip counter, adapters only through the dense C kernel. The call, made ready, and what
+        it fills: the final norm of every row, and with_logits the logits of every row
+        (float32) where it runs the LM head too. None where the step takes the Python path."""
         if self.observer is not None or self.skip_counter is not None or not meta.decode_only:
-            return None, None
+            return None
         adapters = None
         if lora is not None:
             adapters = lora.decode_params()
             if adapters is None:
-                return None, None
+                return None
         if self._decode_layers is _UNPREPARED:
             self._decode_layers = self._prepare_decode_layers()
         step = self._decode_layers
         if step is None or step.embedding is None:
-            return None, None
+            return None
         gathers = [meta.decode_gather(window) for window in self.config.sliding_windows]
         pairs = [(gather.slots, gather.lengths) for gather in gathers]
         m, hidden_size = batch.num_tokens, self.config.hidden_size
@@ -177,10 +194,9 @@ class CausalLM:
         if with_logits and step.lm_head is not None:
             logits = torch.empty(m, step.lm_head.shape[0], dtype=torch.float32)
         tokens = (batch.input_ids, batch.positions)
-        if not step(hidden, x, kv.keys, kv.values, pairs, cos, sin, meta.slot_mapping, adapters,
-                    logits, tokens):  # fmt: skip
-            return None, None
-        return x, logits
+        call = step.plan(hidden, x, kv.keys, kv.values, pairs, cos, sin, meta.slot_mapping,
+                         adapters, logits, tokens)  # fmt: skip
+        return None if call is None else (call, x, logits)
 
     def _prepare_decode_layers(self) -> DecodeLayers | None:
         c, layers = self.config, self.weights.layers

@@ -64,6 +64,20 @@ class DecodeShape:
     intermediate_size: int
 
 
+@dataclass(frozen=True)
+class DecodeCall:
+    """A decode step made ready by DecodeLayers.plan: decode_layers' arguments per chunk of
+    rows, and the tensors their addresses point into (alive until the call has run)."""
+
+    chunks: tuple[tuple[int | float, ...], ...]
+    tensors: tuple[Tensor, ...]
+
+    def run(self) -> None:
+        module = cpu_ops._kernels()
+        for arguments in self.chunks:
+            module.decode_layers(*arguments)
+
+
 class DecodeLayers:
     """A model's decoder layers for the one-call decode step, their weights checked once."""
 
@@ -198,24 +212,48 @@ class DecodeLayers:
         logits: Tensor | None = None,
         tokens: tuple[Tensor, Tensor] | None = None,
     ) -> bool:
-        """Runs every layer: hidden [m, H] (the residual stream) is updated in place and x
-        [m, H] (layer 0's normed input) ends as the final norm of hidden, as the layers one by
-        one would leave them. keys and values: the KV cache's per-layer pools; gathers[i]: the
-        decode gather (slots [m, L] int64, lengths [m] int64) layer i attends (layers of one
-        window share the very same tensors); cos and sin [m, D / 2]; slot_mapping [m] int64:
-        where the new keys and values go; adapters[i]: the multi-LoRA params
-        (kernels.cpu_linear.LoraDense.params) of layer i's qkv, o, gate_up and down, None where
-        a group has none; logits (float32 [m, vocab], only with an LM head): filled with
-        x's rows through it, as linear(x, lm_head).float() would. tokens (token ids [m] and
-        positions [m], int64; only with the embedding): the call starts from them, writing
-        hidden (their embedding rows) and x (its norm) first, and cos and sin are the rotary
-        tables [P, D / 2] whose row p is position p's (IndexError where an id or a position is
-        outside its table). Returns False, having done nothing, where a tensor does not fit.
-        Not re-entrant: calls share their scratch.
+        """plan's step run at once; False, having done nothing, where plan gives None."""
+        call = self.plan(
+            hidden, x, keys, values, gathers, cos, sin, slot_mapping, adapters, logits, tokens
+        )
+        if call is None:
+            return False
+        call.run()
+        return True
 
-        A batch of more than MAX_ROWS rows runs as near-equal chunks of at most MAX_ROWS (each
-        row's arithmetic is the same in any batch, so the same bits); not with adapters, whose
-        params describe the whole batch."""
+    def plan(
+        self,
+        hidden: Tensor,
+        x: Tensor,
+        keys: list[Tensor],
+        values: list[Tensor],
+        gathers: Sequence[tuple[Tensor, Tensor]],
+        cos: Tensor,
+        sin: Tensor,
+        slot_mapping: Tensor,
+        adapters: Sequence[Sequence[Tensor | None]] | None = None,
+        logits: Tensor | None = None,
+        tokens: tuple[Tensor, Tensor] | None = None,
+    ) -> DecodeCall | None:
+        """Every layer, when the call runs: hidden [m, H] (the residual stream) is updated in place
+        and x [m, H] (layer 0's normed input) ends as the final norm of hidden, as the layers one by
+        one would leave them. keys and values: the KV cache's per-layer pools; gathers[i]: the
+        decode gather (slots [m, L] int64, lengths [m] int64) layer i attends (layers of one window
+        share the very same tensors); cos and sin [m, D / 2]; slot_mapping [m] int64: where the new
+        keys and values go; adapters[i]: the multi-LoRA params (kernels.cpu_linear.LoraDense.params)
+        of layer i's qkv, o, gate_up and down, None where a group has none; logits (float32 [m,
+        vocab], only with an LM head): filled with x's rows through it, as linear(x,
+        lm_head).float() would. tokens (token ids [m] and positions [m], int64; only with the
+        embedding): the call starts from them, writing hidden (their embedding rows) and x (its
+        norm) first, and cos and sin are the rotary tables [P, D / 2] whose row p is position p's
+        (IndexError where an id or a position is outside its table). Checks and addresses now, the
+        step when the DecodeCall runs (once): a decode step prepares all its models' calls before
+        the first one streams its weights through the caches. None where a tensor does not fit.
+        Calls share their scratch: one runs at a time.
+
+        A batch of more than MAX_ROWS rows runs as near-equal chunks of at most MAX_ROWS (each row's
+        arithmetic is the same in any batch, so the same bits); not with adapters, whose params
+        describe the whole batch."""
         dtype, shape, m = self.dtype, self.shape, hidden.shape[0]
         linear = cpu_linear.entry_address(dtype)
         if (
@@ -234,14 +272,14 @@ class DecodeLayers:
             )
             or (torch.is_grad_enabled() and (hidden.requires_grad or x.requires_grad))
         ):
-            return False
+            return None
         if logits is not None and (
             self.lm_head is None or not _rows(logits, m, self.lm_head.shape[0], torch.float32)
         ):
-            return False
+            return None
         kv = self._kv_addresses(keys, values)
         if kv is None:
-            return False
+            return None
         # The distinct gathers (one per window), and the one each layer attends.
         found: dict[int, int] = {}
         distinct: list[tuple[Tensor, Tensor]] = []
@@ -253,7 +291,7 @@ class DecodeLayers:
                     and _rows(slots, m, slots.shape[1], torch.int64)
                     and _vector(lengths, m)
                 ):
-                    return False
+                    return None
                 found[id(slots)] = len(distinct)
                 distinct.append((slots, lengths))
         which = tuple(found[id(slots)] for slots, _ in gathers)
@@ -262,9 +300,9 @@ class DecodeLayers:
         if adapters is not None:
             lora = cpu_linear.lora_entry_address(dtype)
             if not lora or len(adapters) != self.num_layers:
-                return False
+                return None
             if any(len(layer) != 4 for layer in adapters):
-                return False
+                return None
             tails = [
                 [0 if p is None else p.data_ptr() for p in layer] + sparse_fields
                 for layer, sparse_fields in zip(adapters, self._sparse_fields, strict=True)
@@ -276,6 +314,7 @@ class DecodeLayers:
             _check_indices(tokens[0], self.embedding[0].shape[0])
             _check_indices(tokens[1], cos.shape[0])
         bounds = [m * i // chunks for i in range(chunks + 1)]
+        calls, kept = [], [table, hidden, x, cos, sin, slot_mapping, *itertools.chain(*distinct)]
         for begin, end in itertools.pairwise(bounds):
             rows = slice(begin, end)
             # Where this chunk's rows of each gather (int64, contiguous) start.
@@ -290,13 +329,19 @@ class DecodeLayers:
                 ],
                 dtype=torch.int64,
             )
-            self._run(
-                table, chunk_gathers, hidden[rows], x[rows],
-                (cos, sin) if tokens else (cos[rows], sin[rows]), slot_mapping[rows], linear,
-                lora, None if logits is None else logits[rows],
-                None if tokens is None else (tokens[0][rows], tokens[1][rows]),
+            kept.append(chunk_gathers)
+            calls.append(
+                self._arguments(
+                    table, chunk_gathers, hidden[rows], x[rows],
+                    (cos, sin) if tokens else (cos[rows], sin[rows]), slot_mapping[rows], linear,
+                    lora, None if logits is None else logits[rows],
+                    None if tokens is None else (tokens[0][rows], tokens[1][rows]),
+                )
             )  # fmt: skip
-        return True
+        kept.extend(t for t in (logits, *(tokens or ())) if t is not None)
+        if adapters is not None:
+            kept.extend(p for layer in adapters for p in layer if p is not None)
+        return DecodeCall(tuple(calls), tuple(kept))
 
     def _table_for(
         self, kv: list[tuple[int, int]], which: tuple[int, ...], tails: list[list[int]]
@@ -337,7 +382,7 @@ class DecodeLayers:
             }
         return {name: buffer.data_ptr() for name, buffer in self._scratch.items()}
 
-    def _run(
+    def _arguments(
         self,
         table: Tensor,
         gathers: Tensor,
@@ -349,9 +394,9 @@ class DecodeLayers:
         lora: int,
         logits: Tensor | None,
         tokens: tuple[Tensor, Tensor] | None,
-    ) -> None:
-        """One C call over at most MAX_ROWS rows; gathers: these rows' decode gathers;
-        rotary: their cos and sin rows, or with tokens the tables."""
+    ) -> tuple[int | float, ...]:
+        """decode_layers' arguments for at most MAX_ROWS rows; gathers: these rows' decode
+        gathers; rotary: their cos and sin rows, or with tokens the tables."""
         shape, m = self.shape, hidden.shape[0]
         scratch = self._scratch_addresses()
         qk = scratch["qk"] if self.has_qk_norm else scratch["qkv"]
@@ -370,7 +415,7 @@ class DecodeLayers:
             first_norm = self.embedding[1].data_ptr()
         cos, sin = rotary
         d, hq, hk, f = shape.head_dim, shape.num_heads, shape.num_kv_heads, shape.intermediate_size
-        cpu_ops._kernels().decode_layers(
+        return (
             cpu_ops._DTYPES[self.dtype], table.data_ptr(), gathers.data_ptr(), self.num_layers,
             m, shape.hidden_size, hq, hk, d, f, hidden.data_ptr(), x.data_ptr(), scratch["qkv"],
             qk, scratch["attn"], scratch["proj"], scratch["gate_up"], scratch["act"], masked,

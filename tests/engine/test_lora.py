@@ -708,10 +708,11 @@ def test_decode_in_one_call_with_adapters_is_the_layers_one_by_one(
     used = []
 
     def run(fast: bool) -> tuple[list[torch.Tensor], list[list[int]]]:
-        def decode_in_one_call(self, *args) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-            x, logits = one_call(self, *args) if fast else (None, None)
-            used.append(x is not None and logits is not None)  # the LM head in the call too
-            return x, logits
+        def decode_in_one_call(self, *args) -> tuple | None:
+            prepared = one_call(self, *args) if fast else None
+            # The LM head in the call too.
+            used.append(prepared is not None and prepared[2] is not None)
+            return prepared
 
         monkeypatch.setattr(CausalLM, "_decode_in_one_call", decode_in_one_call)
         return Runner(model).run(prompts, uses, NEW_TOKENS)

@@ -51,13 +51,13 @@ def greedy(request_id: str, prompt: list[int], new_tokens: int = 8, **kw) -> Req
 def count_computed_tokens(engine: LLMEngine) -> list[int]:
     """Every forward's number of input tokens, appended as the engine runs."""
     counts: list[int] = []
-    forward = engine.model.forward
+    prepare = engine.model.prepare
 
     def counting(batch, *args, **kwargs):
         counts.append(batch.num_tokens)
-        return forward(batch, *args, **kwargs)
+        return prepare(batch, *args, **kwargs)
 
-    engine.model.forward = counting
+    engine.model.prepare = counting
     return counts
 
 
