@@ -161,8 +161,8 @@ def prepare_experts(
 ) -> Callable[[], list[list[torch.Tensor]]]:
     """The small models' passes over the step's rows made ready (CausalLM.prepare); the
     returned function runs them (and gathers routing evidence) and gives, per row that samples,
-    in order, the logits [V] of its small base then of each expert (float32, cut to the row's
-    vocabulary)."""
+    in order, the logits [V] of its small base then of each expert (float32; V may exceed the
+    row's vocabulary: the fusion reads its first state.vocab_size)."""
     groups: dict[int, tuple[CausalLM, SmallBase, list[tuple[int, int]]]] = {}
     for index, row in enumerate(rows):
         base = row.state.small_base
@@ -178,16 +178,23 @@ def prepare_experts(
     ]
 
     def run() -> list[list[torch.Tensor]]:
-        # Per row and member: logits [n, V] at the positions it needs (see _needed).
+        # Per row and member: logits at the positions it needs (see _needed), [n, V], or [V]
+        # where every member of a pass needs one row (a decode step: one op makes them all,
+        # where an op per row costs a step of eight rows hundreds of us).
         out: list[list[torch.Tensor]] = [[None] * r.state.num_rows for r in rows]  # type: ignore[list-item]
         for members, counts, forward in passes:
-            for (i, m), logits in zip(members, forward().split(counts), strict=True):
-                out[i][m] = logits
+            logits = forward()
+            one_each = len(counts) == logits.shape[0]
+            pieces = logits.unbind(0) if one_each else logits.split(counts)
+            for (i, m), piece in zip(members, pieces, strict=True):
+                out[i][m] = piece
         for row, logits in zip(rows, out, strict=True):
             if row.state.routes_by_likelihood:
-                row.state.add_evidence(row.token_ids, logits)
+                row.state.add_evidence(
+                    row.token_ids, [t if t.dim() == 2 else t[None] for t in logits]
+                )
         return [
-            [member[-1, : row.state.vocab_size] for member in logits]
+            [member if member.dim() == 1 else member[-1] for member in logits]
             for row, logits in zip(rows, out, strict=True)
             if row.samples
         ]

@@ -392,21 +392,21 @@ def fusion_sweep(a: Tensor, d: Tensor, alphas: Tensor) -> tuple[Tensor, Tensor]:
     return lse, mean
 
 
-def sweep_variants() -> tuple[str, ...]:
-    """The variants of fusion_sweep's C code this CPU runs, the default first ("avx512" where
-    the CPU has AVX-512, "avx2"); none without the compiled kernels."""
+def fusion_variants() -> tuple[str, ...]:
+    """The variants of fusion_sweep's and fusion_stats' C code this CPU runs, the default first
+    ("avx512" where the CPU has AVX-512, "avx2"); none without the compiled kernels."""
     if _kernels() is None:
         return ()
     return ("avx512", "avx2") if "avx512f" in cpu_flags() else ("avx2",)
 
 
-def set_sweep_variant(name: str) -> None:
-    """Run fusion_sweep's `name` variant (one of sweep_variants()) from now on: "avx2" is the
-    code of CPUs without AVX-512, there to test it on those with."""
+def set_fusion_variant(name: str) -> None:
+    """Run fusion_sweep's and fusion_stats' `name` variant (one of fusion_variants()) from now
+    on: "avx2" is the code of CPUs without AVX-512, there to test it on those with."""
     module = _kernels()
-    if name not in sweep_variants() or module is None:
-        raise ValueError(f"this CPU runs the sweep variants {sweep_variants()}, not {name!r}")
-    module.set_sweep_avx512(int(name == "avx512"))
+    if name not in fusion_variants() or module is None:
+        raise ValueError(f"this CPU runs the fusion variants {fusion_variants()}, not {name!r}")
+    module.set_fusion_avx512(int(name == "avx512"))
 
 
 # The columns of fusion_stats' statistics, per pair (row b, expert t); flags are 0 or 1.

@@ -840,12 +840,12 @@ static void chained_task8(const sweep_t *job, int64_t task) {
     chained_task(job, task, sweep_chained8);
 }
 
-// Whether the sweep may take its AVX-512 code where the CPU has it (kernels/cpu_ops.py turns it
-// off to test the AVX2 code on such CPUs).
-static atomic_int sweep_avx512 = 1;
+// Whether the fusion's sweep and statistics may take their AVX-512 code where the CPU has it
+// (kernels/cpu_ops.py turns it off to test the AVX2 code on such CPUs).
+static atomic_int fusion_avx512 = 1;
 
 static void fusion_sweep(const sweep_t *job, int64_t pairs, int threads) {
-    const int wide = atomic_load(&sweep_avx512) && __builtin_cpu_supports("avx512f");
+    const int wide = atomic_load(&fusion_avx512) && __builtin_cpu_supports("avx512f");
     int64_t tasks = pairs * job->num_alphas;
     void (*run)(const sweep_t *, int64_t) = wide ? sweep16 : sweep;
     if (evenly_spaced(job->alphas, job->num_alphas)) {
@@ -891,14 +891,89 @@ INLINE __m256 finite8(__m256 x) {
 // m where finite, else 0: the shift that keeps exp in range (and exp(-inf - 0) = 0).
 INLINE float shift(float m) { return isfinite(m) ? m : 0.0f; }
 
-INLINE void pair_stats(const stats_t *job, int64_t pair) {
+// One pair's rows: the large model's a, the small base's s, the expert's e, and d to write.
+typedef struct {
+    const float *a, *s, *e;
+    float *d;
+    int64_t v;
+} pair_rows_t;
+
+INLINE pair_rows_t pair_rows(const stats_t *job, int64_t pair) {
     const int64_t b = pair / job->experts_per_row, t = pair % job->experts_per_row;
-    const int64_t v = job->vocab;
-    const float *a = job->a + (job->rows ? job->rows[b] : b) * job->lda;
-    const float *s = job->small_rows ? job->small_rows[b] : job->small + b * job->lds;
-    const float *e = job->expert_rows ? job->expert_rows[pair]
-                                      : job->experts + b * job->ld_expert_row + t * job->ld_expert;
-    float *d = job->d + pair * v;
+    const pair_rows_t r = {
+        .a = job->a + (job->rows ? job->rows[b] : b) * job->lda,
+        .s = job->small_rows ? job->small_rows[b] : job->small + b * job->lds,
+        .e = job->expert_rows ? job->expert_rows[pair]
+                              : job->experts + b * job->ld_expert_row + t * job->ld_expert,
+        .d = job->d + pair * job->vocab,
+        .v = job->vocab,
+    };
+    return r;
+}
+
+// The first pass's maxima (then the shifts) and flags, and the second pass's sums. Each pass's
+// vector part is per instruction set (pair_stats8, pair_stats16), its tail and the rest here.
+typedef struct {
+    float top_s, top_e, top_a;
+    int moved, moved_a;
+} stats_tops_t;
+
+typedef struct {
+    float sum_s, w_s, sum_e, w_e, sum_a, w_a, sum_d;
+} stats_sums_t;
+
+static void tops_tail(const pair_rows_t *r, int64_t i, stats_tops_t *t) {
+    const float *a = r->a, *s = r->s, *e = r->e;
+    for (int64_t j = i; j < r->v; j++) {
+        const int both = isfinite(s[j]) && isfinite(e[j]);
+        r->d[j] = both ? e[j] - s[j] : 0.0f;
+        if (both) {
+            t->top_s = s[j] > t->top_s ? s[j] : t->top_s;
+            t->top_e = e[j] > t->top_e ? e[j] : t->top_e;
+        }
+        t->top_a = a[j] > t->top_a ? a[j] : t->top_a;
+        t->moved |= r->d[j] != 0.0f;
+        t->moved_a |= r->d[j] != 0.0f && a[j] > -INFINITY;
+    }
+    t->top_s = shift(t->top_s), t->top_e = shift(t->top_e), t->top_a = shift(t->top_a);
+}
+
+static void sums_tail(const pair_rows_t *r, int64_t i, const stats_tops_t *t, stats_sums_t *u) {
+    const float *a = r->a, *s = r->s, *e = r->e, *d = r->d;
+    for (; i < r->v; i++) {
+        const int both = isfinite(s[i]) && isfinite(e[i]);
+        const float es = both ? expf(s[i] - t->top_s) : 0.0f;
+        const float ee = both ? expf(e[i] - t->top_e) : 0.0f;
+        const float ea = expf(a[i] - t->top_a);
+        u->sum_s += es, u->w_s += es * d[i];
+        u->sum_e += ee, u->w_e += ee * d[i];
+        u->sum_a += ea, u->w_a += ea * d[i];
+        u->sum_d += d[i];
+    }
+}
+
+static void stats_write(const stats_t *job, int64_t pair, const stats_tops_t *t,
+                        const stats_sums_t *u) {
+    float *out = job->stats + pair * STATS;
+    const int valid = u->sum_s > 0.0f, valid_a = u->sum_a > 0.0f;
+    out[STAT_LSE_S] = valid ? t->top_s + logf(u->sum_s) : 0.0f;
+    out[STAT_MEAN_S] = valid ? u->w_s / u->sum_s : 0.0f;
+    out[STAT_LSE_E] = u->sum_e > 0.0f ? t->top_e + logf(u->sum_e) : 0.0f;
+    out[STAT_MEAN_E] = u->sum_e > 0.0f ? u->w_e / u->sum_e : 0.0f;
+    out[STAT_VALID] = (float)valid;
+    out[STAT_MOVED] = (float)t->moved;
+    out[STAT_MOVED_A] = (float)t->moved_a;
+    out[STAT_LSE_A] = valid_a ? t->top_a + logf(u->sum_a) : 0.0f;
+    out[STAT_VALID_A] = (float)valid_a;
+    // Where a has no finite entry its softmax is taken of zeros: the plain mean.
+    out[STAT_MEAN_A] = valid_a ? u->w_a / u->sum_a : u->sum_d / (float)job->vocab;
+}
+
+static void pair_stats8(const stats_t *job, int64_t pair) {
+    const pair_rows_t r = pair_rows(job, pair);
+    const float *a = r.a, *s = r.s, *e = r.e;
+    float *d = r.d;
+    const int64_t v = r.v;
     const __m256 neg_inf = _mm256_set1_ps(-INFINITY), zero = _mm256_setzero_ps();
     __m256 top_s8 = neg_inf, top_e8 = neg_inf, top_a8 = neg_inf;
     __m256 moved8 = zero, moved_a8 = zero;
@@ -914,23 +989,14 @@ INLINE void pair_stats(const stats_t *job, int64_t pair) {
         top_a8 = _mm256_max_ps(top_a8, av);
         const __m256 nonzero = _mm256_cmp_ps(dv, zero, _CMP_NEQ_OQ);
         moved8 = _mm256_or_ps(moved8, nonzero);
-        moved_a8 = _mm256_or_ps(moved_a8, _mm256_and_ps(nonzero, _mm256_cmp_ps(av, neg_inf, _CMP_GT_OQ)));
+        moved_a8 = _mm256_or_ps(moved_a8,
+                                _mm256_and_ps(nonzero, _mm256_cmp_ps(av, neg_inf, _CMP_GT_OQ)));
     }
-    float top_s = max8(top_s8), top_e = max8(top_e8), top_a = max8(top_a8);
-    int moved = _mm256_movemask_ps(moved8) != 0, moved_a = _mm256_movemask_ps(moved_a8) != 0;
-    for (int64_t j = i; j < v; j++) {
-        const int both = isfinite(s[j]) && isfinite(e[j]);
-        d[j] = both ? e[j] - s[j] : 0.0f;
-        if (both) {
-            top_s = s[j] > top_s ? s[j] : top_s;
-            top_e = e[j] > top_e ? e[j] : top_e;
-        }
-        top_a = a[j] > top_a ? a[j] : top_a;
-        moved |= d[j] != 0.0f;
-        moved_a |= d[j] != 0.0f && a[j] > -INFINITY;
-    }
-    top_s = shift(top_s), top_e = shift(top_e), top_a = shift(top_a);
-    const __m256 ts = _mm256_set1_ps(top_s), te = _mm256_set1_ps(top_e), ta = _mm256_set1_ps(top_a);
+    stats_tops_t t = {max8(top_s8), max8(top_e8), max8(top_a8),
+                      _mm256_movemask_ps(moved8) != 0, _mm256_movemask_ps(moved_a8) != 0};
+    tops_tail(&r, i, &t);
+    const __m256 ts = _mm256_set1_ps(t.top_s), te = _mm256_set1_ps(t.top_e);
+    const __m256 ta = _mm256_set1_ps(t.top_a);
     __m256 sum_s8 = zero, w_s8 = zero, sum_e8 = zero, w_e8 = zero, sum_a8 = zero, w_a8 = zero;
     __m256 sum_d8 = zero;
     for (i = 0; i + VEC <= v; i += VEC) {
@@ -945,39 +1011,76 @@ INLINE void pair_stats(const stats_t *job, int64_t pair) {
         sum_a8 = _mm256_add_ps(sum_a8, ea), w_a8 = _mm256_fmadd_ps(ea, dv, w_a8);
         sum_d8 = _mm256_add_ps(sum_d8, dv);
     }
-    float sum_s = sum8(sum_s8), w_s = sum8(w_s8), sum_e = sum8(sum_e8), w_e = sum8(w_e8);
-    float sum_a = sum8(sum_a8), w_a = sum8(w_a8), sum_d = sum8(sum_d8);
-    for (; i < v; i++) {
-        const int both = isfinite(s[i]) && isfinite(e[i]);
-        const float es = both ? expf(s[i] - top_s) : 0.0f, ee = both ? expf(e[i] - top_e) : 0.0f;
-        const float ea = expf(a[i] - top_a);
-        sum_s += es, w_s += es * d[i];
-        sum_e += ee, w_e += ee * d[i];
-        sum_a += ea, w_a += ea * d[i];
-        sum_d += d[i];
+    stats_sums_t u = {sum8(sum_s8), sum8(w_s8), sum8(sum_e8), sum8(w_e8),
+                      sum8(sum_a8), sum8(w_a8), sum8(sum_d8)};
+    sums_tail(&r, i, &t, &u);
+    stats_write(job, pair, &t, &u);
+}
+
+// The same with AVX-512 where the CPU has it: the exponentials are the passes' cost, and 16
+// lanes do them at twice the rate (exp16 is exp8 lane for lane; only the sums' order differs).
+AVX512 static inline __mmask16 finite16(__m512 x) {
+    return _mm512_cmp_ps_mask(_mm512_sub_ps(x, x), _mm512_setzero_ps(), _CMP_EQ_OQ);
+}
+
+AVX512 static void pair_stats16(const stats_t *job, int64_t pair) {
+    const pair_rows_t r = pair_rows(job, pair);
+    const float *a = r.a, *s = r.s, *e = r.e;
+    float *d = r.d;
+    const int64_t v = r.v;
+    const __m512 neg_inf = _mm512_set1_ps(-INFINITY), zero = _mm512_setzero_ps();
+    __m512 top_s16 = neg_inf, top_e16 = neg_inf, top_a16 = neg_inf;
+    __mmask16 moved = 0, moved_a = 0;
+    int64_t i = 0;
+    for (; i + 16 <= v; i += 16) {
+        const __m512 sv = _mm512_loadu_ps(s + i), ev = _mm512_loadu_ps(e + i);
+        const __m512 av = _mm512_loadu_ps(a + i);
+        const __mmask16 both = finite16(sv) & finite16(ev);
+        const __m512 dv = _mm512_maskz_sub_ps(both, ev, sv);
+        _mm512_storeu_ps(d + i, dv);
+        top_s16 = _mm512_mask_max_ps(top_s16, both, top_s16, sv);
+        top_e16 = _mm512_mask_max_ps(top_e16, both, top_e16, ev);
+        top_a16 = _mm512_max_ps(top_a16, av);
+        const __mmask16 nonzero = _mm512_cmp_ps_mask(dv, zero, _CMP_NEQ_OQ);
+        moved |= nonzero;
+        moved_a |= nonzero & _mm512_cmp_ps_mask(av, neg_inf, _CMP_GT_OQ);
     }
-    float *out = job->stats + pair * STATS;
-    const int valid = sum_s > 0.0f, valid_a = sum_a > 0.0f;
-    out[STAT_LSE_S] = valid ? top_s + logf(sum_s) : 0.0f;
-    out[STAT_MEAN_S] = valid ? w_s / sum_s : 0.0f;
-    out[STAT_LSE_E] = sum_e > 0.0f ? top_e + logf(sum_e) : 0.0f;
-    out[STAT_MEAN_E] = sum_e > 0.0f ? w_e / sum_e : 0.0f;
-    out[STAT_VALID] = (float)valid;
-    out[STAT_MOVED] = (float)moved;
-    out[STAT_MOVED_A] = (float)moved_a;
-    out[STAT_LSE_A] = valid_a ? top_a + logf(sum_a) : 0.0f;
-    out[STAT_VALID_A] = (float)valid_a;
-    // Where a has no finite entry its softmax is taken of zeros: the plain mean.
-    out[STAT_MEAN_A] = valid_a ? w_a / sum_a : sum_d / (float)v;
+    stats_tops_t t = {_mm512_reduce_max_ps(top_s16), _mm512_reduce_max_ps(top_e16),
+                      _mm512_reduce_max_ps(top_a16), moved != 0, moved_a != 0};
+    tops_tail(&r, i, &t);
+    const __m512 ts = _mm512_set1_ps(t.top_s), te = _mm512_set1_ps(t.top_e);
+    const __m512 ta = _mm512_set1_ps(t.top_a);
+    __m512 sum_s16 = zero, w_s16 = zero, sum_e16 = zero, w_e16 = zero, sum_a16 = zero;
+    __m512 w_a16 = zero, sum_d16 = zero;
+    for (i = 0; i + 16 <= v; i += 16) {
+        const __m512 sv = _mm512_loadu_ps(s + i), ev = _mm512_loadu_ps(e + i);
+        const __m512 dv = _mm512_loadu_ps(d + i);
+        const __mmask16 both = finite16(sv) & finite16(ev);
+        const __m512 es = _mm512_maskz_mov_ps(both, exp16(_mm512_sub_ps(sv, ts)));
+        const __m512 ee = _mm512_maskz_mov_ps(both, exp16(_mm512_sub_ps(ev, te)));
+        const __m512 ea = exp16(_mm512_sub_ps(_mm512_loadu_ps(a + i), ta));
+        sum_s16 = _mm512_add_ps(sum_s16, es), w_s16 = _mm512_fmadd_ps(es, dv, w_s16);
+        sum_e16 = _mm512_add_ps(sum_e16, ee), w_e16 = _mm512_fmadd_ps(ee, dv, w_e16);
+        sum_a16 = _mm512_add_ps(sum_a16, ea), w_a16 = _mm512_fmadd_ps(ea, dv, w_a16);
+        sum_d16 = _mm512_add_ps(sum_d16, dv);
+    }
+    stats_sums_t u = {_mm512_reduce_add_ps(sum_s16), _mm512_reduce_add_ps(w_s16),
+                      _mm512_reduce_add_ps(sum_e16), _mm512_reduce_add_ps(w_e16),
+                      _mm512_reduce_add_ps(sum_a16), _mm512_reduce_add_ps(w_a16),
+                      _mm512_reduce_add_ps(sum_d16)};
+    sums_tail(&r, i, &t, &u);
+    stats_write(job, pair, &t, &u);
 }
 
 static void fusion_stats(const stats_t *job, int64_t pairs, int threads) {
+    const int wide = atomic_load(&fusion_avx512) && __builtin_cpu_supports("avx512f");
+    void (*run)(const stats_t *, int64_t) = wide ? pair_stats16 : pair_stats8;
     if (threads <= 1 || pairs < 2 || pairs * job->vocab < PARALLEL_MIN_ELEMENTS) {
-        for (int64_t p = 0; p < pairs; p++) pair_stats(job, p);
+        for (int64_t p = 0; p < pairs; p++) run(job, p);
         return;
     }
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t p = 0; p < pairs; p++) pair_stats(job, p);
+    for (int64_t p = 0; p < pairs; p++) run(job, p);
 }
 
 // The dynamic choice from fusion_stats' statistics [B * E, STATS] and fusion_sweep's lse and
@@ -1080,7 +1183,7 @@ static int fusion_apply(const apply_t *job, int threads) {
 // fusion_choose and fusion_apply of the chosen expert's column (the same bits as those four
 // calls), reading the large logits at rows, the small base's and the experts' rows wherever they
 // lie. Scratch d [B * E, V], stats [B * E, STATS], lse and mean [B * E, G]; index [B] and alpha
-// [B] out. Returns -1 when memory runs out.
+// [B] out.
 
 typedef struct {
     float *logits;
@@ -1094,7 +1197,17 @@ typedef struct {
     int64_t ld, batch, num_experts, vocab, width, num_alphas;
 } dynamic_t;
 
-static int fusion_dynamic(const dynamic_t *job, int threads) {
+static void apply_chosen(const dynamic_t *job, int active, int64_t b) {
+    float *restrict out = job->logits + job->rows[b] * job->ld;
+    if (active) {
+        const float alpha = job->alpha[b];
+        const float *restrict d = job->d + (b * job->num_experts + job->index[b]) * job->vocab;
+        for (int64_t v = 0; v < job->vocab; v++) out[v] = out[v] + alpha * d[v];
+    }
+    for (int64_t v = job->vocab; v < job->width; v++) out[v] = -INFINITY;
+}
+
+static void fusion_dynamic(const dynamic_t *job, int threads) {
     const int64_t batch = job->batch, e = job->num_experts, pairs = batch * e;
     const stats_t stats = {
         .a = job->logits, .d = job->d, .stats = job->stats, .lda = job->ld,
@@ -1110,14 +1223,16 @@ static int fusion_dynamic(const dynamic_t *job, int threads) {
     fusion_sweep(&sweep, pairs, threads);
     fusion_choose(job->stats, job->lse, job->mean, job->alphas, batch, e, job->num_alphas,
                   job->index, job->alpha, NULL);
-    const float **chosen = malloc((size_t)(batch > 0 ? batch : 1) * sizeof(*chosen));
-    if (chosen == NULL) return -1;
-    for (int64_t b = 0; b < batch; b++) chosen[b] = job->experts[b * e + job->index[b]];
-    const apply_t apply = {job->logits, job->rows, job->small, chosen, job->alpha,
-                           job->ld,     batch,     1,          job->vocab, job->width};
-    const int status = fusion_apply(&apply, threads);
-    free(chosen);
-    return status;
+    // fusion_apply of the chosen column, reading the d fusion_stats wrote (the same values as
+    // its own e - s, 0 where either is not finite): no alpha other than 0, no addition.
+    int active = 0;
+    for (int64_t b = 0; b < batch; b++) active |= job->alpha[b] != 0.0f;
+    if (threads <= 1 || batch < 2 || batch * job->vocab < PARALLEL_MIN_ELEMENTS) {
+        for (int64_t b = 0; b < batch; b++) apply_chosen(job, active, b);
+    } else {
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t b = 0; b < batch; b++) apply_chosen(job, active, b);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1655,12 +1770,13 @@ static PyObject *py_fusion_sweep(PyObject *module, PyObject *const *args, Py_ssi
     Py_RETURN_NONE;
 }
 
-// set_sweep_avx512(flag): whether fusion_sweep may use AVX-512 (where the CPU has it).
-static PyObject *py_set_sweep_avx512(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+// set_fusion_avx512(flag): whether fusion_sweep and fusion_stats may use AVX-512 (where the CPU
+// has it).
+static PyObject *py_set_fusion_avx512(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
     long long v[1];
-    if (parse_ints(args, nargs, 1, v, "set_sweep_avx512") != 0) return NULL;
-    atomic_store(&sweep_avx512, v[0] != 0);
+    if (parse_ints(args, nargs, 1, v, "set_fusion_avx512") != 0) return NULL;
+    atomic_store(&fusion_avx512, v[0] != 0);
     Py_RETURN_NONE;
 }
 
@@ -1702,11 +1818,9 @@ static PyObject *py_fusion_dynamic(PyObject *module, PyObject *const *args, Py_s
         .alphas = PTR(v[9]), .num_alphas = v[10], .d = PTR(v[11]), .stats = PTR(v[12]),
         .lse = PTR(v[13]), .mean = PTR(v[14]), .index = PTR(v[15]), .alpha = PTR(v[16]),
     };
-    int status;
     Py_BEGIN_ALLOW_THREADS
-    status = fusion_dynamic(&job, (int)v[17]);
+    fusion_dynamic(&job, (int)v[17]);
     Py_END_ALLOW_THREADS
-    if (status != 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
@@ -2225,7 +2339,8 @@ static PyMethodDef METHODS[] = {
     {"silu_mul", FASTCALL(py_silu_mul), "silu(gate) * up"},
     {"decode_layers", FASTCALL(py_decode_layers), "a decode step's decoder layers"},
     {"fusion_sweep", FASTCALL(py_fusion_sweep), "LSE and mean of d over a grid of alphas"},
-    {"set_sweep_avx512", FASTCALL(py_set_sweep_avx512), "whether fusion_sweep may use AVX-512"},
+    {"set_fusion_avx512", FASTCALL(py_set_fusion_avx512),
+     "whether fusion_sweep and fusion_stats may use AVX-512"},
     {"fusion_stats", FASTCALL(py_fusion_stats), "d and the per-pair statistics of fusion"},
     {"fusion_choose", FASTCALL(py_fusion_choose), "the expert and alpha of the lowest cost"},
     {"exponential_race", FASTCALL(py_exponential_race), "one token per row by the race"},

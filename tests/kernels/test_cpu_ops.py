@@ -249,15 +249,15 @@ def test_fallbacks_take_what_the_kernels_do_not() -> None:
 
 
 @pytest.fixture(params=["avx512", "avx2"])
-def sweep_variant(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Each variant of fusion_sweep's C code this CPU runs, in turn."""
-    if request.param not in cpu_ops.sweep_variants():
-        pytest.skip(f"this CPU cannot run the {request.param} sweep")
-    cpu_ops.set_sweep_variant(request.param)
+def fusion_variant(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Each variant of fusion_sweep's and fusion_stats' C code this CPU runs, in turn."""
+    if request.param not in cpu_ops.fusion_variants():
+        pytest.skip(f"this CPU cannot run the {request.param} fusion passes")
+    cpu_ops.set_fusion_variant(request.param)
     try:
         yield
     finally:
-        cpu_ops.set_sweep_variant(cpu_ops.sweep_variants()[0])
+        cpu_ops.set_fusion_variant(cpu_ops.fusion_variants()[0])
 
 
 def _sweep_case(batch: int, experts: int, vocab: int, masked: bool, seed: int):
@@ -289,7 +289,7 @@ def _sweep_oracle(a: torch.Tensor, d: torch.Tensor, alphas: torch.Tensor):
     ("batch", "experts", "vocab", "masked"),
     [(1, 1, 32768, False), (3, 2, 301, True), (2, 3, 7, True), (8, 1, 4096, False)],
 )
-@pytest.mark.usefixtures("sweep_variant")
+@pytest.mark.usefixtures("fusion_variant")
 def test_fusion_sweep_matches_oracle_and_reference(
     batch: int, experts: int, vocab: int, masked: bool
 ) -> None:
@@ -320,13 +320,13 @@ def _assert_sweep_matches_oracle(a: torch.Tensor, d: torch.Tensor, alphas: torch
         [-1.0 + i / 8 for i in range(33)],  # even, negative alphas, three chains
     ],
 )
-@pytest.mark.usefixtures("sweep_variant")
+@pytest.mark.usefixtures("fusion_variant")
 def test_fusion_sweep_on_other_grids(alphas: list[float]) -> None:
     a, d, _ = _sweep_case(3, 2, 1000, True, seed=len(alphas))
     _assert_sweep_matches_oracle(a, d, torch.tensor(alphas))
 
 
-@pytest.mark.usefixtures("sweep_variant")
+@pytest.mark.usefixtures("fusion_variant")
 def test_fusion_sweep_where_a_token_climbs_from_underflow() -> None:
     # Token 1 sits ~2000 nats under the rest at alpha 0 and ~100 nats per alpha step higher each
     # step, to lead at alpha 2: a chain that started from its underflowed term would miss it.
@@ -336,7 +336,7 @@ def test_fusion_sweep_where_a_token_climbs_from_underflow() -> None:
     _assert_sweep_matches_oracle(a, d, alphas)
 
 
-@pytest.mark.usefixtures("sweep_variant")
+@pytest.mark.usefixtures("fusion_variant")
 def test_fusion_sweep_where_the_maximum_sags_far_below_the_ends() -> None:
     # Only two finite tokens: each leads at one end of the grid by 1000 nats, and both sit 500
     # below the ends' maxima in the middle, where a shift from the ends underflows every term.
@@ -371,6 +371,7 @@ def _stats_case(batch: int, experts: int, vocab: int, seed: int):
     return large, small, expert
 
 
+@pytest.mark.usefixtures("fusion_variant")
 @pytest.mark.parametrize(
     ("batch", "experts", "vocab"), [(1, 1, 32768), (3, 2, 301), (2, 3, 9), (4, 2, 1000)]
 )
@@ -390,6 +391,7 @@ def test_fusion_stats_match_reference(batch: int, experts: int, vocab: int) -> N
     assert not column["moved"].view(batch, experts)[:, -1].any()
 
 
+@pytest.mark.usefixtures("fusion_variant")
 def test_fusion_stats_against_their_definitions() -> None:
     """LSE and softmax means from torch.logsumexp / torch.softmax in float64 over the tokens
     where the pair is finite: an oracle independent of both implementations."""
@@ -488,6 +490,7 @@ def test_choose_dynamic_is_fuse_dynamics_choice() -> None:
 DEFAULT_ALPHAS = [i / 10 for i in range(21)]
 
 
+@pytest.mark.usefixtures("fusion_variant")
 @pytest.mark.parametrize(
     ("batch", "experts", "vocab", "width", "alphas"),
     [
