@@ -844,14 +844,22 @@ static void chained_task8(const sweep_t *job, int64_t task) {
 // (kernels/cpu_ops.py turns it off to test the AVX2 code on such CPUs).
 static atomic_int fusion_avx512 = 1;
 
-static void fusion_sweep(const sweep_t *job, int64_t pairs, int threads) {
+typedef void (*sweep_task_fn)(const sweep_t *, int64_t);
+
+// The sweep's task function for this CPU and grid, and how many tasks `pairs` pairs make.
+static sweep_task_fn sweep_tasks(const sweep_t *job, int64_t pairs, int64_t *tasks) {
     const int wide = atomic_load(&fusion_avx512) && __builtin_cpu_supports("avx512f");
-    int64_t tasks = pairs * job->num_alphas;
-    void (*run)(const sweep_t *, int64_t) = wide ? sweep16 : sweep;
     if (evenly_spaced(job->alphas, job->num_alphas)) {
-        run = wide ? chained_task16 : chained_task8;
-        tasks = pairs * ((job->num_alphas + CHAIN - 1) / CHAIN);
+        *tasks = pairs * ((job->num_alphas + CHAIN - 1) / CHAIN);
+        return wide ? chained_task16 : chained_task8;
     }
+    *tasks = pairs * job->num_alphas;
+    return wide ? sweep16 : sweep;
+}
+
+static void fusion_sweep(const sweep_t *job, int64_t pairs, int threads) {
+    int64_t tasks;
+    const sweep_task_fn run = sweep_tasks(job, pairs, &tasks);
     if (threads <= 1 || tasks < 2 || pairs * job->num_alphas * job->vocab < PARALLEL_MIN_ELEMENTS) {
         for (int64_t task = 0; task < tasks; task++) run(job, task);
         return;
@@ -1072,9 +1080,15 @@ AVX512 static void pair_stats16(const stats_t *job, int64_t pair) {
     stats_write(job, pair, &t, &u);
 }
 
-static void fusion_stats(const stats_t *job, int64_t pairs, int threads) {
+typedef void (*stats_task_fn)(const stats_t *, int64_t);
+
+static stats_task_fn stats_task(void) {
     const int wide = atomic_load(&fusion_avx512) && __builtin_cpu_supports("avx512f");
-    void (*run)(const stats_t *, int64_t) = wide ? pair_stats16 : pair_stats8;
+    return wide ? pair_stats16 : pair_stats8;
+}
+
+static void fusion_stats(const stats_t *job, int64_t pairs, int threads) {
+    const stats_task_fn run = stats_task();
     if (threads <= 1 || pairs < 2 || pairs * job->vocab < PARALLEL_MIN_ELEMENTS) {
         for (int64_t p = 0; p < pairs; p++) run(job, p);
         return;
@@ -1177,62 +1191,6 @@ static int fusion_apply(const apply_t *job, int threads) {
     }
     free(active);
     return 0;
-}
-
-// Dynamic fusion of a group of rows in one call, in place: fusion_stats, fusion_sweep,
-// fusion_choose and fusion_apply of the chosen expert's column (the same bits as those four
-// calls), reading the large logits at rows, the small base's and the experts' rows wherever they
-// lie. Scratch d [B * E, V], stats [B * E, STATS], lse and mean [B * E, G]; index [B] and alpha
-// [B] out.
-
-typedef struct {
-    float *logits;
-    const int64_t *rows;          // [batch] rows of logits
-    const float *const *small;    // [batch] rows of vocab floats
-    const float *const *experts;  // [batch * num_experts]
-    const float *alphas;          // the grid [num_alphas], ascending
-    float *d, *stats, *lse, *mean;
-    int64_t *index;
-    float *alpha;
-    int64_t ld, batch, num_experts, vocab, width, num_alphas;
-} dynamic_t;
-
-static void apply_chosen(const dynamic_t *job, int active, int64_t b) {
-    float *restrict out = job->logits + job->rows[b] * job->ld;
-    if (active) {
-        const float alpha = job->alpha[b];
-        const float *restrict d = job->d + (b * job->num_experts + job->index[b]) * job->vocab;
-        for (int64_t v = 0; v < job->vocab; v++) out[v] = out[v] + alpha * d[v];
-    }
-    for (int64_t v = job->vocab; v < job->width; v++) out[v] = -INFINITY;
-}
-
-static void fusion_dynamic(const dynamic_t *job, int threads) {
-    const int64_t batch = job->batch, e = job->num_experts, pairs = batch * e;
-    const stats_t stats = {
-        .a = job->logits, .d = job->d, .stats = job->stats, .lda = job->ld,
-        .experts_per_row = e, .vocab = job->vocab, .rows = job->rows,
-        .small_rows = job->small, .expert_rows = job->experts,
-    };
-    fusion_stats(&stats, pairs, threads);
-    const sweep_t sweep = {
-        .a = job->logits, .d = job->d, .alphas = job->alphas, .lse = job->lse,
-        .mean = job->mean, .lda = job->ld, .ldd = job->vocab, .experts = e, .vocab = job->vocab,
-        .num_alphas = job->num_alphas, .rows = job->rows,
-    };
-    fusion_sweep(&sweep, pairs, threads);
-    fusion_choose(job->stats, job->lse, job->mean, job->alphas, batch, e, job->num_alphas,
-                  job->index, job->alpha, NULL);
-    // fusion_apply of the chosen column, reading the d fusion_stats wrote (the same values as
-    // its own e - s, 0 where either is not finite): no alpha other than 0, no addition.
-    int active = 0;
-    for (int64_t b = 0; b < batch; b++) active |= job->alpha[b] != 0.0f;
-    if (threads <= 1 || batch < 2 || batch * job->vocab < PARALLEL_MIN_ELEMENTS) {
-        for (int64_t b = 0; b < batch; b++) apply_chosen(job, active, b);
-    } else {
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t b = 0; b < batch; b++) apply_chosen(job, active, b);
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1565,6 +1523,81 @@ INLINE int decode_layers(const int bf16, const decode_step_t *s) {
         failed = decode_layers_part(bf16, s, &member) != 0;
     }
     return failed ? -1 : 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dynamic fusion of a group of rows in one call, in place: fusion_stats, fusion_sweep,
+// fusion_choose and fusion_apply of the chosen expert's column (the same bits as those four
+// calls), reading the large logits at rows, the small base's and the experts' rows wherever they
+// lie. Scratch d [B * E, V], stats [B * E, STATS], lse and mean [B * E, G]; index [B] and alpha
+// [B] out.
+
+typedef struct {
+    float *logits;
+    const int64_t *rows;          // [batch] rows of logits
+    const float *const *small;    // [batch] rows of vocab floats
+    const float *const *experts;  // [batch * num_experts]
+    const float *alphas;          // the grid [num_alphas], ascending
+    float *d, *stats, *lse, *mean;
+    int64_t *index;
+    float *alpha;
+    int64_t ld, batch, num_experts, vocab, width, num_alphas;
+} dynamic_t;
+
+static void apply_chosen(const dynamic_t *job, int active, int64_t b) {
+    float *restrict out = job->logits + job->rows[b] * job->ld;
+    if (active) {
+        const float alpha = job->alpha[b];
+        const float *restrict d = job->d + (b * job->num_experts + job->index[b]) * job->vocab;
+        for (int64_t v = 0; v < job->vocab; v++) out[v] = out[v] + alpha * d[v];
+    }
+    for (int64_t v = job->vocab; v < job->width; v++) out[v] = -INFINITY;
+}
+
+static void fusion_dynamic(const dynamic_t *job, int threads) {
+    const int64_t batch = job->batch, e = job->num_experts, pairs = batch * e;
+    const stats_t stats = {
+        .a = job->logits, .d = job->d, .stats = job->stats, .lda = job->ld,
+        .experts_per_row = e, .vocab = job->vocab, .rows = job->rows,
+        .small_rows = job->small, .expert_rows = job->experts,
+    };
+    const sweep_t sweep = {
+        .a = job->logits, .d = job->d, .alphas = job->alphas, .lse = job->lse,
+        .mean = job->mean, .lda = job->ld, .ldd = job->vocab, .experts = e, .vocab = job->vocab,
+        .num_alphas = job->num_alphas, .rows = job->rows,
+    };
+    const stats_task_fn stats_run = stats_task();
+    int64_t sweep_count;
+    const sweep_task_fn sweep_run = sweep_tasks(&sweep, pairs, &sweep_count);
+    const int parallel =
+        threads > 1 && pairs * job->num_alphas * job->vocab >= PARALLEL_MIN_ELEMENTS;
+    team_t team = {0};
+    int active = 0;  // whether any chosen alpha is not 0: thread 0's, read after a barrier
+    // One region, the team's spinning barrier between the passes: where OpenMP waits passively
+    // (the server's setting) each region's start wakes the sleeping thread, about 60-100 us
+    // on this VM. Contiguous shares, so that each thread sweeps and applies the d it wrote.
+#pragma omp parallel num_threads(parallel ? threads : 1)
+    {
+        member_t member = {&team, omp_get_thread_num(), omp_get_num_threads()};
+        int64_t begin, end;
+        rows_of(&member, pairs, 1, &begin, &end);
+        for (int64_t p = begin; p < end; p++) stats_run(&stats, p);
+        team_sync(&member);
+        rows_of(&member, sweep_count, 1, &begin, &end);
+        for (int64_t t = begin; t < end; t++) sweep_run(&sweep, t);
+        team_sync(&member);
+        if (member.thread == 0) {
+            fusion_choose(job->stats, job->lse, job->mean, job->alphas, batch, e,
+                          job->num_alphas, job->index, job->alpha, NULL);
+            // fusion_apply of the chosen column, reading the d fusion_stats wrote (the same
+            // values as its own e - s, 0 where either is not finite): no alpha other than 0, no
+            // addition.
+            for (int64_t b = 0; b < batch; b++) active |= job->alpha[b] != 0.0f;
+        }
+        team_sync(&member);
+        rows_of(&member, batch, 1, &begin, &end);
+        for (int64_t b = begin; b < end; b++) apply_chosen(job, active, b);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
