@@ -178,15 +178,10 @@ def prepare_experts(
     ]
 
     def run() -> list[list[torch.Tensor]]:
-        # Per row and member: logits at the positions it needs (see _needed), [n, V], or [V]
-        # where every member of a pass needs one row (a decode step: one op makes them all,
-        # where an op per row costs a step of eight rows hundreds of us).
+        # Per row and member: logits at the positions it needs (see _needed).
         out: list[list[torch.Tensor]] = [[None] * r.state.num_rows for r in rows]  # type: ignore[list-item]
         for members, counts, forward in passes:
-            logits = forward()
-            one_each = len(counts) == logits.shape[0]
-            pieces = logits.unbind(0) if one_each else logits.split(counts)
-            for (i, m), piece in zip(members, pieces, strict=True):
+            for (i, m), piece in zip(members, _pieces(forward(), counts), strict=True):
                 out[i][m] = piece
         for row, logits in zip(rows, out, strict=True):
             if row.state.routes_by_likelihood:
@@ -200,6 +195,15 @@ def prepare_experts(
         ]
 
     return run
+
+
+def _pieces(logits: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, ...]:
+    """Each member's rows of a pass's logits: [V] each where every member has one row (a
+    decode step: one op makes them all, where an op per row cost a step of eight rows hundreds
+    of us), else [counts[i], V]."""
+    if all(n == 1 for n in counts):
+        return logits.unbind(0)
+    return logits.split(counts)
 
 
 def _needed(row: FusionRow) -> int:

@@ -475,3 +475,24 @@ def test_removed_expert_lets_running_requests_finish(family: dict) -> None:
     engine.load_expert("expert-a", family["expert-a"].path, family["small"].path)
     again = engine.generate([request("t", prompt, ["expert-a"], FusionMode.DYNAMIC)])
     assert again["t"].token_ids == expected[0]
+
+
+def test_pieces_give_each_member_its_own_rows() -> None:
+    """A pass's logits split by member: one [V] view each where every member has one row,
+    else each member's [n, V] rows, also where the counts add up to as many rows as there are
+    members (a member with two rows beside one with none)."""
+    from engine.fusion import _pieces
+
+    logits = torch.arange(12.0).view(3, 4)
+    ones = _pieces(logits, [1, 1, 1])
+    assert [p.shape for p in ones] == [(4,)] * 3
+    assert all(
+        torch.equal(p, logits[i]) and p.data_ptr() == logits[i].data_ptr()
+        for i, p in enumerate(ones)
+    )
+    two = logits[:2]
+    pieces = _pieces(two, [2, 0])
+    assert [p.shape for p in pieces] == [(2, 4), (0, 4)] and torch.equal(pieces[0], two)
+    pieces = _pieces(logits, [1, 0, 2])
+    assert [p.shape for p in pieces] == [(1, 4), (0, 4), (2, 4)]
+    assert torch.equal(pieces[0][0], logits[0]) and torch.equal(pieces[2], logits[1:])
