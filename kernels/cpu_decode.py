@@ -235,25 +235,27 @@ class DecodeLayers:
         logits: Tensor | None = None,
         tokens: tuple[Tensor, Tensor] | None = None,
     ) -> DecodeCall | None:
-        """Every layer, when the call runs: hidden [m, H] (the residual stream) is updated in place
-        and x [m, H] (layer 0's normed input) ends as the final norm of hidden, as the layers one by
-        one would leave them. keys and values: the KV cache's per-layer pools; gathers[i]: the
-        decode gather (slots [m, L] int64, lengths [m] int64) layer i attends (layers of one window
-        share the very same tensors); cos and sin [m, D / 2]; slot_mapping [m] int64: where the new
-        keys and values go; adapters[i]: the multi-LoRA params (kernels.cpu_linear.LoraDense.params)
-        of layer i's qkv, o, gate_up and down, None where a group has none; logits (float32 [m,
-        vocab], only with an LM head): filled with x's rows through it, as linear(x,
-        lm_head).float() would. tokens (token ids [m] and positions [m], int64; only with the
-        embedding): the call starts from them, writing hidden (their embedding rows) and x (its
-        norm) first, and cos and sin are the rotary tables [P, D / 2] whose row p is position p's
-        (IndexError where an id or a position is outside its table). Checks and addresses now, the
-        step when the DecodeCall runs (once): a decode step prepares all its models' calls before
-        the first one streams its weights through the caches. None where a tensor does not fit.
-        Calls share their scratch: one runs at a time.
+        """Every layer, when the call runs: hidden [m, H] (the residual stream) is updated in
+        place and x [m, H] (layer 0's normed input) ends as the final norm of hidden, as the
+        layers one by one would leave them. keys and values: the KV cache's per-layer pools;
+        gathers[i]: the decode gather (slots [m, L] int64, lengths [m] int64) layer i attends
+        (layers of one window share the very same tensors); cos and sin [m, D / 2];
+        slot_mapping [m] int64: where the new keys and values go; adapters[i]: the multi-LoRA
+        params (kernels.cpu_linear.LoraDense.params) of layer i's qkv, o, gate_up and down,
+        None where a group has none; logits (float32 [m, vocab], only with an LM head): filled
+        with x's rows through it, as linear(x, lm_head).float() would. tokens (token ids [m]
+        and positions [m], int64; only with the embedding): the call starts from them, writing
+        hidden (their embedding rows) and x (its norm) first, and cos and sin are the rotary
+        tables [P, D / 2] whose row p is position p's (IndexError where an id or a position is
+        outside its table).
 
-        A batch of more than MAX_ROWS rows runs as near-equal chunks of at most MAX_ROWS (each row's
-        arithmetic is the same in any batch, so the same bits); not with adapters, whose params
-        describe the whole batch."""
+        Checks and addresses now, the step when the DecodeCall runs (once): a decode step
+        prepares all its models' calls before the first one streams its weights through the
+        caches. None where a tensor does not fit. Calls share their scratch: one runs at a time.
+
+        A batch of more than MAX_ROWS rows runs as near-equal chunks of at most MAX_ROWS (each
+        row's arithmetic is the same in any batch, so the same bits); not with adapters, whose
+        params describe the whole batch."""
         dtype, shape, m = self.dtype, self.shape, hidden.shape[0]
         linear = cpu_linear.entry_address(dtype)
         if (
