@@ -198,24 +198,10 @@ class DecodeLayers:
             embedding = None
         return cls(layers, norms_after, shape, eps, scale, sparsity, lm_head, embedding)
 
-    def __call__(
-        self,
-        hidden: Tensor,
-        x: Tensor,
-        keys: list[Tensor],
-        values: list[Tensor],
-        gathers: Sequence[tuple[Tensor, Tensor]],
-        cos: Tensor,
-        sin: Tensor,
-        slot_mapping: Tensor,
-        adapters: Sequence[Sequence[Tensor | None]] | None = None,
-        logits: Tensor | None = None,
-        tokens: tuple[Tensor, Tensor] | None = None,
-    ) -> bool:
-        """plan's step run at once; False, having done nothing, where plan gives None."""
-        call = self.plan(
-            hidden, x, keys, values, gathers, cos, sin, slot_mapping, adapters, logits, tokens
-        )
+    def __call__(self, *args: object, **kwargs: object) -> bool:
+        """plan(*args, **kwargs)'s step run at once; False, having done nothing, where plan
+        gives None."""
+        call = self.plan(*args, **kwargs)  # type: ignore[arg-type]
         if call is None:
             return False
         call.run()

@@ -610,25 +610,11 @@ def fusion_apply(
     pieces = [*small, *(t for row in experts for t in row)]
     if (
         module is None
-        or logits.dtype is not torch.float32
+        or not _fusion_rows_fit(logits, rows, small, experts, pieces, vocab)
         or alphas.dtype is not torch.float32
-        or logits.dim() != 2
-        or not logits.is_contiguous()
-        or not (logits.is_cpu and alphas.is_cpu)
+        or not alphas.is_cpu
         or tuple(alphas.shape) != (len(rows), len(experts[0]) if experts else 0)
-        or len(small) != len(rows)
-        or len(experts) != len(rows)
-        or any(len(row) != alphas.shape[1] for row in experts)
-        or not 0 < vocab <= logits.shape[1]
-        or any(
-            t.dtype is not torch.float32 or not t.is_cpu or t.dim() != 1 or t.stride(0) != 1
-            or t.shape[0] < vocab
-            for t in pieces
-        )
-        or not all(0 <= r < logits.shape[0] for r in rows)
-        or len(set(rows)) != len(rows)
-        or (torch.is_grad_enabled() and logits.requires_grad)
-    ):  # fmt: skip
+    ):
         fusion_apply_ref(logits, rows, small, experts, alphas, vocab)
         return
     # Arrays, not tensors: a torch op costs a step tens of us once the caches are cold.
@@ -639,6 +625,37 @@ def fusion_apply(
         logits.data_ptr(), logits.stride(0), targets.buffer_info()[0], pointers.buffer_info()[0],
         pointers.buffer_info()[0] + 8 * batch, weights.data_ptr(), batch, weights.shape[1], vocab,
         logits.shape[1], torch.get_num_threads(),
+    )  # fmt: skip
+
+
+def _fusion_rows_fit(
+    logits: Tensor,
+    rows: Sequence[int],
+    small: Sequence[Tensor],
+    experts: Sequence[Sequence[Tensor]],
+    pieces: Sequence[Tensor],
+    vocab: int,
+) -> bool:
+    """Whether the C fusion passes can take these: float32 CPU logits [N, W] contiguous, rows
+    distinct and inside it, a small row and the same number of expert rows per row, each piece
+    (small and expert rows) a float32 CPU vector of at least vocab <= W floats, no autograd."""
+    return (
+        logits.dtype is torch.float32
+        and logits.dim() == 2
+        and logits.is_contiguous()
+        and logits.is_cpu
+        and len(small) == len(rows)
+        and len(experts) == len(rows)
+        and all(len(row) == len(experts[0]) for row in experts)
+        and 0 < vocab <= logits.shape[1]
+        and all(
+            t.dtype is torch.float32 and t.is_cpu and t.dim() == 1 and t.stride(0) == 1
+            and t.shape[0] >= vocab
+            for t in pieces
+        )
+        and all(0 <= r < logits.shape[0] for r in rows)
+        and len(set(rows)) == len(rows)
+        and not (torch.is_grad_enabled() and logits.requires_grad)
     )  # fmt: skip
 
 
@@ -687,28 +704,14 @@ def fusion_dynamic(
     pieces = [*small, *(t for row in experts for t in row)]
     if (
         module is None
-        or logits.dtype is not torch.float32
-        or alphas.dtype is not torch.float32
-        or logits.dim() != 2
-        or not logits.is_contiguous()
-        or not (logits.is_cpu and alphas.is_cpu and alphas.is_contiguous())
-        or alphas.dim() != 1
-        or alphas.numel() == 0
         or not rows
         or num_experts == 0
-        or len(small) != len(rows)
-        or len(experts) != len(rows)
-        or any(len(row) != num_experts for row in experts)
-        or not 0 < vocab <= logits.shape[1]
-        or any(
-            t.dtype is not torch.float32 or not t.is_cpu or t.dim() != 1 or t.stride(0) != 1
-            or t.shape[0] < vocab
-            for t in pieces
-        )
-        or not all(0 <= r < logits.shape[0] for r in rows)
-        or len(set(rows)) != len(rows)
-        or (torch.is_grad_enabled() and logits.requires_grad)
-    ):  # fmt: skip
+        or not _fusion_rows_fit(logits, rows, small, experts, pieces, vocab)
+        or alphas.dtype is not torch.float32
+        or not (alphas.is_cpu and alphas.is_contiguous())
+        or alphas.dim() != 1
+        or alphas.numel() == 0
+    ):
         return fusion_dynamic_ref(logits, rows, small, experts, alphas, vocab)
     batch, num_alphas = len(rows), alphas.numel()
     pairs = batch * num_experts
