@@ -18,11 +18,18 @@ spell's median ratio is printed (bench/bench_bound.py does the same for the boun
 
     python bench/bench_fusion_step.py [--batch 1 8] [--new-tokens 32] [--repeats 3]
     python bench/bench_fusion_step.py --batch 1 --new-tokens 16 --spell-pairs 20
+    python bench/bench_fusion_step.py --breakdown --new-tokens 60 --repeats 4
+
+With --breakdown, each configuration's decode step is split into its models' C calls (the
+one-call decode of the large and the small models), its fusion's C calls and the rest (the
+step's Python and torch ops), medians over the rounds; the rest beyond the large model alone's
+is what fusion adds outside the kernels.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 import sys
 import time
@@ -72,8 +79,51 @@ def num_params(engine_model) -> int:
     return sum(t.numel() for t in tensors if t is not None)
 
 
-def step_time(engine, batch: int, experts: tuple, mode, new_tokens: int, prompt_len: int) -> float:
-    """Median seconds of the decode-only steps of one batch of `batch` requests."""
+# The C calls CallTimer times, by kind.
+TIMED_CALLS = {"decode_layers": "models", "fusion_dynamic": "fusion", "fusion_apply": "fusion"}
+
+
+class CallTimer:
+    """Wall time of the engine's C calls within a step, by kind: the models' passes (the
+    one-call decode) and the fusion's passes. kernels.cpu_ops' module is wrapped: both reach
+    it through cpu_ops._kernels() at every call."""
+
+    def __init__(self) -> None:
+        from kernels import cpu_ops
+
+        self.spent: dict[str, float] = collections.defaultdict(float)
+        real, timer = cpu_ops._kernels(), self
+
+        class Module:
+            def __getattr__(self, name: str):
+                function, kind = getattr(real, name), TIMED_CALLS.get(name)
+                if kind is None:
+                    return function
+
+                def timed(*args):
+                    started = time.perf_counter()
+                    try:
+                        return function(*args)
+                    finally:
+                        timer.spent[kind] += time.perf_counter() - started
+
+                return timed
+
+        module = Module()
+        cpu_ops._kernels = lambda: module
+
+
+def step_time(
+    engine,
+    batch: int,
+    experts: tuple,
+    mode,
+    new_tokens: int,
+    prompt_len: int,
+    timer: CallTimer | None = None,
+) -> float | dict[str, float]:
+    """Median seconds of the decode-only steps of one batch of `batch` requests; with a
+    timer, the medians of the step, its models' C calls, its fusion's and the rest."""
     import torch
 
     from engine.types import Request, SamplingParams, StoppingCriteria
@@ -92,16 +142,47 @@ def step_time(engine, batch: int, experts: tuple, mode, new_tokens: int, prompt_
                 fusion_mode=mode,
             )
         )
-    times = []
+    times, parts = [], []
     while engine.has_unfinished():
         decoding = not engine.scheduler.waiting and all(
             s.num_uncomputed == 1 for s in engine.scheduler.running
         )
+        if timer is not None:
+            timer.spent.clear()
         started = time.perf_counter()
         engine.step()
         if decoding and len(engine.scheduler.running) == batch:
             times.append(time.perf_counter() - started)
-    return statistics.median(times)
+            if timer is not None:
+                models, fusion = timer.spent["models"], timer.spent["fusion"]
+                parts.append((times[-1], models, fusion, times[-1] - models - fusion))
+    if timer is None:
+        return statistics.median(times)
+    names = ("step", "models", "fusion", "rest")
+    return {name: statistics.median(p[i] for p in parts) for i, name in enumerate(names)}
+
+
+def breakdown(engine, batch: int, runs: dict, args) -> None:
+    """--breakdown: each configuration's step split into its models' C calls, its fusion's C
+    calls and the rest (Python, torch), medians over --repeats alternating rounds."""
+    timer = CallTimer()
+    rounds: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, (experts, mode) in runs.items():
+            parts = step_time(engine, batch, experts, mode, args.new_tokens, args.prompt_len, timer)
+            rounds[name].append(parts)
+
+    def median(name: str, part: str) -> float:
+        return statistics.median(r[part] for r in rounds[name]) * 1e3
+
+    for name in runs:
+        print(
+            f"batch {batch}: {name:<22} step {median(name, 'step'):6.2f} ms  models' C "
+            f"{median(name, 'models'):6.2f}  fusion's C {median(name, 'fusion'):5.2f}  the rest "
+            f"{median(name, 'rest'):5.2f} ({median(name, 'rest') - median('alone', 'rest'):+.2f} "
+            "against alone)",
+            flush=True,
+        )
 
 
 SPELL_CHANGE = 0.15  # reads before and after a pair further apart: the pair is left out
@@ -156,6 +237,9 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--spell-pairs", type=int, default=0, help="pairs split by spell")
+    parser.add_argument(
+        "--breakdown", action="store_true", help="each step split into C calls and the rest"
+    )
     args = parser.parse_args()
 
     from bench.bench_lora import write_adapter
@@ -186,6 +270,9 @@ def main() -> None:
         step_time(engine, batch, runs["full expert, dynamic"][0], FusionMode.DYNAMIC, 4, 8)
         if args.spell_pairs:
             spell_pairs(engine, batch, runs, args)
+            continue
+        if args.breakdown:
+            breakdown(engine, batch, runs, args)
             continue
         rounds: dict[str, list[float]] = {name: [] for name in runs}
         for _ in range(args.repeats):
